@@ -1,0 +1,8 @@
+"""cleandift-rt: noise-free, timestep-free dense features from Stable Diffusion U-Nets (CleanDIFT)."""
+
+from .build_info import build_info, format_build_info
+from .capture import unet_taps
+from .heads import ProjectionHeads
+from .taps import DEFAULT_TAP, TAP_TABLE, TAPS
+
+__all__ = ["TAPS", "TAP_TABLE", "DEFAULT_TAP", "unet_taps", "ProjectionHeads", "build_info", "format_build_info"]

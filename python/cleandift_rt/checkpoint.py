@@ -1,0 +1,107 @@
+"""Safe checkpoint I/O: safetensors only, strict key checks with readable errors, atomic writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from torch import nn
+
+_PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # raw pickle protocol 2+, torch.save zip archive
+
+
+def _describe_non_safetensors(path: Path, head: bytes) -> str | None:
+    if head[:1] == _PICKLE_MAGIC[0] or head[:4] == _PICKLE_MAGIC[1]:
+        return (f"{path} is a pickle / torch.save file, not safetensors. Pickles can run arbitrary code, so "
+                "cleandift-rt never loads them. Convert it once in a trusted environment: "
+                "`safetensors.torch.save_file(torch.load(f, weights_only=True), 'model.safetensors')`")
+    return None
+
+
+def _check_safetensors_file(path: Path) -> None:
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if len(head) < 8:
+        raise ValueError(f"{path} is empty or truncated ({size} bytes): not a safetensors file")
+    reason = _describe_non_safetensors(path, head)
+    if reason:
+        raise ValueError(reason)
+    header_len = int.from_bytes(head, "little")
+    if header_len <= 0 or 8 + header_len > size:
+        raise ValueError(f"{path} is not a valid safetensors file (header length {header_len}, file size {size}): "
+                         "truncated or corrupt; re-copy or re-export it")
+
+
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load a safetensors file to CPU, with an error that says what the file is when it is not one."""
+    path = Path(path)
+    _check_safetensors_file(path)
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as exc:  # safetensors raises its own error types for corrupt payloads
+        raise ValueError(f"{path} is a corrupt or truncated safetensors file: {exc}") from None
+
+
+def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    path = Path(path)
+    _check_safetensors_file(path)
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def atomic_write_bytes(path: str | Path, write) -> None:
+    """Call ``write(tmp_path)`` then rename over ``path``: readers see the old or the new file, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
+    from safetensors.torch import save_file
+
+    # safetensors refuses shared storage and non-contiguous views; a contiguous clone per tensor fixes both.
+    plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    meta = {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in (metadata or {}).items()}
+    atomic_write_bytes(path, lambda tmp: save_file(plain, tmp, metadata=meta))
+
+
+def check_state_dict(expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise one ValueError listing missing, unexpected and mis-shaped keys (first few of each)."""
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    misshaped = [f"{k}: expected {tuple(expected[k].shape)}, got {tuple(got[k].shape)}"
+                 for k in sorted(set(expected) & set(got)) if tuple(expected[k].shape) != tuple(got[k].shape)]
+    problems = []
+    for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped keys", misshaped)):
+        if items:
+            shown = ", ".join(items[:5]) + (f" ... ({len(items)} in all)" if len(items) > 5 else "")
+            problems.append(f"{label}: {shown}")
+    if problems:
+        raise ValueError(f"{source} does not match the model it is loaded into ({'; '.join(problems)}). "
+                         "Check that the checkpoint and the base model are the same SD version and format")
+
+
+def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    check_state_dict(module.state_dict(), state, source)
+    module.load_state_dict(dict(state), strict=True)

@@ -1,0 +1,208 @@
+"""Projection heads and time mapping of the CleanDIFT release (SPEC section 4).
+
+``cond(t) = out_norm(blocks(in_norm(time_in_proj(fourier(t / 999)))))`` and, per tap, three
+AdaRMSNorm + SwiGLU residual layers conditioned on it. ``down_proj`` and the AdaRMS linear are
+zero-initialised, so every head is exactly the identity until trained. Parameter names match the
+release's aligner state dict (``time_emb.weight``, ``mapping.*``, ``adapters.{tap}.layers.{j}.*``).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .taps import TAPS, resolve_taps
+
+COND_DIM = 256
+MAPPING_FF = 768
+MAPPING_BLOCKS = 2
+HEAD_LAYERS = 3
+EPS = 1e-6
+T_SCALE = 999.0
+HEAD_PREFIXES = ("time_emb.", "time_in_proj.", "mapping.", "adapters.")
+
+
+def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """RMS norm over the last axis, statistics in fp32 whatever the input precision."""
+    dtype = torch.promote_types(torch.promote_types(x.dtype, scale.dtype), torch.float32)
+    mean_sq = x.to(dtype).pow(2).mean(dim=-1, keepdim=True)
+    return x * (scale.to(dtype) * torch.rsqrt(mean_sq + eps)).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, features: int):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.scale)
+
+
+class AdaRMSNorm(nn.Module):
+    """RMS norm whose per-channel scale is ``1 + linear(cond)`` (zero-init: plain RMS norm)."""
+
+    def __init__(self, features: int, cond_features: int = COND_DIM):
+        super().__init__()
+        self.linear = nn.Linear(cond_features, features, bias=False)
+        nn.init.zeros_(self.linear.weight)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.linear(cond)[:, None, :] + 1)
+
+
+def swiglu(y: torch.Tensor) -> torch.Tensor:
+    value, gate = y.chunk(2, dim=-1)
+    return value * F.silu(gate)
+
+
+class FourierFeatures(nn.Module):
+    def __init__(self, out_features: int = COND_DIM):
+        super().__init__()
+        self.register_buffer("weight", torch.randn(out_features // 2, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = 2 * math.pi * x @ self.weight.T
+        return torch.cat([f.cos(), f.sin()], dim=-1)
+
+
+class MappingBlock(nn.Module):
+    def __init__(self, d_model: int = COND_DIM, d_ff: int = MAPPING_FF):
+        super().__init__()
+        self.norm = RMSNorm(d_model)
+        self.up_proj = nn.Linear(d_model, 2 * d_ff, bias=False)
+        self.down_proj = nn.Linear(d_ff, d_model, bias=False)
+        nn.init.zeros_(self.down_proj.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down_proj(swiglu(self.up_proj(self.norm(x))))
+
+
+class MappingNetwork(nn.Module):
+    def __init__(self, d_model: int = COND_DIM, d_ff: int = MAPPING_FF, n_blocks: int = MAPPING_BLOCKS):
+        super().__init__()
+        self.in_norm = RMSNorm(d_model)
+        self.blocks = nn.ModuleList(MappingBlock(d_model, d_ff) for _ in range(n_blocks))
+        self.out_norm = RMSNorm(d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.in_norm(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.out_norm(x)
+
+
+class HeadLayer(nn.Module):
+    def __init__(self, dim: int, cond_features: int = COND_DIM):
+        super().__init__()
+        self.norm = AdaRMSNorm(dim, cond_features)
+        self.up_proj = nn.Linear(dim, 2 * dim, bias=False)  # rows [:dim] value, [dim:] gate
+        self.down_proj = nn.Linear(dim, dim, bias=False)
+        nn.init.zeros_(self.down_proj.weight)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return x + self.down_proj(swiglu(self.up_proj(self.norm(x, cond))))
+
+
+class ProjectionHead(nn.Module):
+    """One tap's head: ``HEAD_LAYERS`` AdaRMS + SwiGLU residual layers on (B, H*W, D) tokens."""
+
+    def __init__(self, dim: int, cond_features: int = COND_DIM, n_layers: int = HEAD_LAYERS):
+        super().__init__()
+        self.layers = nn.ModuleList(HeadLayer(dim, cond_features) for _ in range(n_layers))
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x, cond)
+        return x
+
+
+class ProjectionHeads(nn.Module):
+    """The release's aligner minus the U-Nets: time mapping plus one head per tap.
+
+    ``heads(tap, features, t)`` maps student features ``B x C x h x w`` to the teacher's features
+    at timestep ``t`` (an int, or a tensor of B timesteps).
+    """
+
+    def __init__(self, tap_channels: Mapping[str, int]):
+        super().__init__()
+        taps = resolve_taps(list(tap_channels))
+        self.tap_channels = {t: int(tap_channels[t]) for t in taps}
+        self.time_emb = FourierFeatures(COND_DIM)
+        self.time_in_proj = nn.Linear(COND_DIM, COND_DIM, bias=False)
+        self.mapping = MappingNetwork()
+        self.adapters = nn.ModuleDict({t: ProjectionHead(c) for t, c in self.tap_channels.items()})
+
+    @property
+    def taps(self) -> tuple[str, ...]:
+        return tuple(self.adapters.keys())
+
+    def cond(self, t: int | float | torch.Tensor, batch: int | None = None) -> torch.Tensor:
+        """Conditioning vector(s) ``[B, 256]`` for timestep(s) ``t`` in [0, 999]."""
+        device, dtype = self.time_in_proj.weight.device, self.time_in_proj.weight.dtype
+        t = torch.as_tensor(t, device=device, dtype=torch.float32)
+        if t.ndim == 0:
+            t = t.expand(batch or 1)
+        if t.ndim != 1:
+            raise ValueError(f"t must be a scalar or a 1-D tensor of timesteps, got shape {tuple(t.shape)}")
+        if not torch.isfinite(t).all():
+            raise ValueError("t contains NaN or Inf")
+        fourier = self.time_emb((t / T_SCALE)[:, None]).to(dtype)
+        return self.mapping(self.time_in_proj(fourier))
+
+    def forward(self, tap: str, features: torch.Tensor, t: int | float | torch.Tensor) -> torch.Tensor:
+        if tap not in self.adapters:
+            raise ValueError(f"no projection head for tap {tap!r}: these heads cover {', '.join(self.taps)}")
+        if features.ndim != 4:
+            raise ValueError(f"features must be B x C x h x w, got shape {tuple(features.shape)}")
+        b, c, h, w = features.shape
+        if c != self.tap_channels[tap]:
+            raise ValueError(f"tap {tap!r} has {self.tap_channels[tap]} channels, features have {c}")
+        cond = self.cond(t, batch=b)
+        if cond.shape[0] != b:
+            raise ValueError(f"got {cond.shape[0]} timesteps for a batch of {b}")
+        tokens = features.flatten(2).transpose(1, 2)
+        out = self.adapters[tap](tokens, cond.to(features.dtype))
+        return out.transpose(1, 2).reshape(b, c, h, w)
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, torch.Tensor], source: str = "state dict") -> "ProjectionHeads":
+        """Build heads from a release-style state dict; keys outside the head prefixes are ignored."""
+        head_state = {k: v for k, v in state.items() if k.startswith(HEAD_PREFIXES)}
+        channels: dict[str, int] = {}
+        for key, value in head_state.items():
+            parts = key.split(".")
+            if parts[0] == "adapters" and parts[-2:] == ["down_proj", "weight"] and parts[3] == "0":
+                channels[parts[1]] = int(value.shape[0])
+        if not channels:
+            raise ValueError(f"{source} holds no projection heads (no 'adapters.<tap>.layers.*' keys): "
+                             "is it a '_unet' file? Heads live in the '_full' release file")
+        unknown = sorted(set(channels) - set(TAPS))
+        if unknown:
+            raise ValueError(f"{source} has heads for unknown taps {unknown}; valid taps are {', '.join(TAPS)}")
+        heads = cls(channels)
+        from .checkpoint import load_strict
+
+        load_strict(heads, head_state, source)
+        return heads
+
+    @classmethod
+    def from_release(cls, path: str | Path) -> "ProjectionHeads":
+        """Read heads, mapping and Fourier buffer from a ``_full`` release safetensors file."""
+        from .checkpoint import read_safetensors
+
+        return cls.from_state_dict(read_safetensors(path), source=str(path))
+
+    def release_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in self.state_dict().items()}
+
+
+def build_heads(block_out_channels: Iterable[int], taps=None) -> ProjectionHeads:
+    from .taps import tap_channels
+
+    channels = tap_channels(list(block_out_channels))
+    return ProjectionHeads({t: channels[t] for t in resolve_taps(taps)})
