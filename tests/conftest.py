@@ -1,0 +1,67 @@
+"""Shared fixtures: one tiny SD2.1-topology base model and student files per test session.
+
+Everything here goes through the same code paths as real weights (diffusers folder on disk,
+safetensors student files in both release formats).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+
+from cleandift_rt.heads import build_heads
+from cleandift_rt.models import Student, load_base, save_student_full, save_student_unet, write_tiny_base
+
+
+def perturb_(module: torch.nn.Module, scale: float, seed: int) -> torch.nn.Module:
+    """Add seeded noise to every parameter so a copy differs measurably from its source."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * scale * (p.abs().mean() + 1e-3))
+    return module
+
+
+@pytest.fixture(scope="session")
+def tiny_base_dir(tmp_path_factory):
+    return write_tiny_base(tmp_path_factory.mktemp("tiny_base") / "base", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tiny_base_dir):
+    return load_base(tiny_base_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_student(tiny_base):
+    """A student that differs from its teacher, with non-identity heads (as after training)."""
+    unet = perturb_(copy.deepcopy(tiny_base.unet), 0.05, seed=1)
+    heads = perturb_(build_heads(tiny_base.block_out_channels), 0.5, seed=2)
+    with torch.no_grad():  # zero-initialised weights get a real value too
+        for name, p in heads.named_parameters():
+            if name.endswith(("down_proj.weight", "norm.linear.weight")):
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.02)
+    return Student(unet=unet.eval(), timestep=261.0, heads=heads.eval())
+
+
+@pytest.fixture(scope="session")
+def tiny_student_files(tmp_path_factory, tiny_base, tiny_student):
+    """{'unet': path to the '_unet' file, 'full': path to the '_full' file} of ``tiny_student``."""
+    out = tmp_path_factory.mktemp("tiny_student")
+    paths = {"unet": out / "student_unet.safetensors", "full": out / "student_full.safetensors"}
+    save_student_unet(paths["unet"], tiny_student.unet, tiny_student.timestep)
+    save_student_full(paths["full"], tiny_student.unet, tiny_student.heads, tiny_student.timestep,
+                      teacher=tiny_base.unet, vae=tiny_base.vae)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def photos():
+    from cleandift_rt.assets import PHOTOS, load_photo
+
+    return {name: load_photo(name) for name in PHOTOS}
