@@ -144,8 +144,11 @@ def _alphas_cumprod(scheduler_config: dict) -> torch.Tensor:
 
 
 def load_base(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-              text_encoder: bool = True) -> BaseModel:
-    """Load a base SD model from a local diffusers folder or a single ``.safetensors`` checkpoint."""
+              text_encoder: bool = True, tokenizer: str | Path | None = None) -> BaseModel:
+    """Load a base SD model from a local diffusers folder or a single ``.safetensors`` checkpoint.
+
+    ``tokenizer`` (a CLIP tokenizer folder) matters only for single files, which carry none.
+    """
     path = Path(path)
     if path.is_dir():
         base = _load_diffusers_folder(path, text_encoder)
@@ -155,7 +158,7 @@ def load_base(path: str | Path, device: str | torch.device = "cpu", dtype: torch
                              "(pickled .ckpt/.bin files are never loaded: convert them to safetensors first)")
         from .single_file import load_single_file
 
-        base = load_single_file(path, text_encoder=text_encoder)
+        base = load_single_file(path, text_encoder=text_encoder, tokenizer=tokenizer)
     else:
         raise FileNotFoundError(f"base model {path} does not exist (expected a diffusers folder or a .safetensors file)")
     base.to(device=device, dtype=dtype)
@@ -208,14 +211,14 @@ def _byte_level_vocab() -> dict[str, int]:
     return vocab
 
 
-def build_tiny_tokenizer(folder: Path):
+def build_tiny_tokenizer(folder: Path, pad_token: str):
     """A real CLIP BPE tokenizer with a byte-level vocabulary and no merges: builds offline."""
     transformers = _transformers()
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(_byte_level_vocab()))
     (folder / "merges.txt").write_text("#version: 0.2\n")
-    tok = transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
-    return tok
+    return transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
+                                      model_max_length=77, pad_token=pad_token)
 
 
 def build_models(variant: str, seed: int = 0):
@@ -246,7 +249,9 @@ def write_tiny_base(path: str | Path, seed: int = 0, variant: str = "tiny") -> P
     unet.save_pretrained(path / "unet", safe_serialization=True)
     vae.save_pretrained(path / "vae", safe_serialization=True)
     text_encoder.save_pretrained(path / "text_encoder", safe_serialization=True)
-    tokenizer = build_tiny_tokenizer(path / "tokenizer_src")
+    # SD 2.x tokenizers pad with "!", SD 1.x with the end token: the tiny ones follow their topology.
+    pad = "!" if configs.UNET[variant]["use_linear_projection"] else "<|endoftext|>"
+    tokenizer = build_tiny_tokenizer(path / "tokenizer_src", pad_token=pad)
     tokenizer.save_pretrained(path / "tokenizer")
     for leftover in (path / "tokenizer_src").iterdir():
         leftover.unlink()
