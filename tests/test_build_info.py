@@ -1,0 +1,52 @@
+"""build_info(): what the installation reports about itself."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import cleandift_rt
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def test_build_info_fields():
+    info = cleandift_rt.build_info()
+    assert info["native"] is True, info.get("native_error")
+    assert isinstance(info["cuda_compiled"], bool)
+    assert info["compiler"] and isinstance(info["simd"], list)
+    assert info["onnxruntime"]["available"] and "CPUExecutionProvider" in info["onnxruntime"]["providers"]
+    assert "tensorrt" in info and "available" in info["tensorrt"]
+    text = cleandift_rt.format_build_info(info)
+    assert "CUDA kernels" in text and "onnxruntime" in text
+
+
+def test_simd_found_at_run_time_matches_the_cpu():
+    flags = _cpu_flags()
+    if not flags:
+        return  # not Linux/x86: nothing to compare with
+    simd = set(cleandift_rt.build_info()["simd"])
+    assert ("avx2" in simd) == ("avx2" in flags and "fma" in flags)
+    assert ("avx512" in simd) == {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags
+    assert ("amx_bf16" in simd) <= ("amx_bf16" in flags)
+
+
+def test_cuda_compiled_where_nvcc_was_present():
+    # .ci/run sets CLEANDIFT_EXPECT_CUDA=1 when it builds with nvcc: a silently CPU-only build fails here.
+    info = cleandift_rt.build_info()
+    if os.environ.get("CLEANDIFT_EXPECT_CUDA") == "1":
+        assert info["cuda_compiled"], info["cuda_status"]
+        assert info["cuda_archs"]
+    if info["cuda_compiled"] and not info["cuda_devices"]:
+        assert info["cuda_status"]  # says why no device is usable (no driver here)
+    if not shutil.which("nvcc") and os.environ.get("CLEANDIFT_CUDA", "").upper() == "OFF":
+        assert not info["cuda_compiled"]
