@@ -1,0 +1,343 @@
+"""Run keypoint transfer over a list of pairs: features once per image (cached on disk), a progress
+bar, a journal that makes an interrupted run resume where it stopped, and skips that are counted.
+
+A *feature source* is anything with ``name``, ``key`` (identifies the model and every setting that
+changes its features: it names the cache folder and the journal) and ``features(image, category)
+-> [C, h, w]``. :class:`EngineFeatures` wraps a ``cleandift_rt.Engine`` (or any object with its
+``extract``), :class:`DiftFeatures` the noisy DIFT baseline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..checkpoint import atomic_write_bytes
+from ..taps import resolve_taps
+from .pairs import Pair, SkipLog
+from .pck import PairResult, bbox_size
+from .transfer import transfer_points
+
+PROTOCOL_VERSION = 1  # bump when a change alters per-pair results (invalidates journals, not features)
+DEFAULT_PROMPT = "a photo of a {category}"
+
+
+def short_hash(*parts) -> str:
+    return hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).hexdigest()[:16]
+
+
+def file_identity(path: str | Path) -> str:
+    """Path, size and modification time: changes when the file is replaced, costs no read of a 3 GB engine."""
+    p = Path(path).resolve()
+    if p.is_dir():
+        files = sorted(q for q in p.rglob("*") if q.is_file())
+        return short_hash(p, *(f"{q.relative_to(p)}:{q.stat().st_size}:{q.stat().st_mtime_ns}" for q in files))
+    st = p.stat()
+    return short_hash(p, st.st_size, st.st_mtime_ns)
+
+
+def _to_chw(value, tap: str) -> torch.Tensor:
+    t = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(value))
+    if t.ndim != 4 or t.shape[0] != 1:
+        raise ValueError(f"tap {tap}: expected a 1 x C x h x w feature map, got shape {tuple(t.shape)}")
+    return t[0].detach().to("cpu", torch.float32)
+
+
+class _PromptEmbeddings:
+    """``prompt.format(category=...)`` through a base model's text encoder, or None for the model's baked prompt."""
+
+    def __init__(self, prompt: str | None, text_model=None):
+        self.prompt = prompt
+        self.text_model = text_model
+        if prompt is not None and text_model is None:
+            raise ValueError(f"prompt {prompt!r} needs a text encoder: pass the base model (--base DIR), "
+                             "or use the engine's baked prompt (--prompt '')")
+
+    def __call__(self, category: str):
+        if self.prompt is None:
+            return None
+        return self.text_model.encode_prompt(self.prompt.format(category=category))
+
+    def describe(self) -> str:
+        return "<baked into the model>" if self.prompt is None else self.prompt
+
+
+class EngineFeatures:
+    """CleanDIFT features from an Engine: one pass per image at the engine's size and resize policy."""
+
+    def __init__(self, engine, tap: str, key: str, prompt: str | None = None, text_model=None, name: str = "cleandift"):
+        resolve_taps(tap)
+        taps = getattr(engine, "taps", None)
+        if taps is not None and tap not in taps:
+            raise ValueError(f"the engine has no tap {tap!r} (it has {', '.join(taps)}): choose --tap from those, "
+                             f"or re-export the model with --taps {tap}")
+        self.engine, self.tap, self.name = engine, tap, name
+        self.prompts = _PromptEmbeddings(prompt, text_model)
+        self.key = short_hash(name, key, tap, self.prompts.describe())
+
+    def features(self, image, category: str) -> torch.Tensor:
+        embeds = self.prompts(category)
+        kwargs = {} if embeds is None else {"prompt_embeds": embeds}
+        out = self.engine.extract([image], taps=[self.tap], **kwargs)
+        return _to_chw(out[self.tap], self.tap)
+
+    def describe(self) -> dict:
+        return {"method": self.name, "tap": self.tap, "prompt": self.prompts.describe()}
+
+
+class DiftFeatures:
+    """The noisy DIFT baseline (SPEC section 7) through ``extractor.DiftExtractor``."""
+
+    def __init__(self, extractor, tap: str, key: str, prompt: str | None = DEFAULT_PROMPT, name: str = "dift"):
+        resolve_taps(tap)
+        self.extractor, self.tap, self.name = extractor, tap, name
+        self.prompts = _PromptEmbeddings(prompt, extractor.base if prompt is not None else None)
+        self.key = short_hash(name, key, tap, extractor.t, extractor.ensemble, extractor.seed, extractor.size,
+                              self.prompts.describe())
+
+    def features(self, image, category: str) -> torch.Tensor:
+        embeds = self.prompts(category)
+        out = self.extractor.extract([image], taps=[self.tap], prompt_embeds=embeds)
+        return _to_chw(out[self.tap], self.tap)
+
+    def describe(self) -> dict:
+        e = self.extractor
+        return {"method": self.name, "tap": self.tap, "prompt": self.prompts.describe(), "t": e.t,
+                "ensemble": e.ensemble, "seed": e.seed, "size": list(e.size)}
+
+
+class FeatureCache:
+    """Per-image features on disk (``DIR/<source key>/<image key>.safetensors``) plus a few in memory."""
+
+    def __init__(self, root: str | Path | None, source_key: str, memory_items: int = 8):
+        self.dir = Path(root) / source_key if root is not None else None
+        self.memory: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.memory_items = memory_items
+        self.hits = self.misses = 0
+
+    def _key(self, image_path: Path, category: str) -> str:
+        return short_hash(file_identity(image_path), category)
+
+    def get(self, image_path: Path, category: str, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        key = self._key(image_path, category)
+        if key in self.memory:
+            self.memory.move_to_end(key)
+            self.hits += 1
+            return self.memory[key]
+        feats = self._load(key)
+        if feats is None:
+            self.misses += 1
+            feats = compute()
+            self._save(key, feats)
+        else:
+            self.hits += 1
+        self.memory[key] = feats
+        while len(self.memory) > self.memory_items:
+            self.memory.popitem(last=False)
+        return feats
+
+    def _load(self, key: str) -> torch.Tensor | None:
+        if self.dir is None or not (self.dir / f"{key}.safetensors").is_file():
+            return None
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(self.dir / f"{key}.safetensors"))["features"]
+        except Exception:  # a file cut short by a crash: recompute it
+            return None
+
+    def _save(self, key: str, feats: torch.Tensor) -> None:
+        if self.dir is None:
+            return
+        from safetensors.torch import save_file
+
+        atomic_write_bytes(self.dir / f"{key}.safetensors",
+                           lambda tmp: save_file({"features": feats.contiguous()}, tmp))
+
+
+class Journal:
+    """One JSON line per finished pair; a rerun reads it back and skips those pairs."""
+
+    def __init__(self, path: str | Path | None, key: str, resume: bool = True):
+        self.path = Path(path) if path is not None else None
+        self.key = key
+        self.done: dict[str, dict] = {}
+        if self.path is None:
+            return
+        if resume and self.path.is_file():
+            self._read()
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps({"journal": "cleandift-rt pck", "key": key}) + "\n")
+
+    def _read(self) -> None:
+        lines = self.path.read_text().splitlines()
+        try:
+            header = json.loads(lines[0]) if lines else {}
+        except json.JSONDecodeError:
+            header = {}
+        if header.get("key") != self.key:
+            raise ValueError(f"{self.path} belongs to another run (key {header.get('key')} != {self.key}): "
+                             "delete it or pass --restart")
+        for line in lines[1:]:
+            try:
+                rec = json.loads(line)
+                self.done[rec["pair_id"]] = rec
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue  # a line cut short when the previous run was killed
+
+    def add(self, record: dict) -> None:
+        self.done[record["pair_id"]] = record
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+
+
+@dataclass
+class EvalRun:
+    """Per-pair results of one method, what was skipped, and how the time went."""
+
+    source: dict
+    results: list[PairResult]
+    skips: SkipLog
+    seconds: float
+    images_extracted: int = 0
+    images_cached: int = 0
+    resumed_pairs: int = 0
+    extract_seconds: float = 0.0
+    details: dict = field(default_factory=dict)
+
+
+class _ImageFailure(Exception):
+    """A pair cannot be evaluated: ``reason`` is what the report counts, ``where`` names the file."""
+
+    def __init__(self, reason: str, where: str = ""):
+        super().__init__(reason)
+        self.reason, self.where = reason, where
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise _ImageFailure("image file missing", str(path))
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (UnidentifiedImageError, OSError):
+        raise _ImageFailure("image cannot be decoded", str(path)) from None
+
+
+def _load_image(path: Path):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError):
+        raise _ImageFailure("image cannot be decoded", str(path)) from None
+
+
+def _inside(points: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    w, h = size
+    return (points[:, 0] >= 0) & (points[:, 0] < w) & (points[:, 1] >= 0) & (points[:, 1] < h)
+
+
+def evaluate(pairs: list[Pair], source, *, cache_dir: str | Path | None = None, journal: str | Path | None = None,
+             resume: bool = True, skips: SkipLog | None = None, progress: bool = True, matcher=None,
+             keep_predictions: bool = False) -> EvalRun:
+    """Transfer every pair's keypoints with ``source``'s features and return per-pair errors.
+
+    A pair is skipped (and counted by reason) when an image is missing, cannot be decoded, differs
+    in size from its annotation, or fails feature extraction; keypoints outside their image are
+    dropped (and counted). ``journal`` (a ``.jsonl`` path) makes the run resumable.
+    """
+    from tqdm.auto import tqdm
+
+    skips = skips if skips is not None else SkipLog()
+    cache = FeatureCache(cache_dir, source.key)
+    log = Journal(journal, short_hash(source.key, PROTOCOL_VERSION), resume)
+    broken: dict[Path, _ImageFailure] = {}
+    results: list[PairResult] = []
+    resumed = 0
+    extract_seconds = 0.0
+    start = time.perf_counter()
+
+    def features(path: Path, category: str) -> torch.Tensor:
+        nonlocal extract_seconds
+
+        def compute():
+            nonlocal extract_seconds
+            t0 = time.perf_counter()
+            image = _load_image(path)
+            try:
+                return source.features(image, category)
+            except (ValueError, TypeError) as exc:
+                raise _ImageFailure("feature extraction failed", f"{path}: {exc}") from None
+            finally:
+                extract_seconds += time.perf_counter() - t0
+
+        if path in broken:
+            raise broken[path]
+        try:
+            return cache.get(path, category, compute)
+        except _ImageFailure as exc:
+            broken[path] = exc
+            raise
+
+    bar = tqdm(pairs, desc=f"PCK {source.name}", unit="pair", disable=not progress, dynamic_ncols=True)
+    for pair in bar:
+        rec = log.done.get(pair.pair_id)
+        if rec is None:
+            rec = _evaluate_pair(pair, features, matcher, keep_predictions)
+            log.add(rec)
+        else:
+            resumed += 1
+        if "skip" in rec:
+            skips.skip_pair(rec["skip"], rec.get("where", pair.pair_id))
+            continue
+        for reason, n in rec.get("dropped", {}).items():
+            skips.skip_keypoints(reason, n, pair.pair_id)
+        results.append(PairResult.from_json(rec["result"]))
+    bar.close()
+    return EvalRun(source=source.describe(), results=results, skips=skips, seconds=time.perf_counter() - start,
+                   images_extracted=cache.misses, images_cached=cache.hits, resumed_pairs=resumed,
+                   extract_seconds=extract_seconds)
+
+
+def _evaluate_pair(pair: Pair, features, matcher, keep_predictions: bool) -> dict:
+    try:
+        sizes = []
+        for path, annotated in ((pair.source, pair.source_size), (pair.target, pair.target_size)):
+            size = _image_size(path)
+            if annotated is not None and tuple(annotated) != size:
+                raise _ImageFailure("image size differs from its annotation", f"{path}: {size} vs {tuple(annotated)}")
+            sizes.append(size)
+        keep = _inside(pair.source_points, sizes[0]) & _inside(pair.target_points, sizes[1])
+        dropped = {"keypoint outside its image": int((~keep).sum())} if not keep.all() else {}
+        if not keep.any():
+            raise _ImageFailure("no keypoint inside both images", pair.pair_id)
+        src_pts, trg_pts = pair.source_points[keep], pair.target_points[keep]
+        src_feat = features(pair.source, pair.category)
+        trg_feat = features(pair.target, pair.category)
+    except _ImageFailure as exc:
+        return {"pair_id": pair.pair_id, "skip": exc.reason, "where": exc.where or pair.pair_id}
+    pred, _ = transfer_points(src_feat, trg_feat, sizes[0], sizes[1], src_pts, matcher)
+    distances = np.linalg.norm(pred - trg_pts, axis=1)
+    if pair.target_bbox is not None:
+        box_size = bbox_size(pair.target_bbox)
+    else:  # no annotated box: the extent of the target keypoints (ProposalFlow's PCK@bbox)
+        extent = float((trg_pts.max(0) - trg_pts.min(0)).max()) if len(trg_pts) > 1 else 0.0
+        box_size = extent if extent > 0 else None
+    result = PairResult(pair.pair_id, pair.category, distances, box_size, float(max(sizes[1])),
+                        pred if keep_predictions else None)
+    return {"pair_id": pair.pair_id, "result": result.to_json(), "dropped": dropped}
