@@ -1,0 +1,291 @@
+"""What an exported feature engine is, written into the file itself and read back by every runtime.
+
+One schema for the ONNX graph (``metadata_props``), the TensorRT plan (a JSON header in front of
+the serialized engine, see ``trt_build``) and the CLI's ``info``: taps with channels and strides,
+input size and resize policy, batch range, base model, prompt, timestep and the package version
+that wrote it. ``describe(path)`` reads it without ONNX Runtime, TensorRT or a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from .build_info import _package_version
+from .preprocess import SIZE_MULTIPLE, check_model_size
+from .taps import TAP_TABLE, TAPS, resolve_taps
+
+SCHEMA = 1
+FORMAT = "cleandift-rt-features"
+META_PREFIX = "cleandift_rt."
+IMAGE_INPUT = "images"
+EMBEDS_INPUT = "prompt_embeds"
+
+# TensorRT plan container: magic, header length (u64, little endian), JSON header, engine bytes.
+PLAN_MAGIC = b"CDRTPLAN"
+_PLAN_LENGTH = struct.Struct("<Q")
+
+
+@dataclass
+class ArtifactInfo:
+    """The self-description of an exported engine (all JSON-serialisable)."""
+
+    taps: list[dict]  # [{name, module, channels, stride}] in table order
+    height: int | None  # fixed input size, or None when dynamic
+    width: int | None
+    size_range: list[int] | None  # [min, max] per side when the size is dynamic
+    default_size: list[int]  # the size the Engine uses unless told otherwise
+    resize: str  # size policy applied to images ("stretch" or "pad")
+    batch: dict  # {"min", "opt", "max"}; max None = unbounded (ONNX Runtime)
+    base_model: str
+    variant: str
+    student: str
+    prompt: str
+    timestep: float
+    cross_attention_dim: int
+    prompt_tokens: int
+    block_out_channels: list[int]
+    scaling_factor: float
+    input: dict = field(default_factory=lambda: {
+        "name": IMAGE_INPUT, "dtype": "float32", "layout": "NCHW", "range": [-1.0, 1.0], "channels": "RGB"})
+    package_version: str = field(default_factory=_package_version)
+    schema: int = SCHEMA
+    format: str = FORMAT
+    extra: dict = field(default_factory=dict)  # backend-specific facts (TensorRT version, GPU arch, ...)
+
+    @property
+    def tap_names(self) -> tuple[str, ...]:
+        return tuple(t["name"] for t in self.taps)
+
+    @property
+    def dynamic_size(self) -> bool:
+        return self.size_range is not None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_props(self) -> dict[str, str]:
+        """ONNX ``metadata_props``: one key per field, JSON values, readable in Netron."""
+        return {META_PREFIX + k: json.dumps(v) for k, v in self.to_dict().items()}
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "file") -> "ArtifactInfo":
+        if d.get("format") != FORMAT:
+            raise ValueError(f"{source} was not written by cleandift-rt (no '{FORMAT}' metadata): "
+                             "export it with `python export/export_onnx.py`")
+        check_compatible(d, source)
+        known = set(cls.__dataclass_fields__)
+        try:
+            info = cls(**{k: v for k, v in d.items() if k in known})
+        except TypeError as exc:
+            raise ValueError(f"{source} has incomplete cleandift-rt metadata ({exc})") from None
+        for tap in info.tap_names:
+            if tap not in TAP_TABLE:
+                raise ValueError(f"{source} declares an unknown tap {tap!r} (valid: {', '.join(TAPS)})")
+        return info
+
+    @classmethod
+    def from_props(cls, props: dict[str, str], source: str = "file") -> "ArtifactInfo":
+        d = {}
+        for k, v in props.items():
+            if k.startswith(META_PREFIX):
+                try:
+                    d[k[len(META_PREFIX):]] = json.loads(v)
+                except json.JSONDecodeError:
+                    raise ValueError(f"{source}: metadata entry {k!r} is not valid JSON (file corrupted?)") from None
+        return cls.from_dict(d, source)
+
+    # -- size and batch policy ---------------------------------------------------------------
+
+    def check_size(self, size: Sequence[int] | int | None) -> tuple[int, int]:
+        """The input size an Engine should use: the fixed size, or ``size`` inside the dynamic range."""
+        if size is None:
+            return tuple(self.default_size)
+        h, w = check_model_size(size)
+        if not self.dynamic_size:
+            if (h, w) != (self.height, self.width):
+                raise ValueError(f"this engine was exported for {self.height}x{self.width} images, not {h}x{w}: "
+                                 "re-export with --size H W or --dynamic-size MIN MAX")
+        else:
+            lo, hi = self.size_range
+            if not (lo <= h <= hi and lo <= w <= hi):
+                raise ValueError(f"size {h}x{w} is outside this engine's dynamic range [{lo}, {hi}] per side")
+        return h, w
+
+    def check_taps(self, taps) -> tuple[str, ...]:
+        """Requested taps (default: all of the file's), each of which the file must provide."""
+        if taps is None:
+            return self.tap_names
+        wanted = resolve_taps(taps)
+        missing = [t for t in wanted if t not in self.tap_names]
+        if missing:
+            raise ValueError(f"taps {missing} are not in this engine (it has {', '.join(self.tap_names)}): "
+                             "re-export with --taps including them")
+        return wanted
+
+    def tap_shape(self, tap: str, height: int, width: int) -> tuple[int, int, int]:
+        t = next(t for t in self.taps if t["name"] == tap)
+        return t["channels"], height // t["stride"], width // t["stride"]
+
+
+def tap_records(taps: Sequence[str], block_out_channels: Sequence[int]) -> list[dict]:
+    return [{"name": n, "module": TAP_TABLE[n].module, "channels": TAP_TABLE[n].channels(block_out_channels),
+             "stride": TAP_TABLE[n].stride} for n in resolve_taps(taps)]
+
+
+def size_fields(size: Sequence[int] | None, dynamic: Sequence[int] | None, native: int) -> dict:
+    """``height``/``width``/``size_range``/``default_size`` from ``--size`` or ``--dynamic-size``."""
+    if (size is None) == (dynamic is None):
+        raise ValueError("give exactly one of a fixed size (H, W) or a dynamic range (MIN, MAX)")
+    if size is not None:
+        h, w = check_model_size(size)
+        return dict(height=h, width=w, size_range=None, default_size=[h, w])
+    lo, hi = (int(v) for v in dynamic)
+    if lo % SIZE_MULTIPLE or hi % SIZE_MULTIPLE or not 0 < lo <= hi:
+        raise ValueError(f"dynamic size range [{lo}, {hi}] must be multiples of {SIZE_MULTIPLE} with 0 < MIN <= MAX")
+    default = min(max(native, lo), hi)
+    return dict(height=None, width=None, size_range=[lo, hi], default_size=[default, default])
+
+
+def parse_batch(spec: str | None) -> dict:
+    """``"MIN:OPT:MAX"`` (or a single number for a fixed batch) -> {"min", "opt", "max"}."""
+    if spec is None:
+        return {"min": 1, "opt": 1, "max": None}
+    parts = str(spec).split(":")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"batch range {spec!r} must be MIN:OPT:MAX integers, e.g. 1:4:8") from None
+    if len(values) == 1:
+        values *= 3
+    if len(values) != 3 or not 1 <= values[0] <= values[1] <= values[2]:
+        raise ValueError(f"batch range {spec!r} must be MIN:OPT:MAX with 1 <= MIN <= OPT <= MAX, e.g. 1:4:8")
+    if values[2] >= 64:  # diffusers' Upsample2D switches code paths at batch 64
+        raise ValueError(f"batch maximum {values[2]} must be below 64 (larger batches are split by the Engine)")
+    return dict(zip(("min", "opt", "max"), values))
+
+
+def check_compatible(d: dict, source: str) -> None:
+    """Refuse files from another schema or another major version of the package, naming both."""
+    schema = d.get("schema")
+    if schema != SCHEMA:
+        raise ValueError(f"{source} uses metadata schema {schema}, this cleandift-rt reads schema {SCHEMA}: "
+                         "re-export it with this version")
+    theirs, ours = str(d.get("package_version", "?")), _package_version()
+    if _major(theirs) != _major(ours):
+        raise ValueError(f"{source} was written by cleandift-rt {theirs}, this is {ours} (major versions differ): "
+                         "re-export the model with this version")
+
+
+def _major(version: str) -> str:
+    return version.split(".")[0].split("+")[0]
+
+
+# -- reading files without any runtime ---------------------------------------------------------
+
+
+def read_plan_header(path: str | Path) -> tuple[dict, int, int]:
+    """(header dict, offset of the engine bytes, engine byte count) of a ``.plan`` written by ``trt_build``."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(len(PLAN_MAGIC) + _PLAN_LENGTH.size)
+        if len(head) < len(PLAN_MAGIC) + _PLAN_LENGTH.size or not head.startswith(PLAN_MAGIC):
+            raise ValueError(f"{path} is not a cleandift-rt TensorRT plan (missing the {PLAN_MAGIC.decode()} header): "
+                             "build it with `python export/build_engine.py`")
+        (length,) = _PLAN_LENGTH.unpack(head[len(PLAN_MAGIC):])
+        if length > size:
+            raise ValueError(f"{path} is truncated: its header alone should be {length} bytes, the file has {size}")
+        try:
+            header = json.loads(f.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ValueError(f"{path} has a corrupt header (not JSON)") from None
+    offset = len(PLAN_MAGIC) + _PLAN_LENGTH.size + length
+    expected = int(header.get("engine_bytes", -1))
+    if size - offset != expected:
+        raise ValueError(f"{path} is truncated or corrupt: it should hold {expected} engine bytes after the header, "
+                         f"it holds {size - offset}")
+    return header, offset, expected
+
+
+def plan_header_bytes(header: dict) -> bytes:
+    payload = json.dumps(header).encode()
+    return PLAN_MAGIC + _PLAN_LENGTH.pack(len(payload)) + payload
+
+
+def read_onnx_info(path: str | Path) -> ArtifactInfo:
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    path = Path(path)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        raise ValueError(f"{path} is truncated or not an ONNX model ({type(exc).__name__}): re-export it") from None
+    return ArtifactInfo.from_props({p.key: p.value for p in model.metadata_props}, str(path))
+
+
+def describe(path: str | Path) -> dict:
+    """What a file holds, as a plain dict, without creating a session or needing a GPU.
+
+    ``.onnx`` and ``.plan`` give their exported metadata; student files and diffusers folders give
+    their taps and U-Net facts (the PyTorch backend exports nothing, so there is less to say).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    if path.suffix == ".onnx":
+        d = read_onnx_info(path).to_dict()
+        d.update(kind="onnx", file_bytes=path.stat().st_size, external_data=_external_data_files(path))
+        return d
+    if path.suffix == ".plan":
+        header, _, engine_bytes = read_plan_header(path)
+        d = ArtifactInfo.from_dict(header["info"], str(path)).to_dict()
+        d.update(kind="tensorrt", engine_bytes=engine_bytes, tensorrt=header.get("tensorrt"),
+                 build=header.get("build", {}))
+        return d
+    return _describe_pytorch(path)
+
+
+def _external_data_files(path: Path) -> list[str]:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    files = set()
+    for init in model.graph.initializer:
+        for entry in init.external_data:
+            if entry.key == "location":
+                files.add(entry.value)
+    return sorted(files)
+
+
+def _describe_pytorch(path: Path) -> dict:
+    from .taps import tap_channels
+
+    if path.is_dir():
+        config_file = path / "unet" / "config.json"
+        if not config_file.is_file():
+            raise ValueError(f"{path} is not a diffusers model folder (no unet/config.json)")
+        config = json.loads(config_file.read_text())
+        kind, timestep = "diffusers-folder", None
+    elif path.suffix == ".safetensors":
+        from .checkpoint import read_safetensors_metadata
+
+        meta = read_safetensors_metadata(path)
+        if "unet_config" not in meta:
+            return {"kind": "student", "format": meta.get("format", "release"), "path": str(path),
+                    "note": "no U-Net config inside (a public-release file): pass base=... to Engine"}
+        config = json.loads(meta["unet_config"])
+        kind, timestep = "student", meta.get("timestep")
+    else:
+        raise ValueError(f"{path}: unknown file type (expected .onnx, .plan, a student .safetensors or a diffusers folder)")
+    channels = tap_channels(config["block_out_channels"])
+    return {"kind": kind, "path": str(path), "backend": "pytorch",
+            "taps": [{"name": n, "module": TAP_TABLE[n].module, "channels": channels[n], "stride": TAP_TABLE[n].stride}
+                     for n in TAPS],
+            "timestep": timestep, "native_size": int(config.get("sample_size", 0)) * 8,
+            "block_out_channels": list(config["block_out_channels"]),
+            "cross_attention_dim": config.get("cross_attention_dim")}

@@ -1,0 +1,157 @@
+"""ONNX Runtime backend for exported ``.onnx`` feature graphs.
+
+Provider choice: TensorRT, then CUDA, then CPU, among those this onnxruntime build offers (or the
+CPU alone with ``device="cpu"``). onnxruntime-gpu without CUDA libraries logs and silently runs
+on the CPU, so what is reported (and checked against an explicit ``device="cuda"``) is
+``session.get_providers()``, i.e. what actually runs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..artifact import EMBEDS_INPUT, IMAGE_INPUT, ArtifactInfo, read_onnx_info
+
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+
+
+def _onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise ImportError(f"running .onnx engines needs onnxruntime ({exc}): pip install onnxruntime "
+                          "(or onnxruntime-gpu for CUDA/TensorRT providers)") from None
+    return onnxruntime
+
+
+def available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def choose_providers(device: str | None, available: list[str], path: Path, device_id: int = 0) -> list:
+    """Providers to request, best first, with their options."""
+    if device is not None and device.startswith("cpu"):
+        return ["CPUExecutionProvider"]
+    wanted = []
+    if "TensorrtExecutionProvider" in available:
+        cache = path.with_name(path.stem + ".ort-trt-cache")
+        wanted.append(("TensorrtExecutionProvider", {
+            "device_id": device_id, "trt_fp16_enable": True, "trt_engine_cache_enable": True,
+            "trt_engine_cache_path": str(cache), "trt_timing_cache_enable": True}))
+    if "CUDAExecutionProvider" in available:
+        wanted.append(("CUDAExecutionProvider", {"device_id": device_id}))
+    if device is not None and device.startswith("cuda") and not wanted:
+        raise RuntimeError(f"device {device!r} asked for, but this onnxruntime build offers only {available}: "
+                           "pip install onnxruntime-gpu (and the CUDA libraries it needs)")
+    return wanted + ["CPUExecutionProvider"]
+
+
+def check_external_data(path: Path) -> None:
+    """Every external weight file exists and is long enough (a truncated copy fails here, by name)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    needed: dict[str, int] = {}
+    for init in model.graph.initializer:
+        entries = {e.key: e.value for e in init.external_data}
+        if "location" in entries:
+            end = int(entries.get("offset", 0)) + int(entries.get("length", 0))
+            needed[entries["location"]] = max(needed.get(entries["location"], 0), end)
+    for name, end in needed.items():
+        data = path.parent / name
+        if not data.is_file():
+            raise ValueError(f"{path} keeps its weights in {name}, which is missing: copy it beside the .onnx file")
+        if data.stat().st_size < end:
+            raise ValueError(f"{data} is truncated: {data.stat().st_size} bytes, the model needs {end}")
+
+
+class OnnxRuntimeBackend:
+    name = "onnxruntime"
+
+    def __init__(self, path: str | Path, device: str | None = None, threads: int | None = None):
+        ort = _onnxruntime()
+        self.path = Path(path)
+        self.info: ArtifactInfo = read_onnx_info(self.path)
+        check_external_data(self.path)
+        device_id = int(device.split(":")[1]) if device and device.startswith("cuda:") else 0
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # one op at a time, each using every core we may use: the graph is a chain of big convolutions
+        options.intra_op_num_threads = int(threads) if threads else available_cpus()
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        requested = choose_providers(device, ort.get_available_providers(), self.path, device_id)
+        try:
+            self.session = ort.InferenceSession(str(self.path), options, providers=requested)
+        except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
+            raise ValueError(f"ONNX Runtime cannot load {self.path}: {str(exc).splitlines()[0]}") from None
+        self.providers = self.session.get_providers()
+        if device and device.startswith("cuda") and not any(p in self.providers for p in GPU_PROVIDERS):
+            raise RuntimeError(f"device {device!r} asked for, but ONNX Runtime runs on {self.providers} "
+                               "(CUDA libraries missing?)")
+        self.on_gpu = any(p in self.providers for p in GPU_PROVIDERS) and torch.cuda.is_available()
+        self.device = torch.device(f"cuda:{device_id}") if self.on_gpu else torch.device("cpu")
+        self.threads = options.intra_op_num_threads
+        # the baked prompt embedding is an overridable initializer, listed apart from plain inputs
+        names = {i.name for i in (*self.session.get_inputs(), *self.session.get_overridable_initializers())}
+        missing = {IMAGE_INPUT, EMBEDS_INPUT} - names
+        if missing:
+            raise ValueError(f"{self.path} lacks the input(s) {sorted(missing)}: not a cleandift-rt feature graph")
+        outputs = {o.name for o in self.session.get_outputs()}
+        absent = [t for t in self.info.tap_names if t not in outputs]
+        if absent:
+            raise ValueError(f"{self.path} declares taps {absent} in its metadata but has no such outputs (corrupt file)")
+
+    @property
+    def max_batch(self) -> int | None:
+        return None  # ONNX Runtime takes any batch; the Engine may still split (max_batch=...)
+
+    @property
+    def min_batch(self) -> int:
+        return 1
+
+    def describe(self) -> dict:
+        return {"backend": self.name, "providers": self.providers, "threads": self.threads,
+                "device": str(self.device)}
+
+    def run(self, pixels: torch.Tensor, embeds: torch.Tensor | None, taps) -> dict[str, torch.Tensor]:
+        if self.on_gpu:
+            return self._run_bound(pixels, embeds, taps)
+        feeds = {IMAGE_INPUT: np.ascontiguousarray(pixels.detach().cpu().numpy(), dtype=np.float32)}
+        if embeds is not None:
+            feeds[EMBEDS_INPUT] = np.ascontiguousarray(embeds.detach().cpu().numpy(), dtype=np.float32)
+        outputs = self.session.run(list(taps), feeds)  # session.run is thread-safe
+        return {t: torch.from_numpy(o) for t, o in zip(taps, outputs)}  # zero-copy
+
+    def _run_bound(self, pixels, embeds, taps) -> dict[str, torch.Tensor]:
+        """GPU providers: bind torch CUDA memory for inputs and preallocated outputs (no host round trip)."""
+        binding = self.session.io_binding()
+        keep = []
+
+        def bind_input(name, tensor):
+            t = tensor.detach().to(self.device, torch.float32).contiguous()
+            keep.append(t)
+            binding.bind_input(name, "cuda", self.device.index or 0, np.float32, list(t.shape), t.data_ptr())
+
+        bind_input(IMAGE_INPUT, pixels)
+        if embeds is not None:
+            bind_input(EMBEDS_INPUT, embeds)
+        b, _, h, w = pixels.shape
+        out = {}
+        for tap in taps:
+            c, fh, fw = self.info.tap_shape(tap, h, w)
+            out[tap] = torch.empty((b, c, fh, fw), device=self.device, dtype=torch.float32)
+            binding.bind_output(tap, "cuda", self.device.index or 0, np.float32, list(out[tap].shape),
+                                out[tap].data_ptr())
+        binding.synchronize_inputs()
+        self.session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+        return out

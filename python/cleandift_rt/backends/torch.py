@@ -1,0 +1,87 @@
+"""PyTorch backend: a student ``_unet`` / ``_full`` file or a diffusers folder, run by ``ReferenceExtractor``.
+
+This is the reference itself (eager PyTorch, forward stopped after the last requested tap), with
+two speed options that change numerics slightly and are therefore opt-in: ``precision="bf16"``
+(CPU autocast: convolutions and matmuls in bfloat16 on AMX/AVX-512 BF16, norms and softmax in
+fp32) and ``"fp16"`` (CUDA autocast), plus channels-last memory layout for the convolutions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+from ..artifact import ArtifactInfo, tap_records
+from ..extractor import ReferenceExtractor
+from ..models import DEFAULT_STUDENT_TIMESTEP, Student, load_base, load_student
+from ..preprocess import SIZE_MULTIPLE
+from ..taps import TAPS
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+ANY_SIZE = [SIZE_MULTIPLE, 4096]  # the eager model takes any multiple of 64
+
+
+def load_student_and_base(path: Path, base) -> tuple[Student, object]:
+    """A student file needs ``base`` (VAE, text encoder); a diffusers folder can be its own base."""
+    if path.is_dir():
+        student_base = load_base(path, text_encoder=base is None)
+        base_model = student_base if base is None else (base if not isinstance(base, (str, Path)) else load_base(base))
+        return Student(unet=student_base.unet, timestep=DEFAULT_STUDENT_TIMESTEP, source=str(path)), base_model
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: unknown engine file type; expected .onnx, .plan, a student .safetensors "
+                         "(_unet or _full) or a diffusers folder")
+    if base is None:
+        raise ValueError(f"{path} is a student checkpoint: pass base=DIR (the base model folder that provides "
+                         "the VAE and text encoder), e.g. Engine(path, base='stable-diffusion-2-1')")
+    base_model = load_base(base) if isinstance(base, (str, Path)) else base
+    return load_student(path, base_model), base_model
+
+
+class TorchBackend:
+    name = "pytorch"
+
+    def __init__(self, path: str | Path, base=None, device: str | None = None, precision: str | None = None,
+                 size=None, resize: str = "stretch", prompt: str = "", channels_last: bool = True):
+        self.path = Path(path)
+        precision = precision or "fp32"
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if precision == "fp16" and device.type != "cuda":
+            raise ValueError("precision 'fp16' needs a CUDA device; on the CPU use 'bf16' (or 'fp32')")
+        student, base_model = load_student_and_base(self.path, base)
+        self.ref = ReferenceExtractor(student, base_model, size=size, resize=resize, prompt=prompt, device=device)
+        self.device, self.precision = device, precision
+        if channels_last:
+            for m in (base_model.vae, student.unet):
+                m.to(memory_format=torch.channels_last)
+        self.info = ArtifactInfo(
+            taps=tap_records(TAPS, base_model.block_out_channels), height=None, width=None,
+            size_range=list(ANY_SIZE), default_size=list(self.ref.size), resize=resize,
+            batch={"min": 1, "opt": 1, "max": None}, base_model=Path(base_model.source).name,
+            variant=base_model.variant, student=self.path.name, prompt=prompt, timestep=float(student.timestep),
+            cross_attention_dim=int(base_model.unet.config.cross_attention_dim),
+            prompt_tokens=int(getattr(base_model.tokenizer, "model_max_length", 77) or 77),
+            block_out_channels=base_model.block_out_channels, scaling_factor=base_model.scaling_factor,
+            extra={"precision": precision})
+
+    max_batch = None
+    min_batch = 1
+
+    def describe(self) -> dict:
+        return {"backend": self.name, "device": str(self.device), "precision": self.precision,
+                "threads": torch.get_num_threads()}
+
+    def _autocast(self):
+        dtype = PRECISIONS[self.precision]
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    @torch.no_grad()
+    def run(self, pixels: torch.Tensor, embeds: torch.Tensor | None, taps) -> dict[str, torch.Tensor]:
+        with self._autocast():
+            feats = self.ref.extract(pixels, taps, prompt_embeds=embeds)
+        return {t: f.float().contiguous() for t, f in feats.items()}

@@ -1,0 +1,242 @@
+"""``Engine``: one object for every way of running CleanDIFT feature extraction.
+
+``Engine(path)`` picks the backend from the file: ``.onnx`` -> ONNX Runtime, ``.plan`` ->
+TensorRT, a student ``_unet`` / ``_full`` safetensors file or a diffusers folder -> PyTorch. All
+share the input handling (``preprocess.prepare_images``: same pixels everywhere), the tap checks,
+batch splitting to the engine's profile and the output convention (torch in -> torch out, else
+numpy).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+
+from .artifact import describe
+from .extractor import check_prompt_embeds
+from .preprocess import check_policy, prepare_images
+
+
+@dataclass
+class StreamResult:
+    """One item of ``Engine.stream``: its position in the input, its features, and how long it took."""
+
+    index: int
+    features: dict
+    latency: float  # seconds from reading the item off the iterable to its features being ready
+    inference: float  # seconds of the backend call that produced it (shared by a batch)
+
+
+class Engine:
+    """Dense CleanDIFT features from an exported or PyTorch model.
+
+    Args:
+        path: ``.onnx``, ``.plan``, a student ``.safetensors`` (``_unet`` or ``_full``) or a diffusers folder.
+        base: base model folder (VAE, text encoder) for student files; ignored by exported files.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``; None = the best available.
+        taps: default tap selection for ``extract`` (all the file's taps when None).
+        size: input size (H, W) for dynamic-size files and the PyTorch backend; fixed files keep theirs.
+        resize: size policy, ``"stretch"`` or ``"pad"`` (default: the one recorded at export).
+        precision: PyTorch backend only: ``"fp32"`` (default, the reference), ``"bf16"`` (CPU autocast)
+            or ``"fp16"`` (CUDA autocast).
+        threads: ONNX Runtime CPU threads (default: all cores this process may use).
+        max_batch: split batches into chunks of at most this many images (default: the plan's profile).
+        cuda_graph: TensorRT only: replay captured CUDA graphs for fixed-size plans.
+        prompt: PyTorch backend only: the prompt whose embedding is the default (exports bake theirs).
+    """
+
+    def __init__(self, path, base=None, device: str | None = None, taps=None, *, size=None, resize: str | None = None,
+                 precision: str | None = None, threads: int | None = None, max_batch: int | None = None,
+                 cuda_graph: bool = False, prompt: str = ""):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise FileNotFoundError(f"{self.path} does not exist")
+        suffix = self.path.suffix
+        if precision is not None and suffix in (".onnx", ".plan"):
+            raise ValueError(f"precision={precision!r} applies to the PyTorch backend; the precision of a {suffix} "
+                             "file is fixed when it is exported/built")
+        if suffix == ".onnx":
+            from .backends.onnxruntime import OnnxRuntimeBackend
+
+            self.backend = OnnxRuntimeBackend(self.path, device=device, threads=threads)
+        elif suffix == ".plan":
+            from .backends.tensorrt import TensorRTBackend
+
+            self.backend = TensorRTBackend(self.path, device=device, cuda_graph=cuda_graph)
+        else:
+            from .backends.torch import TorchBackend
+
+            self.backend = TorchBackend(self.path, base=base, device=device, precision=precision, size=size,
+                                        resize=resize or "stretch", prompt=prompt)
+        meta = self.backend.info
+        self.size = meta.check_size(size)
+        self.resize = check_policy(resize or meta.resize)
+        self._taps = meta.check_taps(taps)
+        if max_batch is not None and int(max_batch) < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        limits = [m for m in (max_batch, self.backend.max_batch) if m is not None]
+        self.max_batch = min(int(m) for m in limits) if limits else None
+        if self.max_batch is not None and self.max_batch < self.backend.min_batch:
+            raise ValueError(f"max_batch {self.max_batch} is below the engine's minimum batch {self.backend.min_batch}")
+
+    # -- description ---------------------------------------------------------------------------
+
+    @property
+    def taps(self) -> tuple[str, ...]:
+        """Taps ``extract`` returns by default."""
+        return self._taps
+
+    @property
+    def info(self) -> dict:
+        """The file's metadata plus what actually runs (backend, providers, device, size in use)."""
+        d = self.backend.info.to_dict()
+        d.update(self.backend.describe())
+        d.update(path=str(self.path), size=list(self.size), resize=self.resize, max_batch=self.max_batch,
+                 default_taps=list(self._taps))
+        return d
+
+    def __repr__(self) -> str:
+        return (f"Engine({str(self.path)!r}, backend={self.backend.name}, taps={','.join(self._taps)}, "
+                f"size={self.size[0]}x{self.size[1]})")
+
+    # -- extraction ----------------------------------------------------------------------------
+
+    def extract(self, images, taps=None, prompt_embeds=None) -> dict:
+        """Features ``{tap: B x C x h x w}`` for a batch of images.
+
+        ``images``: a list of PIL images or uint8 H x W x 3 arrays, a uint8 N x H x W x 3 array, or a
+        float N x 3 x H x W numpy array / torch tensor in [-1, 1]. Torch tensors in -> torch tensors
+        out (on the input's device); anything else -> numpy arrays. ``prompt_embeds``: ``[L, D]`` or
+        ``[B, L, D]`` text embeddings replacing the baked prompt.
+        """
+        wanted = self.backend.info.check_taps(taps) if taps is not None else self._taps
+        pixels = prepare_images(images, self.size, self.resize).pixels
+        embeds = self._embeds(prompt_embeds, pixels.shape[0])
+        feats = self._run_chunked(pixels, embeds, wanted)
+        return _to_caller(feats, images)
+
+    __call__ = extract
+
+    def _embeds(self, prompt_embeds, batch: int) -> torch.Tensor | None:
+        if prompt_embeds is None:
+            return None
+        return check_prompt_embeds(prompt_embeds, batch, self.backend.info.cross_attention_dim).float()
+
+    def _run_chunked(self, pixels: torch.Tensor, embeds, taps) -> dict[str, torch.Tensor]:
+        n = pixels.shape[0]
+        step = self.max_batch or n
+        parts = []
+        for start in range(0, n, step):
+            stop = min(n, start + step)
+            parts.append(self._run_padded(pixels[start:stop], None if embeds is None else embeds[start:stop], taps))
+        if len(parts) == 1:
+            return parts[0]
+        return {t: torch.cat([p[t] for p in parts]) for t in taps}
+
+    def _run_padded(self, pixels, embeds, taps) -> dict[str, torch.Tensor]:
+        """Run a chunk, repeating its last image up to the profile's minimum batch when needed."""
+        n, need = pixels.shape[0], self.backend.min_batch
+        if n < need:
+            pad = need - n
+            pixels = torch.cat([pixels, pixels[-1:].expand(pad, -1, -1, -1)])
+            if embeds is not None:
+                embeds = torch.cat([embeds, embeds[-1:].expand(pad, -1, -1)])
+        out = self.backend.run(pixels, embeds, taps)
+        return {t: f[:n] for t, f in out.items()} if n < need else out
+
+    # -- streaming -----------------------------------------------------------------------------
+
+    def stream(self, items: Iterable, taps=None, batch_size: int = 1, prefetch: int = 4) -> Iterator[StreamResult]:
+        """Features for a stream of single images, in order, with per-item latency.
+
+        A background thread reads the iterable, decodes (PIL image, uint8 H x W x 3 array, float
+        3 x H x W array/tensor in [-1, 1], or an image file path) and preprocesses up to
+        ``prefetch`` items ahead while the backend runs; up to ``batch_size`` ready items are run
+        together. Each result's features follow ``extract``'s convention for that item.
+        """
+        if batch_size < 1 or prefetch < 1:
+            raise ValueError(f"batch_size and prefetch must be >= 1, got {batch_size} and {prefetch}")
+        wanted = self.backend.info.check_taps(taps) if taps is not None else self._taps
+        ready: queue.Queue = queue.Queue(maxsize=prefetch)
+        stop = threading.Event()
+        done = object()
+
+        def produce():
+            try:
+                for index, item in enumerate(items):
+                    t0 = time.perf_counter()
+                    image, as_torch = _stream_item(item, index)
+                    pixels = prepare_images(image, self.size, self.resize).pixels
+                    while not stop.is_set():
+                        try:
+                            ready.put((index, t0, pixels, as_torch), timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    if stop.is_set():
+                        return
+                ready.put(done)
+            except BaseException as exc:  # handed to the consumer, raised there
+                ready.put(exc)
+
+        worker = threading.Thread(target=produce, name="cleandift-rt-stream", daemon=True)
+        worker.start()
+        try:
+            finished = False
+            while not finished:
+                batch = [ready.get()]
+                while len(batch) < batch_size and not ready.empty():
+                    batch.append(ready.get())
+                if batch[-1] is done:
+                    finished = True
+                    batch.pop()
+                for entry in batch:
+                    if isinstance(entry, BaseException):
+                        raise entry
+                if not batch:
+                    break
+                t1 = time.perf_counter()
+                feats = self._run_chunked(torch.cat([e[2] for e in batch]), None, wanted)
+                t2 = time.perf_counter()
+                for j, (index, t0, _, as_torch) in enumerate(batch):
+                    one = {t: f[j : j + 1] for t, f in feats.items()}
+                    yield StreamResult(index, one if as_torch else {t: _numpy(f) for t, f in one.items()},
+                                       t2 - t0, t2 - t1)
+        finally:
+            stop.set()
+            worker.join(timeout=5)
+
+
+def _stream_item(item, index: int):
+    """One stream element as an ``extract`` batch of one, and whether the caller works in torch."""
+    if isinstance(item, (str, Path)):
+        from PIL import Image
+
+        with Image.open(item) as img:
+            return [np.asarray(img.convert("RGB"))], False
+    if isinstance(item, torch.Tensor) or (isinstance(item, np.ndarray) and item.dtype.kind == "f"):
+        if item.ndim != 3:
+            raise ValueError(f"stream item {index}: float images must be 3 x H x W, got shape {tuple(item.shape)}")
+        return item[None], isinstance(item, torch.Tensor)
+    return [item], False
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    return t.numpy() if t.device.type == "cpu" else t.cpu().numpy()
+
+
+def _to_caller(feats: dict[str, torch.Tensor], images) -> dict:
+    """Torch in -> torch out on the input's device (no copy when already there); else numpy (zero-copy on CPU)."""
+    if isinstance(images, torch.Tensor):
+        return {t: f if f.device == images.device else f.to(images.device) for t, f in feats.items()}
+    return {t: _numpy(f) for t, f in feats.items()}
+
+
+__all__ = ["Engine", "StreamResult", "describe"]

@@ -1,0 +1,207 @@
+"""Export a CleanDIFT student to one ONNX graph: image -> VAE encoder -> student U-Net -> named taps.
+
+Graph contract (recorded in the file's ``metadata_props``, see ``artifact.ArtifactInfo``):
+
+- input ``images``: float32 ``B x 3 x H x W``, RGB in [-1, 1] (what ``preprocess.prepare_images``
+  produces; the Engine applies the size policy before the graph);
+- input ``prompt_embeds``: float32 ``E x L x D`` text embeddings, E = 1 (shared) or B. It is also
+  an initializer holding the baked prompt's embedding, so ONNX Runtime uses that default when
+  the input is not fed (``build_engine`` turns it into a plain input for TensorRT);
+- outputs: one ``B x C x h x w`` float32 tensor per requested tap, named after the tap. The graph
+  ends at the last requested tap (the tracer only records what ran: ``capture.unet_taps`` stops
+  the forward there), so later decoder blocks, ``conv_out`` and the VAE decoder are absent.
+
+The posterior mean is used (deterministic), times the VAE scaling factor; the student's timestep
+is a constant, so its embedding MLP folds away.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .artifact import EMBEDS_INPUT, IMAGE_INPUT, ArtifactInfo, parse_batch, size_fields, tap_records
+from .capture import unet_taps
+from .models import BaseModel, Student, load_base, load_student
+from .preprocess import check_policy
+from .taps import resolve_taps
+
+OPSET = 17
+PROTOBUF_LIMIT = 2**31 - 1  # ONNX files above 2 GB must keep their weights in external data
+
+
+class FeatureGraph(nn.Module):
+    """The traced forward: pixels in [-1, 1] and prompt embeddings -> tuple of taps (in table order)."""
+
+    def __init__(self, base: BaseModel, student: Student, taps: Sequence[str]):
+        super().__init__()
+        self.vae = base.vae
+        self.unet = student.unet
+        self.timestep = float(student.timestep)
+        self.scaling_factor = base.scaling_factor
+        self.taps = tuple(taps)
+
+    def forward(self, images: torch.Tensor, prompt_embeds: torch.Tensor):
+        latents = self.vae.encode(images).latent_dist.mean * self.scaling_factor
+        embeds = prompt_embeds.expand(images.shape[0], -1, -1)
+        feats = unet_taps(self.unet, latents, self.timestep, embeds, self.taps)
+        return tuple(feats[t] for t in self.taps)
+
+
+def export_onnx(student: str | Path | Student, base: str | Path | BaseModel, out: str | Path, *,
+                size: Sequence[int] | None = None, dynamic_size: Sequence[int] | None = None,
+                taps=None, batch: str | None = None, prompt: str = "", resize: str = "stretch",
+                external_data: bool | None = None, log=print) -> ArtifactInfo:
+    """Write ``out`` (and ``out`` + ``.data`` when the weights go outside) and return its metadata.
+
+    ``size`` (H, W) fixes the input size; ``dynamic_size`` (MIN, MAX) makes H and W dynamic within
+    that range (multiples of 64). ``batch`` "MIN:OPT:MAX" is recorded for TensorRT profiles; the
+    ONNX batch axis is always dynamic. ``external_data`` None = only when the model exceeds 2 GB.
+    """
+    import onnx
+
+    out = Path(out)
+    if out.suffix != ".onnx":
+        raise ValueError(f"output {out} must end in .onnx")
+    wanted = resolve_taps(taps)
+    check_policy(resize)
+    batch_range = parse_batch(batch)
+    t0 = time.perf_counter()
+    base_model = base if isinstance(base, BaseModel) else load_base(base)
+    student_model = student if isinstance(student, Student) else load_student(student, base_model)
+    base_model.to(device="cpu", dtype=torch.float32)
+    student_model.unet.to(device="cpu", dtype=torch.float32)
+    sizes = size_fields(size, dynamic_size, base_model.resolution)
+    embeds = base_model.encode_prompt(prompt).float()
+    info = ArtifactInfo(
+        taps=tap_records(wanted, base_model.block_out_channels), resize=resize, batch=batch_range,
+        base_model=Path(base_model.source).name, variant=base_model.variant,
+        student=Path(student_model.source).name if student_model.source else "", prompt=prompt,
+        timestep=float(student_model.timestep), cross_attention_dim=int(embeds.shape[-1]),
+        prompt_tokens=int(embeds.shape[1]), block_out_channels=base_model.block_out_channels,
+        scaling_factor=base_model.scaling_factor, **sizes)
+    log(f"loaded models in {time.perf_counter() - t0:.1f} s; exporting taps {', '.join(wanted)}")
+
+    graph = FeatureGraph(base_model, student_model, wanted).eval()
+    h, w = sizes["default_size"]
+    example = (torch.zeros(2, 3, h, w), embeds)  # batch 2: nothing gets specialised to 1
+    dynamic_axes = {IMAGE_INPUT: {0: "batch"}, EMBEDS_INPUT: {0: "prompt_batch", 1: "tokens"}}
+    for tap in wanted:
+        # every output its own spatial axis names: shared names make ONNX Runtime reuse buffers wrongly
+        dynamic_axes[tap] = {0: "batch", **({2: f"{tap}_h", 3: f"{tap}_w"} if info.dynamic_size else {})}
+    if info.dynamic_size:
+        dynamic_axes[IMAGE_INPUT].update({2: "height", 3: "width"})
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".export-") as tmp:
+        raw = Path(tmp) / "raw.onnx"
+        t1 = time.perf_counter()
+        with torch.no_grad():
+            torch.onnx.export(graph, example, str(raw), input_names=[IMAGE_INPUT, EMBEDS_INPUT],
+                              output_names=list(wanted), dynamic_axes=dynamic_axes, opset_version=OPSET,
+                              do_constant_folding=True, dynamo=False)
+        log(f"traced and exported in {time.perf_counter() - t1:.1f} s")
+        model = onnx.load(str(raw))  # pulls in the per-tensor external files the exporter may write
+    _finish_graph(model, embeds, info)
+    save_onnx(model, out, external_data)
+    check_onnx(out)
+    log(f"wrote {out} ({_size_text(out)}) in {time.perf_counter() - t0:.1f} s")
+    return info
+
+
+def _finish_graph(model, embeds: torch.Tensor, info: ArtifactInfo) -> None:
+    """Drop unused weights, bake the default prompt embedding, attach the metadata."""
+    from onnx import numpy_helper
+
+    graph = model.graph
+    used = {name for node in graph.node for name in node.input}
+    for subgraph_node in graph.node:  # If/Loop bodies (none expected, but never drop their weights)
+        for attr in subgraph_node.attribute:
+            if attr.g is not None:
+                used.update(n for node in attr.g.node for n in node.input)
+    keep = [init for init in graph.initializer if init.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    graph.initializer.append(numpy_helper.from_array(embeds.detach().cpu().numpy(), EMBEDS_INPUT))
+    # The tracer's symbolic shapes unify unrelated dims (an output's height can come out named
+    # "batch"), and ONNX Runtime trusts them when planning buffers: drop the intermediate ones and
+    # state the outputs' shapes from the tap table.
+    del graph.value_info[:]
+    for output in graph.output:
+        _set_output_shape(output, info)
+    del model.metadata_props[:]
+    for k, v in info.to_props().items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = k, v
+    model.doc_string = ("cleandift-rt feature extractor: images (float32 NCHW RGB in [-1, 1]) -> "
+                        f"taps {', '.join(info.tap_names)}")
+
+
+def _set_output_shape(output, info: ArtifactInfo) -> None:
+    tap = output.name
+    channels = next(t["channels"] for t in info.taps if t["name"] == tap)
+    if info.dynamic_size:
+        spatial = [f"{tap}_h", f"{tap}_w"]
+    else:
+        spatial = list(info.tap_shape(tap, info.height, info.width)[1:])
+    dims = output.type.tensor_type.shape.dim
+    for dim, value in zip(dims, ["batch", channels, *spatial]):
+        dim.Clear()
+        if isinstance(value, str):
+            dim.dim_param = value
+        else:
+            dim.dim_value = value
+
+
+def save_onnx(model, out: Path, external_data: bool | None = None) -> None:
+    """Save ``model``; weights in ONE ``<name>.data`` file beside it when asked or above 2 GB."""
+    import onnx
+
+    if external_data is None:
+        external_data = model.ByteSize() > PROTOBUF_LIMIT if _fits_protobuf(model) else True
+    data = out.with_name(out.name + ".data")
+    for stale in (out, data):
+        if stale.exists():
+            stale.unlink()
+    if external_data:
+        onnx.save_model(model, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024)
+    else:
+        onnx.save_model(model, str(out))
+
+
+def _fits_protobuf(model) -> bool:
+    # ByteSize itself fails on > 2 GB messages in some protobuf builds: sum the tensors first.
+    total = sum(len(t.raw_data) + 4 * len(t.float_data) for t in model.graph.initializer)
+    return total < PROTOBUF_LIMIT
+
+
+def check_onnx(path: Path) -> None:
+    """``onnx.checker`` and strict shape inference, both from the path (works above 2 GB)."""
+    import onnx
+
+    onnx.checker.check_model(str(path))
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".shapes-") as tmp:
+        onnx.shape_inference.infer_shapes_path(str(path), str(Path(tmp) / "inferred.onnx"), strict_mode=True)
+
+
+def remove_onnx(path: str | Path) -> None:
+    """Delete an exported model and its external data file."""
+    path = Path(path)
+    for p in (path, path.with_name(path.name + ".data")):
+        if p.exists():
+            p.unlink()
+
+
+def _size_text(path: Path) -> str:
+    data = path.with_name(path.name + ".data")
+    total = path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+    return f"{total / 2**20:.1f} MiB" + (f", weights in {data.name}" if data.exists() else "")
+
+
+__all__ = ["export_onnx", "FeatureGraph", "save_onnx", "check_onnx", "remove_onnx", "OPSET"]
