@@ -1,12 +1,62 @@
 // The one pybind11 file: argument conversion and registration only; ops live in csrc/ops.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <stdexcept>
+#include <string>
+
 #include "common/cpu_features.h"
 #include "common/cuda_info.h"
+#include "ops/match.h"
 
 namespace py = pybind11;
 using namespace cleandift;
+
+namespace {
+
+// "float32" | "float16" | "bfloat16" (bf16 arrives as a 16-bit integer view: numpy has no bf16).
+DType parse_dtype(const std::string& name, size_t itemsize) {
+  DType d;
+  size_t expected;
+  if (name == "float32") {
+    d = DType::kFloat32, expected = 4;
+  } else if (name == "float16") {
+    d = DType::kFloat16, expected = 2;
+  } else if (name == "bfloat16") {
+    d = DType::kBFloat16, expected = 2;
+  } else {
+    throw std::invalid_argument("unsupported dtype '" + name + "': use float32, float16 or bfloat16");
+  }
+  if (itemsize != expected)
+    throw std::invalid_argument("buffer item size " + std::to_string(itemsize) + " does not match dtype " + name);
+  return d;
+}
+
+// A [B, rows, C] array of any strides (in place; the [B, C, h, w] layout arrives as such a view).
+FeatureView feature_view(const py::array& a, const char* name) {
+  if (a.ndim() != 3)
+    throw std::invalid_argument(std::string(name) + " must have rank 3 [B, N, C], got rank " + std::to_string(a.ndim()));
+  FeatureView v;
+  v.data = a.data();
+  v.batch = a.shape(0), v.rows = a.shape(1), v.channels = a.shape(2);
+  const auto item = static_cast<py::ssize_t>(a.itemsize());
+  for (int d = 0; d < 3; ++d)
+    if (a.strides(d) % item != 0 || a.strides(d) < 0)
+      throw std::invalid_argument(std::string(name) + " has negative or misaligned strides; pass a copy");
+  v.stride_batch = a.strides(0) / item, v.stride_row = a.strides(1) / item, v.stride_channel = a.strides(2) / item;
+  return v;
+}
+
+FeatureView device_view(uintptr_t ptr, int64_t batch, int64_t rows, int64_t channels) {
+  FeatureView v;
+  v.data = reinterpret_cast<const void*>(ptr);
+  v.batch = batch, v.rows = rows, v.channels = channels;
+  v.stride_batch = rows * channels, v.stride_row = channels, v.stride_channel = 1;
+  return v;
+}
+
+}  // namespace
 
 PYBIND11_MODULE(_native, m) {
   m.doc() = "cleandift-rt native kernels (CPU with run-time SIMD dispatch; CUDA when compiled)";
@@ -31,6 +81,45 @@ PYBIND11_MODULE(_native, m) {
       devices.append(dd);
     }
     d["cuda_devices"] = devices;
+    d["match_cpu_kernel"] = match_cpu_kernel_name();
     return d;
   });
+
+  m.def(
+      "match_cpu",
+      [](const py::array& src, const py::array& dst, const std::string& dtype, bool mutual, int k, bool check_finite) {
+        const DType dt = parse_dtype(dtype, src.itemsize());
+        parse_dtype(dtype, dst.itemsize());
+        const FeatureView s = feature_view(src, "src"), t = feature_view(dst, "dst");
+        const MatchOptions opt{mutual, k, check_finite};
+        check_match_args(s, t, opt);
+        py::array_t<int64_t> index({s.batch, s.rows, static_cast<int64_t>(k)});
+        py::array_t<float> similarity({s.batch, s.rows, static_cast<int64_t>(k)});
+        const MatchOutput out{index.mutable_data(), similarity.mutable_data()};
+        {
+          py::gil_scoped_release release;
+          match_cpu(s, t, dt, opt, out);
+        }
+        return py::make_tuple(index, similarity);
+      },
+      py::arg("src"), py::arg("dst"), py::arg("dtype"), py::arg("mutual"), py::arg("k"), py::arg("check_finite"),
+      "Fused cosine-similarity matching of [B, N, C] against [B, M, C] (any strides); returns int64 and "
+      "float32 arrays [B, N, k]. Use cleandift_rt.match, which adds the layouts, torch and checks.");
+
+  m.def(
+      "match_cuda",
+      [](uintptr_t src, uintptr_t dst, int64_t batch, int64_t n, int64_t m_rows, int64_t channels,
+         const std::string& dtype, bool mutual, int k, uintptr_t index, uintptr_t similarity, uintptr_t stream) {
+        const DType dt = parse_dtype(dtype, dtype == "float32" ? 4 : 2);
+        const FeatureView s = device_view(src, batch, n, channels), t = device_view(dst, batch, m_rows, channels);
+        const MatchOptions opt{mutual, k, false};
+        check_match_args(s, t, opt);
+        const MatchOutput out{reinterpret_cast<int64_t*>(index), reinterpret_cast<float*>(similarity)};
+        py::gil_scoped_release release;
+        match_cuda(s, t, dt, opt, out, reinterpret_cast<void*>(stream));
+      },
+      py::arg("src"), py::arg("dst"), py::arg("batch"), py::arg("n"), py::arg("m"), py::arg("channels"),
+      py::arg("dtype"), py::arg("mutual"), py::arg("k"), py::arg("index"), py::arg("similarity"), py::arg("stream"),
+      "CUDA matching on contiguous device buffers (pointers); outputs [B, N, k] preallocated on the device. "
+      "Finiteness is checked by the caller (cleandift_rt.match).");
 }

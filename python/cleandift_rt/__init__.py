@@ -2,7 +2,9 @@
 
 from .build_info import build_info, format_build_info
 from .capture import unet_taps
+from .engine import Engine
 from .heads import ProjectionHeads
+from .matching import match
 from .taps import DEFAULT_TAP, TAP_TABLE, TAPS
 
-__all__ = ["TAPS", "TAP_TABLE", "DEFAULT_TAP", "unet_taps", "ProjectionHeads", "build_info", "format_build_info"]
+__all__ = ["Engine", "TAPS", "TAP_TABLE", "DEFAULT_TAP", "unet_taps", "ProjectionHeads", "build_info", "format_build_info", "match"]

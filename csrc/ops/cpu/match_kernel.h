@@ -1,0 +1,15 @@
+// The CPU matching kernel, compiled once per ISA (match_kernel{,_avx2,_avx512}.cpp); ops/match.cpp
+// picks one at run time.
+#pragma once
+#include "ops/match.h"
+
+namespace cleandift {
+
+void match_cpu_portable(const FeatureView& src, const FeatureView& dst, DType dtype,
+                        const MatchOptions& opt, const MatchOutput& out);
+void match_cpu_avx2(const FeatureView& src, const FeatureView& dst, DType dtype,
+                    const MatchOptions& opt, const MatchOutput& out);
+void match_cpu_avx512(const FeatureView& src, const FeatureView& dst, DType dtype,
+                      const MatchOptions& opt, const MatchOutput& out);
+
+}  // namespace cleandift

@@ -1,0 +1,302 @@
+// The CPU matching driver, templated on a register-tile micro-kernel `Micro` (MR x NR floats):
+//
+//   1. one pass over src and dst: inverse norms (+ NaN/Inf check);
+//   2. per batch: dst normalised once and packed into NR-column panels [panel][C][NR];
+//   3. OpenMP over (row block of MC source vectors, column chunk): the row block is normalised and
+//      packed into MR-row panels [panel][C][MR]; for every dst panel the MC x NR similarity block is
+//      accumulated over KC-deep channel slices (the B slice stays in L1, the A block in L2) and
+//      reduced while it is hot: row argmax / top-k and, for mutual NN, the column max.
+//   4. per-row results of the column chunks and per-thread column maxima are merged (ties: lowest
+//      index, match_common.h).
+//
+// Included by exactly one translation unit per ISA; everything is in an anonymous namespace so the
+// differently-compiled copies never meet at link time.
+#pragma once
+#include <omp.h>
+
+#include <algorithm>
+#include <atomic>
+#include <climits>
+#include <cstdlib>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "ops/match.h"
+
+namespace cleandift {
+namespace {
+
+using namespace match_detail;
+
+constexpr int64_t kChannelBlock = 256;  // KC: channels per slice (B slice KC x NR fp32 in L1)
+
+struct FreeDeleter {
+  void operator()(void* p) const { std::free(p); }
+};
+template <class T>
+using AlignedBuffer = std::unique_ptr<T[], FreeDeleter>;
+
+template <class T>
+AlignedBuffer<T> aligned_buffer(int64_t count) {
+  size_t bytes = (static_cast<size_t>(std::max<int64_t>(count, 1)) * sizeof(T) + 63) / 64 * 64;
+  void* p = std::aligned_alloc(64, bytes);
+  if (!p) throw std::bad_alloc();
+  return AlignedBuffer<T>(static_cast<T*>(p));
+}
+
+template <DType D>
+struct Element {
+  static float load(const void* base, int64_t offset) {
+    if constexpr (D == DType::kFloat32) return static_cast<const float*>(base)[offset];
+    if constexpr (D == DType::kFloat16) return fp16_bits_to_float(static_cast<const uint16_t*>(base)[offset]);
+    if constexpr (D == DType::kBFloat16) return bf16_bits_to_float(static_cast<const uint16_t*>(base)[offset]);
+  }
+};
+
+template <class F>
+void with_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat32: f(std::integral_constant<DType, DType::kFloat32>{}); break;
+    case DType::kFloat16: f(std::integral_constant<DType, DType::kFloat16>{}); break;
+    case DType::kBFloat16: f(std::integral_constant<DType, DType::kBFloat16>{}); break;
+  }
+}
+
+// Inverse L2 norms of every [b, row] vector (accumulated in double), into inv[b * rows + row].
+template <DType D>
+void inverse_norms(const FeatureView& v, bool check_finite, const char* name, float* inv) {
+  constexpr int64_t kRows = 16;  // rows per block: channel-strided layouts then read whole lines
+  const int64_t blocks = (v.rows + kRows - 1) / kRows;
+  std::atomic<int64_t> first_bad{INT64_MAX};  // flat (b, row, c) position of the first NaN / Inf
+#pragma omp parallel for schedule(static)
+  for (int64_t task = 0; task < v.batch * blocks; ++task) {
+    const int64_t b = task / blocks, r0 = (task % blocks) * kRows;
+    const int64_t nr = std::min(kRows, v.rows - r0);
+    const int64_t base = b * v.stride_batch + r0 * v.stride_row;
+    double acc[kRows] = {0};
+    bool bad = false;
+    for (int64_t c = 0; c < v.channels; ++c) {
+      for (int64_t r = 0; r < nr; ++r) {
+        const float x = Element<D>::load(v.data, base + r * v.stride_row + c * v.stride_channel);
+        acc[r] += static_cast<double>(x) * x;
+      }
+    }
+    for (int64_t r = 0; r < nr; ++r) {
+      inv[b * v.rows + r0 + r] = inverse_norm(acc[r]);
+      bad = bad || !std::isfinite(acc[r]);
+    }
+    if (check_finite && bad) {  // locate the element (rare path, plain scan)
+      for (int64_t r = 0; r < nr; ++r) {
+        for (int64_t c = 0; c < v.channels; ++c) {
+          const float x = Element<D>::load(v.data, base + r * v.stride_row + c * v.stride_channel);
+          if (!std::isfinite(x)) {
+            const int64_t flat = ((b * v.rows) + r0 + r) * v.channels + c;
+            int64_t cur = first_bad.load();
+            while (flat < cur && !first_bad.compare_exchange_weak(cur, flat)) {}
+            r = nr;
+            break;
+          }
+        }
+      }
+    }
+  }
+  const int64_t flat = first_bad.load();
+  if (check_finite && flat != INT64_MAX) {
+    const int64_t c = flat % v.channels, row = (flat / v.channels) % v.rows, b = flat / v.channels / v.rows;
+    throw std::domain_error(std::string(name) + " contains NaN or Inf (first at batch " + std::to_string(b) +
+                            ", vector " + std::to_string(row) + ", channel " + std::to_string(c) +
+                            "); clean the features or pass allow_nonfinite=True (NaN similarities never win)");
+  }
+}
+
+// Normalised, zero-padded panels of `width` vectors: out[p][c][w] = x[first + p*width + w, c] * inv.
+template <DType D, int Width>
+void pack_panel(const FeatureView& v, int64_t b, int64_t first, const float* inv, float* out) {
+  const int64_t valid = std::min<int64_t>(Width, v.rows - first);
+  const int64_t base = b * v.stride_batch + first * v.stride_row;
+  float scale[Width];
+  for (int w = 0; w < Width; ++w) scale[w] = w < valid ? inv[b * v.rows + first + w] : 0.f;
+  for (int64_t c = 0; c < v.channels; ++c) {
+    float* dst = out + c * Width;
+    for (int64_t w = 0; w < valid; ++w)
+      dst[w] = Element<D>::load(v.data, base + w * v.stride_row + c * v.stride_channel) * scale[w];
+    for (int64_t w = valid; w < Width; ++w) dst[w] = 0.f;
+  }
+}
+
+struct RowResult {
+  float value;
+  int64_t index;
+};
+
+template <class Micro>
+void run_match(const FeatureView& src, const FeatureView& dst, DType dtype, const MatchOptions& opt,
+               const MatchOutput& out) {
+  constexpr int MR = Micro::MR, NR = Micro::NR;
+  const int64_t B = src.batch, N = src.rows, M = dst.rows, C = src.channels;
+  const int k = opt.k;
+
+  std::vector<float> inv_src(B * N), inv_dst(B * M);
+  with_dtype(dtype, [&](auto d) {
+    inverse_norms<decltype(d)::value>(src, opt.check_finite, "src", inv_src.data());
+    inverse_norms<decltype(d)::value>(dst, opt.check_finite, "dst", inv_dst.data());
+  });
+
+  const int threads = omp_get_max_threads();
+  const int64_t panels = (M + NR - 1) / NR;
+  // Row block: up to 8 register tiles of rows; fewer when N is small.
+  const int64_t mc = std::min<int64_t>(8 * MR, (N + MR - 1) / MR * MR);
+  const int64_t row_blocks = (N + mc - 1) / mc;
+  // Split the columns too when there are too few row blocks to keep every thread busy.
+  const int64_t col_chunks = row_blocks >= 2 * threads ? 1
+      : std::min<int64_t>(panels, (2 * threads + row_blocks - 1) / row_blocks);
+  const int64_t panels_per_chunk = (panels + col_chunks - 1) / col_chunks;
+  const int64_t tasks = row_blocks * col_chunks;
+
+  auto packed_dst = aligned_buffer<float>(panels * C * NR);
+  std::vector<RowResult> chunk_rows(static_cast<size_t>(col_chunks) * N * k);
+  // Column maxima (mutual): one array per thread, merged after each batch.
+  std::vector<uint64_t> col_keys(opt.mutual ? static_cast<size_t>(threads) * M : 0);
+
+  for (int64_t b = 0; b < B; ++b) {
+    std::fill(col_keys.begin(), col_keys.end(), kNoKey);
+#pragma omp parallel num_threads(threads)
+    {
+      with_dtype(dtype, [&](auto d) {
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < panels; ++p)
+          pack_panel<decltype(d)::value, NR>(dst, b, p * NR, inv_dst.data(), packed_dst.get() + p * C * NR);
+      });
+      const int tid = omp_get_thread_num();
+      uint64_t* ckeys = opt.mutual ? col_keys.data() + static_cast<size_t>(tid) * M : nullptr;
+      auto packed_src = aligned_buffer<float>(mc * C);
+      auto tiles = aligned_buffer<float>(mc * NR);                     // the MC x NR block
+      auto lane_value = aligned_buffer<float>(k == 1 ? mc * NR : 0);   // k = 1: per-lane row best
+      auto lane_index = aligned_buffer<int32_t>(k == 1 ? mc * NR : 0);
+      std::vector<float> topk_value(k > 1 ? mc * k : 0);
+      std::vector<int64_t> topk_index(k > 1 ? mc * k : 0);
+
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t task = 0; task < tasks; ++task) {
+        const int64_t rb = task / col_chunks, chunk = task % col_chunks;
+        const int64_t i0 = rb * mc, rows = std::min(mc, N - i0);
+        const int64_t row_panels = (rows + MR - 1) / MR;
+        const int64_t p_begin = chunk * panels_per_chunk, p_end = std::min(panels, p_begin + panels_per_chunk);
+        with_dtype(dtype, [&](auto d) {
+          for (int64_t rp = 0; rp < row_panels; ++rp)
+            pack_panel<decltype(d)::value, MR>(src, b, i0 + rp * MR, inv_src.data(), packed_src.get() + rp * C * MR);
+        });
+        if (k == 1) {
+          std::fill(lane_value.get(), lane_value.get() + rows * NR, -INFINITY);
+          std::fill(lane_index.get(), lane_index.get() + rows * NR, INT32_MAX);
+        } else {
+          for (int64_t r = 0; r < rows; ++r) topk_init(&topk_value[r * k], &topk_index[r * k], k);
+        }
+
+        for (int64_t p = p_begin; p < p_end; ++p) {
+          const float* bpanel = packed_dst.get() + p * C * NR;
+          const int64_t j0 = p * NR;
+          const int valid_cols = static_cast<int>(std::min<int64_t>(NR, M - j0));
+          for (int64_t c0 = 0; c0 < C; c0 += kChannelBlock) {
+            const int64_t kc = std::min(kChannelBlock, C - c0);
+            for (int64_t rp = 0; rp < row_panels; ++rp)
+              Micro::run(packed_src.get() + rp * C * MR + c0 * MR, bpanel + c0 * NR, kc,
+                         tiles.get() + rp * MR * NR, c0 > 0);
+          }
+          // Epilogue on the hot block: padded columns can never win.
+          if (valid_cols < NR)
+            for (int64_t r = 0; r < rows; ++r)
+              std::fill(tiles.get() + r * NR + valid_cols, tiles.get() + (r + 1) * NR, -INFINITY);
+          if (k == 1) {
+            for (int64_t r = 0; r < rows; ++r) {
+              const float* t = tiles.get() + r * NR;
+              float* bv = lane_value.get() + r * NR;
+              int32_t* bi = lane_index.get() + r * NR;
+              for (int l = 0; l < NR; ++l) {  // columns only increase: strict > keeps the lowest index
+                const bool m = t[l] > bv[l];
+                bv[l] = m ? t[l] : bv[l];
+                bi[l] = m ? static_cast<int32_t>(j0 + l) : bi[l];
+              }
+            }
+          } else {
+            for (int64_t r = 0; r < rows; ++r) {
+              const float* t = tiles.get() + r * NR;
+              float* tv = &topk_value[r * k];
+              int64_t* ti = &topk_index[r * k];
+              for (int l = 0; l < valid_cols; ++l)
+                if (t[l] >= tv[k - 1]) topk_insert(tv, ti, k, t[l], j0 + l);
+            }
+          }
+          if (opt.mutual) {
+            float best_v[NR];
+            int32_t best_i[NR];
+            for (int l = 0; l < NR; ++l) {
+              best_v[l] = -INFINITY;
+              best_i[l] = INT32_MAX;
+            }
+            for (int64_t r = 0; r < rows; ++r) {  // rows increase: strict > keeps the lowest index
+              const float* t = tiles.get() + r * NR;
+              for (int l = 0; l < NR; ++l) {
+                const bool m = t[l] > best_v[l];
+                best_v[l] = m ? t[l] : best_v[l];
+                best_i[l] = m ? static_cast<int32_t>(i0 + r) : best_i[l];
+              }
+            }
+            for (int l = 0; l < valid_cols; ++l)
+              if (best_i[l] != INT32_MAX) ckeys[j0 + l] = std::max(ckeys[j0 + l], match_key(best_v[l], best_i[l]));
+          }
+        }
+
+        RowResult* res = chunk_rows.data() + (chunk * N + i0) * k;
+        for (int64_t r = 0; r < rows; ++r) {
+          if (k == 1) {
+            float v = -INFINITY;
+            int64_t idx = INT64_MAX;
+            for (int l = 0; l < NR; ++l) {
+              const int32_t li = lane_index[r * NR + l];
+              if (li != INT32_MAX && better(lane_value[r * NR + l], li, v, idx)) {
+                v = lane_value[r * NR + l];
+                idx = li;
+              }
+            }
+            res[r] = {v, idx};
+          } else {
+            for (int j = 0; j < k; ++j) res[r * k + j] = {topk_value[r * k + j], topk_index[r * k + j]};
+          }
+        }
+      }
+    }  // omp parallel
+
+    // Merge the column chunks of every row, then the per-thread column maxima.
+    int64_t* out_index = out.index + b * N * k;
+    float* out_sim = out.similarity + b * N * k;
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < N; ++i) {
+      std::vector<float> v(k);
+      std::vector<int64_t> idx(k);
+      topk_init(v.data(), idx.data(), k);
+      for (int64_t chunk = 0; chunk < col_chunks; ++chunk)
+        for (int j = 0; j < k; ++j) {
+          const RowResult& r = chunk_rows[(chunk * N + i) * k + j];
+          if (r.index != INT64_MAX) topk_insert(v.data(), idx.data(), k, r.value, r.index);
+        }
+      for (int j = 0; j < k; ++j) {
+        finalize_entry(v[j], idx[j]);
+        out_index[i * k + j] = idx[j];
+        out_sim[i * k + j] = v[j];
+      }
+    }
+    if (opt.mutual) {
+#pragma omp parallel for schedule(static)
+      for (int64_t j = 0; j < M; ++j)
+        for (int t = 1; t < threads; ++t) col_keys[j] = std::max(col_keys[j], col_keys[static_cast<size_t>(t) * M + j]);
+      for (int64_t i = 0; i < N; ++i) out_index[i] = mutual_index(i, out_index[i], col_keys.data());
+    }
+  }
+}
+
+}  // namespace
+}  // namespace cleandift

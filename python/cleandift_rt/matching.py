@@ -1,0 +1,213 @@
+"""Fused cosine-similarity matching: ``match(src, dst)`` -> nearest target vector per source vector.
+
+The native kernel (``csrc/ops/match*``) computes cosine similarities tile by tile and reduces each
+tile while it is hot (row argmax / top-k, and the column argmax for mutual nearest neighbours), so
+the N x M similarity matrix never exists: memory is O(B (N + M)) besides the inputs.
+
+Semantics (the same on every backend):
+
+* every vector is divided by ``max(||x||, 1e-12)`` (``torch.nn.functional.normalize``), so a zero
+  vector has similarity 0 with every target; a zero *source* vector therefore matches target 0;
+* ties: the lowest target index wins (for mutual NN, also the lowest source index);
+* NaN / Inf in the inputs raise ``ValueError`` naming the first bad element; with
+  ``allow_nonfinite=True`` they are matched anyway, NaN similarities never win, and a source vector
+  with no comparable similarity gets index -1 and similarity NaN;
+* ``mutual=True``: index -1 where the target's best source is another vector; the similarity stays
+  the forward best similarity (so it can still be thresholded).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .build_info import native
+
+_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+COORDS = ("index", "feature", "image")
+# Window soft-argmax refinement (kernel soft-argmax of the correspondence literature): a
+# (2 * radius + 1)^2 window around the argmax, softmax over similarity / temperature.
+DEFAULT_WINDOW = 5
+DEFAULT_TEMPERATURE = 0.02
+
+
+def _to_tensor(x, name: str) -> tuple[torch.Tensor, bool]:
+    if isinstance(x, np.ndarray):
+        if x.dtype not in (np.float32, np.float16):
+            raise TypeError(f"{name} has numpy dtype {x.dtype}; match takes float32 or float16 "
+                            "(convert with .astype(np.float32))")
+        if any(s < 0 for s in x.strides):
+            x = x.copy()
+        return torch.from_numpy(x), True
+    if isinstance(x, torch.Tensor):
+        if x.dtype not in _DTYPES:
+            raise TypeError(f"{name} has dtype {x.dtype}; match takes float32, float16 or bfloat16 "
+                            "(convert with .float())")
+        return x.detach(), False
+    raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
+
+
+def _as_rows(x: torch.Tensor, name: str) -> tuple[torch.Tensor, tuple[int, int] | None]:
+    """[B, N, C] as is; [B, C, h, w] as the (strided, uncopied) view [B, h*w, C] plus (h, w)."""
+    if x.ndim == 3:
+        return x, None
+    if x.ndim == 4:
+        b, c, h, w = x.shape
+        return x.flatten(2).transpose(1, 2), (h, w)
+    raise ValueError(f"{name} must be [B, N, C] or [B, C, h, w], got shape {tuple(x.shape)}")
+
+
+def _native_array(x: torch.Tensor) -> np.ndarray:
+    return (x.view(torch.int16) if x.dtype == torch.bfloat16 else x).numpy()
+
+
+def _match_rows(src: torch.Tensor, dst: torch.Tensor, mutual: bool, k: int, allow_nonfinite: bool):
+    """The kernel on [B, N, C] / [B, M, C] tensors of one device and dtype -> [B, N, k] tensors."""
+    dtype = _DTYPES[src.dtype]
+    if src.device.type == "cpu":
+        index, sim = native().match_cpu(_native_array(src), _native_array(dst), dtype, mutual, k,
+                                        not allow_nonfinite)
+        return torch.from_numpy(index), torch.from_numpy(sim)
+    if src.device.type != "cuda":
+        raise ValueError(f"match runs on CPU or CUDA tensors, got device {src.device}")
+    if not native().build_info()["cuda_compiled"]:
+        raise RuntimeError("match got CUDA tensors but this build of cleandift_rt has no CUDA kernels")
+    if not allow_nonfinite:
+        for name, x in (("src", src), ("dst", dst)):
+            if not torch.isfinite(x).all():
+                raise ValueError(f"{name} contains NaN or Inf; clean the features or pass allow_nonfinite=True")
+    src, dst = src.contiguous(), dst.contiguous()
+    b, n, c = src.shape
+    index = torch.empty(b, n, k, dtype=torch.int64, device=src.device)
+    sim = torch.empty(b, n, k, dtype=torch.float32, device=src.device)
+    with torch.cuda.device(src.device):
+        stream = torch.cuda.current_stream().cuda_stream
+        native().match_cuda(src.data_ptr(), dst.data_ptr(), b, n, dst.shape[1], c, dtype, mutual, k,
+                            index.data_ptr(), sim.data_ptr(), stream)
+    return index, sim
+
+
+def sample_points(features: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Bilinearly sample ``features [B, C, h, w]`` at ``points [B, P, 2]`` (x, y in feature pixels,
+    pixel centres at integers; clamped to the border) -> ``[B, P, C]``."""
+    if points.ndim != 3 or points.shape[-1] != 2 or points.shape[0] != features.shape[0]:
+        raise ValueError(f"points must be [B, P, 2] (x, y) with B = {features.shape[0]}, "
+                         f"got shape {tuple(points.shape)}")
+    h, w = features.shape[-2:]
+    scale = torch.tensor([max(w - 1, 1), max(h - 1, 1)], dtype=torch.float32, device=points.device)
+    grid = (points.float() / scale * 2 - 1).to(features.device)
+    grid = grid.to(torch.float32 if features.dtype == torch.float32 else features.dtype)
+    sampled = F.grid_sample(features, grid[:, :, None, :], mode="bilinear", padding_mode="border",
+                            align_corners=True)
+    return sampled[..., 0].transpose(1, 2)
+
+
+def _scale_xy(image_size: Sequence[int] | None, feature_size: tuple[int, int]) -> tuple[float, float]:
+    """(sx, sy): image pixel = (feature pixel + 0.5) * s - 0.5 (pixel centres align)."""
+    if image_size is None or len(image_size) != 2:
+        raise ValueError("coords='image' needs image_size=(H, W) of the images the features came from")
+    return image_size[1] / feature_size[1], image_size[0] / feature_size[0]
+
+
+def _soft_argmax(src_rows, dst, index, window, temperature):
+    """Window soft-argmax around each argmax: expected (x, y) under softmax(similarity / T)."""
+    b, c, h, w = dst.shape
+    radius = window // 2
+    offs = torch.arange(-radius, radius + 1, device=index.device)
+    x0, y0 = index % w, index // w                                   # [B, N]
+    xs = (x0[..., None, None] + offs[None, None, None, :]).expand(-1, -1, window, -1)
+    ys = (y0[..., None, None] + offs[None, None, :, None]).expand(-1, -1, -1, window)
+    inside = (xs >= 0) & (xs < w) & (ys >= 0) & (ys < h)
+    flat = (ys.clamp(0, h - 1) * w + xs.clamp(0, w - 1)).flatten(2)  # [B, N, window^2]
+    dst_n = F.normalize(dst.flatten(2).transpose(1, 2).float(), dim=-1)
+    src_n = F.normalize(src_rows.float(), dim=-1)
+    cand = torch.gather(dst_n, 1, flat.flatten(1)[..., None].expand(-1, -1, c)).view(b, -1, window * window, c)
+    sims = torch.einsum("bnc,bnwc->bnw", src_n, cand).masked_fill(~inside.flatten(2), float("-inf"))
+    weights = torch.softmax(sims / temperature, dim=-1)
+    x = (weights * xs.flatten(2).float()).sum(-1)
+    y = (weights * ys.flatten(2).float()).sum(-1)
+    return torch.stack([x, y], dim=-1)
+
+
+def match(src, dst, *, mutual: bool = False, k: int = 1, points=None, coords: str = "index",
+          image_size: Sequence[int] | None = None, refine: bool = False, window: int = DEFAULT_WINDOW,
+          temperature: float = DEFAULT_TEMPERATURE, allow_nonfinite: bool = False):
+    """Nearest target vector (cosine similarity) of every source vector, without an N x M matrix.
+
+    Args:
+        src: ``[B, N, C]`` or ``[B, C, h, w]`` (rows of the [B, C, h, w] form are y * w + x),
+            torch (CPU, or CUDA when built with CUDA) or numpy; float32, float16 or bfloat16.
+        dst: ``[B, M, C]`` or ``[B, C, h', w']``, same kind, dtype and device as ``src``.
+        mutual: keep only mutual nearest neighbours (index -1 elsewhere); both directions come
+            from the same pass over the similarity tiles. k = 1 only.
+        k: top-k per source vector, best first (ties: lower index first).
+        points: optional ``[B, P, 2]`` source positions (x, y) sampled bilinearly from a
+            ``[B, C, h, w]`` src (feature pixels; image pixels when ``coords="image"``).
+        coords: ``"index"`` (default) returns target indices; ``"feature"`` returns target
+            positions (x, y) in target feature pixels, ``"image"`` in pixels of ``image_size``
+            (needs a ``[B, C, h', w']`` dst). Positions of absent mutual matches are NaN.
+        refine: window soft-argmax around the argmax (``window`` x ``window``, ``temperature``);
+            needs coords ``"feature"`` or ``"image"`` and k = 1.
+        allow_nonfinite: match NaN / Inf inputs instead of raising (see module docstring).
+
+    Returns:
+        ``(index, similarity)``: index int64 ``[B, N]`` (``[B, N, k]`` for k > 1), or float32
+        positions ``[B, N, 2]`` / ``[B, N, k, 2]`` when ``coords`` is not ``"index"``; similarity
+        float32 ``[B, N]`` / ``[B, N, k]``. numpy in -> numpy out, torch in -> torch out (same device).
+    """
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    k = int(k)
+    if coords not in COORDS:
+        raise ValueError(f"coords must be one of {COORDS}, got {coords!r}")
+    if refine and (coords == "index" or k != 1):
+        raise ValueError("refine=True needs coords='feature' or 'image' and k = 1")
+    if refine and (window < 1 or window % 2 == 0 or temperature <= 0):
+        raise ValueError(f"refine needs an odd window >= 1 and temperature > 0, got {window}, {temperature}")
+    src_t, numpy_out = _to_tensor(src, "src")
+    dst_t, _ = _to_tensor(dst, "dst")
+    if src_t.device != dst_t.device:
+        raise ValueError(f"src is on {src_t.device} but dst is on {dst_t.device}; move both to one device")
+    if src_t.dtype != dst_t.dtype:
+        raise TypeError(f"src is {src_t.dtype} but dst is {dst_t.dtype}; convert one so both match")
+    src_rows, src_hw = _as_rows(src_t, "src")
+    dst_rows, dst_hw = _as_rows(dst_t, "dst")
+    if coords != "index" and dst_hw is None:
+        raise ValueError(f"coords={coords!r} needs dst as [B, C, h, w] to know the target grid")
+    if src_rows.shape[0] == 0:
+        raise ValueError("match: empty batch (B = 0); pass at least one feature map")
+
+    if points is not None:
+        if src_hw is None:
+            raise ValueError("points need src as [B, C, h, w] to sample from")
+        pts = torch.as_tensor(points, dtype=torch.float32)
+        if coords == "image":
+            sx, sy = _scale_xy(image_size, src_hw)
+            pts = torch.stack([(pts[..., 0] + 0.5) / sx - 0.5, (pts[..., 1] + 0.5) / sy - 0.5], dim=-1)
+        if not allow_nonfinite and not torch.isfinite(pts).all():
+            raise ValueError("points contain NaN or Inf")
+        src_rows = sample_points(src_t, pts)
+
+    index, sim = _match_rows(src_rows, dst_rows, mutual, k, allow_nonfinite)
+    if k == 1:
+        index, sim = index[..., 0], sim[..., 0]
+
+    result = index
+    if coords != "index":
+        h, w = dst_hw
+        if refine:
+            safe = index.clamp(min=0)
+            result = _soft_argmax(src_rows, dst_t, safe, window, temperature)
+        else:
+            result = torch.stack([(index % w).float(), (index // w).float()], dim=-1)
+        result = result.masked_fill((index < 0)[..., None], float("nan"))
+        if coords == "image":
+            sx, sy = _scale_xy(image_size, dst_hw)
+            scale = torch.tensor([sx, sy], device=result.device)
+            result = (result + 0.5) * scale - 0.5
+    if numpy_out:
+        return result.cpu().numpy(), sim.cpu().numpy()
+    return result, sim
