@@ -1,0 +1,189 @@
+"""ONNX export of the tiny student: graph contract, metadata, external data, parity with PyTorch."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from cleandift_rt.artifact import EMBEDS_INPUT, IMAGE_INPUT, describe, parse_batch, read_onnx_info, size_fields
+from cleandift_rt.engine import Engine
+from cleandift_rt.extractor import ReferenceExtractor
+from cleandift_rt.onnx_export import check_onnx, export_onnx
+from cleandift_rt.taps import TAPS
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = 128
+SUBSET = ("us3", "us6")
+
+
+@functools.lru_cache(maxsize=None)
+def _exports(base_dir: str, student_file: str, out_dir: str) -> dict[str, Path]:
+    """Two exports per session (shared with test_engine / test_trt_host through this cache):
+    all taps at a fixed 128 px through the CLI, and a two-tap dynamic-size one with external data."""
+    sys.path.insert(0, str(ROOT / "export"))
+    try:
+        import export_onnx as cli
+    finally:
+        sys.path.pop(0)
+    out = Path(out_dir)
+    full, subset = out / "tiny_all.onnx", out / "tiny_sub.onnx"
+    assert cli.main(["--student", student_file, "--base", base_dir, "--out", str(full), "--size", str(SIZE), str(SIZE),
+                     "--batch", "1:2:4"]) == 0
+    export_onnx(student_file, base_dir, subset, dynamic_size=(64, 192), taps=SUBSET, external_data=True,
+                log=lambda *_: None)
+    return {"full": full, "subset": subset}
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny_base_dir, tiny_student_files, tmp_path_factory):
+    return _exports(str(tiny_base_dir), str(tiny_student_files["unet"]), str(tmp_path_factory.mktemp("onnx")))
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_base, tiny_student):
+    return ReferenceExtractor(tiny_student, tiny_base, size=SIZE)
+
+
+@pytest.fixture(scope="session")
+def batch(photos):
+    return [np.asarray(photos[name]) for name in sorted(photos)]
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def test_graphs_pass_checker_and_shape_inference(tiny_onnx):
+    for path in tiny_onnx.values():
+        check_onnx(path)
+
+
+def test_graph_inputs_outputs_and_pruning(tiny_onnx):
+    full = onnx.load(str(tiny_onnx["full"]), load_external_data=False)
+    assert [o.name for o in full.graph.output] == list(TAPS)
+    assert [i.name for i in full.graph.input] == [IMAGE_INPUT, EMBEDS_INPUT]
+    assert EMBEDS_INPUT in {t.name for t in full.graph.initializer}  # the baked default
+    names = " ".join(n.name for n in full.graph.node)
+    assert "/unet/up_blocks.2/" in names and "/encoder/down_blocks.0/" in names
+    for dead in ("/unet/conv_out", "/unet/conv_norm_out", "up_blocks.3/attentions.1", "/decoder/", "post_quant_conv"):
+        assert dead not in names, f"{dead} should have been pruned"
+    sub = onnx.load(str(tiny_onnx["subset"]), load_external_data=False)
+    sub_names = " ".join(n.name for n in sub.graph.node)
+    assert [o.name for o in sub.graph.output] == list(SUBSET)
+    assert "/unet/up_blocks.1/" in sub_names and "/unet/up_blocks.2/" not in sub_names  # ends at us6
+    used = {i for n in sub.graph.node for i in n.input}
+    assert all(t.name in used for t in sub.graph.initializer), "unused weights left in the graph"
+
+
+def test_external_data_is_one_file_beside_the_model(tiny_onnx):
+    path = tiny_onnx["subset"]
+    model = onnx.load(str(path), load_external_data=False)
+    locations = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
+    assert locations == {path.name + ".data"}
+    assert (path.parent / (path.name + ".data")).is_file()
+    assert not (tiny_onnx["full"].parent / (tiny_onnx["full"].name + ".data")).exists()  # small: inline
+
+
+def test_metadata_round_trip(tiny_onnx, tiny_base, tiny_student_files):
+    info = read_onnx_info(tiny_onnx["full"])
+    assert info.tap_names == TAPS
+    assert [t["channels"] for t in info.taps] == [64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 32]
+    assert [t["stride"] for t in info.taps] == [64, 64, 64, 32, 32, 32, 16, 16, 16, 8, 8]
+    assert (info.height, info.width, info.size_range) == (SIZE, SIZE, None)
+    assert info.batch == {"min": 1, "opt": 2, "max": 4}
+    assert info.timestep == 261.0 and info.prompt == "" and info.resize == "stretch"
+    assert info.student == Path(tiny_student_files["unet"]).name and info.variant == "tiny"
+    assert info.input["range"] == [-1.0, 1.0] and info.input["dtype"] == "float32"
+    d = describe(tiny_onnx["subset"])
+    assert d["kind"] == "onnx" and d["size_range"] == [64, 192] and [t["name"] for t in d["taps"]] == list(SUBSET)
+    assert d["external_data"] == [tiny_onnx["subset"].name + ".data"]
+    props = {p.key: p.value for p in onnx.load(str(tiny_onnx["full"]), load_external_data=False).metadata_props}
+    assert json.loads(props["cleandift_rt.timestep"]) == 261.0
+    assert json.loads(props["cleandift_rt.package_version"])
+
+
+def test_onnxruntime_matches_pytorch_reference(tiny_onnx, reference, batch):
+    engine = Engine(tiny_onnx["full"], device="cpu")
+    assert engine.info["providers"] == ["CPUExecutionProvider"]
+    ours = engine.extract(batch)
+    ref = reference.extract(batch)
+    report = []
+    for tap in TAPS:
+        want = ref[tap].numpy()
+        assert ours[tap].shape == want.shape
+        cos = _cosine(ours[tap], want).min()
+        rel = float(np.abs(ours[tap] - want).max() / np.abs(want).max())
+        report.append(f"{tap}: cos {cos:.7f} max rel {rel:.1e}")
+        assert cos >= 0.99999, report[-1]
+        assert rel < 1e-3, report[-1]
+    print("ONNX Runtime vs PyTorch:", "; ".join(report))
+
+
+def test_subset_export_equals_full_export(tiny_onnx, batch):
+    full = Engine(tiny_onnx["full"]).extract(batch, taps=SUBSET)
+    sub = Engine(tiny_onnx["subset"], size=(SIZE, SIZE)).extract(batch)
+    for tap in SUBSET:
+        np.testing.assert_allclose(sub[tap], full[tap], rtol=1e-4, atol=1e-5)
+
+
+def test_dynamic_size_export(tiny_onnx, tiny_base, tiny_student, photos):
+    engine = Engine(tiny_onnx["subset"], size=(192, 64))
+    feats = engine.extract([photos["cat"]])
+    assert feats["us3"].shape == (1, 64, 6, 2) and feats["us6"].shape == (1, 64, 12, 4)
+    ref = ReferenceExtractor(tiny_student, tiny_base, size=(192, 64)).extract([photos["cat"]], taps=SUBSET)
+    for tap in SUBSET:
+        assert _cosine(feats[tap], ref[tap].numpy()).min() >= 0.99999
+    with pytest.raises(ValueError, match="outside this engine's dynamic range"):
+        Engine(tiny_onnx["subset"], size=(256, 256))
+
+
+def test_prompt_embeds_input_overrides_the_baked_prompt(tiny_onnx, tiny_base, reference, batch):
+    engine = Engine(tiny_onnx["full"])
+    baked = onnx.numpy_helper.to_array(next(t for t in onnx.load(str(tiny_onnx["full"])).graph.initializer
+                                            if t.name == EMBEDS_INPUT))
+    np.testing.assert_allclose(baked, tiny_base.encode_prompt("").numpy(), atol=1e-6)
+    embeds = tiny_base.encode_prompt("a photo of a cat")[0]
+    ours = engine.extract(batch, taps="us6", prompt_embeds=embeds)
+    ref = reference.extract(batch, taps="us6", prompt_embeds=embeds)
+    assert _cosine(ours["us6"], ref["us6"].numpy()).min() >= 0.99999
+    default = engine.extract(batch, taps="us6")
+    assert np.abs(default["us6"] - ours["us6"]).max() > 1e-4  # the embedding really is used
+
+
+def test_export_rejects_bad_arguments(tiny_base_dir, tiny_student_files, tmp_path):
+    student = tiny_student_files["unet"]
+    with pytest.raises(ValueError, match="multiples of 64"):
+        export_onnx(student, tiny_base_dir, tmp_path / "x.onnx", size=(100, 128))
+    with pytest.raises(ValueError, match="unknown tap"):
+        export_onnx(student, tiny_base_dir, tmp_path / "x.onnx", size=(128, 128), taps=["us11"])
+    with pytest.raises(ValueError, match="MIN:OPT:MAX"):
+        export_onnx(student, tiny_base_dir, tmp_path / "x.onnx", size=(128, 128), batch="8:4:1")
+    with pytest.raises(ValueError, match=r"must end in \.onnx"):
+        export_onnx(student, tiny_base_dir, tmp_path / "x.plan", size=(128, 128))
+    with pytest.raises(ValueError, match="exactly one"):
+        size_fields((128, 128), (64, 128), 128)
+    with pytest.raises(ValueError, match="below 64"):
+        parse_batch("1:4:64")
+    assert parse_batch("2") == {"min": 2, "opt": 2, "max": 2}
+    assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_cli_reports_errors_in_one_line(tiny_base_dir, tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "export"))
+    try:
+        import export_onnx as cli
+    finally:
+        sys.path.pop(0)
+    rc = cli.main(["--student", str(tmp_path / "missing.safetensors"), "--base", str(tiny_base_dir),
+                   "--out", str(tmp_path / "x.onnx"), "--size", "128", "128"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("export_onnx: ") and "missing.safetensors" in err
