@@ -9,6 +9,7 @@
 #include "common/cpu_features.h"
 #include "common/cuda_info.h"
 #include "ops/match.h"
+#include "ops/project_head.h"
 
 namespace py = pybind11;
 using namespace cleandift;
@@ -122,4 +123,60 @@ PYBIND11_MODULE(_native, m) {
       py::arg("dtype"), py::arg("mutual"), py::arg("k"), py::arg("index"), py::arg("similarity"), py::arg("stream"),
       "CUDA matching on contiguous device buffers (pointers); outputs [B, N, k] preallocated on the device. "
       "Finiteness is checked by the caller (cleandift_rt.match).");
+
+  py::class_<PackedHead, std::shared_ptr<PackedHead>>(
+      m, "PackedHead", "Projection-head weights packed once for the CPU micro-kernel (see pack_head).")
+      .def_readonly("dim", &PackedHead::dim)
+      .def_readonly("kernel", &PackedHead::kernel)
+      .def("__repr__", [](const PackedHead& h) {
+        return "<PackedHead D=" + std::to_string(h.dim) + " kernel=" + h.kernel + ">";
+      });
+
+  m.def(
+      "pack_head",
+      [](py::array_t<float, py::array::c_style | py::array::forcecast> up,
+         py::array_t<float, py::array::c_style | py::array::forcecast> down) {
+        if (down.ndim() != 3 || down.shape(0) != kHeadLayers || down.shape(1) != down.shape(2))
+          throw std::invalid_argument("pack_head: down must be [3, D, D]");
+        const int64_t dim = down.shape(1);
+        if (up.ndim() != 3 || up.shape(0) != kHeadLayers || up.shape(1) != 2 * dim || up.shape(2) != dim)
+          throw std::invalid_argument("pack_head: up must be [3, 2D, D] with D = " + std::to_string(dim));
+        py::gil_scoped_release release;
+        return pack_head(up.data(), down.data(), dim);
+      },
+      py::arg("up"), py::arg("down"),
+      "Pack the up [3, 2D, D] and down [3, D, D] weights of one head (float32) for project_cpu.");
+
+  m.def(
+      "project_cpu",
+      [](const PackedHead& head, const py::array& x, py::array& out, const std::string& dtype,
+         py::array_t<float, py::array::c_style | py::array::forcecast> scales) {
+        const DType dt = parse_dtype(dtype, x.itemsize());
+        parse_dtype(dtype, out.itemsize());
+        const FeatureView xv = feature_view(x, "features"), ov = feature_view(out, "out");
+        if (scales.ndim() != 3 || scales.shape(0) != kHeadLayers || scales.shape(1) != xv.batch ||
+            scales.shape(2) != head.dim)
+          throw std::invalid_argument("project: scales must be [3, B, D]");
+        void* out_data = out.mutable_data();
+        py::gil_scoped_release release;
+        project_head_cpu(head, xv, dt, scales.data(), ov, out_data);
+      },
+      py::arg("head"), py::arg("features"), py::arg("out"), py::arg("dtype"), py::arg("scales"),
+      "Fused head on strided [B, P, D] features into `out` (same shape, any strides); scales [3, B, D] = "
+      "1 + AdaRMS linear(cond). Use cleandift_rt.project.");
+
+  m.def(
+      "project_cuda",
+      [](uintptr_t x, uintptr_t out, int64_t batch, int64_t pixels, int64_t dim, const std::string& dtype,
+         uintptr_t up, uintptr_t down, uintptr_t scales, uintptr_t stream) {
+        const DType dt = parse_dtype(dtype, dtype == "float32" ? 4 : 2);
+        if (batch <= 0 || pixels <= 0 || dim <= 0) throw std::invalid_argument("project: empty input");
+        py::gil_scoped_release release;
+        project_head_cuda(reinterpret_cast<const void*>(x), reinterpret_cast<void*>(out), batch, pixels, dim, dt,
+                          reinterpret_cast<const float*>(up), reinterpret_cast<const float*>(down),
+                          reinterpret_cast<const float*>(scales), reinterpret_cast<void*>(stream));
+      },
+      py::arg("features"), py::arg("out"), py::arg("batch"), py::arg("pixels"), py::arg("dim"), py::arg("dtype"),
+      py::arg("up"), py::arg("down"), py::arg("scales"), py::arg("stream"),
+      "Fused head on contiguous [B, P, D] device buffers; float32 device weights and scales.");
 }

@@ -103,6 +103,33 @@ static CLEANDIFT_HD float fp16_bits_to_float(uint16_t h) {
   return bits_to_float(u);
 }
 
+static CLEANDIFT_HD uint16_t float_to_bf16_bits(float f) {  // round to nearest even
+  const uint32_t u = float_to_bits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);  // quiet NaN
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+static CLEANDIFT_HD uint16_t float_to_fp16_bits(float f) {  // round to nearest even
+  uint32_t x = float_to_bits(f);
+  const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
+  x &= 0x7fffffffu;
+  if (x >= 0x7f800000u) return sign | 0x7c00u | (x > 0x7f800000u ? 0x200u : 0u);  // Inf, NaN
+  if (x >= 0x477ff000u) return sign | 0x7c00u;                                    // rounds past 65504
+  if (x < 0x38800000u) {                                                           // half subnormal / 0
+    if (x < 0x33000000u) return sign;                                              // <= 2^-25: to 0
+    const uint32_t e = x >> 23, m = (x & 0x7fffffu) | 0x800000u, shift = 126u - e;
+    uint32_t h = m >> shift;
+    const uint32_t rem = m & ((1u << shift) - 1u), half = 1u << (shift - 1u);
+    if (rem > half || (rem == half && (h & 1u))) ++h;
+    return sign | static_cast<uint16_t>(h);
+  }
+  const uint32_t u = x - 0x38000000u;
+  uint32_t h = u >> 13;
+  const uint32_t rem = u & 0x1fffu;
+  if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) ++h;
+  return sign | static_cast<uint16_t>(h);
+}
+
 static CLEANDIFT_HD float load_as_float(const void* base, int64_t offset, DType dtype) {
   switch (dtype) {
     case DType::kFloat16: return fp16_bits_to_float(static_cast<const uint16_t*>(base)[offset]);

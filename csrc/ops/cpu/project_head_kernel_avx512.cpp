@@ -1,0 +1,17 @@
+// Projection-head kernel with the avx512 micro-kernel.
+#include "ops/cpu/micro_kernels.h"
+#include "ops/cpu/project_head_kernel.h"
+#include "ops/cpu/project_head_kernel_impl.h"
+
+namespace cleandift {
+
+std::shared_ptr<PackedHead> pack_head_avx512(const float* up, const float* down, int64_t dim) {
+  return pack_head_for<Avx512Micro>(up, down, dim);
+}
+
+void project_head_avx512(const PackedHead& head, const FeatureView& x, DType dtype, const float* scales,
+                       const FeatureView& out, void* out_data) {
+  project_head_for<Avx512Micro>(head, x, dtype, scales, out, out_data);
+}
+
+}  // namespace cleandift

@@ -1,0 +1,164 @@
+// The CPU projection-head driver, templated on a register-tile micro-kernel (micro_kernels.h).
+// OpenMP over (batch, tiles of TP pixels); per tile, for each of the three layers:
+//   RMS statistics -> normalised, AdaRMS-scaled rows packed as A panels;
+//   up-projection value and gate panels side by side, SwiGLU in the epilogue, written straight into
+//   the A-panel layout of the down-projection; down-projection with the residual add in the epilogue.
+// The tile's residual stream stays in fp32 between layers. Included once per ISA.
+#pragma once
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <memory>
+#include <new>
+
+#include "ops/match_common.h"
+#include "ops/project_head.h"
+
+namespace cleandift {
+namespace {
+
+using namespace match_detail;
+
+std::shared_ptr<float> aligned_floats(int64_t count) {
+  const size_t bytes = (static_cast<size_t>(std::max<int64_t>(count, 1)) * sizeof(float) + 63) / 64 * 64;
+  void* p = std::aligned_alloc(64, bytes);
+  if (!p) throw std::bad_alloc();
+  std::fill(static_cast<float*>(p), static_cast<float*>(p) + bytes / sizeof(float), 0.f);
+  return std::shared_ptr<float>(static_cast<float*>(p), std::free);
+}
+
+template <class Micro>
+std::shared_ptr<PackedHead> pack_head_for(const float* up, const float* down, int64_t dim) {
+  constexpr int NR = Micro::NR;
+  auto head = std::make_shared<PackedHead>();
+  head->dim = dim;
+  head->nr = NR;
+  head->kernel = Micro::name;
+  const int64_t panels = (dim + NR - 1) / NR, dp = panels * NR;
+  head->dim_padded = dp;
+  for (int layer = 0; layer < kHeadLayers; ++layer) {
+    const float* w_up = up + static_cast<int64_t>(layer) * 2 * dim * dim;
+    const float* w_down = down + static_cast<int64_t>(layer) * dim * dim;
+    auto pu = aligned_floats(2 * panels * dim * NR), pd = aligned_floats(panels * dp * NR);
+#pragma omp parallel for schedule(static)
+    for (int64_t q = 0; q < panels; ++q) {
+      float* value = pu.get() + (2 * q) * dim * NR;
+      float* gate = value + dim * NR;
+      float* dn = pd.get() + q * dp * NR;
+      for (int n = 0; n < NR && q * NR + n < dim; ++n) {
+        const int64_t o = q * NR + n;
+        for (int64_t k = 0; k < dim; ++k) {
+          value[k * NR + n] = w_up[o * dim + k];
+          gate[k * NR + n] = w_up[(dim + o) * dim + k];
+          dn[k * NR + n] = w_down[o * dim + k];
+        }
+      }
+    }
+    head->up.push_back(pu);
+    head->down.push_back(pd);
+  }
+  return head;
+}
+
+template <DType D>
+float load_elem(const void* base, int64_t offset) {
+  if constexpr (D == DType::kFloat32) return static_cast<const float*>(base)[offset];
+  if constexpr (D == DType::kFloat16) return fp16_bits_to_float(static_cast<const uint16_t*>(base)[offset]);
+  if constexpr (D == DType::kBFloat16) return bf16_bits_to_float(static_cast<const uint16_t*>(base)[offset]);
+}
+
+template <DType D>
+void store_elem(void* base, int64_t offset, float v) {
+  if constexpr (D == DType::kFloat32) static_cast<float*>(base)[offset] = v;
+  if constexpr (D == DType::kFloat16) static_cast<uint16_t*>(base)[offset] = float_to_fp16_bits(v);
+  if constexpr (D == DType::kBFloat16) static_cast<uint16_t*>(base)[offset] = float_to_bf16_bits(v);
+}
+
+template <class Micro, DType DT>
+void project_head_typed(const PackedHead& head, const FeatureView& x, const float* scales, const FeatureView& out,
+                        void* out_data) {
+  constexpr int MR = Micro::MR, NR = Micro::NR;
+  constexpr int64_t kTilePanels = 4;  // TP = 4 * MR pixels: A, H and the residual tile stay in L2
+  constexpr int64_t TP = kTilePanels * MR;
+  const int64_t B = x.batch, P = x.rows, D = head.dim, Dp = head.dim_padded;
+  const int64_t panels = Dp / NR;
+  const int64_t tiles = (P + TP - 1) / TP;
+
+#pragma omp parallel
+  {
+    auto xs = aligned_floats(TP * D);       // residual stream of the tile, fp32
+    auto ap = aligned_floats(TP * D);       // A panels of the up-projection [rp][D][MR]
+    auto hp = aligned_floats(TP * Dp);      // A panels of the down-projection [rp][Dp][MR]
+    auto tv = aligned_floats(kTilePanels * MR * NR), tg = aligned_floats(kTilePanels * MR * NR);
+    float rinv[TP];
+
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < B * tiles; ++task) {
+      const int64_t b = task / tiles, p0 = (task % tiles) * TP;
+      const int64_t rows = std::min(TP, P - p0), row_panels = (rows + MR - 1) / MR;
+      for (int64_t r = 0; r < TP; ++r)
+        for (int64_t d = 0; d < D; ++d)
+          xs.get()[r * D + d] = r < rows ? load_elem<DT>(x.data, b * x.stride_batch + (p0 + r) * x.stride_row +
+                                                                     d * x.stride_channel)
+                                         : 0.f;
+      for (int layer = 0; layer < kHeadLayers; ++layer) {
+        const float* scale = scales + (static_cast<int64_t>(layer) * B + b) * D;
+        for (int64_t r = 0; r < row_panels * MR; ++r) {
+          const float* row = xs.get() + r * D;
+          float acc = 0.f;
+          for (int64_t d = 0; d < D; ++d) acc += row[d] * row[d];
+          rinv[r] = 1.f / std::sqrt(acc / static_cast<float>(D) + kHeadEps);
+        }
+        for (int64_t rp = 0; rp < row_panels; ++rp) {
+          float* a = ap.get() + rp * D * MR;
+          for (int64_t d = 0; d < D; ++d)
+            for (int r = 0; r < MR; ++r) a[d * MR + r] = xs.get()[(rp * MR + r) * D + d] * (scale[d] * rinv[rp * MR + r]);
+        }
+        const float* up = head.up[layer].get();
+        for (int64_t q = 0; q < panels; ++q) {
+          for (int64_t rp = 0; rp < row_panels; ++rp) {
+            Micro::run(ap.get() + rp * D * MR, up + 2 * q * D * NR, D, tv.get() + rp * MR * NR, false);
+            Micro::run(ap.get() + rp * D * MR, up + (2 * q + 1) * D * NR, D, tg.get() + rp * MR * NR, false);
+            float* h = hp.get() + rp * Dp * MR + q * NR * MR;  // depth q*NR.. of the down GEMM's A panel
+            const float* v = tv.get() + rp * MR * NR;
+            const float* g = tg.get() + rp * MR * NR;
+            for (int r = 0; r < MR; ++r)
+              for (int n = 0; n < NR; ++n) {
+                const float gv = g[r * NR + n];
+                h[n * MR + r] = v[r * NR + n] * (gv / (1.f + std::exp(-gv)));
+              }
+          }
+        }
+        const float* down = head.down[layer].get();
+        for (int64_t q = 0; q < panels; ++q) {
+          const int64_t valid = std::min<int64_t>(NR, D - q * NR);
+          for (int64_t rp = 0; rp < row_panels; ++rp) {
+            float* t = tv.get() + rp * MR * NR;
+            Micro::run(hp.get() + rp * Dp * MR, down + q * Dp * NR, Dp, t, false);
+            for (int r = 0; r < MR; ++r)
+              for (int64_t n = 0; n < valid; ++n) xs.get()[(rp * MR + r) * D + q * NR + n] += t[r * NR + n];
+          }
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t d = 0; d < D; ++d)
+          store_elem<DT>(out_data, b * out.stride_batch + (p0 + r) * out.stride_row + d * out.stride_channel,
+                         xs.get()[r * D + d]);
+    }
+  }
+}
+
+template <class Micro>
+void project_head_for(const PackedHead& head, const FeatureView& x, DType dtype, const float* scales,
+                      const FeatureView& out, void* out_data) {
+  switch (dtype) {
+    case DType::kFloat32: project_head_typed<Micro, DType::kFloat32>(head, x, scales, out, out_data); break;
+    case DType::kFloat16: project_head_typed<Micro, DType::kFloat16>(head, x, scales, out, out_data); break;
+    case DType::kBFloat16: project_head_typed<Micro, DType::kBFloat16>(head, x, scales, out, out_data); break;
+  }
+}
+
+}  // namespace
+}  // namespace cleandift

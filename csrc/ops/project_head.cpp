@@ -1,0 +1,46 @@
+// Argument checks and run-time dispatch of the fused projection head.
+#include "ops/project_head.h"
+
+#include <stdexcept>
+#include <string>
+
+#include "common/cpu_features.h"
+#include "ops/cpu/project_head_kernel.h"
+
+namespace cleandift {
+
+std::shared_ptr<PackedHead> pack_head(const float* up, const float* down, int64_t dim) {
+  if (dim <= 0) throw std::invalid_argument("project: head width must be > 0");
+  const CpuFeatures& f = cpu_features();
+  if (f.avx512) return pack_head_avx512(up, down, dim);
+  if (f.avx2) return pack_head_avx2(up, down, dim);
+  return pack_head_portable(up, down, dim);
+}
+
+void project_head_cpu(const PackedHead& head, const FeatureView& x, DType dtype, const float* scales,
+                      const FeatureView& out, void* out_data) {
+  if (x.batch <= 0 || x.rows <= 0)
+    throw std::invalid_argument("project: empty input (B = " + std::to_string(x.batch) + ", pixels = " +
+                                std::to_string(x.rows) + ")");
+  if (x.channels != head.dim)
+    throw std::invalid_argument("project: features have " + std::to_string(x.channels) + " channels, the head " +
+                                std::to_string(head.dim));
+  if (out.batch != x.batch || out.rows != x.rows || out.channels != x.channels)
+    throw std::invalid_argument("project: output shape differs from the input shape");
+  if (head.kernel == "avx512") {
+    project_head_avx512(head, x, dtype, scales, out, out_data);
+  } else if (head.kernel == "avx2") {
+    project_head_avx2(head, x, dtype, scales, out, out_data);
+  } else {
+    project_head_portable(head, x, dtype, scales, out, out_data);
+  }
+}
+
+#ifndef CLEANDIFT_WITH_CUDA
+void project_head_cuda(const void*, void*, int64_t, int64_t, int64_t, DType, const float*, const float*,
+                       const float*, void*) {
+  throw std::runtime_error("project: this build of cleandift_rt has no CUDA kernels (rebuild with nvcc on PATH)");
+}
+#endif
+
+}  // namespace cleandift

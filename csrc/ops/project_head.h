@@ -1,0 +1,40 @@
+// Fused projection head of SPEC section 4 (3 x [AdaRMSNorm -> up -> SwiGLU -> down -> residual]):
+// every tile of pixels runs all three layers while it stays in cache; weights are packed once per
+// head into the micro-kernel's panel layout, the AdaRMS scales 1 + linear(cond(t)) come in per call.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "ops/match.h"  // FeatureView, DType
+
+namespace cleandift {
+
+constexpr int kHeadLayers = 3;
+constexpr float kHeadEps = 1e-6f;
+
+// Weights packed for one CPU micro-kernel (its NR); built by pack_head, read-only afterwards.
+struct PackedHead {
+  int64_t dim = 0;          // D
+  int64_t dim_padded = 0;   // D rounded up to NR
+  int nr = 0;
+  std::string kernel;       // "avx512", "avx2", "portable"
+  // Per layer: up as 2 * D/NR panels (value, gate interleaved) [panel][D][NR]; down [panel][Dp][NR].
+  std::vector<std::shared_ptr<float>> up, down;
+};
+
+// up: [3, 2D, D], down: [3, D, D], float32 C-contiguous (rows = outputs, like nn.Linear.weight).
+std::shared_ptr<PackedHead> pack_head(const float* up, const float* down, int64_t dim);
+
+// x, out: strided [B, P, D] views (out data written through `out_data`, out's strides);
+// scales: [3, B, D] float32 = 1 + AdaRMS linear(cond) per layer and batch element.
+void project_head_cpu(const PackedHead& head, const FeatureView& x, DType dtype, const float* scales,
+                      const FeatureView& out, void* out_data);
+
+// CUDA: contiguous device buffers x, out [B, P, D] of dtype; unpacked weights up [3, 2D, D], down
+// [3, D, D] and scales [3, B, D] in float32 on the device.
+void project_head_cuda(const void* x, void* out, int64_t batch, int64_t pixels, int64_t dim, DType dtype,
+                       const float* up, const float* down, const float* scales, void* stream);
+
+}  // namespace cleandift

@@ -1,0 +1,166 @@
+"""cleandift_rt.project (fused native head) against the PyTorch head heads(tap, features, t)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import cleandift_rt
+from cleandift_rt import project
+from cleandift_rt.heads import ProjectionHeads
+
+
+def make_heads(channels: dict[str, int], seed: int = 0, scale: float = 0.05) -> ProjectionHeads:
+    """Heads with every parameter perturbed (the zero-init ones too), so every term matters."""
+    torch.manual_seed(seed)
+    heads = ProjectionHeads(channels)
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    return heads.eval()
+
+
+def rel_close(out: torch.Tensor, ref: torch.Tensor, tol: float):
+    err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+    assert err < tol, f"relative error {err:.2e} >= {tol:.0e}"
+
+
+@pytest.mark.parametrize("tap,dim,shape,t", [
+    ("us6", 40, (1, 3, 5), 261),
+    ("us3", 72, (2, 4, 4), torch.tensor([10.0, 900.0])),
+    ("us9", 33, (3, 1, 1), 0),
+    ("mid", 130, (1, 7, 9), 999.0),
+])
+def test_fp32_parity(tap, dim, shape, t):
+    heads = make_heads({tap: dim})
+    b, h, w = shape
+    x = torch.randn(b, dim, h, w)
+    with torch.no_grad():
+        ref = heads(tap, x, t)
+    out = project(x, t, heads, tap)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    rel_close(out, ref, 1e-5)
+
+
+def test_fp32_parity_release_width():
+    """D = 320 (us9 of SD 2.1) on a 16 x 12 map, batch 2."""
+    heads = make_heads({"us9": 320}, seed=1)
+    x = torch.randn(2, 320, 16, 12) * 3
+    with torch.no_grad():
+        ref = heads("us9", x, 261)
+    rel_close(project(x, 261, heads, "us9"), ref, 1e-5)
+
+
+def test_cond_tensor_and_per_sample_t():
+    heads = make_heads({"us6": 48})
+    x = torch.randn(2, 48, 5, 6)
+    t = torch.tensor([100.0, 500.0])
+    with torch.no_grad():
+        ref = heads("us6", x, t)
+        cond = heads.cond(t)
+    rel_close(project(x, cond, heads, "us6"), ref, 1e-5)
+    rel_close(project(x, t, heads, "us6"), ref, 1e-5)
+    # the cached scales of one t are not reused for another
+    with torch.no_grad():
+        ref2 = heads("us6", x, 7)
+    rel_close(project(x, 7, heads, "us6"), ref2, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_parity(dtype):
+    """Half-precision features with fp32 heads: the PyTorch head under autocast (every op rounded to
+    dtype) within 1e-2, and the fp32 head on the same (upcast) values within 1e-5."""
+    heads = make_heads({"us6": 64}, seed=2)
+    x = torch.randn(2, 64, 6, 7).to(dtype)
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+        ref = heads("us6", x, 261)
+    with torch.no_grad():
+        ref32 = heads("us6", x.float(), 261)
+    out = project(x, 261, heads, "us6")
+    assert out.dtype == dtype
+    rel_close(out, ref, 1e-2)
+    rel_close(out, ref32, 1e-2 if dtype == torch.bfloat16 else 1e-3)  # only the output rounding differs
+
+
+def test_half_output_is_rounded_to_nearest_even():
+    heads = make_heads({"us6": 40}, seed=3)
+    x = torch.randn(1, 40, 5, 5).half()
+    fp32 = project(x.float(), 261, heads, "us6")
+    assert torch.equal(project(x, 261, heads, "us6"), fp32.half())
+    xb = x.float().bfloat16()
+    assert torch.equal(project(xb, 261, heads, "us6"), project(xb.float(), 261, heads, "us6").bfloat16())
+
+
+def test_identity_at_init_and_layouts():
+    heads = ProjectionHeads({"us6": 40})           # zero-init down_proj: the exact identity
+    x = torch.randn(2, 40, 4, 6)
+    assert torch.equal(project(x, 261, heads, "us6"), x)
+    trained = make_heads({"us6": 40})
+    ref = project(x, 261, trained, "us6")
+    for layout in (x.to(memory_format=torch.channels_last), x.transpose(2, 3).contiguous().transpose(2, 3)):
+        out = project(layout, 261, trained, "us6")
+        assert torch.equal(out, ref)
+
+
+def test_weights_repacked_after_change():
+    heads = make_heads({"us6": 40})
+    x = torch.randn(1, 40, 3, 3)
+    before = project(x, 261, heads, "us6")
+    with torch.no_grad():
+        heads.adapters["us6"].layers[1].down_proj.weight.mul_(2)
+        ref = heads("us6", x, 261)
+    after = project(x, 261, heads, "us6")
+    assert not torch.equal(after, before)
+    rel_close(after, ref, 1e-5)
+
+
+def test_bad_inputs_rejected_clearly():
+    heads = make_heads({"us6": 40})
+    x = torch.randn(1, 40, 3, 3)
+    with pytest.raises(ValueError, match="no projection head for tap 'us3'"):
+        project(x, 261, heads, "us3")
+    with pytest.raises(ValueError, match="has 40 channels, features have 41"):
+        project(torch.randn(1, 41, 3, 3), 261, heads, "us6")
+    with pytest.raises(ValueError, match="B x C x h x w"):
+        project(torch.randn(40, 3, 3), 261, heads, "us6")
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        project(x.double(), 261, heads, "us6")
+    with pytest.raises(ValueError, match="empty"):
+        project(torch.randn(0, 40, 3, 3), 261, heads, "us6")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        project(x, float("nan"), heads, "us6")
+    with pytest.raises(ValueError, match="2 timesteps for a batch of 1"):
+        project(x, torch.tensor([1.0, 2.0]), heads, "us6")
+    with pytest.raises(ValueError, match=r"cond tensor must be \[B=1, 256\]"):
+        project(x, torch.randn(2, 256), heads, "us6")
+    with pytest.raises(TypeError, match="ProjectionHeads"):
+        project(x, 261, heads.adapters["us6"], "us6")
+
+
+@pytest.mark.parametrize("disable,kernel", [("avx512", "avx2"), ("avx512,avx2", "portable")])
+def test_every_simd_path_matches_pytorch(disable, kernel):
+    code = (
+        "import torch, cleandift_rt\n"
+        "from cleandift_rt.build_info import native\n"
+        "from cleandift_rt.heads import ProjectionHeads\n"
+        "torch.manual_seed(0)\n"
+        "heads = ProjectionHeads({'us6': 50})\n"
+        "with torch.no_grad():\n"
+        "    [p.add_(torch.randn_like(p) * 0.05) for p in heads.parameters()]\n"
+        "    x = torch.randn(2, 50, 5, 7); ref = heads('us6', x, 261)\n"
+        "out = cleandift_rt.project(x, 261, heads, 'us6')\n"
+        "err = ((out - ref).abs().max() / ref.abs().max()).item()\n"
+        "up = torch.zeros(3, 100, 50); print(native().pack_head(up.numpy(), up[:, :50].contiguous().numpy()).kernel, err)\n"
+    )
+    env = dict(os.environ, CLEANDIFT_DISABLE_SIMD=disable)
+    out = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True).stdout
+    name, err = out.split()
+    assert name == kernel and float(err) < 1e-5
+
+
+def test_public_names():
+    assert cleandift_rt.project is project
