@@ -3,8 +3,9 @@
 from .build_info import build_info, format_build_info
 from .capture import unet_taps
 from .engine import Engine
+from .fused_heads import project
 from .heads import ProjectionHeads
 from .matching import match
 from .taps import DEFAULT_TAP, TAP_TABLE, TAPS
 
-__all__ = ["Engine", "TAPS", "TAP_TABLE", "DEFAULT_TAP", "unet_taps", "ProjectionHeads", "build_info", "format_build_info", "match"]
+__all__ = ["Engine", "TAPS", "TAP_TABLE", "DEFAULT_TAP", "unet_taps", "ProjectionHeads", "build_info", "format_build_info", "match", "project"]
