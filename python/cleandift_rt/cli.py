@@ -161,13 +161,14 @@ def cmd_match(args) -> int:
 
     a_path, b_path = Path(args.image_a), Path(args.image_b)
     a, b = _load_image(a_path), _load_image(b_path)
-    engine = _open_engine(args, taps=[args.tap])
-    fa, fb = _tap_map(engine, [a, b], args.tap)
-    if args.points:
-        pts = _parse_points(args.points)
+    pts = _parse_points(args.points) if args.points else None
+    if pts is not None:
         inside = (pts[:, 0] >= 0) & (pts[:, 0] < a.width) & (pts[:, 1] >= 0) & (pts[:, 1] < a.height)
         if not inside.all():
             raise UserError(f"points {pts[~inside].tolist()} lie outside image A ({a.width}x{a.height})")
+    engine = _open_engine(args, taps=[args.tap])
+    fa, fb = _tap_map(engine, [a, b], args.tap)
+    if pts is not None:
         pb, sim = transfer_points(fa, fb, a.size, b.size, pts)
         pa, mode = pts, "keypoints (bilinear upsampling to image size, cosine argmax)"
     else:
@@ -375,8 +376,11 @@ def _prepare_methods(args):
 
     engine = _open_engine(args)
     prompt = args.prompt or None
-    # one base model serves as text encoder for the prompts and as the DIFT baseline's U-Net
-    base_model = load_base(args.base) if args.base and (args.baseline or prompt) else None
+    # One base model serves as the text encoder for the prompts and as the DIFT baseline's U-Net;
+    # the PyTorch backend already holds it (an SD 2.1 base is 5 GB: never load it twice).
+    base_model = None
+    if args.base and (args.baseline or prompt):
+        base_model = getattr(getattr(engine.backend, "ref", None), "base", None) or load_base(args.base)
     if args.baseline and base_model is None:
         raise UserError("--baseline dift runs the base model's U-Net: pass --base DIR (the SD folder the student "
                         "was trained from)")
