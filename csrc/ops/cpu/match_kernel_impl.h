@@ -31,7 +31,8 @@ namespace {
 
 using namespace match_detail;
 
-constexpr int64_t kChannelBlock = 256;  // KC: channels per slice (B slice KC x NR fp32 in L1)
+constexpr int64_t kChannelBlock = 256;        // KC: channels per slice (B slice KC x NR fp32 in L1)
+constexpr int64_t kRowBlockBytes = 512 << 10;  // packed source rows per task (L2 resident)
 
 struct FreeDeleter {
   void operator()(void* p) const { std::free(p); }
@@ -147,8 +148,10 @@ void run_match(const FeatureView& src, const FeatureView& dst, DType dtype, cons
 
   const int threads = omp_get_max_threads();
   const int64_t panels = (M + NR - 1) / NR;
-  // Row block: up to 8 register tiles of rows; fewer when N is small.
-  const int64_t mc = std::min<int64_t>(8 * MR, (N + MR - 1) / MR * MR);
+  // Row block: as many register tiles of rows as keep the packed block within ~512 KiB of L2
+  // (4..16 tiles; more rows reuse every dst panel more), fewer when N is small.
+  const int64_t tiles_in_l2 = std::clamp<int64_t>(kRowBlockBytes / (MR * C * 4), 4, 16);
+  const int64_t mc = std::min<int64_t>(tiles_in_l2 * MR, (N + MR - 1) / MR * MR);
   const int64_t row_blocks = (N + mc - 1) / mc;
   // Split the columns too when there are too few row blocks to keep every thread busy.
   const int64_t col_chunks = row_blocks >= 2 * threads ? 1

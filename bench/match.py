@@ -1,0 +1,118 @@
+"""Matching benchmark: cleandift_rt.match vs torch (normalize + matmul + argmax, chunked) vs
+faiss-cpu IndexFlatIP (k = 1), same inputs, same run.
+
+Reports time, GFLOP/s (2 N M C B / t), the fraction of this machine's fp32 sgemm throughput measured
+in the same run, ratios, mutual-NN cost over one direction, peak extra memory; JSON in bench/results/.
+
+    python bench/match.py --quick        # N = M = 2304, C = 640, batch 1
+    python bench/match.py                # N = M in {2304, 9216}, C in {320, 640, 1280}, batch 1 and 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, sgemm_gflops, timed, write_json  # noqa: E402
+
+from cleandift_rt import match  # noqa: E402
+
+CHUNK_BYTES = 512 * 2**20  # torch baseline: similarity rows per chunk so one chunk stays <= 512 MiB
+
+
+def torch_match(src: torch.Tensor, dst: torch.Tensor):
+    """The PyTorch baseline: normalize + matmul + argmax, in row chunks when the matrix is large."""
+    s, d = F.normalize(src, dim=-1), F.normalize(dst, dim=-1)
+    rows = max(1, CHUNK_BYTES // (4 * d.shape[1]))
+    values, indices = [], []
+    for i in range(0, s.shape[1], rows):
+        v, idx = torch.bmm(s[:, i:i + rows], d.transpose(1, 2)).max(-1)
+        values.append(v)
+        indices.append(idx)
+    return torch.cat(indices, 1), torch.cat(values, 1)
+
+
+def faiss_match(src: np.ndarray, dst: np.ndarray):
+    import faiss
+
+    out = []
+    for s, d in zip(src, dst):
+        s, d = s.copy(), d.copy()
+        faiss.normalize_L2(s)
+        faiss.normalize_L2(d)
+        index = faiss.IndexFlatIP(d.shape[1])
+        index.add(d)
+        sim, idx = index.search(s, 1)
+        out.append(idx[:, 0])
+    return np.stack(out)
+
+
+def run(configs, repeats: int, with_faiss: bool) -> dict:
+    import faiss
+
+    faiss.omp_set_num_threads(torch.get_num_threads())
+    gemm = sgemm_gflops()
+    print(f"sgemm 2048^3 (torch.mm): {gemm:.1f} GFLOP/s on {torch.get_num_threads()} threads")
+    rows = []
+    for n, c, b in tqdm(configs, desc="match configs"):
+        gen = torch.Generator().manual_seed(0)
+        src, dst = torch.randn(b, n, c, generator=gen), torch.randn(b, n, c, generator=gen)
+        flop = 2.0 * n * n * c * b
+        reps = repeats if flop < 2e11 else 1
+        row = {"N": n, "M": n, "C": c, "B": b, "gflop": flop / 1e9}
+        t, mem, (ours_idx, _) = timed(lambda: match(src, dst), reps)
+        row.update(ours_s=t, ours_gflops=flop / t / 1e9, ours_mem_mb=mem)
+        t, mem, _ = timed(lambda: match(src, dst, mutual=True), reps)
+        row.update(ours_mutual_s=t, ours_mutual_mem_mb=mem)
+        t, mem, (ref_idx, _) = timed(lambda: torch_match(src, dst), reps)
+        row.update(torch_s=t, torch_gflops=flop / t / 1e9, torch_mem_mb=mem)
+        row["agree_torch"] = float((ours_idx == ref_idx).float().mean())
+        if with_faiss:
+            s_np, d_np = src.numpy(), dst.numpy()
+            t, mem, f_idx = timed(lambda: faiss_match(s_np, d_np), reps)
+            row.update(faiss_s=t, faiss_gflops=flop / t / 1e9, faiss_mem_mb=mem)
+            row["agree_faiss"] = float((ours_idx.numpy() == f_idx).mean())
+        row["ours_frac_sgemm"] = row["ours_gflops"] / gemm
+        row["speedup_vs_torch"] = row["torch_s"] / row["ours_s"]
+        if with_faiss:
+            row["speedup_vs_faiss"] = row["faiss_s"] / row["ours_s"]
+        row["mutual_over_one_direction"] = row["ours_mutual_s"] / row["ours_s"]
+        rows.append(row)
+        tqdm.write(format_row(row))
+    return {"sgemm_gflops": gemm, "rows": rows}
+
+
+def format_row(r: dict) -> str:
+    faiss = (f" | faiss {r['faiss_s'] * 1e3:8.1f} ms ({r['faiss_gflops']:5.1f}) x{r['speedup_vs_faiss']:.2f}"
+             if "faiss_s" in r else "")
+    return (f"N=M={r['N']:5d} C={r['C']:4d} B={r['B']} | ours {r['ours_s'] * 1e3:8.1f} ms "
+            f"({r['ours_gflops']:5.1f} GFLOP/s, {r['ours_frac_sgemm']:.2f} of sgemm, {r['ours_mem_mb']:.0f} MB) "
+            f"mutual x{r['mutual_over_one_direction']:.2f} | torch {r['torch_s'] * 1e3:8.1f} ms "
+            f"({r['torch_gflops']:5.1f}, {r['torch_mem_mb']:.0f} MB) x{r['speedup_vs_torch']:.2f}{faiss}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="one small config (N = M = 2304, C = 640, B = 1)")
+    parser.add_argument("--repeats", type=int, default=3, help="best of this many timed calls (1 for big configs)")
+    parser.add_argument("--no-faiss", action="store_true", help="skip the faiss-cpu baseline")
+    args = parser.parse_args(argv)
+    if args.quick:
+        configs = [(2304, 640, 1)]
+    else:
+        configs = list(itertools.product([2304, 9216], [320, 640, 1280], [1, 8]))
+    result = run(configs, args.repeats, not args.no_faiss)
+    result.update(machine=machine(), quick=args.quick)
+    print(f"written {write_json('match', result)}")
+
+
+if __name__ == "__main__":
+    main()
