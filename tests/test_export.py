@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from pathlib import Path
@@ -23,10 +22,20 @@ SIZE = 128
 SUBSET = ("us3", "us6")
 
 
-@functools.lru_cache(maxsize=None)
+_EXPORTS: dict[tuple[str, str], dict[str, Path]] = {}
+
+
 def _exports(base_dir: str, student_file: str, out_dir: str) -> dict[str, Path]:
-    """Two exports per session (shared with test_engine / test_trt_host through this cache):
-    all taps at a fixed 128 px through the CLI, and a two-tap dynamic-size one with external data."""
+    """Two exports per session, shared with test_engine / test_trt_host (which import the fixture, so
+    pytest sees separate fixture definitions): all taps at a fixed 128 px through the CLI, and a
+    two-tap dynamic-size one with external data."""
+    key = (base_dir, student_file)
+    if key not in _EXPORTS:
+        _EXPORTS[key] = _export_both(base_dir, student_file, out_dir)
+    return _EXPORTS[key]
+
+
+def _export_both(base_dir: str, student_file: str, out_dir: str) -> dict[str, Path]:
     sys.path.insert(0, str(ROOT / "export"))
     try:
         import export_onnx as cli

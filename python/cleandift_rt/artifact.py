@@ -228,6 +228,14 @@ def read_onnx_info(path: str | Path) -> ArtifactInfo:
     return ArtifactInfo.from_props({p.key: p.value for p in model.metadata_props}, str(path))
 
 
+def read_info(path: str | Path) -> ArtifactInfo:
+    """The metadata of an exported ``.onnx`` or ``.plan`` file (checked for compatibility)."""
+    path = Path(path)
+    if path.suffix == ".plan":
+        return ArtifactInfo.from_dict(read_plan_header(path)[0]["info"], str(path))
+    return read_onnx_info(path)
+
+
 def describe(path: str | Path) -> dict:
     """What a file holds, as a plain dict, without creating a session or needing a GPU.
 

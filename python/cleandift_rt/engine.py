@@ -19,7 +19,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from .artifact import describe
+from .artifact import ArtifactInfo, describe, read_info
 from .extractor import check_prompt_embeds
 from .preprocess import check_policy, prepare_images
 
@@ -62,6 +62,12 @@ class Engine:
         if precision is not None and suffix in (".onnx", ".plan"):
             raise ValueError(f"precision={precision!r} applies to the PyTorch backend; the precision of a {suffix} "
                              "file is fixed when it is exported/built")
+        if resize is not None:
+            check_policy(resize)
+        if max_batch is not None and int(max_batch) < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if suffix in (".onnx", ".plan"):  # check the options against the metadata before loading anything big
+            self._configure(read_info(self.path), size, resize, taps)
         if suffix == ".onnx":
             from .backends.onnxruntime import OnnxRuntimeBackend
 
@@ -75,16 +81,16 @@ class Engine:
 
             self.backend = TorchBackend(self.path, base=base, device=device, precision=precision, size=size,
                                         resize=resize or "stretch", prompt=prompt)
-        meta = self.backend.info
-        self.size = meta.check_size(size)
-        self.resize = check_policy(resize or meta.resize)
-        self._taps = meta.check_taps(taps)
-        if max_batch is not None and int(max_batch) < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self._configure(self.backend.info, size, resize, taps)
         limits = [m for m in (max_batch, self.backend.max_batch) if m is not None]
         self.max_batch = min(int(m) for m in limits) if limits else None
         if self.max_batch is not None and self.max_batch < self.backend.min_batch:
             raise ValueError(f"max_batch {self.max_batch} is below the engine's minimum batch {self.backend.min_batch}")
+
+    def _configure(self, meta: ArtifactInfo, size, resize, taps) -> None:
+        self.size = meta.check_size(size)
+        self.resize = check_policy(resize or meta.resize)
+        self._taps = meta.check_taps(taps)
 
     # -- description ---------------------------------------------------------------------------
 

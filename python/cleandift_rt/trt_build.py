@@ -17,6 +17,7 @@ summary, the container) is a plain function tested on the CPU.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -239,9 +240,8 @@ def build_engine(onnx_path, out, *, fp16: bool = True, batch: str | None = None,
 def plan_header(info: ArtifactInfo, trt_version: str, capability, gpu_name: str, batch: dict, fp16: bool,
                 workspace_gb: float, default_embeds, summary: dict, onnx_name: str, engine_bytes: int) -> dict:
     """Everything the runtime and ``describe`` need, without TensorRT."""
-    plan_info = ArtifactInfo.from_dict(info.to_dict())
-    plan_info.batch = dict(batch)
-    plan_info.extra = dict(plan_info.extra, precision="fp16+fp32" if fp16 else "fp32")
+    plan_info = dataclasses.replace(info, batch=dict(batch),
+                                    extra=dict(info.extra, precision="fp16+fp32" if fp16 else "fp32"))
     return {
         "info": plan_info.to_dict(),
         "tensorrt": trt_version,

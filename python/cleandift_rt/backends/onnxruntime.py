@@ -110,13 +110,8 @@ class OnnxRuntimeBackend:
         if absent:
             raise ValueError(f"{self.path} declares taps {absent} in its metadata but has no such outputs (corrupt file)")
 
-    @property
-    def max_batch(self) -> int | None:
-        return None  # ONNX Runtime takes any batch; the Engine may still split (max_batch=...)
-
-    @property
-    def min_batch(self) -> int:
-        return 1
+    max_batch = None  # ONNX Runtime takes any batch; the Engine may still split (Engine(max_batch=...))
+    min_batch = 1
 
     def describe(self) -> dict:
         return {"backend": self.name, "providers": self.providers, "threads": self.threads,

@@ -1,9 +1,10 @@
 """PyTorch backend: a student ``_unet`` / ``_full`` file or a diffusers folder, run by ``ReferenceExtractor``.
 
 This is the reference itself (eager PyTorch, forward stopped after the last requested tap), with
-two speed options that change numerics slightly and are therefore opt-in: ``precision="bf16"``
-(CPU autocast: convolutions and matmuls in bfloat16 on AMX/AVX-512 BF16, norms and softmax in
-fp32) and ``"fp16"`` (CUDA autocast), plus channels-last memory layout for the convolutions.
+a speed option that changes numerics slightly and is therefore opt-in: ``precision="bf16"`` (CPU
+autocast: convolutions and matmuls in bfloat16, fast only on CPUs with AMX or AVX-512 BF16;
+norms and softmax stay fp32) or ``"fp16"`` (CUDA autocast). Channels-last layout was measured
+and gave no gain on the CPU (bench notes in docs/engine.md), so the layout is left alone.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ class TorchBackend:
     name = "pytorch"
 
     def __init__(self, path: str | Path, base=None, device: str | None = None, precision: str | None = None,
-                 size=None, resize: str = "stretch", prompt: str = "", channels_last: bool = True):
+                 size=None, resize: str = "stretch", prompt: str = ""):
         self.path = Path(path)
         precision = precision or "fp32"
         if precision not in PRECISIONS:
@@ -54,9 +55,6 @@ class TorchBackend:
         student, base_model = load_student_and_base(self.path, base)
         self.ref = ReferenceExtractor(student, base_model, size=size, resize=resize, prompt=prompt, device=device)
         self.device, self.precision = device, precision
-        if channels_last:
-            for m in (base_model.vae, student.unet):
-                m.to(memory_format=torch.channels_last)
         self.info = ArtifactInfo(
             taps=tap_records(TAPS, base_model.block_out_channels), height=None, width=None,
             size_range=list(ANY_SIZE), default_size=list(self.ref.size), resize=resize,

@@ -1,0 +1,286 @@
+"""Feature extraction speed on this CPU: our Engine vs a release-style extractor vs the DIFT baseline.
+
+SD2.1-size architecture with random weights (never downloaded: ``build_models("sd21")``, written
+once to a cache folder as a diffusers model so every contender loads the same files). Each
+contender runs in its own subprocess, so its peak memory (max RSS, weights included) is its own.
+
+Contenders:
+  engine-ort        cleandift_rt.Engine on an exported .onnx (ONNX Runtime CPU, graph ends at the last tap)
+  engine-torch-fp32 cleandift_rt.Engine PyTorch backend (eager, forward stopped after the last tap)
+  engine-torch-bf16 the same under CPU bf16 autocast
+  release-fp32      written like the public release: eager, VAE posterior, hooks on the 11 taps,
+                    the whole U-Net forward (decoder and conv_out) every time
+  release-bf16      the same under CPU bf16 autocast
+  dift              noisy DIFT baseline (foundation's DiftExtractor): 8-sample ensemble at t=261
+
+    python bench/extract.py --quick                 # 512 px, batch 1, all taps and us6
+    python bench/extract.py --sizes 512 768 --batches 1 4
+Writes bench/results/extract-<time>.json (compare runs with --compare OLD.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+CONTENDERS = ("engine-ort", "engine-torch-fp32", "engine-torch-bf16", "release-fp32", "release-bf16", "dift")
+TAP_SETS = {"all": None, "us6": ["us6"]}
+TARGETS = [  # (ours, baseline, tap set, minimum ratio) from issue 4
+    ("engine-best", "release-fp32", "us6", 2.5),
+    ("engine-best", "release-fp32", "all", 1.8),
+    ("engine-best", "release-best", "all", 1.4),
+    ("engine-best", "release-best", "us6", 1.4),
+    ("engine-best", "dift", "us6", 12.0),
+]
+
+
+# -- the model on disk ----------------------------------------------------------------------
+
+
+def ensure_random_sd21(folder: Path) -> Path:
+    """A diffusers folder with SD 2.1-size random weights (U-Net, VAE, text encoder, byte-level tokenizer)."""
+    if (folder / "model_index.json").is_file():
+        return folder
+    from cleandift_rt import configs
+    from cleandift_rt.models import build_models, build_tiny_tokenizer
+
+    import diffusers
+
+    print(f"writing random SD2.1-size weights to {folder} (once)", flush=True)
+    unet, vae, text_encoder = build_models("sd21", seed=0)
+    tmp = folder.with_name(folder.name + ".partial")
+    unet.save_pretrained(tmp / "unet", safe_serialization=True)
+    vae.save_pretrained(tmp / "vae", safe_serialization=True)
+    text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
+    # byte-level tokenizer (ids < 514 are valid in the real vocabulary too), padding with "!" as SD 2.x
+    build_tiny_tokenizer(tmp / "tokenizer_src", pad_token="!").save_pretrained(tmp / "tokenizer")
+    diffusers.DDIMScheduler(**configs.SCHEDULER).save_pretrained(tmp / "scheduler")
+    (tmp / "model_index.json").write_text(json.dumps({"cleandift_variant": "sd21", "random_weights": True}))
+    tmp.rename(folder)
+    return folder
+
+
+def ensure_onnx(model_dir: Path, cache: Path, size: int, taps) -> Path:
+    name = f"sd21-{size}-{'all' if taps is None else '-'.join(taps)}.onnx"
+    path = cache / name
+    if not path.is_file():
+        from cleandift_rt.models import Student, load_base
+        from cleandift_rt.onnx_export import export_onnx
+
+        base = load_base(model_dir)
+        t0 = time.perf_counter()
+        export_onnx(Student(unet=base.unet, source=str(model_dir)), base, path, size=(size, size), taps=taps)
+        print(f"exported {name} in {time.perf_counter() - t0:.0f} s", flush=True)
+    return path
+
+
+# -- one contender, in a worker process -----------------------------------------------------
+
+
+class ReleaseStyleExtractor:
+    """How the public release extracts: hooks on the tap modules, the full U-Net forward every time."""
+
+    def __init__(self, model_dir: Path, bf16: bool):
+        import torch
+
+        from cleandift_rt.models import load_base
+        from cleandift_rt.taps import TAP_TABLE, TAPS
+
+        self.torch, self.base, self.bf16 = torch, load_base(model_dir), bf16
+        self.embeds = self.base.encode_prompt("")
+        self.captured = {}
+        for name in TAPS:
+            module = self.base.unet.get_submodule(TAP_TABLE[name].module)
+            module.register_forward_hook(lambda _m, _i, out, name=name: self.captured.__setitem__(
+                name, out[0] if isinstance(out, tuple) else getattr(out, "sample", out)))
+
+    def extract(self, pixels, taps):
+        torch = self.torch
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if self.bf16 else torch.autocast("cpu", enabled=False)
+        with torch.no_grad(), ctx:
+            latents = self.base.vae.encode(pixels).latent_dist.mean * self.base.scaling_factor
+            self.base.unet(latents, 261, encoder_hidden_states=self.embeds.expand(len(pixels), -1, -1))
+        return {t: self.captured[t].float() for t in (taps or self.captured)}
+
+
+def worker(args) -> dict:
+    import torch
+
+    from cleandift_rt.preprocess import prepare_images
+
+    model_dir, cache = Path(args.model_dir), Path(args.cache)
+    taps = TAP_SETS[args.tap_set]
+    t0 = time.perf_counter()
+    name = args.worker
+    if name == "export":  # in its own process, so that no contender's peak memory includes it
+        return {"onnx": str(ensure_onnx(model_dir, cache, args.size, taps))}
+    if name == "engine-ort":
+        from cleandift_rt import Engine
+
+        engine = Engine(ensure_onnx(model_dir, cache, args.size, taps), device="cpu")
+        run = lambda x: engine.extract(x)  # noqa: E731
+        detail = {"providers": engine.info["providers"], "threads": engine.info["threads"]}
+    elif name.startswith("engine-torch"):
+        from cleandift_rt import Engine
+
+        engine = Engine(model_dir, taps=taps, size=(args.size, args.size), precision=name.rsplit("-", 1)[1])
+        run = lambda x: engine.extract(x)  # noqa: E731
+        detail = {"threads": torch.get_num_threads()}
+    elif name.startswith("release"):
+        ref = ReleaseStyleExtractor(model_dir, bf16=name.endswith("bf16"))
+        run = lambda x: ref.extract(prepare_images(x, args.size).pixels, taps)  # noqa: E731
+        detail = {"threads": torch.get_num_threads()}
+    elif name == "dift":
+        from cleandift_rt.extractor import DiftExtractor
+        from cleandift_rt.models import load_base
+
+        from cleandift_rt.taps import TAPS
+
+        dift = DiftExtractor(load_base(model_dir), t=261, ensemble=8, size=args.size)
+        run = lambda x: dift.extract(x, taps=taps or TAPS)  # noqa: E731
+        detail = {"ensemble": 8, "t": 261, "threads": torch.get_num_threads()}
+    else:
+        raise SystemExit(f"unknown contender {name}")
+    load_seconds = time.perf_counter() - t0
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(args.batch, 3, args.size, args.size, generator=gen) * 2 - 1
+    times = []
+    for i in range(args.warmup + args.repeats):
+        t1 = time.perf_counter()
+        feats = run(images)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t1)
+    best = min(times)
+    return {"contender": name, "size": args.size, "batch": args.batch, "taps": args.tap_set,
+            "seconds": times, "best_seconds": best, "images_per_second": args.batch / best,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "load_seconds": load_seconds, "outputs": {k: list(v.shape) for k, v in feats.items()}, **detail}
+
+
+# -- the driver -----------------------------------------------------------------------------
+
+
+def run_one(args, contender, size, batch, tap_set) -> dict | None:
+    cmd = [sys.executable, __file__, "--worker", contender, "--model-dir", str(args.model_dir), "--cache",
+           str(args.cache), "--size", str(size), "--batch", str(batch), "--tap-set", tap_set,
+           "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(f"  {contender} failed:\n{proc.stderr[-2000:]}", flush=True)
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def summarise(rows: list[dict]) -> tuple[list[str], list[dict]]:
+    lines, checks = [], []
+    keyed = {(r["contender"], r["size"], r["batch"], r["taps"]): r for r in rows}
+    for size, batch, tap_set in sorted({(r["size"], r["batch"], r["taps"]) for r in rows}):
+        group = {c: keyed[(c, size, batch, tap_set)] for c in CONTENDERS if (c, size, batch, tap_set) in keyed}
+        engines = {c: r for c, r in group.items() if c.startswith("engine")}
+        releases = {c: r for c, r in group.items() if c.startswith("release")}
+        if engines:
+            group["engine-best"] = min(engines.values(), key=lambda r: r["best_seconds"])
+        if releases:
+            group["release-best"] = min(releases.values(), key=lambda r: r["best_seconds"])
+        lines.append(f"\n{size} px, batch {batch}, taps {tap_set}:")
+        for c, r in group.items():
+            tag = f" (= {r['contender']})" if c.endswith("-best") else ""
+            lines.append(f"  {c:18s} {r['images_per_second']:7.4f} img/s  {r['best_seconds']:7.2f} s/batch  "
+                         f"peak {r['peak_rss_mib'] / 1024:5.1f} GiB{tag}")
+        for ours, theirs, taps_for, minimum in TARGETS:
+            if taps_for != tap_set or ours not in group or theirs not in group:
+                continue
+            ratio = group[theirs]["best_seconds"] / group[ours]["best_seconds"]
+            met = ratio >= minimum
+            checks.append({"size": size, "batch": batch, "taps": tap_set, "ours": group[ours]["contender"],
+                           "baseline": group[theirs]["contender"], "ratio": ratio, "target": minimum, "met": met})
+            lines.append(f"  ratio {ours} ({group[ours]['contender']}) vs {theirs} ({group[theirs]['contender']}): "
+                         f"{ratio:.2f}x (target {minimum}x: {'met' if met else 'MISSED'})")
+    return lines, checks
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="512 px, batch 1 only")
+    p.add_argument("--sizes", type=int, nargs="+", default=[512, 768])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--tap-sets", nargs="+", choices=list(TAP_SETS), default=list(TAP_SETS))
+    p.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
+    p.add_argument("--repeats", type=int, default=1, help="timed runs per point (the best is kept)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs first (oneDNN/ORT set-up)")
+    p.add_argument("--cache", type=Path, default=RESULTS / "cache", help="random weights and exported models")
+    p.add_argument("--compare", type=Path, default=None, help="an earlier result JSON to print ratios against")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--model-dir", type=Path, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--size", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--tap-set", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return 0
+    if args.quick:
+        args.sizes, args.batches = [512], [1]
+    args.cache.mkdir(parents=True, exist_ok=True)
+    args.model_dir = ensure_random_sd21(args.cache / "sd21-random")
+    from tqdm import tqdm
+
+    from cleandift_rt.build_info import build_info
+
+    if "engine-ort" in args.contenders:
+        for size in args.sizes:
+            for tap_set in args.tap_sets:
+                if run_one(args, "export", size, 1, tap_set) is None:
+                    return 1
+    points = [(c, s, b, t) for s in args.sizes for b in args.batches for t in args.tap_sets for c in args.contenders]
+    rows = []
+    for contender, size, batch, tap_set in tqdm(points, desc="bench", unit="run"):
+        same = [r for r in rows if (r["contender"], r["size"], r["batch"], r["taps"]) == (contender, size, batch, "all")]
+        if contender.startswith("release") and same:  # the release computes every tap whatever is asked
+            rows.append(dict(same[0], taps=tap_set, note="same run as taps=all: the release always runs the whole U-Net"))
+            continue
+        row = run_one(args, contender, size, batch, tap_set)
+        if row:
+            rows.append(row)
+            tqdm.write(f"  {contender} {size}px b{batch} {tap_set}: {row['best_seconds']:.2f} s, "
+                       f"peak {row['peak_rss_mib'] / 1024:.1f} GiB")
+    lines, checks = summarise(rows)
+    print("\n".join(lines))
+    info = build_info()
+    result = {"bench": "extract", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "machine": {"cpus": os.cpu_count(), "load_average": os.getloadavg(),
+                          "torch_cpu_capability": _torch_capability(), "build_info": info},
+              "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+              "rows": rows, "ratios": checks}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"extract-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps(result, indent=2, default=str))
+    print(f"\nwrote {out}")
+    if args.compare:
+        old = {(r["contender"], r["size"], r["batch"], r["taps"]): r for r in json.loads(args.compare.read_text())["rows"]}
+        for r in rows:
+            key = (r["contender"], r["size"], r["batch"], r["taps"])
+            if key in old:
+                print(f"  {key}: {old[key]['best_seconds'] / r['best_seconds']:.2f}x vs {args.compare.name}")
+    return 0
+
+
+def _torch_capability() -> str:
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
