@@ -1,5 +1,5 @@
 // The CPU projection-head driver, templated on a register-tile micro-kernel (micro_kernels.h).
-// OpenMP over (batch, tiles of TP pixels); per tile, for each of the three layers:
+// OpenMP over (batch, tiles of TP pixels, up to 16 register tiles); per tile, for each layer:
 //   RMS statistics -> normalised, AdaRMS-scaled rows packed as A panels;
 //   up-projection value and gate panels side by side, SwiGLU in the epilogue, written straight into
 //   the A-panel layout of the down-projection; down-projection with the residual add in the epilogue.
@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <memory>
 #include <new>
+#include <vector>
 
 #include "ops/match_common.h"
 #include "ops/project_head.h"
@@ -80,9 +81,13 @@ template <class Micro, DType DT>
 void project_head_typed(const PackedHead& head, const FeatureView& x, const float* scales, const FeatureView& out,
                         void* out_data) {
   constexpr int MR = Micro::MR, NR = Micro::NR;
-  constexpr int64_t kTilePanels = 4;  // TP = 4 * MR pixels: A, H and the residual tile stay in L2
-  constexpr int64_t TP = kTilePanels * MR;
+  constexpr int64_t kDepthBlock = 256;   // KC: weight slices of KC x NR stay in L1
+  constexpr int64_t kMaxTilePanels = 16;  // up to 16 * MR pixels share one pass over the weights
   const int64_t B = x.batch, P = x.rows, D = head.dim, Dp = head.dim_padded;
+  // Bigger tiles stream the weights fewer times; keep >= 4 tiles per thread for balance.
+  const int64_t want = (B * P + 4 * omp_get_max_threads() - 1) / (4 * omp_get_max_threads());
+  const int64_t tile_panels = std::clamp<int64_t>((want + MR - 1) / MR, 1, kMaxTilePanels);
+  const int64_t TP = tile_panels * MR;
   const int64_t panels = Dp / NR;
   const int64_t tiles = (P + TP - 1) / TP;
 
@@ -91,8 +96,8 @@ void project_head_typed(const PackedHead& head, const FeatureView& x, const floa
     auto xs = aligned_floats(TP * D);       // residual stream of the tile, fp32
     auto ap = aligned_floats(TP * D);       // A panels of the up-projection [rp][D][MR]
     auto hp = aligned_floats(TP * Dp);      // A panels of the down-projection [rp][Dp][MR]
-    auto tv = aligned_floats(kTilePanels * MR * NR), tg = aligned_floats(kTilePanels * MR * NR);
-    float rinv[TP];
+    auto tv = aligned_floats(tile_panels * MR * NR), tg = aligned_floats(tile_panels * MR * NR);
+    std::vector<float> rinv(TP);
 
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < B * tiles; ++task) {
@@ -118,9 +123,16 @@ void project_head_typed(const PackedHead& head, const FeatureView& x, const floa
         }
         const float* up = head.up[layer].get();
         for (int64_t q = 0; q < panels; ++q) {
+          // KC-deep slices: the value and gate slices stay in L1 while every row panel uses them.
+          for (int64_t k0 = 0; k0 < D; k0 += kDepthBlock) {
+            const int64_t kc = std::min(kDepthBlock, D - k0);
+            for (int64_t rp = 0; rp < row_panels; ++rp) {
+              const float* a = ap.get() + rp * D * MR + k0 * MR;
+              Micro::run(a, up + 2 * q * D * NR + k0 * NR, kc, tv.get() + rp * MR * NR, k0 > 0);
+              Micro::run(a, up + (2 * q + 1) * D * NR + k0 * NR, kc, tg.get() + rp * MR * NR, k0 > 0);
+            }
+          }
           for (int64_t rp = 0; rp < row_panels; ++rp) {
-            Micro::run(ap.get() + rp * D * MR, up + 2 * q * D * NR, D, tv.get() + rp * MR * NR, false);
-            Micro::run(ap.get() + rp * D * MR, up + (2 * q + 1) * D * NR, D, tg.get() + rp * MR * NR, false);
             float* h = hp.get() + rp * Dp * MR + q * NR * MR;  // depth q*NR.. of the down GEMM's A panel
             const float* v = tv.get() + rp * MR * NR;
             const float* g = tg.get() + rp * MR * NR;
@@ -134,9 +146,14 @@ void project_head_typed(const PackedHead& head, const FeatureView& x, const floa
         const float* down = head.down[layer].get();
         for (int64_t q = 0; q < panels; ++q) {
           const int64_t valid = std::min<int64_t>(NR, D - q * NR);
+          for (int64_t k0 = 0; k0 < Dp; k0 += kDepthBlock) {
+            const int64_t kc = std::min(kDepthBlock, Dp - k0);
+            for (int64_t rp = 0; rp < row_panels; ++rp)
+              Micro::run(hp.get() + rp * Dp * MR + k0 * MR, down + q * Dp * NR + k0 * NR, kc,
+                         tv.get() + rp * MR * NR, k0 > 0);
+          }
           for (int64_t rp = 0; rp < row_panels; ++rp) {
-            float* t = tv.get() + rp * MR * NR;
-            Micro::run(hp.get() + rp * Dp * MR, down + q * Dp * NR, Dp, t, false);
+            const float* t = tv.get() + rp * MR * NR;
             for (int r = 0; r < MR; ++r)
               for (int64_t n = 0; n < valid; ++n) xs.get()[(rp * MR + r) * D + q * NR + n] += t[r * NR + n];
           }
