@@ -18,7 +18,7 @@ from PIL import Image
 from cleandift_rt.evaluation import (EngineFeatures, PairResult, SkipLog, alpha_key, correct, evaluate, format_table,
                                      load_pairs, load_spair, results_document, summarize, transfer_points,
                                      write_results)
-from cleandift_rt.evaluation.transfer import sample_points, upsample_rows
+from cleandift_rt.evaluation.transfer import sample_points, upsample_columns, upsample_rows
 
 # ---------------------------------------------------------------------------------------------
 # A small SPair-71k tree: photos and warped copies with exactly known point maps
@@ -156,7 +156,8 @@ def test_banded_upsampling_equals_interpolate():
     feats = torch.randn(6, 5, 7, generator=torch.Generator().manual_seed(0))
     full = F.interpolate(feats[None], size=(23, 31), mode="bilinear", align_corners=False)[0]
     rows = torch.arange(4, 17)
-    assert torch.allclose(upsample_rows(feats, (23, 31), rows), full[:, 4:17], atol=1e-6)
+    band = upsample_rows(upsample_columns(feats, 31), 23, rows)
+    assert torch.allclose(band.permute(2, 0, 1), full[:, 4:17], atol=1e-6)
     pts = np.array([[0, 0], [30, 22], [12.4, 7.6], [5, 20]])
     got = sample_points(feats, (23, 31), pts)
     want = torch.stack([full[:, 0, 0], full[:, 22, 30], full[:, 8, 12], full[:, 20, 5]])

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-DEFAULT_BAND_BYTES = 256 << 20
+DEFAULT_BAND_BYTES = 32 << 20  # a band stays in the last-level cache between upsampling and matching
 
 
 def default_matcher():
@@ -32,14 +32,25 @@ def source_index(out_size: int, in_size: int, idx: torch.Tensor):
     return i0, i1, src - i0.to(torch.float32)
 
 
-def upsample_rows(features: torch.Tensor, out_hw: tuple[int, int], rows: torch.Tensor) -> torch.Tensor:
-    """Rows ``rows`` of ``F.interpolate(features[None], out_hw, mode="bilinear")[0]``: ``[C, len(rows), W]``."""
-    out_h, out_w = out_hw
-    _, h, w = features.shape
-    y0, y1, ly = source_index(out_h, h, rows)
+def upsample_columns(features: torch.Tensor, out_w: int) -> torch.Tensor:
+    """The horizontal half of bilinear upsampling, channels last: ``[C, h, w]`` -> ``[h, out_w, C]``."""
+    _, _, w = features.shape
     x0, x1, lx = source_index(out_w, w, torch.arange(out_w))
-    band = features[:, y0, :] * (1 - ly)[None, :, None] + features[:, y1, :] * ly[None, :, None]
-    return band[:, :, x0] * (1 - lx) + band[:, :, x1] * lx
+    rows = features.permute(1, 2, 0).contiguous()  # [h, w, C]: the gathers below copy whole C-vectors
+    out = rows.index_select(1, x0).mul_((1 - lx)[None, :, None])
+    return out.add_(rows.index_select(1, x1).mul_(lx[None, :, None]))
+
+
+def upsample_rows(columns: torch.Tensor, out_h: int, rows: torch.Tensor) -> torch.Tensor:
+    """Rows ``rows`` of the full bilinear upsampling, from :func:`upsample_columns`: ``[len(rows), W, C]``.
+
+    Together the two halves compute ``F.interpolate(x, (out_h, out_w), mode="bilinear")`` with the
+    same weights in the same order (x, then y), channels last so that the matcher reads contiguous
+    vectors; in-place arithmetic keeps the memory traffic to a few passes over the band.
+    """
+    y0, y1, ly = source_index(out_h, columns.shape[0], rows)
+    out = columns.index_select(0, y0).mul_((1 - ly)[:, None, None])
+    return out.add_(columns.index_select(0, y1).mul_(ly[:, None, None]))
 
 
 def sample_points(features: torch.Tensor, out_hw: tuple[int, int], points: np.ndarray) -> torch.Tensor:
@@ -72,10 +83,11 @@ def transfer_points(source_features, target_features, source_size: tuple[int, in
     n, channels = queries.shape[1], trg.shape[0]
     best_sim = torch.full((n,), -float("inf"))
     best_idx = torch.zeros(n, dtype=torch.long)
+    columns = upsample_columns(trg, tw)  # [h, W, C]
     band = max(1, int(band_bytes // (channels * tw * 4)))
     for r0 in range(0, th, band):
         rows = torch.arange(r0, min(th, r0 + band))
-        target = upsample_rows(trg, (th, tw), rows)[None]  # [1, C, R, W]
+        target = upsample_rows(columns, th, rows).reshape(1, -1, channels)  # [1, R * W, C], row-major pixels
         idx, sim = matcher(queries, target)
         idx = torch.as_tensor(np.asarray(idx)).reshape(-1).long()
         sim = torch.as_tensor(np.asarray(sim)).reshape(-1).float()
