@@ -1,0 +1,78 @@
+"""``python train/train.py``: command-line front end of :class:`~cleandift_rt.training.Trainer`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .config import LOSSES, PRESETS, build_config, parse_override
+
+# flag -> config field, for the flags that map one to one
+_FLAG_FIELDS = ("steps", "batch_size", "size", "lr", "warmup_steps", "grad_accum", "timesteps_per_image", "loss",
+                "lora_rank", "seed", "device", "val_data", "val_images", "validate_every", "checkpoint_every",
+                "keep_checkpoints", "resize")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="train.py", description="Train a CleanDIFT student from a local SD 1.5 / 2.1 base model.",
+        epilog="Extra key=value arguments override any config field, e.g. lr=1e-5 taps='[\"us6\"]' bf16=true. "
+               "Precedence: defaults < --preset < --config < flags < key=value.")
+    p.add_argument("--base", required=True, help="base model: diffusers folder or single .safetensors file")
+    p.add_argument("--data", required=True, help="folder of name.jpg|png|webp images with name.json/name.txt captions")
+    p.add_argument("--out", required=True, help="output folder (metrics, checkpoints, student files)")
+    p.add_argument("--config", help="JSON file of config fields")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="paper (default values) or release (lr 1e-5, 2000 warmup)")
+    p.add_argument("--steps", type=int, help="optimiser steps (paper: 400)")
+    p.add_argument("--batch-size", type=int, help="images per micro-batch (paper: 8)")
+    p.add_argument("--grad-accum", type=int, help="micro-batches per optimiser step")
+    p.add_argument("--size", type=int, help="image side in pixels (default: the base model's resolution)")
+    p.add_argument("--resize", choices=("stretch", "pad"), help="resize policy, as at inference (default stretch)")
+    p.add_argument("--lr", type=float, help="peak learning rate (paper: 2e-6)")
+    p.add_argument("--warmup-steps", type=int, help="linear warmup steps")
+    p.add_argument("--timesteps-per-image", type=int, help="I stratified timesteps per image (paper: 3)")
+    p.add_argument("--loss", choices=LOSSES, help="feature loss (paper: cosine)")
+    p.add_argument("--lora-rank", type=int, help="train LoRA adapters of this rank instead of the full U-Net (e.g. 64)")
+    p.add_argument("--bf16", action="store_true", default=None, help="bf16 autocast")
+    p.add_argument("--gradient-checkpointing", action="store_true", default=None, help="recompute student activations")
+    p.add_argument("--no-captions", action="store_true", help="train prompt-free: every image uses the \"\" prompt")
+    p.add_argument("--val-data", help="held-out image folder (default: hold out val_images training images)")
+    p.add_argument("--val-images", type=int, help="number of held-out validation images")
+    p.add_argument("--validate-every", type=int, help="validate every N steps (0: never)")
+    p.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps (0: only at the end)")
+    p.add_argument("--keep-checkpoints", type=int, help="keep the newest K checkpoints")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
+    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
+                   help="continue from the newest checkpoint in OUT/checkpoints, or from this file/folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config field overrides")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    values = {name: getattr(args, name) for name in _FLAG_FIELDS if getattr(args, name) is not None}
+    for name in ("bf16", "gradient_checkpointing"):
+        if getattr(args, name):
+            values[name] = True
+    if args.no_captions:
+        values["captions"] = False
+    values.update(dict(parse_override(o) for o in args.overrides))
+    config = build_config(args.preset, args.config, values)
+    from .trainer import Trainer
+
+    trainer = Trainer(config, args.base, args.data, args.out, resume=args.resume, progress=not args.no_progress)
+    return trainer.run()
+
+
+def entry(argv: list[str] | None = None) -> int:
+    """Run :func:`main`, turning bad input into a one-line message and exit status 2."""
+    try:
+        main(argv)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        print(f"train.py: error: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,346 @@
+"""CleanDIFT training on the tiny model (CPU, 64 px images: every tap exists, steps take a fraction of a second)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cleandift_rt.models import load_student
+from cleandift_rt.taps import TAP_TABLE, TAPS
+from cleandift_rt.training import Trainer, build_config, distillation_step, stratified_timesteps
+from cleandift_rt.training.config import PRESETS, parse_override
+from cleandift_rt.training.data import ImageFolder
+from cleandift_rt.training.trainer import list_checkpoints
+
+SIZE = 64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The cores are shared: two OpenMP threads spinning against other processes make steps 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_images(folder, count, captions="json", size=(80, 96), start=0):
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    y, x = np.mgrid[0:size[0], 0:size[1]]
+    for i in range(start, start + count):
+        rgb = np.stack([(x * (i + 2)) % 256, (y * (3 + 2 * i)) % 256, ((x + y) * (i + 1)) % 256], -1).astype(np.uint8)
+        Image.fromarray(rgb).save(folder / f"img{i}.png")
+        if captions == "json":
+            (folder / f"img{i}.json").write_text(json.dumps({"caption": f"a pattern number {i}"}))
+        elif captions == "txt":
+            (folder / f"img{i}.txt").write_text(f"stripes {i}\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("train_data")
+    write_images(folder, 4, "json")
+    write_images(folder, 2, "txt", start=4)
+    return folder
+
+
+def config(**overrides):
+    values = dict(steps=4, batch_size=2, size=SIZE, validate_every=0, checkpoint_every=0, lr=1e-4, warmup_steps=2)
+    values.update(overrides)
+    return build_config(overrides=values)
+
+
+def trainer(cfg, base, data, out, **kw):
+    return Trainer(cfg, base, data, out, progress=False, log=lambda msg: None, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# objective
+
+
+def test_stratified_timesteps_cover_one_stratum_each():
+    t = stratified_timesteps(4000, 3, torch.Generator().manual_seed(0))
+    assert t.dtype == torch.long and t.shape == (4000, 3)
+    edges = [1 + i * 998 / 3 for i in range(4)]
+    for i in range(3):
+        assert edges[i] - 1 < t[:, i].min() and t[:, i].max() < edges[i + 1]
+    assert int(t.min()) == 1 and int(t.max()) == 998  # floor(1 + (i + u) * 998 / I) reaches both ends
+
+
+def test_first_loss_is_minus_sum_of_tap_cosines(tiny_base):
+    """Identity heads at init: the loss is -sum_k mean cos(student_k(x0), teacher_k(x_t)), recomputed here
+    with plain forward hooks on full forwards, the student run per row (as the release does) and the
+    diffusers scheduler's add_noise."""
+    from diffusers import DDPMScheduler
+    import copy
+
+    from cleandift_rt.heads import build_heads
+
+    torch.manual_seed(0)
+    student = copy.deepcopy(tiny_base.unet)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(torch.randn_like(p) * 0.02 * (p.abs().mean() + 1e-3))
+    heads = build_heads(tiny_base.block_out_channels)
+    feats = torch.randn(2, 64, 4, 4)
+    assert torch.equal(heads("us6", feats, torch.tensor([10, 900])), feats)  # identity at init
+
+    timestep = torch.nn.Parameter(torch.tensor(261.0))
+    x0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    cond = tiny_base.encode_prompt(["a cat", "a dog"])
+    out = distillation_step(student, tiny_base.unet, heads, timestep, x0, cond, tiny_base.alphas_cumprod, 3,
+                            torch.Generator().manual_seed(7))
+
+    gen = torch.Generator().manual_seed(7)
+    u = torch.rand(2, 3, generator=gen)
+    t = torch.floor(1 + (torch.arange(3) + u) * 998 / 3).long().reshape(-1)
+    noise = torch.randn(6, 4, 8, 8, generator=gen)
+    x_t = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                        beta_schedule="scaled_linear").add_noise(x0.repeat_interleave(3, 0), noise, t)
+
+    def hooked(unet, sample, ts, ehs):
+        got = {}
+        handles = [unet.get_submodule(TAP_TABLE[n].module).register_forward_hook(
+            lambda m, i, o, n=n: got.__setitem__(n, o if torch.is_tensor(o) else o[0])) for n in TAPS]
+        with torch.no_grad():
+            unet(sample, ts, encoder_hidden_states=ehs)
+        for h in handles:
+            h.remove()
+        return got
+
+    teacher = hooked(tiny_base.unet, x_t, t, cond.repeat_interleave(3, 0))
+    stud = hooked(student, x0.repeat_interleave(3, 0), torch.full((6,), 261.0), cond.repeat_interleave(3, 0))
+    expected = -sum(F.cosine_similarity(stud[n], teacher[n], dim=1).mean() for n in TAPS)
+    assert float(out.loss.detach()) == pytest.approx(float(expected), abs=1e-5)
+    assert out.timesteps.reshape(-1).tolist() == t.tolist()
+    assert sum(out.cosine.values()) == pytest.approx(-float(out.loss.detach()), abs=1e-5)
+    # the student timestep is learnable: it gets a gradient through the U-Net's time embedding
+    out.loss.backward()
+    assert timestep.grad is not None and torch.isfinite(timestep.grad)
+
+
+# ---------------------------------------------------------------------------------------------
+# training runs
+
+
+def test_loss_falls_within_fifty_steps(tiny_base_dir, data_dir, tmp_path):
+    tr = trainer(config(steps=25, lr=3e-4, warmup_steps=0, checkpoint_every=0), tiny_base_dir, data_dir, tmp_path)
+    tr.run()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 26))
+    losses = [r["loss"] for r in records]
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.3, losses
+    assert all(-len(TAPS) <= loss <= len(TAPS) for loss in losses)
+
+
+def _trainable(tr):
+    return {name: p.detach().clone() for name, p in tr.named_params}
+
+
+def test_resumed_run_matches_uninterrupted_run(tiny_base_dir, data_dir, tmp_path):
+    cfg = dict(steps=4, batch_size=1, grad_accum=2, checkpoint_every=2, keep_checkpoints=5,
+               validate_every=2, val_images=1)
+    full = trainer(config(**cfg), tiny_base_dir, data_dir, tmp_path / "full")
+    full.run()
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(step, record):
+        if step == 3:  # after the step-2 checkpoint and one more step that must be redone
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        trainer(config(**cfg), tiny_base_dir, data_dir, tmp_path / "cut", on_step=interrupt).run()
+    assert [p.name for p in list_checkpoints(tmp_path / "cut" / "checkpoints")] == ["step-0000002.safetensors"]
+    resumed = trainer(config(**cfg), tiny_base_dir, data_dir, tmp_path / "cut", resume=True)
+    assert resumed.step == 2
+    resumed.run()
+
+    expected, got = _trainable(full), _trainable(resumed)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+    assert resumed.timestep.item() != 261.0  # the learnable timestep moved and was restored exactly
+    lines = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    ref = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4]
+    assert [r["loss"] for r in lines] == [r["loss"] for r in ref]
+    assert lines[3]["val"] == ref[3]["val"] and set(ref[3]["val"]["mean_projected"]) == {"100", "261", "500", "900"}
+    with pytest.raises(ValueError, match="objective changed"):
+        trainer(config(**dict(cfg, timesteps_per_image=2)), tiny_base_dir, data_dir, tmp_path / "cut", resume=True)
+    with pytest.raises(ValueError, match="already holds training checkpoints"):
+        trainer(config(**cfg), tiny_base_dir, data_dir, tmp_path / "cut")
+
+
+def test_crash_while_writing_checkpoint_keeps_previous(tiny_base_dir, data_dir, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    tr = trainer(config(steps=4, checkpoint_every=1, keep_checkpoints=1), tiny_base_dir, data_dir, tmp_path)
+    real_save = safetensors.torch.save_file
+    calls = []
+
+    def crashing_save(tensors, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) == 2:  # the second checkpoint: half a file, then the process "dies"
+            with open(filename, "wb") as f:
+                f.write(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"partial")
+            raise OSError("disk full (simulated)")
+        return real_save(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", crashing_save)
+    with pytest.raises(OSError, match="simulated"):
+        tr.run()
+    monkeypatch.setattr(safetensors.torch, "save_file", real_save)
+    ckpt_dir = tmp_path / "checkpoints"
+    assert [p.name for p in ckpt_dir.iterdir()] == ["step-0000001.safetensors"]  # no temp file left behind
+    assert trainer(config(steps=4), tiny_base_dir, data_dir, tmp_path, resume=True).step == 1
+
+    # a newest checkpoint damaged some other way (copied half, not via our atomic write): fall back to the previous
+    (ckpt_dir / "step-0000002.safetensors").write_bytes(b"\x80\x04garbage")
+    messages = []
+    tr = Trainer(config(steps=4), tiny_base_dir, data_dir, tmp_path, resume=True, progress=False, log=messages.append)
+    assert tr.step == 1 and any("skipping unreadable checkpoint step-0000002" in m for m in messages)
+
+
+def test_cli_writes_release_files_that_load(tiny_base_dir, data_dir, tmp_path):
+    from diffusers import UNet2DConditionModel
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from cleandift_rt.training.cli import main
+
+    out = tmp_path / "run"
+    summary = main(["--base", str(tiny_base_dir), "--data", str(data_dir), "--out", str(out), "--steps", "2",
+                    "--batch-size", "2", "--size", str(SIZE), "--no-progress", "lr=1e-4", "warmup_steps=0",
+                    "validate_every=0"])
+    assert summary["steps"] == 2
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and all(isinstance(r["loss"], float) for r in records)
+
+    state = load_file(out / "student_unet.safetensors")
+    with safe_open(str(out / "student_unet.safetensors"), "pt") as f:
+        unet_config = json.loads(f.metadata()["unet_config"])
+    unet = UNet2DConditionModel.from_config(unet_config)
+    unet.load_state_dict(state, strict=True)  # diffusers keys, nothing missing or extra
+
+    student = load_student(out / "student_full.safetensors")
+    assert student.heads is not None and set(student.heads.taps) == set(TAPS)
+    assert student.timestep == pytest.approx(summary["timestep"]) and student.timestep != 261.0
+    for k, v in student.unet.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    base_w = load_file(tiny_base_dir / "unet" / "diffusion_pytorch_model.safetensors")["conv_in.weight"]
+    assert not torch.equal(state["conv_in.weight"], base_w)  # the student was trained
+    assert (out / "checkpoints" / "step-0000002.safetensors").is_file()
+
+
+def test_lora_student_merges_into_plain_unet(tiny_base, data_dir, tmp_path):
+    from cleandift_rt.capture import unet_taps
+    from cleandift_rt.training.trainer import plain_unet
+
+    tr = trainer(config(steps=1, lora_rank=4, lr=1e-2, warmup_steps=0), tiny_base, data_dir, tmp_path)
+    names = [n for n, _ in tr.named_params if n.startswith("student.")]
+    assert names and all("lora_" in n for n in names)
+    tr.run()
+    merged = plain_unet(tr.student)
+    assert merged is not tr.student and not any("lora" in k for k in merged.state_dict())
+    x, cond = torch.randn(1, 4, 8, 8), tiny_base.encode_prompt([""])
+    with torch.no_grad():
+        a = unet_taps(tr.student, x, 261.0, cond, ["us6"])["us6"]
+        b = unet_taps(merged, x, 261.0, cond, ["us6"])["us6"]
+        c = unet_taps(tiny_base.unet, x, 261.0, cond, ["us6"])["us6"]
+    assert torch.allclose(a, b, atol=1e-5) and not torch.allclose(a, c, atol=1e-4)
+    assert load_student(tmp_path / "student_unet.safetensors").unet is not None
+
+
+def test_gradient_checkpointing_and_bf16_train(tiny_base, data_dir, tmp_path):
+    plain = trainer(config(steps=1), tiny_base, data_dir, tmp_path / "a")
+    ckpt = trainer(config(steps=1, gradient_checkpointing=True), tiny_base, data_dir, tmp_path / "b")
+    ra, rb = plain.train_step(), ckpt.train_step()
+    assert ra["loss"] == pytest.approx(rb["loss"], abs=1e-5)
+    for (name, p), (_, q) in zip(plain.named_params, ckpt.named_params):
+        assert torch.allclose(p, q, atol=1e-6), name
+    bf16 = trainer(config(steps=1, bf16=True), tiny_base, data_dir, tmp_path / "c")
+    rc = bf16.train_step()
+    assert rc["loss"] == pytest.approx(ra["loss"], abs=0.05)
+
+
+# ---------------------------------------------------------------------------------------------
+# data and configuration errors
+
+
+def test_bad_data_folders_give_clear_messages(tiny_base_dir, tmp_path, capsys):
+    from cleandift_rt.training.cli import entry
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="holds no images"):
+        ImageFolder(empty)
+    with pytest.raises(ValueError, match="does not exist"):
+        ImageFolder(tmp_path / "nowhere")
+
+    uncaptioned = write_images(tmp_path / "uncaptioned", 3, captions=None)
+    with pytest.raises(ValueError, match=r"3 of 3 images .* have no caption.*--no-captions"):
+        ImageFolder(uncaptioned)
+    assert [s.caption for s in ImageFolder(uncaptioned, captions=False).samples] == ["", "", ""]
+    (uncaptioned / "img0.json").write_text("{\"text\": \"wrong field\"}")
+    with pytest.raises(ValueError, match="no string field \"caption\""):
+        ImageFolder(uncaptioned)
+
+    mixed = write_images(tmp_path / "mixed", 2)
+    (mixed / "broken.jpg").write_bytes(b"not a jpeg at all")
+    (mixed / "broken.json").write_text(json.dumps({"caption": "x"}))
+    write_images(mixed, 1, size=(40, 200), start=7)  # too small: 40 px side
+    folder = ImageFolder(mixed)
+    assert len(folder) == 2 and folder.skipped.counts == {"unreadable": 1, "too small": 1}
+    assert "broken.jpg" in folder.skipped.summary() and "img7.png" in folder.skipped.summary()
+
+    hopeless = tmp_path / "hopeless"
+    hopeless.mkdir()
+    (hopeless / "a.png").write_bytes(b"\x89PNG garbage")
+    with pytest.raises(ValueError, match=r"no usable images .* 1 unreadable"):
+        ImageFolder(hopeless, captions=False)
+
+    code = entry(["--base", str(tiny_base_dir), "--data", str(empty), "--out", str(tmp_path / "o"), "--steps", "1",
+                  "--batch-size", "1", "--size", str(SIZE), "--no-progress"])
+    assert code == 2 and "holds no images" in capsys.readouterr().err
+
+
+def test_truncated_image_is_skipped_during_training(tiny_base, tmp_path):
+    data = write_images(tmp_path / "data", 3)
+    good = (data / "img0.png").read_bytes()
+    (data / "img0.png").write_bytes(good[: len(good) // 3])  # header fine, pixels missing
+    tr = trainer(config(steps=2, batch_size=2), tiny_base, data, tmp_path / "out")
+    summary = tr.run()
+    assert summary["skipped"]["counts"] == {"unreadable": 1}
+    assert summary["images"] == 3  # the header scan accepted it; decoding rejected it once, and only once
+
+
+def test_config_presets_and_overrides(tmp_path):
+    assert build_config().lr == 2e-6 and build_config().batch_size == 8 and build_config().steps == 400
+    assert build_config().timesteps_per_image == 3 and build_config().student_timestep == 261.0
+    release = build_config("release")
+    assert release.lr == PRESETS["release"]["lr"] == 1e-5 and release.warmup_steps == 2000
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"lr": 3e-6, "steps": 10}))
+    cfg = build_config("release", path, {"steps": 20})
+    assert (cfg.lr, cfg.steps, cfg.warmup_steps) == (3e-6, 20, 2000)
+    assert parse_override("taps=[\"us6\", \"mid\"]") == ("taps", ["us6", "mid"])
+    assert build_config(overrides=dict([parse_override("taps=[\"us6\", \"mid\"]")])).taps == ["mid", "us6"]
+    assert parse_override("loss=mse") == ("loss", "mse")
+    with pytest.raises(ValueError, match="unknown config field"):
+        build_config(overrides={"learning_rate": 1})
+    with pytest.raises(ValueError, match="unknown loss"):
+        build_config(overrides={"loss": "huber"})
+    with pytest.raises(ValueError, match="unknown tap"):
+        build_config(overrides={"taps": ["us11"]})
+    with pytest.raises(ValueError, match="key=value"):
+        parse_override("lr")

@@ -1,0 +1,11 @@
+"""Train a CleanDIFT student: ``python train/train.py --base DIR --data DIR --out DIR --steps N --batch-size B``.
+
+See docs/training.md. All logic lives in ``cleandift_rt.training``.
+"""
+
+import sys
+
+from cleandift_rt.training.cli import entry
+
+if __name__ == "__main__":
+    sys.exit(entry())
