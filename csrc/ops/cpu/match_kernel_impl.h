@@ -33,6 +33,7 @@ using namespace match_detail;
 
 constexpr int64_t kChannelBlock = 256;        // KC: channels per slice (B slice KC x NR fp32 in L1)
 constexpr int64_t kRowBlockBytes = 512 << 10;  // packed source rows per task (L2 resident)
+constexpr int64_t kTasksPerThread = 16;
 
 struct FreeDeleter {
   void operator()(void* p) const { std::free(p); }
@@ -72,7 +73,7 @@ void inverse_norms(const FeatureView& v, bool check_finite, const char* name, fl
   constexpr int64_t kRows = 16;  // rows per block: channel-strided layouts then read whole lines
   const int64_t blocks = (v.rows + kRows - 1) / kRows;
   std::atomic<int64_t> first_bad{INT64_MAX};  // flat (b, row, c) position of the first NaN / Inf
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, 4)
   for (int64_t task = 0; task < v.batch * blocks; ++task) {
     const int64_t b = task / blocks, r0 = (task % blocks) * kRows;
     const int64_t nr = std::min(kRows, v.rows - r0);
@@ -153,9 +154,11 @@ void run_match(const FeatureView& src, const FeatureView& dst, DType dtype, cons
   const int64_t tiles_in_l2 = std::clamp<int64_t>(kRowBlockBytes / (MR * C * 4), 4, 16);
   const int64_t mc = std::min<int64_t>(tiles_in_l2 * MR, (N + MR - 1) / MR * MR);
   const int64_t row_blocks = (N + mc - 1) / mc;
-  // Split the columns too when there are too few row blocks to keep every thread busy.
-  const int64_t col_chunks = row_blocks >= 2 * threads ? 1
-      : std::min<int64_t>(panels, (2 * threads + row_blocks - 1) / row_blocks);
+  // Split the columns too when there are few row blocks: >= kTasksPerThread dynamic tasks per thread
+  // keep the tail short when threads share the cores with other work.
+  const int64_t want_tasks = kTasksPerThread * threads;
+  const int64_t col_chunks = row_blocks >= want_tasks ? 1
+      : std::clamp<int64_t>((want_tasks + row_blocks - 1) / row_blocks, 1, std::max<int64_t>(panels / 4, 1));
   const int64_t panels_per_chunk = (panels + col_chunks - 1) / col_chunks;
   const int64_t tasks = row_blocks * col_chunks;
 
@@ -169,7 +172,7 @@ void run_match(const FeatureView& src, const FeatureView& dst, DType dtype, cons
 #pragma omp parallel num_threads(threads)
     {
       with_dtype(dtype, [&](auto d) {
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 8)
         for (int64_t p = 0; p < panels; ++p)
           pack_panel<decltype(d)::value, NR>(dst, b, p * NR, inv_dst.data(), packed_dst.get() + p * C * NR);
       });
