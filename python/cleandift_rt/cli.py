@@ -587,7 +587,7 @@ def main(argv=None) -> int:
         return 0
     try:
         return int(args.func(args) or 0)
-    except (UserError, ValueError, TypeError, FileNotFoundError, ImportError) as exc:
+    except (UserError, ValueError, TypeError, OSError, ImportError, RuntimeError) as exc:
         if os.environ.get("CLEANDIFT_RT_DEBUG"):
             raise
         print(f"error: {exc}", file=sys.stderr)
