@@ -153,7 +153,7 @@ def test_eval_spair_onnx_engine_without_base_uses_the_baked_prompt(demo, spair, 
             for avg in ("point", "image"):
                 assert 0 <= doc["pck"][kind][a][avg] <= 100
     assert doc["counts"]["pairs"] == 6 and doc["counts"]["keypoints"] == 6 * 12
-    assert doc["counts"]["skipped"]["pairs"]["malformed annotation"] == 2
+    assert doc["counts"]["skipped"]["pairs"]["malformed annotation"] == 3
     assert doc["counts"]["skipped"]["pairs"]["image cannot be decoded"] == 1
     assert doc["per_category"]["coffee"]["pairs"] == 2 and "baseline" not in doc
     rows = list(csv.DictReader(open(out.with_suffix(".csv"))))

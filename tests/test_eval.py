@@ -194,9 +194,9 @@ def test_spair_loader_reads_the_official_layout_and_counts_malformed_files(spair
     ids = [p.pair_id for p in pairs]
     assert set(spair["truth"]) <= set(ids) and len(pairs) == len(spair["truth"]) + 4
     assert [p.category for p in pairs] == sorted(p.category for p in pairs)
-    assert skips.pairs["malformed annotation file (invalid JSON)"] == 1
-    assert skips.pairs["malformed annotation"] == 2  # missing fields, keypoint counts differ
-    assert any("correspond 1:1" in w for w in skips.examples["malformed annotation"])
+    assert skips.pairs["malformed annotation"] == 3  # invalid JSON, missing fields, keypoint counts differ
+    for what in ("invalid JSON", "missing field(s) trg_imname", "correspond 1:1"):
+        assert any(what in w for w in skips.examples["malformed annotation"]), what
     p = next(p for p in pairs if p.pair_id.startswith("000003"))
     assert p.category == "coffee" and p.target.name == "coffee_rot.jpg" and p.target_size == (300, 200)
     assert np.allclose(p.target_points, spair["truth"][p.pair_id][1], atol=1e-3)

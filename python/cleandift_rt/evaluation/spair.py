@@ -68,7 +68,7 @@ def load_spair(root: str | Path, split: str = "test", categories=None, limit: in
             pair = make_pair(ann.get("pair_id", f.stem), category, img_dir / ann["src_imname"], img_dir / ann["trg_imname"],
                              ann["src_kps"], ann["trg_kps"], ann["trg_bndbox"], ann.get("src_imsize"), ann.get("trg_imsize"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            skips.skip_pair("malformed annotation file (invalid JSON)", f"{f.name}: {exc}")
+            skips.skip_pair("malformed annotation", f"{f.name}: invalid JSON ({exc})")
             continue
         except ValueError as exc:
             skips.skip_pair("malformed annotation", f"{f.name}: {exc}")
