@@ -164,3 +164,17 @@ def test_every_simd_path_matches_pytorch(disable, kernel):
 
 def test_public_names():
     assert cleandift_rt.project is project
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CUDA entry point's host side without a GPU")
+def test_cuda_entry_point_host_side():
+    from cleandift_rt.build_info import native
+
+    if not cleandift_rt.build_info()["cuda_compiled"]:
+        with pytest.raises(RuntimeError, match="no CUDA kernels"):
+            native().project_cuda(0, 0, 1, 4, 8, "float16", 0, 0, 0, 0)
+        return
+    with pytest.raises(ValueError, match="empty input"):
+        native().project_cuda(0, 0, 0, 4, 8, "float16", 0, 0, 0, 0)
+    with pytest.raises(RuntimeError, match=r"project \(CUDA\) allocating the residual stream: cudaError"):
+        native().project_cuda(0, 0, 1, 4, 8, "bfloat16", 0, 0, 0, 0)

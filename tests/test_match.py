@@ -343,3 +343,20 @@ def test_property_against_brute_force(b, n, m, c, k, mutual, layout, seed, pool)
 
 def test_public_names():
     assert cleandift_rt.match is match
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CUDA entry point's host side without a GPU")
+def test_cuda_entry_point_host_side():
+    """Arguments are checked before any CUDA call; without a driver the call fails with a clear error."""
+    from cleandift_rt.build_info import native
+
+    if not cleandift_rt.build_info()["cuda_compiled"]:
+        with pytest.raises(RuntimeError, match="no CUDA kernels"):
+            native().match_cuda(0, 0, 1, 4, 4, 8, "float16", False, 1, 0, 0, 0)
+        return
+    with pytest.raises(ValueError, match="k = 5 exceeds the 4 target"):
+        native().match_cuda(0, 0, 1, 4, 4, 8, "float16", False, 5, 0, 0, 0)
+    with pytest.raises(ValueError, match="k <= 32 on the GPU"):
+        native().match_cuda(0, 0, 1, 4, 40, 8, "bfloat16", False, 33, 0, 0, 0)
+    with pytest.raises(RuntimeError, match=r"match \(CUDA\) allocating normalised src: cudaError"):
+        native().match_cuda(0, 0, 1, 4, 4, 8, "float32", True, 1, 0, 0, 0)
