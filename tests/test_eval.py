@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from cleandift_rt.evaluation import (EngineFeatures, PairResult, SkipLog, alpha_key, correct, evaluate, format_table,
+from cleandift_rt.evaluation import (EngineFeatures, PairResult, alpha_key, correct, evaluate, format_table,
                                      load_pairs, load_spair, results_document, summarize, transfer_points,
                                      write_results)
 from cleandift_rt.evaluation.transfer import sample_points, upsample_columns, upsample_rows
@@ -304,8 +304,10 @@ def test_runner_transfers_known_warps_exactly_and_counts_every_skip(spair, tmp_p
         for a in ("0.05", "0.1", "0.15"):
             assert s["pck"][kind][a] == {"point": 100.0, "image": 100.0}, (kind, a)
     by_id = {r.pair_id: r for r in run.results}
-    for pid in spair["truth"]:
+    for pid, (_, target_points) in spair["truth"].items():
         assert by_id[pid].distances.max() < 6.0  # 32x32 features of a ~450 px image: a few pixels at most
+        assert np.allclose(np.linalg.norm(by_id[pid].predictions - target_points, axis=1), by_id[pid].distances,
+                           atol=1e-3)
     assert run.skips.pairs["image cannot be decoded"] == 1
     assert run.skips.pairs["image file missing"] == 1
     assert run.skips.pairs["image size differs from its annotation"] == 1

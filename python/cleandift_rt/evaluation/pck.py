@@ -43,7 +43,7 @@ class PairResult:
     distances: np.ndarray  # [N] pixels in the original target image
     bbox_size: float | None  # max(bbox_w, bbox_h), None when the pair has no target box
     img_size: float  # max(W, H) of the target image
-    predictions: np.ndarray | None = field(default=None, repr=False)  # [N, 2] x, y (kept for pictures)
+    predictions: np.ndarray | None = field(default=None, repr=False)  # [N, 2] x, y in the target image
 
     def size(self, kind: str) -> float | None:
         return self.bbox_size if kind == "bbox" else self.img_size

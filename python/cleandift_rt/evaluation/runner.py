@@ -13,7 +13,7 @@ import hashlib
 import json
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -214,7 +214,6 @@ class EvalRun:
     images_cached: int = 0
     resumed_pairs: int = 0
     extract_seconds: float = 0.0
-    details: dict = field(default_factory=dict)
 
 
 class _ImageFailure(Exception):
@@ -253,8 +252,7 @@ def _inside(points: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def evaluate(pairs: list[Pair], source, *, cache_dir: str | Path | None = None, journal: str | Path | None = None,
-             resume: bool = True, skips: SkipLog | None = None, progress: bool = True, matcher=None,
-             keep_predictions: bool = False) -> EvalRun:
+             resume: bool = True, skips: SkipLog | None = None, progress: bool = True, matcher=None) -> EvalRun:
     """Transfer every pair's keypoints with ``source``'s features and return per-pair errors.
 
     A pair is skipped (and counted by reason) when an image is missing, cannot be decoded, differs
@@ -298,7 +296,7 @@ def evaluate(pairs: list[Pair], source, *, cache_dir: str | Path | None = None, 
     for pair in bar:
         rec = log.done.get(pair.pair_id)
         if rec is None:
-            rec = _evaluate_pair(pair, features, matcher, keep_predictions)
+            rec = _evaluate_pair(pair, features, matcher)
             log.add(rec)
         else:
             resumed += 1
@@ -314,7 +312,7 @@ def evaluate(pairs: list[Pair], source, *, cache_dir: str | Path | None = None, 
                    extract_seconds=extract_seconds)
 
 
-def _evaluate_pair(pair: Pair, features, matcher, keep_predictions: bool) -> dict:
+def _evaluate_pair(pair: Pair, features, matcher) -> dict:
     try:
         sizes = []
         for path, annotated in ((pair.source, pair.source_size), (pair.target, pair.target_size)):
@@ -338,6 +336,5 @@ def _evaluate_pair(pair: Pair, features, matcher, keep_predictions: bool) -> dic
     else:  # no annotated box: the extent of the target keypoints (ProposalFlow's PCK@bbox)
         extent = float((trg_pts.max(0) - trg_pts.min(0)).max()) if len(trg_pts) > 1 else 0.0
         box_size = extent if extent > 0 else None
-    result = PairResult(pair.pair_id, pair.category, distances, box_size, float(max(sizes[1])),
-                        pred if keep_predictions else None)
+    result = PairResult(pair.pair_id, pair.category, distances, box_size, float(max(sizes[1])), pred)
     return {"pair_id": pair.pair_id, "result": result.to_json(), "dropped": dropped}
