@@ -94,6 +94,16 @@ def test_fp32_islands_cover_attention_scores_and_norms():
     kept = {layers[i].name for i in fp32_layers(layers, "SOFTMAX", "MATMUL", {"ELEMENTWISE", "SHUFFLE", "CONSTANT"},
                                                 {"NORM"})}
     assert kept == {"norm", "scores", "scale", "const", "softmax"}  # not the projections, not P.V, not the conv
+    # a reshape between scores and softmax is followed; the integer shape math feeding it is not
+    layers = [
+        FakeLayer("scores", "MATMUL", ["q", "k"], ["s"]),
+        FakeLayer("shape_math", "ELEMENTWISE", ["dims", "heads"], ["shape"]),
+        FakeLayer("reshape", "SHUFFLE", ["s", "shape"], ["r"]),
+        FakeLayer("softmax", "SOFTMAX", ["r"], ["p"]),
+    ]
+    kept = {layers[i].name for i in fp32_layers(layers, "SOFTMAX", "MATMUL", {"ELEMENTWISE", "SHUFFLE"}, set(),
+                                                is_float=lambda layer: layer.name != "shape_math")}
+    assert kept == {"scores", "reshape", "softmax"}
 
 
 def test_precision_mix_from_inspector_json():

@@ -80,12 +80,13 @@ def check_workspace(gb) -> float:
 # -- fp32 islands ---------------------------------------------------------------------------------
 
 
-def fp32_layers(layers, softmax_type, matmul_type, passthrough_types, norm_types) -> list[int]:
+def fp32_layers(layers, softmax_type, matmul_type, passthrough_types, norm_types, is_float=lambda layer: True) -> list[int]:
     """Indices of layers to keep in fp32: every Softmax and the chain feeding it back to the first
     MatMul (attention scores and their scaling), and every normalisation layer.
 
     ``layers`` are TensorRT ``ILayer`` objects (or anything with ``type``, ``num_inputs``,
-    ``get_input(i).name``, ``num_outputs``, ``get_output(i).name``).
+    ``get_input(i).name``, ``num_outputs``, ``get_output(i).name``); ``is_float`` stops the walk
+    at shape computations (integer tensors feeding reshapes must keep their type).
     """
     producer = {}
     for i, layer in enumerate(layers):
@@ -104,7 +105,7 @@ def fp32_layers(layers, softmax_type, matmul_type, passthrough_types, norm_types
             for k in range(layers[j].num_inputs):
                 tensor = layers[j].get_input(k)
                 src = producer.get(tensor.name) if tensor is not None else None
-                if src is None or src in keep:
+                if src is None or src in keep or not is_float(layers[src]):
                     continue
                 if layers[src].type == matmul_type:
                     keep.add(src)
@@ -194,7 +195,10 @@ def build_engine(onnx_path, out, *, fp16: bool = True, batch: str | None = None,
         passthrough = {trt.LayerType.ELEMENTWISE, trt.LayerType.SCALE, trt.LayerType.SHUFFLE,
                        trt.LayerType.IDENTITY, trt.LayerType.CAST, trt.LayerType.CONSTANT}
         norms = {getattr(trt.LayerType, "NORMALIZATION")} if hasattr(trt.LayerType, "NORMALIZATION") else set()
-        for i in fp32_layers(layers, trt.LayerType.SOFTMAX, trt.LayerType.MATRIX_MULTIPLY, passthrough, norms):
+        floats = (trt.float32, trt.float16)
+        is_float = lambda layer: layer.num_outputs > 0 and layer.get_output(0).dtype in floats  # noqa: E731
+        for i in fp32_layers(layers, trt.LayerType.SOFTMAX, trt.LayerType.MATRIX_MULTIPLY, passthrough, norms,
+                             is_float):
             layer = layers[i]
             if layer.type == trt.LayerType.CONSTANT:
                 continue
