@@ -190,8 +190,9 @@ def test_eval_pairs_json(torch_engine, spair, tmp_path, capsys):  # noqa: F811
          "target_points": truth[1].tolist(), "category": "cat"}]}
     (tmp_path / "pairs.json").write_text(json.dumps(doc))
     assert main(["eval-pairs", str(tmp_path / "pairs.json"), *torch_engine, "--out", str(tmp_path / "p.json"),
-                 "--no-progress"]) == 0
+                 "--transfer", "analytic", "--no-progress"]) == 0
     res = json.loads((tmp_path / "p.json").read_text())
+    assert res["protocol"]["transfer"] == "analytic"
     assert res["counts"] == {**res["counts"], "pairs": 1, "keypoints": 12}
     assert main(["eval-pairs", str(tmp_path / "pairs.json"), *torch_engine, "--out", str(tmp_path / "p.txt")]) == 2
     assert "results are written as JSON" in capsys.readouterr().err

@@ -175,7 +175,7 @@ def _brute_force_transfer(src, trg, src_size, trg_size, pts):
     return np.stack([(idx % tw).numpy(), (idx // tw).numpy()], 1).astype(float)
 
 
-def test_transfer_points_equals_brute_force_over_many_bands():
+def test_transfer_points_equals_brute_force_over_many_bands_and_in_closed_form():
     g = torch.Generator().manual_seed(3)
     src, trg = torch.randn(16, 6, 9, generator=g), torch.randn(16, 7, 5, generator=g)
     pts = np.array([[0, 0], [70, 40], [33.2, 20.7], [143, 95]])
@@ -183,6 +183,23 @@ def test_transfer_points_equals_brute_force_over_many_bands():
     got, sim = transfer_points(src, trg, (144, 96), (80, 112), pts, band_bytes=16 * 80 * 4 * 7)  # 7-row bands
     assert np.array_equal(got, want)
     assert sim.shape == (4,) and np.all(np.abs(sim) <= 1 + 1e-5)
+    closed, closed_sim = transfer_points(src, trg, (144, 96), (80, 112), pts, method="analytic")
+    assert np.array_equal(closed, want) and np.allclose(closed_sim, sim, atol=1e-5)
+
+
+def test_closed_form_cosines_equal_the_upsampled_map():
+    from cleandift_rt.evaluation.transfer import _cosine_analytic
+
+    g = torch.Generator().manual_seed(5)
+    feats = torch.randn(32, 6, 5, generator=g, dtype=torch.float64)
+    feats[:, 2, 3] = 0  # a zero vector: cosine 0, as F.normalize gives
+    q = torch.randn(3, 32, generator=g, dtype=torch.float64)
+    for out_hw in ((6, 5), (37, 41), (11, 64)):
+        up = F.interpolate(feats[None], size=out_hw, mode="bilinear", align_corners=False)[0]
+        want = F.normalize(q, dim=1) @ F.normalize(up.flatten(1), dim=0)
+        assert torch.allclose(_cosine_analytic(q, feats, out_hw), want, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown transfer method"):
+        transfer_points(feats, feats, (5, 6), (5, 6), np.zeros((1, 2)), method="fast")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,11 +337,12 @@ def test_runner_transfers_known_warps_exactly_and_counts_every_skip(spair, tmp_p
     assert again.resumed_pairs == len(pairs) and again.images_extracted == 0
     assert summarize(again.results) == s and again.skips.pairs == run.skips.pairs
 
-    # Without the journal, features come from the disk cache.
+    # Without the journal, features come from the disk cache; the closed-form transfer agrees.
     fresh = OracleFeatures(spair)
-    cached = evaluate(pairs, fresh, cache_dir=tmp_path / "cache", progress=False)
+    cached = evaluate(pairs, fresh, cache_dir=tmp_path / "cache", progress=False, method="analytic")
     assert fresh.calls == 0 and cached.images_extracted == 0
     assert summarize(cached.results)["pck"] == s["pck"]
+    assert all(np.allclose(a.distances, b.distances, atol=1e-3) for a, b in zip(cached.results, run.results))
 
 
 def test_runner_resumes_an_interrupted_run(spair, tmp_path):

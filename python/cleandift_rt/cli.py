@@ -415,17 +415,17 @@ def _run_eval(args, pairs, skips, benchmark: str, dataset_key: str) -> int:
     inclusive = CONVENTIONS[args.threshold]
     runs = []
     for source in [main] + ([baseline] if baseline else []):
-        journal = cache / f"journal-{source.key}-{dataset_key}.jsonl"
+        journal = cache / f"journal-{source.key}-{args.transfer}-{dataset_key}.jsonl"
         if args.restart and journal.exists():
             journal.unlink()
         run_skips = SkipLog()
         run_skips.merge(skips)
         runs.append(evaluate(pairs, source, cache_dir=cache / "features", journal=journal, skips=run_skips,
-                             progress=not args.no_progress))
+                             progress=not args.no_progress, method=args.transfer))
     protocol = {"benchmark": benchmark, "tap": args.tap, "prompt": args.prompt, "threshold": args.threshold,
                 "alphas": args.alphas, "engine": str(args.engine), "base": args.base,
                 "upsampling": "bilinear to the original image size (align_corners=False)",
-                "matching": "cosine argmax over all target pixels (cleandift_rt.match)", "cache": str(cache),
+                "matching": "cosine argmax over all target pixels", "transfer": args.transfer, "cache": str(cache),
                 "dataset_key": short_hash(dataset_key)}
     doc = results_document(runs[0], runs[1] if len(runs) > 1 else None, protocol, args.alphas, inclusive)
     csv_path = Path(args.csv) if args.csv else out.with_suffix(".csv")
@@ -473,6 +473,9 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alphas", type=float, nargs="+", default=list(ALPHAS), help="PCK thresholds (default 0.05 0.1 0.15)")
     p.add_argument("--threshold", choices=list(CONVENTIONS), default="dift",
                    help="'dift': correct if distance <= alpha*size (default); 'tlfr': strictly <")
+    p.add_argument("--transfer", choices=["matcher", "analytic"], default="matcher",
+                   help="'matcher': upsampled target searched by cleandift_rt.match (default); 'analytic': the same "
+                   "cosines in closed form, no upsampled map (float64, much faster on a CPU)")
     p.add_argument("--limit", type=int, help="at most N pairs (per category for SPair): a quick look")
     p.add_argument("--cache", metavar="DIR", help="feature cache and resume journal (default: OUT_STEM.cache beside --out)")
     p.add_argument("--restart", action="store_true", help="ignore the journal of an earlier run (features stay cached)")

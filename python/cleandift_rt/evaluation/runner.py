@@ -252,18 +252,21 @@ def _inside(points: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def evaluate(pairs: list[Pair], source, *, cache_dir: str | Path | None = None, journal: str | Path | None = None,
-             resume: bool = True, skips: SkipLog | None = None, progress: bool = True, matcher=None) -> EvalRun:
+             resume: bool = True, skips: SkipLog | None = None, progress: bool = True, matcher=None,
+             method: str = "matcher") -> EvalRun:
     """Transfer every pair's keypoints with ``source``'s features and return per-pair errors.
 
     A pair is skipped (and counted by reason) when an image is missing, cannot be decoded, differs
     in size from its annotation, or fails feature extraction; keypoints outside their image are
-    dropped (and counted). ``journal`` (a ``.jsonl`` path) makes the run resumable.
+    dropped (and counted). ``journal`` (a ``.jsonl`` path) makes the run resumable. ``method``:
+    ``"matcher"`` (the native matcher on the upsampled target) or ``"analytic"`` (the same cosines
+    in closed form), see :func:`transfer.transfer_points`.
     """
     from tqdm.auto import tqdm
 
     skips = skips if skips is not None else SkipLog()
     cache = FeatureCache(cache_dir, source.key)
-    log = Journal(journal, short_hash(source.key, PROTOCOL_VERSION), resume)
+    log = Journal(journal, short_hash(source.key, PROTOCOL_VERSION, method), resume)
     broken: dict[Path, _ImageFailure] = {}
     results: list[PairResult] = []
     resumed = 0
@@ -296,7 +299,7 @@ def evaluate(pairs: list[Pair], source, *, cache_dir: str | Path | None = None, 
     for pair in bar:
         rec = log.done.get(pair.pair_id)
         if rec is None:
-            rec = _evaluate_pair(pair, features, matcher)
+            rec = _evaluate_pair(pair, features, matcher, method)
             log.add(rec)
         else:
             resumed += 1
@@ -312,7 +315,7 @@ def evaluate(pairs: list[Pair], source, *, cache_dir: str | Path | None = None, 
                    extract_seconds=extract_seconds)
 
 
-def _evaluate_pair(pair: Pair, features, matcher) -> dict:
+def _evaluate_pair(pair: Pair, features, matcher, method: str) -> dict:
     try:
         sizes = []
         for path, annotated in ((pair.source, pair.source_size), (pair.target, pair.target_size)):
@@ -329,7 +332,7 @@ def _evaluate_pair(pair: Pair, features, matcher) -> dict:
         trg_feat = features(pair.target, pair.category)
     except _ImageFailure as exc:
         return {"pair_id": pair.pair_id, "skip": exc.reason, "where": exc.where or pair.pair_id}
-    pred, _ = transfer_points(src_feat, trg_feat, sizes[0], sizes[1], src_pts, matcher)
+    pred, _ = transfer_points(src_feat, trg_feat, sizes[0], sizes[1], src_pts, matcher, method=method)
     distances = np.linalg.norm(pred - trg_pts, axis=1)
     if pair.target_bbox is not None:
         box_size = bbox_size(pair.target_bbox)

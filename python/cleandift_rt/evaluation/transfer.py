@@ -66,21 +66,77 @@ def sample_points(features: torch.Tensor, out_hw: tuple[int, int], points: np.nd
     return (top * (1 - ly) + bottom * ly).T.contiguous()
 
 
+def _cosine_analytic(queries: torch.Tensor, features: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
+    """Cosine similarity ``[N, H * W]`` of each query with every pixel of the bilinearly upsampled map,
+    without building that map.
+
+    A bilinear vector is ``v = sum_k w_k f_k`` over the four corners of its cell, so ``q . v`` is the
+    bilinear upsampling of the low-resolution map ``q . F``, and ``|v|^2 = sum_kl w_k w_l <f_k, f_l>``
+    needs only the inner products of each low-resolution vector with its right, lower and two diagonal
+    neighbours. Computed in float64: the same value as materialising the map, to rounding.
+    """
+    out_h, out_w = out_hw
+    f = features.double()
+    _, h, w = f.shape
+    down, right = torch.arange(h).add(1).clamp(max=h - 1), torch.arange(w).add(1).clamp(max=w - 1)
+    f01, f10 = f[:, :, right], f[:, down, :]
+    f11 = f10[:, :, right]
+    norm = (f * f).sum(0)  # [h, w]; the neighbours' own norms are shifted copies of it
+    g_01, g_10, g_11, g_0110 = (f * f01).sum(0), (f * f10).sum(0), (f * f11).sum(0), (f01 * f10).sum(0)
+    dots = torch.einsum("nc,chw->nhw", queries.double(), f)
+
+    y0, y1, ly = source_index(out_h, h, torch.arange(out_h))
+    x0, x1, lx = source_index(out_w, w, torch.arange(out_w))
+    ly, lx = ly.double()[:, None], lx.double()[None, :]
+    w00, w01, w10, w11 = (1 - ly) * (1 - lx), (1 - ly) * lx, ly * (1 - lx), ly * lx  # [H, W]
+
+    def at(grid, rows, cols):  # grid[..., rows[:, None], cols[None, :]] -> [..., H, W]
+        return grid[..., rows[:, None], cols[None, :]]
+
+    n00, n01, n10, n11 = at(norm, y0, x0), at(norm, y0, x1), at(norm, y1, x0), at(norm, y1, x1)
+    norm2 = (w00 * w00 * n00 + w01 * w01 * n01 + w10 * w10 * n10 + w11 * w11 * n11
+             + 2 * (w00 * w01 * at(g_01, y0, x0) + w00 * w10 * at(g_10, y0, x0) + w00 * w11 * at(g_11, y0, x0)
+                    + w01 * w10 * at(g_0110, y0, x0) + w01 * w11 * at(g_10, y0, x1) + w10 * w11 * at(g_01, y1, x0)))
+    dot = w00 * at(dots, y0, x0) + w01 * at(dots, y0, x1) + w10 * at(dots, y1, x0) + w11 * at(dots, y1, x1)
+    eps = 1e-12  # F.normalize's floor on the norm
+    qn = queries.double().norm(dim=1).clamp(min=eps)[:, None, None]
+    return (dot / (qn * norm2.clamp(min=0).sqrt().clamp(min=eps))).reshape(len(queries), -1)
+
+
+TRANSFER_METHODS = ("matcher", "analytic")
+
+
 def transfer_points(source_features, target_features, source_size: tuple[int, int], target_size: tuple[int, int],
-                    points: np.ndarray, matcher=None, band_bytes: int = DEFAULT_BAND_BYTES) -> tuple[np.ndarray, np.ndarray]:
+                    points: np.ndarray, matcher=None, band_bytes: int = DEFAULT_BAND_BYTES,
+                    method: str = "matcher") -> tuple[np.ndarray, np.ndarray]:
     """Transfer ``points`` ([N, 2] x, y in the source image) to the target image.
 
     ``source_features`` / ``target_features``: ``[C, h, w]`` maps; ``*_size``: original ``(W, H)``.
+    ``method``: ``"matcher"`` builds the upsampled target band by band and searches it with
+    ``cleandift_rt.match``; ``"analytic"`` computes the same cosines in closed form (float64,
+    :func:`_cosine_analytic`), orders of magnitude faster on a CPU. Both take the lowest index on ties.
     Returns predicted target pixels ``[N, 2]`` (x, y, integers as float64) and cosine similarities ``[N]``.
     """
+    if method not in TRANSFER_METHODS:
+        raise ValueError(f"unknown transfer method {method!r}: use one of {', '.join(TRANSFER_METHODS)}")
     src = torch.as_tensor(source_features).float()
     trg = torch.as_tensor(target_features).float()
     if src.ndim != 3 or trg.ndim != 3 or src.shape[0] != trg.shape[0]:
         raise ValueError(f"feature maps must be [C, h, w] with the same C, got {tuple(src.shape)} and {tuple(trg.shape)}")
-    matcher = matcher or default_matcher()
     (sw, sh), (tw, th) = source_size, target_size
-    queries = sample_points(src, (sh, sw), points)[None]  # [1, N, C]
-    n, channels = queries.shape[1], trg.shape[0]
+    queries = sample_points(src, (sh, sw), points)  # [N, C]
+    if method == "analytic":
+        best_sim, best_idx = _cosine_analytic(queries, trg, (th, tw)).max(dim=1)
+        best_sim = best_sim.float()
+    else:
+        best_sim, best_idx = _match_banded(queries, trg, (th, tw), matcher or default_matcher(), band_bytes)
+    pred = torch.stack([best_idx % tw, best_idx // tw], 1).double().numpy()
+    return pred, best_sim.numpy()
+
+
+def _match_banded(queries: torch.Tensor, trg: torch.Tensor, out_hw: tuple[int, int], matcher, band_bytes: int):
+    th, tw = out_hw
+    n, channels = queries.shape[0], trg.shape[0]
     best_sim = torch.full((n,), -float("inf"))
     best_idx = torch.zeros(n, dtype=torch.long)
     columns = upsample_columns(trg, tw)  # [h, W, C]
@@ -88,11 +144,10 @@ def transfer_points(source_features, target_features, source_size: tuple[int, in
     for r0 in range(0, th, band):
         rows = torch.arange(r0, min(th, r0 + band))
         target = upsample_rows(columns, th, rows).reshape(1, -1, channels)  # [1, R * W, C], row-major pixels
-        idx, sim = matcher(queries, target)
+        idx, sim = matcher(queries[None], target)
         idx = torch.as_tensor(np.asarray(idx)).reshape(-1).long()
         sim = torch.as_tensor(np.asarray(sim)).reshape(-1).float()
         better = sim > best_sim  # strict: on a tie the earlier band (lower index) keeps the match
         best_sim = torch.where(better, sim, best_sim)
         best_idx = torch.where(better, idx + r0 * tw, best_idx)
-    pred = torch.stack([best_idx % tw, best_idx // tw], 1).double().numpy()
-    return pred, best_sim.numpy()
+    return best_sim, best_idx
