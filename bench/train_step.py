@@ -93,13 +93,18 @@ def peak_rss_gib() -> float:
     return float("nan")
 
 
-def saved_activation_gib(fn) -> float:
-    """Bytes autograd keeps for backward while ``fn()`` runs (unique storages), in GiB."""
+def saved_activation_gib(fn, params) -> float:
+    """Bytes autograd keeps for backward while ``fn()`` runs (unique storages, parameters excluded), in GiB.
+
+    Under autocast this still counts the bf16 copies of the weights; per-image figures therefore come
+    from the difference between two batch sizes (see ``per_image_activation_gib``).
+    """
+    weights = {p.untyped_storage().data_ptr() for p in params}
     seen: dict[int, int] = {}
 
     def pack(t):
-        if t.device.type != "meta":
-            storage = t.untyped_storage()
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
             seen[storage.data_ptr()] = storage.nbytes()
         return t
 
@@ -111,7 +116,10 @@ def saved_activation_gib(fn) -> float:
 
 class Setup:
     def __init__(self, variant: str, size: int, batch: int, per_image: int, seed: int = 0):
-        unet, _vae, _te = build_models(variant, seed)
+        unet, vae, text_encoder = build_models(variant, seed)
+        self.n_vae = sum(p.numel() for p in vae.parameters())
+        self.n_text = sum(p.numel() for p in text_encoder.parameters())
+        del vae, text_encoder
         from cleandift_rt import configs
         from cleandift_rt.models import _alphas_cumprod
 
@@ -122,17 +130,19 @@ class Setup:
         self.alphas = _alphas_cumprod(configs.SCHEDULER)
         gen = torch.Generator().manual_seed(seed)
         latent = size // 8
-        self.x0 = torch.randn(batch, 4, latent, latent, generator=gen)
-        self.cond = torch.randn(batch, 77, unet.config.cross_attention_dim, generator=gen)
+        self.batch = batch
+        self.x0 = torch.randn(batch + 1, 4, latent, latent, generator=gen)  # one spare row for per-image figures
+        self.cond = torch.randn(batch + 1, 77, unet.config.cross_attention_dim, generator=gen)
         self.per_image = per_image
         self.params = [*self.student.parameters(), *self.heads.parameters(), self.timestep]
         self.n_student = sum(p.numel() for p in self.student.parameters())
         self.n_heads = sum(p.numel() for p in self.heads.parameters())
 
-    def loss(self, variant: str, seed: int):
+    def loss(self, variant: str, seed: int, bf16: bool = False, batch: int | None = None):
         fn = distillation_step if variant == "ours" else release_style_step
-        out = fn(self.student, self.teacher, self.heads, self.timestep, self.x0, self.cond, self.alphas,
-                 self.per_image, torch.Generator().manual_seed(seed))
+        b = batch or self.batch
+        out = fn(self.student, self.teacher, self.heads, self.timestep, self.x0[:b], self.cond[:b], self.alphas,
+                 self.per_image, torch.Generator().manual_seed(seed), bf16=bf16)
         return out.loss if variant == "ours" else out
 
 
@@ -166,15 +176,33 @@ def bench(variant_name: str, size: int, batch: int, per_image: int, steps: int, 
     for v in ("ours", "release"):
         best = min(rounds[v], key=lambda r: r["seconds_per_step"])
         best["peak_rss_gib"] = max(r["peak_rss_gib"] for r in rounds[v])
-        best["activation_gib"] = saved_activation_gib(lambda: setup.loss(v, seed=0))
+        best["activation_gib"] = saved_activation_gib(lambda: setup.loss(v, seed=0), setup.params)
         result[v] = best
     assert abs(result["ours"]["first_loss"] - result["release"]["first_loss"]) < 1e-3 * per_image * 11, \
         "the two steps must compute the same loss"
     result["speedup"] = result["release"]["seconds_per_step"] / result["ours"]["seconds_per_step"]
     result["activation_ratio"] = result["release"]["activation_gib"] / result["ours"]["activation_gib"]
     if variant_name == "sd21":
-        result["activation_gib_per_image_at_768"] = result["ours"]["activation_gib"] / batch * (768 / size) ** 2
+        scale = (768 / size) ** 2  # activations grow with pixels (SDPA keeps no attention matrix)
+        result["activation_gib_per_image_at_768"] = per_image_activation_gib(setup, bf16=False) * scale
+        result["activation_gib_per_image_at_768_bf16"] = per_image_activation_gib(setup, bf16=True) * scale
+        result["static_gib"] = static_training_gib(setup)
     return result
+
+
+def per_image_activation_gib(setup: "Setup", bf16: bool) -> float:
+    """Saved-for-backward bytes of one more image in the batch (ours), in GiB."""
+    b = setup.batch
+    more = saved_activation_gib(lambda: setup.loss("ours", 0, bf16=bf16, batch=b + 1), setup.params)
+    return more - saved_activation_gib(lambda: setup.loss("ours", 0, bf16=bf16, batch=b), setup.params)
+
+
+def static_training_gib(setup: "Setup") -> dict:
+    """Memory that does not depend on the batch: fp32 weights, grads and Adam moments of what trains,
+    fp32 weights of the frozen teacher, VAE and text encoder (SD 2.1 sizes from build_models)."""
+    return {"student_weights_grads_adam": setup.n_student * 16 / GIB, "heads_weights_grads_adam": setup.n_heads * 16 / GIB,
+            "teacher_weights": setup.n_student * 4 / GIB, "vae_weights": setup.n_vae * 4 / GIB,
+            "text_encoder_weights": setup.n_text * 4 / GIB}
 
 
 def report(r: dict) -> None:
@@ -188,7 +216,12 @@ def report(r: dict) -> None:
     print(f"  speedup ours vs release-style: {r['speedup']:.2f}x; activation memory {r['activation_ratio']:.2f}x less")
     if "activation_gib_per_image_at_768" in r:
         per = r["activation_gib_per_image_at_768"]
-        print(f"  extrapolated activations at 768 px: {per:.2f} GiB per image, {8 * per:.1f} GiB at batch 8 (ours)")
+        per16 = r["activation_gib_per_image_at_768_bf16"]
+        static = sum(r["static_gib"].values())
+        print(f"  extrapolated activations at 768 px (ours): {per:.2f} GiB per image fp32, {per16:.2f} GiB bf16 autocast")
+        print(f"  static training memory (fp32 weights, grads, Adam; frozen teacher, VAE, text encoder): {static:.1f} GiB")
+        print(f"  estimate at 768 px, batch 8: {static + 8 * per:.1f} GiB fp32, {static + 8 * per16:.1f} GiB bf16 autocast "
+              "(+ CUDA context, allocator slack, transient teacher/VAE activations)")
 
 
 def main() -> None:

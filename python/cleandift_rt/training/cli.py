@@ -75,4 +75,8 @@ def entry(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError) as exc:
         print(f"train.py: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ntrain.py: interrupted; continue from the last checkpoint with the same command plus --resume",
+              file=sys.stderr)
+        return 130
     return 0

@@ -39,6 +39,7 @@ CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
 UNET_FILE = "student_unet.safetensors"
 FULL_FILE = "student_full.safetensors"
+VAE_CHUNK = 2  # images per VAE encode: at 768 px its activations would otherwise outgrow the U-Nets'
 _CHECKPOINT_NAME = re.compile(r"^step-(\d+)\.safetensors$")
 
 
@@ -183,10 +184,9 @@ class Trainer:
             self.log("validation: no decodable held-out images, validation is off")
             return None
         latents, conds = [], []
-        for start in range(0, len(captions), self.config.batch_size):
-            chunk = pixels[start:start + self.config.batch_size].to(self.device)
-            latents.append(self.base.encode_images(chunk))
-            conds.append(self._encode_text(captions[start:start + self.config.batch_size]))
+        for start in range(0, len(captions), VAE_CHUNK):
+            latents.append(self.base.encode_images(pixels[start:start + VAE_CHUNK].to(self.device)))
+            conds.append(self._encode_text(captions[start:start + VAE_CHUNK]))
         latents = torch.cat(latents)
         gen = torch.Generator(self.device).manual_seed(self.config.seed + 1)
         noise = torch.randn(latents.shape, generator=gen, device=self.device)
@@ -306,7 +306,8 @@ class Trainer:
         for _ in range(c.grad_accum):
             pixels, captions = self.sampler.next_batch(c.batch_size)
             with torch.no_grad():
-                x0 = self.base.encode_images(pixels.to(self.device), sample=True, generator=self.generator)
+                x0 = torch.cat([self.base.encode_images(chunk.to(self.device), sample=True, generator=self.generator)
+                                for chunk in pixels.split(VAE_CHUNK)])
                 cond = self._encode_text(captions)
             out = distillation_step(self.student, self.teacher, self.heads, self.timestep, x0, cond,
                                     self.base.alphas_cumprod, c.timesteps_per_image, self.generator, c.loss,
@@ -382,13 +383,4 @@ class Trainer:
         timestep = float(self.timestep.detach())
         save_student_unet(self.out / UNET_FILE, unet, timestep)
         save_student_full(self.out / FULL_FILE, unet, self.heads, timestep, teacher=self.teacher, vae=self.base.vae)
-
-
-def load_checkpoint_student(path: str | Path) -> dict[str, torch.Tensor]:
-    """The trainable tensors of a training checkpoint (``student.*``, ``heads.*``, ``timestep``), for inspection."""
-    state = read_safetensors(path)
-    meta = read_safetensors_metadata(path)
-    if meta.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a training checkpoint")
-    return {k: v for k, v in state.items() if k.startswith(("student.", "heads.")) or k == "student_timestep"}
 
