@@ -1,9 +1,10 @@
 // The CPU matching driver, templated on a register-tile micro-kernel `Micro` (MR x NR floats):
 //
 //   1. one pass over src and dst: inverse norms (+ NaN/Inf check);
-//   2. per batch: dst normalised once and packed into NR-column panels [panel][C][NR];
-//   3. OpenMP over (row block of MC source vectors, column chunk): the row block is normalised and
-//      packed into MR-row panels [panel][C][MR]; for every dst panel the MC x NR similarity block is
+//   2. per batch: dst normalised once and packed into NR-column panels [panel][C][NR], src into
+//      MR-row panels [panel][C][MR];
+//   3. OpenMP over (row block of MC source vectors, column chunk): for every dst panel the MC x NR
+//      similarity block is
 //      accumulated over KC-deep channel slices (the B slice stays in L1, the A block in L2) and
 //      reduced while it is hot: row argmax / top-k and, for mutual NN, the column max.
 //   4. per-row results of the column chunks and per-thread column maxima are merged (ties: lowest
@@ -31,7 +32,7 @@ namespace {
 
 using namespace match_detail;
 
-constexpr int64_t kChannelBlock = 256;        // KC: channels per slice (B slice KC x NR fp32 in L1)
+constexpr int64_t kSliceBytes = 16 << 10;     // KC x NR fp32 B slice: half of L1, next to the A slice
 constexpr int64_t kRowBlockBytes = 512 << 10;  // packed source rows per task (L2 resident)
 constexpr int64_t kTasksPerThread = 16;
 
@@ -67,23 +68,42 @@ void with_dtype(DType dtype, F&& f) {
   }
 }
 
-// Inverse L2 norms of every [b, row] vector (accumulated in double), into inv[b * rows + row].
+// Inverse L2 norms of every [b, row] vector (accumulated in double), into inv[b * rows + row];
+// `first_bad` gets the flat (b, row, c) position of the first NaN / Inf. Called inside a parallel
+// region (work-shared, no barrier: few barriers matter when the cores are shared).
 template <DType D>
-void inverse_norms(const FeatureView& v, bool check_finite, const char* name, float* inv) {
+void inverse_norms(const FeatureView& v, bool check_finite, float* inv, std::atomic<int64_t>& first_bad) {
   constexpr int64_t kRows = 16;  // rows per block: channel-strided layouts then read whole lines
   const int64_t blocks = (v.rows + kRows - 1) / kRows;
-  std::atomic<int64_t> first_bad{INT64_MAX};  // flat (b, row, c) position of the first NaN / Inf
-#pragma omp parallel for schedule(dynamic, 4)
+#pragma omp for schedule(dynamic, 4) nowait
   for (int64_t task = 0; task < v.batch * blocks; ++task) {
     const int64_t b = task / blocks, r0 = (task % blocks) * kRows;
     const int64_t nr = std::min(kRows, v.rows - r0);
     const int64_t base = b * v.stride_batch + r0 * v.stride_row;
     double acc[kRows] = {0};
     bool bad = false;
-    for (int64_t c = 0; c < v.channels; ++c) {
+    if (v.stride_channel == 1) {  // contiguous vectors: 8 partial sums per vector (vectorisable)
       for (int64_t r = 0; r < nr; ++r) {
-        const float x = Element<D>::load(v.data, base + r * v.stride_row + c * v.stride_channel);
-        acc[r] += static_cast<double>(x) * x;
+        const int64_t off = base + r * v.stride_row;
+        double part[8] = {0};
+        int64_t c = 0;
+        for (; c + 8 <= v.channels; c += 8)
+          for (int j = 0; j < 8; ++j) {
+            const double x = Element<D>::load(v.data, off + c + j);
+            part[j] += x * x;
+          }
+        for (; c < v.channels; ++c) {
+          const double x = Element<D>::load(v.data, off + c);
+          part[0] += x * x;
+        }
+        acc[r] = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+      }
+    } else {  // channel-strided ([B, C, h, w]): a block of vectors per channel, whole cache lines
+      for (int64_t c = 0; c < v.channels; ++c) {
+        for (int64_t r = 0; r < nr; ++r) {
+          const float x = Element<D>::load(v.data, base + r * v.stride_row + c * v.stride_channel);
+          acc[r] += static_cast<double>(x) * x;
+        }
       }
     }
     for (int64_t r = 0; r < nr; ++r) {
@@ -105,13 +125,13 @@ void inverse_norms(const FeatureView& v, bool check_finite, const char* name, fl
       }
     }
   }
-  const int64_t flat = first_bad.load();
-  if (check_finite && flat != INT64_MAX) {
-    const int64_t c = flat % v.channels, row = (flat / v.channels) % v.rows, b = flat / v.channels / v.rows;
-    throw std::domain_error(std::string(name) + " contains NaN or Inf (first at batch " + std::to_string(b) +
-                            ", vector " + std::to_string(row) + ", channel " + std::to_string(c) +
-                            "); clean the features or pass allow_nonfinite=True (NaN similarities never win)");
-  }
+}
+
+[[noreturn]] void throw_nonfinite(const FeatureView& v, const char* name, int64_t flat) {
+  const int64_t c = flat % v.channels, row = (flat / v.channels) % v.rows, b = flat / v.channels / v.rows;
+  throw std::domain_error(std::string(name) + " contains NaN or Inf (first at batch " + std::to_string(b) +
+                          ", vector " + std::to_string(row) + ", channel " + std::to_string(c) +
+                          "); clean the features or pass allow_nonfinite=True (NaN similarities never win)");
 }
 
 // Normalised, zero-padded panels of `width` vectors: out[p][c][w] = x[first + p*width + w, c] * inv.
@@ -138,14 +158,19 @@ template <class Micro>
 void run_match(const FeatureView& src, const FeatureView& dst, DType dtype, const MatchOptions& opt,
                const MatchOutput& out) {
   constexpr int MR = Micro::MR, NR = Micro::NR;
+  constexpr int64_t kChannelBlock = kSliceBytes / (NR * 4);  // KC
   const int64_t B = src.batch, N = src.rows, M = dst.rows, C = src.channels;
   const int k = opt.k;
 
   std::vector<float> inv_src(B * N), inv_dst(B * M);
+  std::atomic<int64_t> bad_src{INT64_MAX}, bad_dst{INT64_MAX};
+#pragma omp parallel
   with_dtype(dtype, [&](auto d) {
-    inverse_norms<decltype(d)::value>(src, opt.check_finite, "src", inv_src.data());
-    inverse_norms<decltype(d)::value>(dst, opt.check_finite, "dst", inv_dst.data());
+    inverse_norms<decltype(d)::value>(src, opt.check_finite, inv_src.data(), bad_src);
+    inverse_norms<decltype(d)::value>(dst, opt.check_finite, inv_dst.data(), bad_dst);
   });
+  if (opt.check_finite && bad_src.load() != INT64_MAX) throw_nonfinite(src, "src", bad_src.load());
+  if (opt.check_finite && bad_dst.load() != INT64_MAX) throw_nonfinite(dst, "dst", bad_dst.load());
 
   const int threads = omp_get_max_threads();
   const int64_t panels = (M + NR - 1) / NR;
@@ -162,7 +187,9 @@ void run_match(const FeatureView& src, const FeatureView& dst, DType dtype, cons
   const int64_t panels_per_chunk = (panels + col_chunks - 1) / col_chunks;
   const int64_t tasks = row_blocks * col_chunks;
 
+  const int64_t src_panels = (N + MR - 1) / MR;
   auto packed_dst = aligned_buffer<float>(panels * C * NR);
+  auto packed_src = aligned_buffer<float>(src_panels * C * MR);  // whole batch: column chunks share it
   std::vector<RowResult> chunk_rows(static_cast<size_t>(col_chunks) * N * k);
   // Column maxima (mutual): one array per thread, merged after each batch.
   std::vector<uint64_t> col_keys(opt.mutual ? static_cast<size_t>(threads) * M : 0);
@@ -173,12 +200,16 @@ void run_match(const FeatureView& src, const FeatureView& dst, DType dtype, cons
     {
       with_dtype(dtype, [&](auto d) {
 #pragma omp for schedule(dynamic, 8)
-        for (int64_t p = 0; p < panels; ++p)
-          pack_panel<decltype(d)::value, NR>(dst, b, p * NR, inv_dst.data(), packed_dst.get() + p * C * NR);
+        for (int64_t p = 0; p < panels + src_panels; ++p) {
+          if (p < panels)
+            pack_panel<decltype(d)::value, NR>(dst, b, p * NR, inv_dst.data(), packed_dst.get() + p * C * NR);
+          else
+            pack_panel<decltype(d)::value, MR>(src, b, (p - panels) * MR, inv_src.data(),
+                                               packed_src.get() + (p - panels) * C * MR);
+        }
       });
       const int tid = omp_get_thread_num();
       uint64_t* ckeys = opt.mutual ? col_keys.data() + static_cast<size_t>(tid) * M : nullptr;
-      auto packed_src = aligned_buffer<float>(mc * C);
       auto tiles = aligned_buffer<float>(mc * NR);                     // the MC x NR block
       auto lane_value = aligned_buffer<float>(k == 1 ? mc * NR : 0);   // k = 1: per-lane row best
       auto lane_index = aligned_buffer<int32_t>(k == 1 ? mc * NR : 0);
@@ -191,10 +222,7 @@ void run_match(const FeatureView& src, const FeatureView& dst, DType dtype, cons
         const int64_t i0 = rb * mc, rows = std::min(mc, N - i0);
         const int64_t row_panels = (rows + MR - 1) / MR;
         const int64_t p_begin = chunk * panels_per_chunk, p_end = std::min(panels, p_begin + panels_per_chunk);
-        with_dtype(dtype, [&](auto d) {
-          for (int64_t rp = 0; rp < row_panels; ++rp)
-            pack_panel<decltype(d)::value, MR>(src, b, i0 + rp * MR, inv_src.data(), packed_src.get() + rp * C * MR);
-        });
+        const float* block = packed_src.get() + (i0 / MR) * C * MR;  // mc is a multiple of MR
         if (k == 1) {
           std::fill(lane_value.get(), lane_value.get() + rows * NR, -INFINITY);
           std::fill(lane_index.get(), lane_index.get() + rows * NR, INT32_MAX);
@@ -209,7 +237,7 @@ void run_match(const FeatureView& src, const FeatureView& dst, DType dtype, cons
           for (int64_t c0 = 0; c0 < C; c0 += kChannelBlock) {
             const int64_t kc = std::min(kChannelBlock, C - c0);
             for (int64_t rp = 0; rp < row_panels; ++rp)
-              Micro::run(packed_src.get() + rp * C * MR + c0 * MR, bpanel + c0 * NR, kc,
+              Micro::run(block + rp * C * MR + c0 * MR, bpanel + c0 * NR, kc,
                          tiles.get() + rp * MR * NR, c0 > 0);
           }
           // Epilogue on the hot block: padded columns can never win.
@@ -276,13 +304,13 @@ void run_match(const FeatureView& src, const FeatureView& dst, DType dtype, cons
       }
     }  // omp parallel
 
-    // Merge the column chunks of every row, then the per-thread column maxima.
+    // Merge the column chunks of every row, then the per-thread column maxima (serial: O(N + M)
+    // work is not worth another barrier).
     int64_t* out_index = out.index + b * N * k;
     float* out_sim = out.similarity + b * N * k;
-#pragma omp parallel for schedule(static)
+    std::vector<float> v(k);
+    std::vector<int64_t> idx(k);
     for (int64_t i = 0; i < N; ++i) {
-      std::vector<float> v(k);
-      std::vector<int64_t> idx(k);
       topk_init(v.data(), idx.data(), k);
       for (int64_t chunk = 0; chunk < col_chunks; ++chunk)
         for (int j = 0; j < k; ++j) {
@@ -296,7 +324,6 @@ void run_match(const FeatureView& src, const FeatureView& dst, DType dtype, cons
       }
     }
     if (opt.mutual) {
-#pragma omp parallel for schedule(static)
       for (int64_t j = 0; j < M; ++j)
         for (int t = 1; t < threads; ++t) col_keys[j] = std::max(col_keys[j], col_keys[static_cast<size_t>(t) * M + j]);
       for (int64_t i = 0; i < N; ++i) out_index[i] = mutual_index(i, out_index[i], col_keys.data());
