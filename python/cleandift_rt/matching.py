@@ -98,11 +98,10 @@ def sample_points(features: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
                          f"got shape {tuple(points.shape)}")
     h, w = features.shape[-2:]
     scale = torch.tensor([max(w - 1, 1), max(h - 1, 1)], dtype=torch.float32, device=points.device)
-    grid = (points.float() / scale * 2 - 1).to(features.device)
-    grid = grid.to(torch.float32 if features.dtype == torch.float32 else features.dtype)
-    sampled = F.grid_sample(features, grid[:, :, None, :], mode="bilinear", padding_mode="border",
+    grid = (points.float().to(features.device) / scale.to(features.device) * 2 - 1)
+    sampled = F.grid_sample(features.float(), grid[:, :, None, :], mode="bilinear", padding_mode="border",
                             align_corners=True)
-    return sampled[..., 0].transpose(1, 2)
+    return sampled[..., 0].transpose(1, 2).to(features.dtype)
 
 
 def _scale_xy(image_size: Sequence[int] | None, feature_size: tuple[int, int]) -> tuple[float, float]:
@@ -112,24 +111,30 @@ def _scale_xy(image_size: Sequence[int] | None, feature_size: tuple[int, int]) -
     return image_size[1] / feature_size[1], image_size[0] / feature_size[0]
 
 
-def _soft_argmax(src_rows, dst, index, window, temperature):
-    """Window soft-argmax around each argmax: expected (x, y) under softmax(similarity / T)."""
+def _soft_argmax(src_rows, dst, index, window, temperature, chunk_bytes=64 * 2**20):
+    """Window soft-argmax around each argmax: expected (x, y) under softmax(similarity / T).
+    Rows go in chunks so the gathered windows stay under `chunk_bytes`."""
     b, c, h, w = dst.shape
     radius = window // 2
     offs = torch.arange(-radius, radius + 1, device=index.device)
-    x0, y0 = index % w, index // w                                   # [B, N]
-    xs = (x0[..., None, None] + offs[None, None, None, :]).expand(-1, -1, window, -1)
-    ys = (y0[..., None, None] + offs[None, None, :, None]).expand(-1, -1, -1, window)
-    inside = (xs >= 0) & (xs < w) & (ys >= 0) & (ys < h)
-    flat = (ys.clamp(0, h - 1) * w + xs.clamp(0, w - 1)).flatten(2)  # [B, N, window^2]
-    dst_n = F.normalize(dst.flatten(2).transpose(1, 2).float(), dim=-1)
-    src_n = F.normalize(src_rows.float(), dim=-1)
-    cand = torch.gather(dst_n, 1, flat.flatten(1)[..., None].expand(-1, -1, c)).view(b, -1, window * window, c)
-    sims = torch.einsum("bnc,bnwc->bnw", src_n, cand).masked_fill(~inside.flatten(2), float("-inf"))
-    weights = torch.softmax(sims / temperature, dim=-1)
-    x = (weights * xs.flatten(2).float()).sum(-1)
-    y = (weights * ys.flatten(2).float()).sum(-1)
-    return torch.stack([x, y], dim=-1)
+    dst_n = F.normalize(dst.flatten(2).transpose(1, 2).float(), dim=-1)   # [B, M, C]
+    rows = max(1, chunk_bytes // (4 * b * window * window * c))
+    out = []
+    for i in range(0, index.shape[1], rows):
+        idx = index[:, i:i + rows]
+        x0, y0 = idx % w, idx // w                                       # [B, n]
+        xs = (x0[..., None, None] + offs[None, None, None, :]).expand(-1, -1, window, -1)
+        ys = (y0[..., None, None] + offs[None, None, :, None]).expand(-1, -1, -1, window)
+        inside = (xs >= 0) & (xs < w) & (ys >= 0) & (ys < h)
+        flat = (ys.clamp(0, h - 1) * w + xs.clamp(0, w - 1)).flatten(2)  # [B, n, window^2]
+        cand = torch.gather(dst_n, 1, flat.flatten(1)[..., None].expand(-1, -1, c))
+        cand = cand.view(b, -1, window * window, c)
+        src_n = F.normalize(src_rows[:, i:i + rows].float(), dim=-1)
+        sims = torch.einsum("bnc,bnwc->bnw", src_n, cand).masked_fill(~inside.flatten(2), float("-inf"))
+        weights = torch.softmax(sims / temperature, dim=-1)
+        out.append(torch.stack([(weights * xs.flatten(2).float()).sum(-1),
+                                (weights * ys.flatten(2).float()).sum(-1)], dim=-1))
+    return torch.cat(out, 1)
 
 
 def match(src, dst, *, mutual: bool = False, k: int = 1, points=None, coords: str = "index",
