@@ -308,19 +308,25 @@ void run_match(const FeatureView& src, const FeatureView& dst, DType dtype, cons
     // work is not worth another barrier).
     int64_t* out_index = out.index + b * N * k;
     float* out_sim = out.similarity + b * N * k;
-    std::vector<float> v(k);
-    std::vector<int64_t> idx(k);
+    std::vector<int64_t> head(col_chunks);  // k-way merge of the chunks' sorted lists: O(k * chunks)
     for (int64_t i = 0; i < N; ++i) {
-      topk_init(v.data(), idx.data(), k);
-      for (int64_t chunk = 0; chunk < col_chunks; ++chunk)
-        for (int j = 0; j < k; ++j) {
-          const RowResult& r = chunk_rows[(chunk * N + i) * k + j];
-          if (r.index != INT64_MAX) topk_insert(v.data(), idx.data(), k, r.value, r.index);
-        }
+      std::fill(head.begin(), head.end(), 0);
       for (int j = 0; j < k; ++j) {
-        finalize_entry(v[j], idx[j]);
-        out_index[i * k + j] = idx[j];
-        out_sim[i * k + j] = v[j];
+        float v = -INFINITY;
+        int64_t idx = INT64_MAX, from = -1;
+        for (int64_t chunk = 0; chunk < col_chunks; ++chunk) {
+          if (head[chunk] == k) continue;
+          const RowResult& r = chunk_rows[(chunk * N + i) * k + head[chunk]];
+          if (r.index != INT64_MAX && better(r.value, r.index, v, idx)) {
+            v = r.value;
+            idx = r.index;
+            from = chunk;
+          }
+        }
+        if (from >= 0) ++head[from];
+        finalize_entry(v, idx);
+        out_index[i * k + j] = idx;
+        out_sim[i * k + j] = v;
       }
     }
     if (opt.mutual) {
