@@ -57,6 +57,25 @@ def timed(fn, repeats: int) -> tuple[float, float, object]:
     return best, mem.extra_mb, result
 
 
+def compare(fns: dict, repeats: int) -> dict:
+    """{name: (best seconds, peak extra MB, result)}: one memory-measured warm-up call per method,
+    then `repeats` rounds calling every method in turn (round-robin: on shared cores, load changes
+    hit all methods alike instead of whichever ran during a busy second). repeats = 0 times the
+    warm-up calls themselves."""
+    out = {}
+    for name, fn in fns.items():
+        t0 = time.perf_counter()
+        with PeakMemory() as mem:
+            result = fn()
+        out[name] = [time.perf_counter() - t0 if repeats == 0 else float("inf"), mem.extra_mb, result]
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            out[name][2] = fn()
+            out[name][0] = min(out[name][0], time.perf_counter() - t0)
+    return {name: tuple(v) for name, v in out.items()}
+
+
 def sgemm_gflops(size: int = 2048, repeats: int = 5) -> float:
     """This machine's fp32 GEMM throughput now (torch.mm, size^3), the yardstick of the targets."""
     a, b = torch.randn(size, size), torch.randn(size, size)

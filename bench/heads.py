@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, sgemm_gflops, timed, write_json  # noqa: E402
+from _common import compare, machine, sgemm_gflops, write_json  # noqa: E402
 
 from cleandift_rt import project  # noqa: E402
 from cleandift_rt.heads import HEAD_LAYERS, ProjectionHeads  # noqa: E402
@@ -38,9 +38,10 @@ def run(dim: int, size: int, batch: int, repeats: int) -> dict:
     t0 = time.perf_counter()
     project(x, 261, heads, "us6")              # packs the weights and caches cond(261)
     first = time.perf_counter() - t0
-    ours_s, ours_mem, out = timed(lambda: project(x, 261, heads, "us6"), repeats)
     with torch.no_grad():
-        torch_s, torch_mem, ref = timed(lambda: heads("us6", x, 261), repeats)
+        res = compare({"ours": lambda: project(x, 261, heads, "us6"), "torch": lambda: heads("us6", x, 261)},
+                      repeats)
+    (ours_s, ours_mem, out), (torch_s, torch_mem, ref) = res["ours"], res["torch"]
     err = ((out - ref).abs().max() / ref.abs().max()).item()
     row = {"D": dim, "pixels": size * size, "B": batch, "gflop": flop / 1e9, "sgemm_gflops": gemm,
            "ours_s": ours_s, "ours_first_call_s": first, "ours_gflops": flop / ours_s / 1e9,

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, sgemm_gflops, timed, write_json  # noqa: E402
+from _common import compare, machine, sgemm_gflops, write_json  # noqa: E402
 
 from cleandift_rt import match  # noqa: E402
 
@@ -68,18 +68,18 @@ def run(configs, repeats: int, with_faiss: bool) -> dict:
         flop = 2.0 * n * n * c * b
         reps = repeats if flop < 2e11 else 0  # big configs: time the (memory-measured) first call
         row = {"N": n, "M": n, "C": c, "B": b, "gflop": flop / 1e9}
-        t, mem, (ours_idx, _) = timed(lambda: match(src, dst), reps)
-        row.update(ours_s=t, ours_gflops=flop / t / 1e9, ours_mem_mb=mem)
-        t, mem, _ = timed(lambda: match(src, dst, mutual=True), reps)
-        row.update(ours_mutual_s=t, ours_mutual_mem_mb=mem)
-        t, mem, (ref_idx, _) = timed(lambda: torch_match(src, dst), reps)
-        row.update(torch_s=t, torch_gflops=flop / t / 1e9, torch_mem_mb=mem)
-        row["agree_torch"] = float((ours_idx == ref_idx).float().mean())
+        fns = {"ours": lambda: match(src, dst), "ours_mutual": lambda: match(src, dst, mutual=True),
+               "torch": lambda: torch_match(src, dst)}
         if with_faiss:
             s_np, d_np = src.numpy(), dst.numpy()
-            t, mem, f_idx = timed(lambda: faiss_match(s_np, d_np), reps)
-            row.update(faiss_s=t, faiss_gflops=flop / t / 1e9, faiss_mem_mb=mem)
-            row["agree_faiss"] = float((ours_idx.numpy() == f_idx).mean())
+            fns["faiss"] = lambda: faiss_match(s_np, d_np)
+        res = compare(fns, reps)
+        for name, (t, mem, _) in res.items():
+            row.update({f"{name}_s": t, f"{name}_gflops": flop / t / 1e9, f"{name}_mem_mb": mem})
+        ours_idx = res["ours"][2][0]
+        row["agree_torch"] = float((ours_idx == res["torch"][2][0]).float().mean())
+        if with_faiss:
+            row["agree_faiss"] = float((ours_idx.numpy() == res["faiss"][2]).mean())
         row["ours_frac_sgemm"] = row["ours_gflops"] / gemm
         row["speedup_vs_torch"] = row["torch_s"] / row["ours_s"]
         if with_faiss:

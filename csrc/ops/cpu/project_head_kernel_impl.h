@@ -97,7 +97,7 @@ template <class Micro, DType DT>
 void project_head_typed(const PackedHead& head, const FeatureView& x, const float* scales, const FeatureView& out,
                         void* out_data) {
   constexpr int MR = Micro::MR, NR = Micro::NR;
-  constexpr int64_t kDepthBlock = 256;   // KC: weight slices of KC x NR stay in L1
+  constexpr int64_t kDepthBlock = (16 << 10) / (NR * 4);  // KC: a KC x NR weight slice fills half of L1
   constexpr int64_t kMaxTilePanels = 16;  // up to 16 * MR pixels share one pass over the weights
   const int64_t B = x.batch, P = x.rows, D = head.dim, Dp = head.dim_padded;
   // Bigger tiles stream the weights fewer times; keep >= 4 tiles per thread for balance.
