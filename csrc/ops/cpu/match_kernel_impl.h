@@ -244,44 +244,41 @@ void run_match(const FeatureView& src, const FeatureView& dst, DType dtype, cons
           if (valid_cols < NR)
             for (int64_t r = 0; r < rows; ++r)
               std::fill(tiles.get() + r * NR + valid_cols, tiles.get() + (r + 1) * NR, -INFINITY);
-          if (k == 1) {
-            for (int64_t r = 0; r < rows; ++r) {
-              const float* t = tiles.get() + r * NR;
+          // Row (and, for mutual NN, column) maxima in one sweep over the block's rows; rows and
+          // columns only increase within a task, so strict > keeps the lowest index.
+          float col_v[NR];
+          int32_t col_i[NR];
+          for (int l = 0; l < NR; ++l) {
+            col_v[l] = -INFINITY;
+            col_i[l] = INT32_MAX;
+          }
+          for (int64_t r = 0; r < rows; ++r) {
+            const float* t = tiles.get() + r * NR;
+            if (k == 1) {
               float* bv = lane_value.get() + r * NR;
               int32_t* bi = lane_index.get() + r * NR;
-              for (int l = 0; l < NR; ++l) {  // columns only increase: strict > keeps the lowest index
+              for (int l = 0; l < NR; ++l) {
                 const bool m = t[l] > bv[l];
                 bv[l] = m ? t[l] : bv[l];
                 bi[l] = m ? static_cast<int32_t>(j0 + l) : bi[l];
               }
-            }
-          } else {
-            for (int64_t r = 0; r < rows; ++r) {
-              const float* t = tiles.get() + r * NR;
+            } else {
               float* tv = &topk_value[r * k];
               int64_t* ti = &topk_index[r * k];
               for (int l = 0; l < valid_cols; ++l)
                 if (t[l] >= tv[k - 1]) topk_insert(tv, ti, k, t[l], j0 + l);
             }
-          }
-          if (opt.mutual) {
-            float best_v[NR];
-            int32_t best_i[NR];
-            for (int l = 0; l < NR; ++l) {
-              best_v[l] = -INFINITY;
-              best_i[l] = INT32_MAX;
-            }
-            for (int64_t r = 0; r < rows; ++r) {  // rows increase: strict > keeps the lowest index
-              const float* t = tiles.get() + r * NR;
+            if (opt.mutual) {
               for (int l = 0; l < NR; ++l) {
-                const bool m = t[l] > best_v[l];
-                best_v[l] = m ? t[l] : best_v[l];
-                best_i[l] = m ? static_cast<int32_t>(i0 + r) : best_i[l];
+                const bool m = t[l] > col_v[l];
+                col_v[l] = m ? t[l] : col_v[l];
+                col_i[l] = m ? static_cast<int32_t>(i0 + r) : col_i[l];
               }
             }
-            for (int l = 0; l < valid_cols; ++l)
-              if (best_i[l] != INT32_MAX) ckeys[j0 + l] = std::max(ckeys[j0 + l], match_key(best_v[l], best_i[l]));
           }
+          if (opt.mutual)
+            for (int l = 0; l < valid_cols; ++l)
+              if (col_i[l] != INT32_MAX) ckeys[j0 + l] = std::max(ckeys[j0 + l], match_key(col_v[l], col_i[l]));
         }
 
         RowResult* res = chunk_rows.data() + (chunk * N + i0) * k;
