@@ -376,3 +376,15 @@ def test_refinement_in_chunks_and_half_precision_points():
     got = match(src_map.bfloat16(), dst[:1].bfloat16(), points=pts)[0]
     ref = match(sample_points(src_map.bfloat16(), pts), dst[:1].bfloat16())[0]
     assert torch.equal(got, ref)
+
+
+def test_concurrent_calls_release_the_gil_and_agree():
+    from concurrent.futures import ThreadPoolExecutor
+
+    gen = torch.Generator().manual_seed(6)
+    pairs = [(torch.randn(2, 300, 64, generator=gen), torch.randn(2, 280, 64, generator=gen)) for _ in range(4)]
+    expected = [match(s, d, mutual=True) for s, d in pairs]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda p: match(p[0], p[1], mutual=True), pairs))
+    for (gi, gv), (ei, ev) in zip(got, expected):
+        assert torch.equal(gi, ei) and torch.equal(gv, ev)
