@@ -3,6 +3,8 @@ measured sgemm throughput, peak extra memory, JSON output."""
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import os
 import platform
@@ -21,10 +23,21 @@ def _rss() -> int:
         return int(f.read().split()[1]) * _PAGE
 
 
+def _trim_heap():
+    """Give freed heap memory back to the OS, so memory reused from an earlier call shows up again."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class PeakMemory:
-    """Peak RSS above the level at entry, sampled every millisecond (native allocations included)."""
+    """Peak RSS above the level at entry, sampled every millisecond (native allocations included;
+    the heap is trimmed first so buffers recycled from earlier calls count)."""
 
     def __enter__(self):
+        gc.collect()
+        _trim_heap()
         self.base = self.peak = _rss()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
