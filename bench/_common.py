@@ -56,20 +56,6 @@ class PeakMemory:
         self.extra_mb = (self.peak - self.base) / 2**20
 
 
-def timed(fn, repeats: int) -> tuple[float, float, object]:
-    """(best seconds over `repeats` after one warm-up call, peak extra MB of one call, last result);
-    repeats = 0 times the warm-up call itself (for configs that take tens of seconds)."""
-    t0 = time.perf_counter()
-    with PeakMemory() as mem:
-        result = fn()
-    best = time.perf_counter() - t0 if repeats == 0 else float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, mem.extra_mb, result
-
-
 def compare(fns: dict, repeats: int) -> dict:
     """{name: (best seconds, peak extra MB, result)}: one memory-measured warm-up call per method,
     then `repeats` rounds calling every method in turn (round-robin: on shared cores, load changes
@@ -89,10 +75,18 @@ def compare(fns: dict, repeats: int) -> dict:
     return {name: tuple(v) for name, v in out.items()}
 
 
-def sgemm_gflops(size: int = 2048, repeats: int = 5) -> float:
-    """This machine's fp32 GEMM throughput now (torch.mm, size^3), the yardstick of the targets."""
+SGEMM_SIZE = 2048
+
+
+def sgemm_fn(size: int = SGEMM_SIZE):
+    """torch.mm of two size x size fp32 matrices: the machine's GEMM yardstick. Put it in the same
+    compare() round-robin as the kernels, so it sees the same load as they do."""
     a, b = torch.randn(size, size), torch.randn(size, size)
-    seconds, _, _ = timed(lambda: torch.mm(a, b), repeats)
+    torch.mm(a, b)  # warm-up outside the timings (first-call set-up)
+    return lambda: torch.mm(a, b)
+
+
+def sgemm_gflops(seconds: float, size: int = SGEMM_SIZE) -> float:
     return 2 * size**3 / seconds / 1e9
 
 
