@@ -36,7 +36,7 @@ def test_simd_found_at_run_time_matches_the_cpu():
         return  # not Linux/x86: nothing to compare with
     simd = set(cleandift_rt.build_info()["simd"])
     assert ("avx2" in simd) == ("avx2" in flags and "fma" in flags)
-    assert ("avx512" in simd) == {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags
+    assert ("avx512" in simd) == ({"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags)
     assert ("amx_bf16" in simd) <= ("amx_bf16" in flags)
 
 
