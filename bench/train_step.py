@@ -156,8 +156,9 @@ def time_variant(setup: Setup, variant: str, steps: int, optimizer=None) -> dict
         loss.backward()
         if optimizer is not None:
             optimizer.step()
-        for p in setup.params:
-            p.grad = None
+        for p in setup.params:  # keep the buffers, as a GPU caching allocator does: on CPU, freeing 3.5 GB
+            if p.grad is not None:  # of SD2.1 grads each step costs seconds of page faults in both variants
+                p.grad.zero_()
         times.append(time.perf_counter() - start)
         value = float(loss.detach()) if i == 0 else value
     return {"seconds_per_step": min(times), "all_seconds": times, "peak_rss_gib": peak_rss_gib(), "first_loss": value}

@@ -75,6 +75,16 @@ def test_stratified_timesteps_cover_one_stratum_each():
     assert int(t.min()) == 1 and int(t.max()) == 998  # floor(1 + (i + u) * 998 / I) reaches both ends
 
 
+def test_loss_options():
+    from cleandift_rt.training.objective import tap_loss
+
+    a, b = torch.randn(2, 8, 3, 3), torch.randn(2, 8, 3, 3)
+    assert float(tap_loss(a, b, "cosine")) == pytest.approx(-float(F.cosine_similarity(a, b, dim=1).mean()), abs=1e-6)
+    assert float(tap_loss(a, 2 * a, "cosine")) == pytest.approx(-1.0, abs=1e-6)  # scale-invariant
+    assert float(tap_loss(a, b, "mse")) == pytest.approx(float(((a - b) ** 2).mean()), rel=1e-6)
+    assert float(tap_loss(a, b, "l1")) == pytest.approx(float((a - b).abs().mean()), rel=1e-6)
+
+
 def test_first_loss_is_minus_sum_of_tap_cosines(tiny_base):
     """Identity heads at init: the loss is -sum_k mean cos(student_k(x0), teacher_k(x_t)), recomputed here
     with plain forward hooks on full forwards, the student run per row (as the release does) and the
@@ -344,3 +354,21 @@ def test_config_presets_and_overrides(tmp_path):
         build_config(overrides={"taps": ["us11"]})
     with pytest.raises(ValueError, match="key=value"):
         parse_override("lr")
+
+
+def test_safetensors_whose_header_length_starts_with_0x80_is_not_a_pickle(tmp_path):
+    """Checkpoint metadata sizes vary; 1 in 32 header lengths has the low byte of pickle's magic."""
+    from safetensors.torch import save_file
+
+    from cleandift_rt.checkpoint import read_safetensors
+
+    path = tmp_path / "x.safetensors"
+    for pad in range(400):
+        save_file({"x": torch.zeros(2)}, str(path), metadata={"m": "a" * pad})
+        if path.read_bytes()[:1] == b"\x80":
+            break
+    assert path.read_bytes()[:1] == b"\x80"
+    assert list(read_safetensors(path)) == ["x"]
+    path.write_bytes(b"\x80\x04\x95" + bytes(20))
+    with pytest.raises(ValueError, match="pickle"):
+        read_safetensors(path)

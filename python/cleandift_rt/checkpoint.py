@@ -27,13 +27,15 @@ def _check_safetensors_file(path: Path) -> None:
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     size = path.stat().st_size
     with open(path, "rb") as f:
-        head = f.read(8)
+        head = f.read(9)
     if len(head) < 8:
         raise ValueError(f"{path} is empty or truncated ({size} bytes): not a safetensors file")
-    reason = _describe_non_safetensors(path, head)
+    # A header length whose low byte is 0x80 looks like pickle's magic: a JSON header settles it.
+    looks_safetensors = head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size
+    reason = None if looks_safetensors else _describe_non_safetensors(path, head)
     if reason:
         raise ValueError(reason)
-    header_len = int.from_bytes(head, "little")
+    header_len = int.from_bytes(head[:8], "little")
     if header_len <= 0 or 8 + header_len > size:
         raise ValueError(f"{path} is not a valid safetensors file (header length {header_len}, file size {size}): "
                          "truncated or corrupt; re-copy or re-export it")

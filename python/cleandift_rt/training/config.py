@@ -56,7 +56,6 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 100  # 0: only the final checkpoint
     keep_checkpoints: int = 2
-    log_every: int = 1
     device: str | None = None  # None: cuda when available, else cpu
     preset: str | None = None
 
@@ -65,7 +64,7 @@ class TrainConfig:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
-        for name in ("steps", "batch_size", "grad_accum", "lr", "timesteps_per_image", "keep_checkpoints", "log_every"):
+        for name in ("steps", "batch_size", "grad_accum", "lr", "timesteps_per_image", "keep_checkpoints"):
             positive(name)
         for name in ("warmup_steps", "checkpoint_every", "validate_every", "val_images", "lora_rank", "max_grad_norm",
                      "weight_decay"):
