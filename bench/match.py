@@ -82,7 +82,10 @@ def run(configs, repeats: int, with_faiss: bool) -> dict:
             s_np, d_np = src.numpy(), dst.numpy()
             fns["faiss"] = lambda: faiss_match(s_np, d_np)
         res = compare(fns, reps)
-        gemm = sgemm_gflops(res.pop("sgemm")[0])
+        sgemm_s = res.pop("sgemm")[0]
+        if reps == 0:  # one sample is too noisy on shared cores: a few more right after
+            sgemm_s = min(sgemm_s, compare({"sgemm": sgemm}, 3)["sgemm"][0])
+        gemm = sgemm_gflops(sgemm_s)
         row["sgemm_gflops"] = gemm
         for name, (t, mem, _) in res.items():
             row.update({f"{name}_s": t, f"{name}_gflops": flop / t / 1e9, f"{name}_mem_mb": mem})
@@ -98,7 +101,13 @@ def run(configs, repeats: int, with_faiss: bool) -> dict:
         row["bf16_speedup_over_fp32"] = row["ours_s"] / row["ours_bf16_s"]
         rows.append(row)
         tqdm.write(format_row(row))
-    return {"rows": rows}
+    # Conservative yardstick: the best sgemm seen anywhere in the run (the machine when least loaded).
+    best = max(r["sgemm_gflops"] for r in rows)
+    for r in rows:
+        r["ours_frac_best_sgemm"] = r["ours_gflops"] / best
+    print(f"best sgemm of the run: {best:.1f} GFLOP/s; ours / best sgemm: "
+          + ", ".join(f"{r['N']}/{r['C']}/B{r['B']}: {r['ours_frac_best_sgemm']:.2f}" for r in rows))
+    return {"rows": rows, "best_sgemm_gflops": best}
 
 
 def format_row(r: dict) -> str:
