@@ -354,6 +354,10 @@ def test_config_presets_and_overrides(tmp_path):
         build_config(overrides={"taps": ["us11"]})
     with pytest.raises(ValueError, match="key=value"):
         parse_override("lr")
+    from cleandift_rt.training.cli import build_parser
+
+    args = build_parser().parse_args(["--base", "b", "--data", "d", "--out", "o", "--resume", "lr=1e-5"])
+    assert args.resume is True and args.resume_from is None and args.overrides == ["lr=1e-5"]
 
 
 def test_safetensors_whose_header_length_starts_with_0x80_is_not_a_pickle(tmp_path):

@@ -44,8 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-checkpoints", type=int, help="keep the newest K checkpoints")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
-    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
-                   help="continue from the newest checkpoint in OUT/checkpoints, or from this file/folder")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT/checkpoints")
+    p.add_argument("--resume-from", metavar="CHECKPOINT", help="continue from this checkpoint file (or folder)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config field overrides")
     return p
@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> dict:
     config = build_config(args.preset, args.config, values)
     from .trainer import Trainer
 
-    trainer = Trainer(config, args.base, args.data, args.out, resume=args.resume, progress=not args.no_progress)
+    resume = args.resume_from or args.resume or None
+    trainer = Trainer(config, args.base, args.data, args.out, resume=resume, progress=not args.no_progress)
     return trainer.run()
 
 
