@@ -253,6 +253,12 @@ class Trainer:
         if changed:
             raise ValueError(f"cannot resume {path}: the run's objective changed ({'; '.join(changed)}); "
                              "use the original settings or start a new run")
+        current = self.config.to_dict()
+        retuned = [f"{k}: {saved[k]!r} -> {current[k]!r}" for k in saved
+                   if k not in OBJECTIVE_FIELDS and k not in ("steps", "device") and k in current
+                   and json.dumps(saved[k]) != json.dumps(current[k])]
+        if retuned:
+            self.log(f"note: resuming with changed settings ({'; '.join(retuned)})")
         names = [n for n, _ in self.named_params]
         if json.loads(meta["param_names"]) != names:
             raise ValueError(f"{path} holds a different set of trainable parameters (other base model, taps or LoRA "
