@@ -163,3 +163,14 @@ def test_single_file_that_is_not_sd(tmp_path):
     write_safetensors(path, {"weight": torch.zeros(2)})
     with pytest.raises(ValueError, match="not an original-format Stable Diffusion"):
         load_base(path)
+
+
+def test_written_files_get_normal_permissions(tmp_path, tiny_student):
+    import os
+    import stat
+
+    path = tmp_path / "s.safetensors"
+    save_student_unet(path, tiny_student.unet)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask

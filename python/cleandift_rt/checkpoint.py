@@ -62,6 +62,15 @@ def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
         return dict(f.metadata() or {})
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it; done once, at import, before any threads
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 def atomic_write_bytes(path: str | Path, write) -> None:
     """Call ``write(tmp_path)`` then rename over ``path``: readers see the old or the new file, never half."""
     path = Path(path)
@@ -69,6 +78,7 @@ def atomic_write_bytes(path: str | Path, write) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
