@@ -174,23 +174,27 @@ class Engine:
         stop = threading.Event()
         done = object()
 
+        def offer(entry) -> bool:
+            """Queue ``entry`` unless the consumer has gone away (then never block)."""
+            while not stop.is_set():
+                try:
+                    ready.put(entry, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
         def produce():
             try:
                 for index, item in enumerate(items):
                     t0 = time.perf_counter()
                     image, as_torch = _stream_item(item, index)
                     pixels = prepare_images(image, self.size, self.resize).pixels
-                    while not stop.is_set():
-                        try:
-                            ready.put((index, t0, pixels, as_torch), timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                    if stop.is_set():
+                    if not offer((index, t0, pixels, as_torch)):
                         return
-                ready.put(done)
+                offer(done)
             except BaseException as exc:  # handed to the consumer, raised there
-                ready.put(exc)
+                offer(exc)
 
         worker = threading.Thread(target=produce, name="cleandift-rt-stream", daemon=True)
         worker.start()
