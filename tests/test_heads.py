@@ -126,3 +126,14 @@ def test_bad_calls(tiny_student):
         heads("us6", x, float("nan"))
     with pytest.raises(ValueError, match="B x C x h x w"):
         heads("us6", x[0], 1)
+
+
+def test_half_precision_heads(tiny_student):
+    import copy
+
+    heads = copy.deepcopy(tiny_student.heads).to(torch.bfloat16)
+    x = torch.randn(2, heads.tap_channels["us6"], 3, 3)
+    got = heads("us6", x.bfloat16(), torch.tensor([5.0, 700.0]))
+    ref = tiny_student.heads("us6", x, torch.tensor([5.0, 700.0]))
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), ref, rtol=5e-2, atol=5e-2)

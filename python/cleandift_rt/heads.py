@@ -66,7 +66,8 @@ class FourierFeatures(nn.Module):
         self.register_buffer("weight", torch.randn(out_features // 2, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f = 2 * math.pi * x @ self.weight.T
+        # fp32 whatever the module dtype: t / 999 needs the precision, and the buffer may be half.
+        f = 2 * math.pi * x.float() @ self.weight.float().T
         return torch.cat([f.cos(), f.sin()], dim=-1)
 
 
