@@ -79,17 +79,11 @@ def project(features: torch.Tensor, t, heads: ProjectionHeads, tap: str) -> torc
     """
     if not isinstance(heads, ProjectionHeads):
         raise TypeError(f"heads must be a cleandift_rt.ProjectionHeads, got {type(heads).__name__}")
-    if tap not in heads.adapters:
-        raise ValueError(f"no projection head for tap {tap!r}: these heads cover {', '.join(heads.taps)}")
     if not isinstance(features, torch.Tensor):
         raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
     if features.dtype not in _DTYPES:
         raise TypeError(f"features have dtype {features.dtype}; use float32, float16 or bfloat16")
-    if features.ndim != 4:
-        raise ValueError(f"features must be B x C x h x w, got shape {tuple(features.shape)}")
-    b, c, h, w = features.shape
-    if c != heads.tap_channels[tap]:
-        raise ValueError(f"tap {tap!r} has {heads.tap_channels[tap]} channels, features have {c}")
+    b, c, h, w = heads.check_features(tap, features)
     if b == 0 or h * w == 0:
         raise ValueError(f"features are empty (shape {tuple(features.shape)})")
     features = features.detach()

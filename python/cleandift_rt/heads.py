@@ -155,7 +155,8 @@ class ProjectionHeads(nn.Module):
         fourier = self.time_emb((t / T_SCALE)[:, None]).to(dtype)
         return self.mapping(self.time_in_proj(fourier))
 
-    def forward(self, tap: str, features: torch.Tensor, t: int | float | torch.Tensor) -> torch.Tensor:
+    def check_features(self, tap: str, features: torch.Tensor) -> tuple[int, int, int, int]:
+        """Shape ``(B, C, h, w)`` of features this head can take, or a ValueError saying why not."""
         if tap not in self.adapters:
             raise ValueError(f"no projection head for tap {tap!r}: these heads cover {', '.join(self.taps)}")
         if features.ndim != 4:
@@ -163,6 +164,10 @@ class ProjectionHeads(nn.Module):
         b, c, h, w = features.shape
         if c != self.tap_channels[tap]:
             raise ValueError(f"tap {tap!r} has {self.tap_channels[tap]} channels, features have {c}")
+        return b, c, h, w
+
+    def forward(self, tap: str, features: torch.Tensor, t: int | float | torch.Tensor) -> torch.Tensor:
+        b, c, h, w = self.check_features(tap, features)
         cond = self.cond(t, batch=b)
         if cond.shape[0] != b:
             raise ValueError(f"got {cond.shape[0]} timesteps for a batch of {b}")
