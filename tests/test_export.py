@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-import torch
 
 from cleandift_rt.artifact import EMBEDS_INPUT, IMAGE_INPUT, describe, parse_batch, read_onnx_info, size_fields
 from cleandift_rt.engine import Engine

@@ -137,3 +137,21 @@ def test_dift_baseline(tiny_base, photos):
         DiftExtractor(tiny_base, t=1000)
     with pytest.raises(ValueError, match="ensemble size"):
         DiftExtractor(tiny_base, ensemble=0)
+
+
+def test_load_image_applies_exif_orientation(tmp_path, photos):
+    from PIL import Image
+
+    from cleandift_rt.preprocess import load_image
+
+    stored = photos["cat"]  # 451 x 300
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to view"
+    stored.save(tmp_path / "phone.jpg", exif=exif.tobytes())
+    assert load_image(tmp_path / "phone.jpg").size == (300, 451)
+    assert load_image(tmp_path / "phone.jpg", exif_orientation=False).size == (451, 300)
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    with pytest.raises(ValueError, match="cannot decode image .*broken.jpg"):
+        load_image(tmp_path / "broken.jpg")
+    with pytest.raises(FileNotFoundError):
+        load_image(tmp_path / "missing.jpg")

@@ -79,15 +79,12 @@ def _engine_identity(args, engine) -> str:
 
 
 def _load_image(path: Path):
-    from PIL import Image, UnidentifiedImageError
+    from .preprocess import load_image
 
-    if not path.is_file():
-        raise UserError(f"image {path} does not exist")
     try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError) as exc:
-        raise UserError(f"cannot decode image {path}: {exc}") from None
+        return load_image(path)
+    except (ValueError, FileNotFoundError) as exc:
+        raise UserError(str(exc)) from None
 
 
 def _tap_map(engine, images, tap: str):
@@ -255,7 +252,9 @@ def _write_features(path: Path, feats: dict, fmt: str, meta: dict) -> None:
 
 
 def cmd_extract(args) -> int:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
+
+    from .preprocess import load_image
     from tqdm.auto import tqdm
 
     items = _collect_images(args.inputs)
@@ -275,8 +274,7 @@ def cmd_extract(args) -> int:
     t0 = time.perf_counter()
     for src, dst in tqdm(todo, desc="extract", unit="img", disable=args.no_progress):
         try:
-            with Image.open(src) as im:
-                image = im.convert("RGB")
+            image = load_image(src)
             feats = engine.extract([image], taps=list(taps))
         except (UnidentifiedImageError, OSError, ValueError, TypeError) as exc:
             failed.append((src, str(exc).splitlines()[0]))

@@ -21,7 +21,7 @@ import torch
 
 from .artifact import ArtifactInfo, describe, read_info
 from .extractor import check_prompt_embeds
-from .preprocess import check_policy, prepare_images
+from .preprocess import check_policy, load_image, prepare_images
 
 
 @dataclass
@@ -227,10 +227,7 @@ class Engine:
 def _stream_item(item, index: int):
     """One stream element as an ``extract`` batch of one, and whether the caller works in torch."""
     if isinstance(item, (str, Path)):
-        from PIL import Image
-
-        with Image.open(item) as img:
-            return [np.asarray(img.convert("RGB"))], False
+        return [np.asarray(load_image(item))], False
     if isinstance(item, torch.Tensor) or (isinstance(item, np.ndarray) and item.dtype.kind == "f"):
         if item.ndim != 3:
             raise ValueError(f"stream item {index}: float images must be 3 x H x W, got shape {tuple(item.shape)}")

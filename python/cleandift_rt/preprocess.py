@@ -165,6 +165,29 @@ def prepare_images(images, size: int | Sequence[int], policy: str = "stretch") -
     return Prepared(torch.stack(tensors), geometry)
 
 
+def load_image(path, exif_orientation: bool = True):
+    """Decode an image file fully, as RGB, upright as viewers show it (EXIF orientation applied).
+
+    ``exif_orientation=False`` keeps the stored pixel layout (annotations such as SPair's keypoints
+    refer to it). Undecodable or truncated files raise a ValueError naming the file.
+    """
+    from pathlib import Path
+
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image {path} does not exist")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if exif_orientation:
+                im = ImageOps.exif_transpose(im)
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:  # PIL reports bad headers as SyntaxError
+        raise ValueError(f"cannot decode image {path}: {exc}") from None
+
+
 def batch_size_of(images) -> int:
     """Number of images in a batch, without preparing it (for splitting into chunks)."""
     if isinstance(images, (torch.Tensor, np.ndarray)):

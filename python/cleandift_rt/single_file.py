@@ -65,11 +65,11 @@ def detect_single_file_variant(state: dict[str, torch.Tensor], source: str) -> s
 
 
 def load_single_file(path: Path, text_encoder: bool = True, tokenizer: str | Path | None = None):
+    from .models import BaseModel, _alphas_cumprod, _diffusers, build_models
+
+    _diffusers()  # offline mode before diffusers is imported
     from diffusers.loaders import single_file_utils as sfu
 
-    from .models import BaseModel, _alphas_cumprod, _diffusers, _transformers, build_models
-
-    diffusers, transformers = _diffusers(), _transformers()
     state = read_safetensors(path)
     variant = detect_single_file_variant(state, str(path))
     unet, vae, te = build_models(variant)

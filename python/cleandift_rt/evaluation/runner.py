@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import atomic_write_bytes
+from ..preprocess import load_image
 from ..taps import resolve_taps
 from .pairs import Pair, SkipLog
 from .pck import PairResult, bbox_size
@@ -237,12 +238,9 @@ def _image_size(path: Path) -> tuple[int, int]:
 
 
 def _load_image(path: Path):
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError):
+    try:  # SPair's keypoints refer to the stored pixel layout: no EXIF rotation
+        return load_image(path, exif_orientation=False)
+    except (ValueError, OSError):
         raise _ImageFailure("image cannot be decoded", str(path)) from None
 
 

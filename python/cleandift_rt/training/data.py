@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..preprocess import prepare_images
+from ..preprocess import load_image, prepare_images
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 _SHOWN = 5
@@ -92,12 +92,8 @@ def _header_size(path: Path) -> tuple[int, int]:
 
 
 def decode(path: Path):
-    """Fully decode one image as RGB (truncated files fail here, not at the header)."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        im.load()
-        return im.convert("RGB")
+    """Fully decode one image as RGB, upright (truncated files fail here, not at the header)."""
+    return load_image(path)
 
 
 class ImageFolder:
