@@ -13,9 +13,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
-
 from cleandift_rt.heads import build_heads
-from cleandift_rt.models import Student, load_base, save_student_full, save_student_unet, write_tiny_base
+from cleandift_rt.models import (
+    Student,
+    load_base,
+    save_student_full,
+    save_student_unet,
+    write_tiny_base,
+)
 
 
 def perturb_(module: torch.nn.Module, scale: float, seed: int) -> torch.nn.Module:
@@ -65,3 +70,28 @@ def photos():
     from cleandift_rt.assets import PHOTOS, load_photo
 
     return {name: load_photo(name) for name in PHOTOS}
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny_base_dir, tiny_student_files, tmp_path_factory):
+    """{'full': all taps at 128 px, 'subset': us3+us6, dynamic size, external data} ONNX exports."""
+    from export_fixtures import export_both
+
+    return export_both(str(tiny_base_dir), str(tiny_student_files["unet"]), tmp_path_factory.mktemp("onnx"))
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_base, tiny_student):
+    """The PyTorch reference extractor at the exports' size."""
+    from cleandift_rt.extractor import ReferenceExtractor
+    from export_fixtures import SIZE
+
+    return ReferenceExtractor(tiny_student, tiny_base, size=SIZE)
+
+
+@pytest.fixture(scope="session")
+def batch(photos):
+    """The bundled photos as uint8 H x W x 3 arrays, in name order."""
+    import numpy as np
+
+    return [np.asarray(photos[name]) for name in sorted(photos)]

@@ -9,13 +9,13 @@ import numpy as np
 import onnx
 import pytest
 import torch
-
 from cleandift_rt import Engine
 from cleandift_rt.artifact import describe
 from cleandift_rt.engine import StreamResult
 from cleandift_rt.extractor import ReferenceExtractor
 from cleandift_rt.taps import TAPS
-from test_export import SIZE, SUBSET, _cosine, batch, reference, tiny_onnx  # noqa: F401 (shared fixtures)
+from export_fixtures import SIZE
+from export_fixtures import cosine as _cosine
 
 
 @pytest.fixture(scope="module")

@@ -9,64 +9,22 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-
-from cleandift_rt.artifact import EMBEDS_INPUT, IMAGE_INPUT, describe, parse_batch, read_onnx_info, size_fields
+from cleandift_rt.artifact import (
+    EMBEDS_INPUT,
+    IMAGE_INPUT,
+    describe,
+    parse_batch,
+    read_onnx_info,
+    size_fields,
+)
 from cleandift_rt.engine import Engine
 from cleandift_rt.extractor import ReferenceExtractor
 from cleandift_rt.onnx_export import check_onnx, export_onnx
 from cleandift_rt.taps import TAPS
+from export_fixtures import SIZE, SUBSET
+from export_fixtures import cosine as _cosine
 
 ROOT = Path(__file__).resolve().parents[1]
-SIZE = 128
-SUBSET = ("us3", "us6")
-
-
-_EXPORTS: dict[tuple[str, str], dict[str, Path]] = {}
-
-
-def _exports(base_dir: str, student_file: str, out_dir: str) -> dict[str, Path]:
-    """Two exports per session, shared with test_engine / test_trt_host (which import the fixture, so
-    pytest sees separate fixture definitions): all taps at a fixed 128 px through the CLI, and a
-    two-tap dynamic-size one with external data."""
-    key = (base_dir, student_file)
-    if key not in _EXPORTS:
-        _EXPORTS[key] = _export_both(base_dir, student_file, out_dir)
-    return _EXPORTS[key]
-
-
-def _export_both(base_dir: str, student_file: str, out_dir: str) -> dict[str, Path]:
-    sys.path.insert(0, str(ROOT / "export"))
-    try:
-        import export_onnx as cli
-    finally:
-        sys.path.pop(0)
-    out = Path(out_dir)
-    full, subset = out / "tiny_all.onnx", out / "tiny_sub.onnx"
-    assert cli.main(["--student", student_file, "--base", base_dir, "--out", str(full), "--size", str(SIZE), str(SIZE),
-                     "--batch", "1:2:4"]) == 0
-    export_onnx(student_file, base_dir, subset, dynamic_size=(64, 192), taps=SUBSET, external_data=True,
-                log=lambda *_: None)
-    return {"full": full, "subset": subset}
-
-
-@pytest.fixture(scope="session")
-def tiny_onnx(tiny_base_dir, tiny_student_files, tmp_path_factory):
-    return _exports(str(tiny_base_dir), str(tiny_student_files["unet"]), str(tmp_path_factory.mktemp("onnx")))
-
-
-@pytest.fixture(scope="session")
-def reference(tiny_base, tiny_student):
-    return ReferenceExtractor(tiny_student, tiny_base, size=SIZE)
-
-
-@pytest.fixture(scope="session")
-def batch(photos):
-    return [np.asarray(photos[name]) for name in sorted(photos)]
-
-
-def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a, b = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
-    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
 
 
 def test_graphs_pass_checker_and_shape_inference(tiny_onnx):

@@ -11,12 +11,30 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-
-from cleandift_rt.artifact import EMBEDS_INPUT, IMAGE_INPUT, ArtifactInfo, describe, read_onnx_info, read_plan_header
-from cleandift_rt.backends.tensorrt import check_plan_runtime, decode_array, encode_array
-from cleandift_rt.trt_build import (BuildUnavailable, build_engine, check_workspace, fp32_layers, plan_header,
-                                    precision_mix, profile_shapes, split_default_embeds, write_plan)
-from test_export import SIZE, tiny_onnx  # noqa: F401 (shared fixture)
+from cleandift_rt.artifact import (
+    EMBEDS_INPUT,
+    IMAGE_INPUT,
+    ArtifactInfo,
+    describe,
+    read_onnx_info,
+    read_plan_header,
+)
+from cleandift_rt.backends.tensorrt import (
+    check_plan_runtime,
+    decode_array,
+    encode_array,
+)
+from cleandift_rt.trt_build import (
+    BuildUnavailable,
+    build_engine,
+    check_workspace,
+    fp32_layers,
+    plan_header,
+    precision_mix,
+    profile_shapes,
+    split_default_embeds,
+    write_plan,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -101,7 +102,10 @@ def export_onnx(student: str | Path | Student, base: str | Path | BaseModel, out
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".export-") as tmp:
         raw = Path(tmp) / "raw.onnx"
         t1 = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # diffusers' shape asserts and the exporter's folding notes are expected here, not news
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.filterwarnings("ignore", message="Constant folding", category=UserWarning)
             torch.onnx.export(graph, example, str(raw), input_names=[IMAGE_INPUT, EMBEDS_INPUT],
                               output_names=list(wanted), dynamic_axes=dynamic_axes, opset_version=OPSET,
                               do_constant_folding=True, dynamo=False)
