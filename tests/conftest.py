@@ -73,6 +73,14 @@ def photos():
 
 
 @pytest.fixture(scope="session")
+def spair(tmp_path_factory, photos):
+    """An SPair-71k-format tree of warped photos with exactly known ground truth (tests/spair_tree.py)."""
+    from spair_tree import write_spair_tree
+
+    return write_spair_tree(tmp_path_factory.mktemp("spair"), photos)
+
+
+@pytest.fixture(scope="session")
 def tiny_onnx(tiny_base_dir, tiny_student_files, tmp_path_factory):
     """{'full': all taps at 128 px, 'subset': us3+us6, dynamic size, external data} ONNX exports."""
     from export_fixtures import export_both

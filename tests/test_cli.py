@@ -11,7 +11,6 @@ import pytest
 from PIL import Image
 
 from cleandift_rt.cli import build_parser, main
-from test_eval import spair  # noqa: F401  (the SPair-format fixture tree)
 
 
 def _not_blank(path) -> bool:
@@ -140,7 +139,7 @@ def test_bench(torch_engine, capsys):
     assert "images/s" in out and "cleandift_rt.match" in out
 
 
-def test_eval_spair_onnx_engine_without_base_uses_the_baked_prompt(demo, spair, tmp_path, capsys):  # noqa: F811
+def test_eval_spair_onnx_engine_without_base_uses_the_baked_prompt(demo, spair, tmp_path, capsys):
     out = tmp_path / "results.json"
     args = ["eval-spair", "--root", str(spair["root"]), "--engine", str(demo["onnx"]), "--out", str(out),
             "--no-progress"]
@@ -160,7 +159,7 @@ def test_eval_spair_onnx_engine_without_base_uses_the_baked_prompt(demo, spair, 
     assert len(rows) == (1 + 1 + 2) * 2 * 3 * 2  # (all, category mean, 2 categories) x kinds x alphas x averages
 
 
-def test_eval_spair_with_the_dift_baseline_side_by_side(torch_engine, tiny_student_files, spair, tmp_path,  # noqa: F811
+def test_eval_spair_with_the_dift_baseline_side_by_side(torch_engine, tiny_student_files, spair, tmp_path,
                                                         capsys):
     out = tmp_path / "r.json"
     args = ["eval-spair", "--root", str(spair["root"]), *torch_engine, "--out", str(out), "--baseline", "dift",
@@ -182,7 +181,7 @@ def test_eval_spair_with_the_dift_baseline_side_by_side(torch_engine, tiny_stude
     assert "base" in capsys.readouterr().err
 
 
-def test_eval_pairs_json(torch_engine, spair, tmp_path, capsys):  # noqa: F811
+def test_eval_pairs_json(torch_engine, spair, tmp_path, capsys):
     root = spair["root"] / "JPEGImages" / "cat"
     truth = next(v for k, v in spair["truth"].items() if "cat_flip" in k and k.startswith("000000"))
     doc = {"images_root": str(root), "pairs": [
