@@ -109,19 +109,24 @@ PYBIND11_MODULE(_native, m) {
 
   m.def(
       "match_cuda",
-      [](uintptr_t src, uintptr_t dst, int64_t batch, int64_t n, int64_t m_rows, int64_t channels,
-         const std::string& dtype, bool mutual, int k, uintptr_t index, uintptr_t similarity, uintptr_t stream) {
+      [](uintptr_t src, int64_t src_batch, int64_t n, int64_t src_channels, uintptr_t dst, int64_t dst_batch,
+         int64_t m_rows, int64_t dst_channels, const std::string& dtype, bool mutual, int k, uintptr_t index,
+         uintptr_t similarity, uintptr_t stream) {
         const DType dt = parse_dtype(dtype, dtype == "float32" ? 4 : 2);
-        const FeatureView s = device_view(src, batch, n, channels), t = device_view(dst, batch, m_rows, channels);
+        // Each buffer comes with its own shape so check_match_args sees real mismatches.
+        const FeatureView s = device_view(src, src_batch, n, src_channels),
+                          t = device_view(dst, dst_batch, m_rows, dst_channels);
         const MatchOptions opt{mutual, k, false};
         check_match_args(s, t, opt);
         const MatchOutput out{reinterpret_cast<int64_t*>(index), reinterpret_cast<float*>(similarity)};
         py::gil_scoped_release release;
         match_cuda(s, t, dt, opt, out, reinterpret_cast<void*>(stream));
       },
-      py::arg("src"), py::arg("dst"), py::arg("batch"), py::arg("n"), py::arg("m"), py::arg("channels"),
-      py::arg("dtype"), py::arg("mutual"), py::arg("k"), py::arg("index"), py::arg("similarity"), py::arg("stream"),
-      "CUDA matching on contiguous device buffers (pointers); outputs [B, N, k] preallocated on the device. "
+      py::arg("src"), py::arg("src_batch"), py::arg("n"), py::arg("src_channels"), py::arg("dst"),
+      py::arg("dst_batch"), py::arg("m"), py::arg("dst_channels"), py::arg("dtype"), py::arg("mutual"), py::arg("k"),
+      py::arg("index"), py::arg("similarity"), py::arg("stream"),
+      "CUDA matching on contiguous device buffers (pointers) [B, N, C] and [B, M, C]; outputs [B, N, k] "
+      "preallocated on the device. "
       "Finiteness is checked by the caller (cleandift_rt.match).");
 
   py::class_<PackedHead, std::shared_ptr<PackedHead>>(

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -190,9 +191,12 @@ def test_bad_options_rejected_clearly():
 def test_numpy_in_numpy_out_and_fp16():
     gen = np.random.default_rng(0)
     src, dst = gen.standard_normal((2, 30, 12), dtype=np.float32), gen.standard_normal((2, 40, 12), dtype=np.float32)
-    index, sim = match(src, dst)
+    src.setflags(write=False)                       # read-only inputs (memory maps) are read in place, quietly
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        index, sim = match(src, dst)
     assert isinstance(index, np.ndarray) and index.dtype == np.int64 and sim.dtype == np.float32
-    t_index, t_sim = match(torch.from_numpy(src), torch.from_numpy(dst))
+    t_index, t_sim = match(torch.from_numpy(src.copy()), torch.from_numpy(dst))
     assert np.array_equal(index, t_index.numpy()) and np.array_equal(sim, t_sim.numpy())
     index, sim = match(src.astype(np.float16), dst.astype(np.float16))
     ref = brute_similarity(torch.from_numpy(src.astype(np.float16)), torch.from_numpy(dst.astype(np.float16)))
@@ -238,6 +242,13 @@ def test_coordinates_points_and_refinement():
     torch.testing.assert_close(sim, torch.ones(1, 20), atol=1e-6, rtol=0)
     img, _ = match(src, dst, coords="image", image_size=(48, 64))  # 8x: centres (x + 0.5) * 8 - 0.5
     torch.testing.assert_close(img, (expected + 0.5) * 8 - 0.5)
+    # source and target images of different sizes: points in source pixels, result in target pixels
+    src_img_pts = (torch.tensor([[[4.0, 3.0]]]) + 0.5) * 4 - 0.5           # source image 4x its map
+    img, _ = match(src, dst, points=src_img_pts, coords="image", image_size=((16, 20), (48, 64)))
+    torch.testing.assert_close(img, (torch.tensor([[[6.0, 4.0]]]) + 0.5) * 8 - 0.5)
+    for bad in [None, (48,), ((48, 64), (48,)), (48, -64)]:
+        with pytest.raises(ValueError, match=r"image_size=\(H, W\)"):
+            match(src, dst, coords="image", image_size=bad)
     # integer query points sample exactly the source vectors; sub-pixel points interpolate
     pts = torch.tensor([[[0.0, 0.0], [4.0, 3.0], [2.0, 1.0]]])
     idx, _ = match(src, dst, points=pts)
@@ -352,14 +363,19 @@ def test_cuda_entry_point_host_side():
 
     if not cleandift_rt.build_info()["cuda_compiled"]:
         with pytest.raises(RuntimeError, match="no CUDA kernels"):
-            native().match_cuda(0, 0, 1, 4, 4, 8, "float16", False, 1, 0, 0, 0)
+            native().match_cuda(0, 1, 4, 8, 0, 1, 4, 8, "float16", False, 1, 0, 0, 0)
         return
     with pytest.raises(ValueError, match="k = 5 exceeds the 4 target"):
-        native().match_cuda(0, 0, 1, 4, 4, 8, "float16", False, 5, 0, 0, 0)
+        native().match_cuda(0, 1, 4, 8, 0, 1, 4, 8, "float16", False, 5, 0, 0, 0)
     with pytest.raises(ValueError, match="k <= 32 on the GPU"):
-        native().match_cuda(0, 0, 1, 4, 40, 8, "bfloat16", False, 33, 0, 0, 0)
+        native().match_cuda(0, 1, 4, 8, 0, 1, 40, 8, "bfloat16", False, 33, 0, 0, 0)
+    # Each buffer's own shape reaches the argument check, so mismatches never reach a kernel.
+    with pytest.raises(ValueError, match="src has batch 2 but dst has batch 1"):
+        native().match_cuda(0, 2, 4, 8, 0, 1, 4, 8, "float32", False, 1, 0, 0, 0)
+    with pytest.raises(ValueError, match="src has 8 channels and dst 16"):
+        native().match_cuda(0, 1, 4, 8, 0, 1, 4, 16, "float32", False, 1, 0, 0, 0)
     with pytest.raises(RuntimeError, match=r"match \(CUDA\) allocating normalised src: cudaError"):
-        native().match_cuda(0, 0, 1, 4, 4, 8, "float32", True, 1, 0, 0, 0)
+        native().match_cuda(0, 1, 4, 8, 0, 1, 4, 8, "float32", True, 1, 0, 0, 0)
 
 
 def test_refinement_in_chunks_and_half_precision_points():

@@ -41,7 +41,9 @@ def _to_tensor(x, name: str) -> tuple[torch.Tensor, bool]:
                             "(convert with .astype(np.float32))")
         if any(s < 0 for s in x.strides):
             x = x.copy()
-        return torch.from_numpy(x), True
+        # match only reads its inputs: read-only arrays (memory maps) go in place through DLPack,
+        # which, unlike from_numpy, does not warn about them.
+        return (torch.from_numpy(x) if x.flags.writeable else torch.from_dlpack(x)), True
     if isinstance(x, torch.Tensor):
         if x.dtype not in _DTYPES:
             raise TypeError(f"{name} has dtype {x.dtype}; match takes float32, float16 or bfloat16 "
@@ -85,7 +87,7 @@ def _match_rows(src: torch.Tensor, dst: torch.Tensor, mutual: bool, k: int, allo
     sim = torch.empty(b, n, k, dtype=torch.float32, device=src.device)
     with torch.cuda.device(src.device):
         stream = torch.cuda.current_stream().cuda_stream
-        native().match_cuda(src.data_ptr(), dst.data_ptr(), b, n, dst.shape[1], c, dtype, mutual, k,
+        native().match_cuda(src.data_ptr(), *src.shape, dst.data_ptr(), *dst.shape, dtype, mutual, k,
                             index.data_ptr(), sim.data_ptr(), stream)
     return index, sim
 
@@ -104,10 +106,21 @@ def sample_points(features: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     return sampled[..., 0].transpose(1, 2).to(features.dtype)
 
 
-def _scale_xy(image_size: Sequence[int] | None, feature_size: tuple[int, int]) -> tuple[float, float]:
-    """(sx, sy): image pixel = (feature pixel + 0.5) * s - 0.5 (pixel centres align)."""
+def _image_sizes(image_size) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(source image size, target image size) from ``(H, W)`` (both) or ``((H, W), (H', W'))``."""
+    message = ("coords='image' needs image_size=(H, W) of the images the features came from, or "
+               "((H, W), (H', W')) when source and target images differ in size")
     if image_size is None or len(image_size) != 2:
-        raise ValueError("coords='image' needs image_size=(H, W) of the images the features came from")
+        raise ValueError(message)
+    pair = tuple(image_size)
+    sizes = pair if all(isinstance(s, Sequence) for s in pair) else (pair, pair)
+    if any(len(s) != 2 or not all(isinstance(v, (int, np.integer)) and v > 0 for v in s) for s in sizes):
+        raise ValueError(f"{message}; got {image_size!r}")
+    return tuple(int(v) for v in sizes[0]), tuple(int(v) for v in sizes[1])
+
+
+def _scale_xy(image_size: tuple[int, int], feature_size: tuple[int, int]) -> tuple[float, float]:
+    """(sx, sy): image pixel = (feature pixel + 0.5) * s - 0.5 (pixel centres align)."""
     return image_size[1] / feature_size[1], image_size[0] / feature_size[0]
 
 
@@ -138,7 +151,7 @@ def _soft_argmax(src_rows, dst, index, window, temperature, chunk_bytes=64 * 2**
 
 
 def match(src, dst, *, mutual: bool = False, k: int = 1, points=None, coords: str = "index",
-          image_size: Sequence[int] | None = None, refine: bool = False, window: int = DEFAULT_WINDOW,
+          image_size: Sequence | None = None, refine: bool = False, window: int = DEFAULT_WINDOW,
           temperature: float = DEFAULT_TEMPERATURE, allow_nonfinite: bool = False):
     """Nearest target vector (cosine similarity) of every source vector, without an N x M matrix.
 
@@ -154,6 +167,8 @@ def match(src, dst, *, mutual: bool = False, k: int = 1, points=None, coords: st
         coords: ``"index"`` (default) returns target indices; ``"feature"`` returns target
             positions (x, y) in target feature pixels, ``"image"`` in pixels of ``image_size``
             (needs a ``[B, C, h', w']`` dst). Positions of absent mutual matches are NaN.
+        image_size: ``(H, W)`` of the images both maps came from, or ``((H, W), (H', W'))`` for
+            source and target images of different sizes (``points`` use the source size).
         refine: window soft-argmax around the argmax (``window`` x ``window``, ``temperature``);
             needs coords ``"feature"`` or ``"image"`` and k = 1.
         allow_nonfinite: match NaN / Inf inputs instead of raising (see module docstring).
@@ -182,15 +197,24 @@ def match(src, dst, *, mutual: bool = False, k: int = 1, points=None, coords: st
     dst_rows, dst_hw = _as_rows(dst_t, "dst")
     if coords != "index" and dst_hw is None:
         raise ValueError(f"coords={coords!r} needs dst as [B, C, h, w] to know the target grid")
+    if coords == "image":
+        src_image_size, dst_image_size = _image_sizes(image_size)
     if src_rows.shape[0] == 0:
         raise ValueError("match: empty batch (B = 0); pass at least one feature map")
+    # Checked here as well as in the kernels: CUDA buffers reach the native side as bare pointers.
+    if dst_rows.shape[0] != src_rows.shape[0]:
+        raise ValueError(f"match: src has batch {src_rows.shape[0]} but dst has batch {dst_rows.shape[0]}; "
+                         "pair every source map with one target map")
+    if dst_rows.shape[2] != src_rows.shape[2]:
+        raise ValueError(f"match: src has {src_rows.shape[2]} channels and dst {dst_rows.shape[2]}; "
+                         "both need the same C > 0")
 
     if points is not None:
         if src_hw is None:
             raise ValueError("points need src as [B, C, h, w] to sample from")
         pts = torch.as_tensor(points, dtype=torch.float32)
         if coords == "image":
-            sx, sy = _scale_xy(image_size, src_hw)
+            sx, sy = _scale_xy(src_image_size, src_hw)
             pts = torch.stack([(pts[..., 0] + 0.5) / sx - 0.5, (pts[..., 1] + 0.5) / sy - 0.5], dim=-1)
         if not allow_nonfinite and not torch.isfinite(pts).all():
             raise ValueError("points contain NaN or Inf")
@@ -210,7 +234,7 @@ def match(src, dst, *, mutual: bool = False, k: int = 1, points=None, coords: st
             result = torch.stack([(index % w).float(), (index // w).float()], dim=-1)
         result = result.masked_fill((index < 0)[..., None], float("nan"))
         if coords == "image":
-            sx, sy = _scale_xy(image_size, dst_hw)
+            sx, sy = _scale_xy(dst_image_size, dst_hw)
             scale = torch.tensor([sx, sy], device=result.device)
             result = (result + 0.5) * scale - 0.5
     if numpy_out:
