@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import cleandift_rt
 from cleandift_rt import project
@@ -139,6 +142,59 @@ def test_bad_inputs_rejected_clearly():
         project(x, torch.randn(2, 256), heads, "us6")
     with pytest.raises(TypeError, match="ProjectionHeads"):
         project(x, 261, heads.adapters["us6"], "us6")
+
+
+def test_nonfinite_features_rejected_or_propagated_with_flag():
+    heads = make_heads({"us6": 40})
+    x = torch.randn(2, 40, 3, 4)
+    x[1, 7, 2, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN or Inf \(first at batch 1, channel 7, pixel y=2 x=1\).*allow_nonfinite"):
+        project(x, 261, heads, "us6")
+    out = project(x, 261, heads, "us6", allow_nonfinite=True)
+    with torch.no_grad():
+        ref = heads("us6", x, 261)
+    assert torch.equal(torch.isnan(out), torch.isnan(ref))        # only the bad pixel's outputs
+    clean = ~torch.isnan(ref)
+    rel_close(out[clean], ref[clean], 1e-5)
+
+
+def test_concurrent_calls_equal_serial():
+    """The kernel releases the GIL: threads sharing one heads module (its packing and scale caches,
+    several taps and timesteps, repacking after a weight change) get the serial results."""
+    heads = make_heads({"us6": 40, "us3": 56})
+    jobs = [(tap, t, torch.randn(1 + i % 2, dim, 4, 5, generator=torch.Generator().manual_seed(i)))
+            for i in range(24) for tap, dim, t in [("us6", 40, 17 * i), ("us3", 56, 900 - 13 * i)]]
+    serial = [project(x, t, heads, tap) for tap, t, x in jobs]
+    for _ in range(3):
+        heads_fresh = make_heads({"us6": 40, "us3": 56})  # same weights, empty caches
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            parallel = list(pool.map(lambda job: project(job[2], job[1], heads_fresh, job[0]), jobs))
+        assert all(torch.equal(a, b) for a, b in zip(serial, parallel))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(b=st.integers(1, 3), dim=st.integers(1, 70), h=st.integers(1, 6), w=st.integers(1, 6),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+       layout=st.sampled_from(["contiguous", "channels_last", "sliced", "transposed"]),
+       seed=st.integers(0, 2**31 - 1))
+def test_property_against_pytorch_head(b, dim, h, w, dtype, layout, seed):
+    """Any D (not only SIMD-width multiples), map size, batch, dtype and memory layout."""
+    heads = make_heads({"us6": dim}, seed=seed % 1000)
+    gen = torch.Generator().manual_seed(seed)
+    if layout == "sliced":      # a view into a larger map: strides that no contiguous layout has
+        x = torch.randn(b, dim + 3, h + 2, w + 1, generator=gen)[:, 1:dim + 1, 1:h + 1, :w]
+    elif layout == "transposed":
+        x = torch.randn(b, dim, w, h, generator=gen).transpose(2, 3)
+    else:
+        x = torch.randn(b, dim, h, w, generator=gen)
+        if layout == "channels_last":
+            x = x.to(memory_format=torch.channels_last)
+    x = x.to(dtype)
+    with torch.no_grad():
+        ref = heads("us6", x.float(), 261)        # the fp32 head on the same (rounded) inputs
+    out = project(x, 261, heads, "us6")
+    assert out.shape == x.shape and out.dtype == dtype
+    rel_close(out, ref, 1e-5 if dtype == torch.float32 else 1e-2)
 
 
 @pytest.mark.parametrize("disable,kernel", [("avx512", "avx2"), ("avx512,avx2", "portable")])

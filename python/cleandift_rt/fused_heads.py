@@ -9,6 +9,7 @@ automatically when the head's parameters change).
 
 from __future__ import annotations
 
+import threading
 import weakref
 
 import torch
@@ -26,9 +27,12 @@ class _HeadCache:
     def __init__(self):
         self.packed: dict[tuple, object] = {}
         self.scales: dict[tuple, torch.Tensor] = {}
+        # project releases the GIL in the kernel, so callers on several threads share this cache.
+        self.lock = threading.Lock()
 
 
 _caches: "weakref.WeakKeyDictionary[ProjectionHeads, _HeadCache]" = weakref.WeakKeyDictionary()
+_caches_lock = threading.Lock()
 
 
 def _params_key(heads: ProjectionHeads, tap: str, device: torch.device) -> tuple:
@@ -69,13 +73,24 @@ def _scales(heads: ProjectionHeads, tap: str, t, batch: int, cache: _HeadCache, 
     return scales
 
 
-def project(features: torch.Tensor, t, heads: ProjectionHeads, tap: str) -> torch.Tensor:
+def _check_finite(features: torch.Tensor) -> None:
+    bad = ~torch.isfinite(features)
+    if bad.any():
+        b, c, y, x = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"features contain NaN or Inf (first at batch {b}, channel {c}, pixel y={y} x={x}); "
+                         "clean them or pass allow_nonfinite=True to propagate them as PyTorch would")
+
+
+def project(features: torch.Tensor, t, heads: ProjectionHeads, tap: str, *,
+            allow_nonfinite: bool = False) -> torch.Tensor:
     """The projection head of ``tap`` on ``features [B, D, h, w]`` at timestep(s) ``t``.
 
     ``t``: an int / float, a 1-D tensor of B timesteps, or a ``[B, 256]`` cond tensor. Returns a
     tensor like ``features`` (same dtype and device; float32, float16 or bfloat16; CPU, or CUDA when
     built with CUDA) equal to ``heads(tap, features, t)``: within 1e-5 relative in float32, 1e-2 in
     half precision (the kernel keeps fp32 between layers where PyTorch rounds each op).
+    NaN / Inf features raise ``ValueError`` naming the first one; ``allow_nonfinite=True`` skips
+    the check (non-finite values then spread through their pixel's outputs, as in PyTorch).
     """
     if not isinstance(heads, ProjectionHeads):
         raise TypeError(f"heads must be a cleandift_rt.ProjectionHeads, got {type(heads).__name__}")
@@ -90,16 +105,20 @@ def project(features: torch.Tensor, t, heads: ProjectionHeads, tap: str) -> torc
     dev = features.device
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"project runs on CPU or CUDA tensors, got device {dev}")
+    if not allow_nonfinite:
+        _check_finite(features)
 
-    cache = _caches.setdefault(heads, _HeadCache())
+    with _caches_lock:
+        cache = _caches.setdefault(heads, _HeadCache())
     key = _params_key(heads, tap, dev)
-    scales = _scales(heads, tap, t, b, cache, key).to(dev)
-    if key not in cache.packed:
-        for old in [k for k in cache.packed if k[:2] == key[:2]]:  # stale packing of changed weights
-            del cache.packed[old]
-        up, down = _stacked_weights(heads, tap, dev)
-        cache.packed[key] = native().pack_head(up.numpy(), down.numpy()) if dev.type == "cpu" else (up, down)
-    packed = cache.packed[key]
+    with cache.lock:
+        scales = _scales(heads, tap, t, b, cache, key).to(dev)
+        if key not in cache.packed:
+            for old in [k for k in cache.packed if k[:2] == key[:2]]:  # stale packing of changed weights
+                del cache.packed[old]
+            up, down = _stacked_weights(heads, tap, dev)
+            cache.packed[key] = native().pack_head(up.numpy(), down.numpy()) if dev.type == "cpu" else (up, down)
+        packed = cache.packed[key]
 
     rows = features.flatten(2).transpose(1, 2)  # [B, P, D] view, no copy
     dtype = _DTYPES[features.dtype]
