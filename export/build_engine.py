@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     except BuildUnavailable as exc:
         print(f"build_engine: {exc}", file=sys.stderr)
         return 3
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:  # bad arguments, unreadable inputs, unwritable output
         print(f"build_engine: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -40,9 +40,10 @@ def main(argv=None) -> int:
 
     from cleandift_rt.backends.torch import load_student_and_base
     from cleandift_rt.models import load_base
-    from cleandift_rt.onnx_export import export_onnx
+    from cleandift_rt.onnx_export import check_export_args, export_onnx
 
     try:
+        check_export_args(args.out, args.size, args.dynamic_size, args.taps, args.batch, args.resize)
         student, base = load_student_and_base(Path(args.student), load_base(args.base))
         size_arg = args.size
         if size_arg is None and args.dynamic_size is None:
@@ -50,7 +51,7 @@ def main(argv=None) -> int:
         export_onnx(student, base, args.out, size=size_arg, dynamic_size=args.dynamic_size, taps=args.taps,
                     batch=args.batch, prompt=args.prompt, resize=args.resize,
                     external_data=True if args.external_data else None)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:  # bad arguments, unreadable inputs, unwritable output
         print(f"export_onnx: {exc}", file=sys.stderr)
         return 2
     return 0

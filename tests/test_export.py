@@ -142,7 +142,7 @@ def test_export_rejects_bad_arguments(tiny_base_dir, tiny_student_files, tmp_pat
     assert not list(tmp_path.iterdir())  # nothing half-written
 
 
-def test_cli_reports_errors_in_one_line(tiny_base_dir, tmp_path, capsys):
+def test_cli_reports_errors_in_one_line(tiny_base_dir, tiny_student_files, tmp_path, capsys):
     sys.path.insert(0, str(ROOT / "export"))
     try:
         import export_onnx as cli
@@ -153,3 +153,31 @@ def test_cli_reports_errors_in_one_line(tiny_base_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith("export_onnx: ") and "missing.safetensors" in err
+    # argument mistakes are reported before any model is loaded (the student here does not exist)
+    rc = cli.main(["--student", str(tmp_path / "missing.safetensors"), "--base", str(tiny_base_dir),
+                   "--out", str(tmp_path / "x.onnx"), "--size", "128", "128", "--batch", "4:2:1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "MIN:OPT:MAX" in err and "missing.safetensors" not in err
+    # an output folder that cannot be created: one line, no traceback
+    (tmp_path / "a_file").write_text("")
+    rc = cli.main(["--student", str(tiny_student_files["unet"]), "--base", str(tiny_base_dir),
+                   "--out", str(tmp_path / "a_file" / "x.onnx"), "--size", "128", "128"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and "a_file" in err.strip().splitlines()[-1]
+
+
+def test_weights_go_external_above_the_protobuf_limit_and_saves_are_atomic(tiny_onnx, tmp_path, monkeypatch):
+    """The automatic > 2 GB switch (limit lowered so the tiny model crosses it), one .data file,
+    and re-saving inline removes the stale weights file; no temporary files are left behind."""
+    from cleandift_rt import onnx_export
+
+    model = onnx.load(str(tiny_onnx["full"]))
+    out = tmp_path / "m.onnx"
+    monkeypatch.setattr(onnx_export, "PROTOBUF_LIMIT", 1024)
+    onnx_export.save_onnx(model, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
+    check_onnx(out)
+    monkeypatch.setattr(onnx_export, "PROTOBUF_LIMIT", 2**31 - 1)
+    onnx_export.save_onnx(onnx.load(str(tiny_onnx["full"])), out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+    check_onnx(out)

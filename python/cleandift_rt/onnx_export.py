@@ -17,6 +17,7 @@ is a constant, so its embedding MLP folds away.
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 import warnings
@@ -26,7 +27,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .artifact import EMBEDS_INPUT, IMAGE_INPUT, ArtifactInfo, parse_batch, size_fields, tap_records
+from .artifact import (EMBEDS_INPUT, IMAGE_INPUT, SIZE_MULTIPLE, ArtifactInfo, parse_batch, size_fields,
+                       tap_records)
 from .capture import unet_taps
 from .models import BaseModel, Student, load_base, load_student
 from .preprocess import check_policy
@@ -54,6 +56,22 @@ class FeatureGraph(nn.Module):
         return tuple(feats[t] for t in self.taps)
 
 
+def check_export_args(out: str | Path, size: Sequence[int] | None, dynamic_size: Sequence[int] | None,
+                      taps=None, batch: str | None = None, resize: str = "stretch") -> tuple[list[str], dict]:
+    """Everything about an export request that can be wrong before the (multi-GB) models load.
+
+    Returns the resolved taps and batch range; raises ``ValueError`` naming the problem.
+    """
+    if Path(out).suffix != ".onnx":
+        raise ValueError(f"output {out} must end in .onnx")
+    wanted = resolve_taps(taps)
+    check_policy(resize)
+    batch_range = parse_batch(batch)
+    if size is not None or dynamic_size is not None:
+        size_fields(size, dynamic_size, native=SIZE_MULTIPLE)  # the native size only picks a default
+    return wanted, batch_range
+
+
 def export_onnx(student: str | Path | Student, base: str | Path | BaseModel, out: str | Path, *,
                 size: Sequence[int] | None = None, dynamic_size: Sequence[int] | None = None,
                 taps=None, batch: str | None = None, prompt: str = "", resize: str = "stretch",
@@ -67,11 +85,7 @@ def export_onnx(student: str | Path | Student, base: str | Path | BaseModel, out
     import onnx
 
     out = Path(out)
-    if out.suffix != ".onnx":
-        raise ValueError(f"output {out} must end in .onnx")
-    wanted = resolve_taps(taps)
-    check_policy(resize)
-    batch_range = parse_batch(batch)
+    wanted, batch_range = check_export_args(out, size, dynamic_size, taps, batch, resize)
     t0 = time.perf_counter()
     base_model = base if isinstance(base, BaseModel) else load_base(base)
     student_model = student if isinstance(student, Student) else load_student(student, base_model)
@@ -106,6 +120,9 @@ def export_onnx(student: str | Path | Student, base: str | Path | BaseModel, out
             # diffusers' shape asserts and the exporter's folding notes are expected here, not news
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             warnings.filterwarnings("ignore", message="Constant folding", category=UserWarning)
+            # the TorchScript exporter is chosen on purpose (docs/engine.md): its deprecation notes are known
+            warnings.filterwarnings("ignore", message="You are using the legacy TorchScript", category=DeprecationWarning)
+            warnings.filterwarnings("ignore", message="The feature will be removed", category=DeprecationWarning)
             torch.onnx.export(graph, example, str(raw), input_names=[IMAGE_INPUT, EMBEDS_INPUT],
                               output_names=list(wanted), dynamic_axes=dynamic_axes, opset_version=OPSET,
                               do_constant_folding=True, dynamo=False)
@@ -113,7 +130,6 @@ def export_onnx(student: str | Path | Student, base: str | Path | BaseModel, out
         model = onnx.load(str(raw))  # pulls in the per-tensor external files the exporter may write
     _finish_graph(model, embeds, info)
     save_onnx(model, out, external_data)
-    check_onnx(out)
     log(f"wrote {out} ({_size_text(out)}) in {time.perf_counter() - t0:.1f} s")
     return info
 
@@ -163,20 +179,30 @@ def _set_output_shape(output, info: ArtifactInfo) -> None:
 
 
 def save_onnx(model, out: Path, external_data: bool | None = None) -> None:
-    """Save ``model``; weights in ONE ``<name>.data`` file beside it when asked or above 2 GB."""
+    """Save ``model``; weights in ONE ``<name>.data`` file beside it when asked or above 2 GB.
+
+    Written under a temporary name in the same folder, checked, then renamed: an interrupted or
+    failed export never leaves a truncated model at ``out`` (nor deletes a previous good one).
+    """
     import onnx
 
     if external_data is None:
         external_data = model.ByteSize() > PROTOBUF_LIMIT if _fits_protobuf(model) else True
     data = out.with_name(out.name + ".data")
-    for stale in (out, data):
-        if stale.exists():
-            stale.unlink()
-    if external_data:
-        onnx.save_model(model, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data.name, size_threshold=1024)
-    else:
-        onnx.save_model(model, str(out))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".save-") as tmp:
+        staged, staged_data = Path(tmp) / out.name, Path(tmp) / data.name
+        if external_data:
+            onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data.name, size_threshold=1024)
+        else:
+            onnx.save_model(model, str(staged))
+        check_onnx(staged)
+        if staged_data.exists():
+            os.replace(staged_data, data)
+        elif data.exists():
+            data.unlink()  # a previous export's weights; this model carries its own
+        os.replace(staged, out)
 
 
 def _fits_protobuf(model) -> bool:
