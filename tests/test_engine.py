@@ -150,8 +150,13 @@ def test_stream_yields_in_order_with_latency(onnx_engine, images, photos, tmp_pa
 
 
 def test_stream_raises_bad_items_and_can_stop_early(onnx_engine, images):
+    bad = torch.full((3, SIZE, SIZE), float("nan"))
+    delivered = []
     with pytest.raises(ValueError, match="NaN"):
-        list(onnx_engine.stream([images[0], torch.full((3, SIZE, SIZE), float("nan"))]))
+        # the bad item shares a batch with good ones: those are still delivered, in order, first
+        for result in onnx_engine.stream([images[0], images[1], bad, images[2]], taps="us6", batch_size=4):
+            delivered.append(result.index)
+    assert delivered == [0, 1]
     gen = onnx_engine.stream(images[i] for i in range(5))
     assert next(gen).index == 0
     gen.close()  # the reader thread stops instead of hanging
@@ -176,6 +181,8 @@ def test_bad_images_give_clear_errors(onnx_engine, bad, error, match):
 def test_bad_options_give_clear_errors(tiny_onnx, onnx_engine, images, tiny_student_files):
     with pytest.raises(ValueError, match="unknown resize policy"):
         Engine(tiny_onnx["full"], resize="crop")
+    with pytest.raises(ValueError, match=r"looks like a device; pass it as device='cuda:0'"):
+        Engine(tiny_onnx["full"], "cuda:0")
     with pytest.raises(ValueError, match="exported for 128x128"):
         Engine(tiny_onnx["full"], size=256)
     with pytest.raises(ValueError, match="unknown tap"):

@@ -16,6 +16,7 @@ from cleandift_rt.artifact import (
     IMAGE_INPUT,
     ArtifactInfo,
     describe,
+    plan_header_bytes,
     read_onnx_info,
     read_plan_header,
 )
@@ -156,6 +157,9 @@ def test_plan_container_round_trip_and_truncation(tmp_path):
     assert d["kind"] == "tensorrt" and d["tensorrt"] == "10.3.0" and d["batch"]["max"] == 8
     assert d["build"]["gpu_capability"] == [8, 6] and d["extra"]["precision"] == "fp16+fp32"
     assert [t["name"] for t in d["taps"]] == ["us6"]
+    from cleandift_rt.cli import format_info
+
+    assert "built for: NVIDIA A10 (compute 8.6); fp16; 3 layers; precision fp16 3" in format_info(d)
     assert not [p for p in tmp_path.iterdir() if p.name != "sd21.plan"]  # no temporary left behind
 
     plan.write_bytes(plan.read_bytes()[:-1])
@@ -164,6 +168,11 @@ def test_plan_container_round_trip_and_truncation(tmp_path):
     plan.write_bytes(plan.read_bytes()[:20])
     with pytest.raises(ValueError, match="truncated"):
         read_plan_header(plan)
+    for broken, named in [([1, 2], "a JSON list"), ({**_header(_info(), 3), "profile": {"batch": {}}}, "profile.tokens"),
+                          ({k: v for k, v in _header(_info(), 3).items() if k != "info"}, "info")]:
+        plan.write_bytes(plan_header_bytes(broken) + b"abc")
+        with pytest.raises(ValueError, match=f"corrupt header.*{named}"):
+            describe(plan)
     plan.write_bytes(b"\x7fELF not a plan at all")
     with pytest.raises(ValueError, match="not a cleandift-rt TensorRT plan"):
         describe(plan)

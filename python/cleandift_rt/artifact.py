@@ -203,12 +203,34 @@ def read_plan_header(path: str | Path) -> tuple[dict, int, int]:
             header = json.loads(f.read(length))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise ValueError(f"{path} has a corrupt header (not JSON)") from None
+    _check_plan_header(header, path)
     offset = len(PLAN_MAGIC) + _PLAN_LENGTH.size + length
     expected = int(header.get("engine_bytes", -1))
     if size - offset != expected:
         raise ValueError(f"{path} is truncated or corrupt: it should hold {expected} engine bytes after the header, "
                          f"it holds {size - offset}")
     return header, offset, expected
+
+
+# What the runtime reads from a plan header, and the JSON types it needs (see trt_build.plan_header).
+_PLAN_HEADER_FIELDS = {"info": dict, "profile": dict, "default_prompt_embeds": dict, "engine_bytes": int}
+_PLAN_PROFILE_FIELDS = {"batch": dict, "tokens": int}
+
+
+def _check_plan_header(header, path: Path) -> None:
+    """A header that parsed as JSON but lacks what the runtime reads is corrupt: say what is missing."""
+    def missing(d, fields, prefix=""):
+        return [prefix + k for k, kind in fields.items() if not isinstance(d.get(k), kind)]
+
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} has a corrupt header (a JSON {type(header).__name__}, not an object): rebuild it "
+                         "with `python export/build_engine.py`")
+    bad = missing(header, _PLAN_HEADER_FIELDS)
+    if not bad:
+        bad = missing(header["profile"], _PLAN_PROFILE_FIELDS, "profile.")
+    if bad:
+        raise ValueError(f"{path} has a corrupt header (missing or malformed: {', '.join(bad)}): rebuild it with "
+                         "`python export/build_engine.py`")
 
 
 def plan_header_bytes(header: dict) -> bytes:

@@ -303,6 +303,17 @@ def format_info(d: dict) -> str:
                        ("external_data", "external data"), ("tensorrt", "TensorRT"), ("note", "note")):
         if d.get(key) not in (None, [], {}):
             lines.append(f"  {label}: {d[key]!r}" if key == "prompt" else f"  {label}: {d[key]}")
+    build = d.get("build") or {}
+    if build:  # a TensorRT plan's build summary
+        capability = ".".join(map(str, build.get("gpu_capability", []))) or "?"
+        parts = [f"{build.get('gpu_name', '?')} (compute {capability})", "fp16" if build.get("fp16") else "fp32"]
+        if "engine_layers" in build:
+            parts.append(f"{build['engine_layers']} layers")
+        if build.get("precision_mix"):
+            parts.append("precision " + ", ".join(f"{k} {v}" for k, v in sorted(build["precision_mix"].items())))
+        if "build_seconds" in build:
+            parts.append(f"built in {build['build_seconds']:.0f} s")
+        lines.append("  built for: " + "; ".join(parts))
     return "\n".join(lines)
 
 

@@ -59,6 +59,10 @@ class Engine:
         if not self.path.exists():
             raise FileNotFoundError(f"{self.path} does not exist")
         suffix = self.path.suffix
+        if isinstance(base, str) and base.split(":")[0] in ("cpu", "cuda") and not Path(base).exists():
+            # Engine(path, "cuda") reads as a device, but the second argument is the base model folder
+            raise ValueError(f"base={base!r} looks like a device; pass it as device={base!r} "
+                             "(the second argument names the base model folder of a student checkpoint)")
         if precision is not None and suffix in (".onnx", ".plan"):
             raise ValueError(f"precision={precision!r} applies to the PyTorch backend; the precision of a {suffix} "
                              "file is fixed when it is exported/built")
@@ -188,9 +192,9 @@ class Engine:
             try:
                 for index, item in enumerate(items):
                     t0 = time.perf_counter()
-                    image, as_torch = _stream_item(item, index)
+                    image, torch_device = _stream_item(item, index)
                     pixels = prepare_images(image, self.size, self.resize).pixels
-                    if not offer((index, t0, pixels, as_torch)):
+                    if not offer((index, t0, pixels, torch_device)):
                         return
                 offer(done)
             except BaseException as exc:  # handed to the consumer, raised there
@@ -199,40 +203,41 @@ class Engine:
         worker = threading.Thread(target=produce, name="cleandift-rt-stream", daemon=True)
         worker.start()
         try:
-            finished = False
-            while not finished:
-                batch = [ready.get()]
-                while len(batch) < batch_size and not ready.empty():
-                    batch.append(ready.get())
-                if batch[-1] is done:
-                    finished = True
-                    batch.pop()
-                for entry in batch:
-                    if isinstance(entry, BaseException):
-                        raise entry
-                if not batch:
-                    break
-                t1 = time.perf_counter()
-                feats = self._run_chunked(torch.cat([e[2] for e in batch]), None, wanted)
-                t2 = time.perf_counter()
-                for j, (index, t0, _, as_torch) in enumerate(batch):
-                    one = {t: f[j : j + 1] for t, f in feats.items()}
-                    yield StreamResult(index, one if as_torch else {t: _numpy(f) for t, f in one.items()},
-                                       t2 - t0, t2 - t1)
+            end = None  # `done` or the producer's exception, once it arrives
+            while end is None:
+                batch = []
+                while end is None and len(batch) < batch_size and (not batch or not ready.empty()):
+                    entry = ready.get()
+                    if entry is done or isinstance(entry, BaseException):
+                        end = entry
+                    else:
+                        batch.append(entry)
+                if batch:  # items decoded before a failure are still delivered, then the failure raised
+                    t1 = time.perf_counter()
+                    feats = self._run_chunked(torch.cat([e[2] for e in batch]), None, wanted)
+                    t2 = time.perf_counter()
+                    for j, (index, t0, _, torch_device) in enumerate(batch):
+                        one = {t: f[j : j + 1] for t, f in feats.items()}
+                        one = ({t: f.to(torch_device) for t, f in one.items()} if torch_device is not None
+                               else {t: _numpy(f) for t, f in one.items()})
+                        yield StreamResult(index, one, t2 - t0, t2 - t1)
+            if end is not done:
+                raise end
         finally:
             stop.set()
             worker.join(timeout=5)
 
 
 def _stream_item(item, index: int):
-    """One stream element as an ``extract`` batch of one, and whether the caller works in torch."""
+    """One stream element as an ``extract`` batch of one, and the torch device its features go to
+    (None: the caller works in numpy)."""
     if isinstance(item, (str, Path)):
-        return [np.asarray(load_image(item))], False
+        return [np.asarray(load_image(item))], None
     if isinstance(item, torch.Tensor) or (isinstance(item, np.ndarray) and item.dtype.kind == "f"):
         if item.ndim != 3:
             raise ValueError(f"stream item {index}: float images must be 3 x H x W, got shape {tuple(item.shape)}")
-        return item[None], isinstance(item, torch.Tensor)
-    return [item], False
+        return item[None], item.device if isinstance(item, torch.Tensor) else None
+    return [item], None
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
