@@ -135,6 +135,9 @@ def test_extract_is_resumable_and_skips_unreadable_images(torch_engine, photos, 
 
 def test_bench(torch_engine, capsys):
     assert main(["bench", *torch_engine, "--repeat", "1"]) == 0
+    with pytest.raises(SystemExit) as exit_info:  # argparse: one usage line, status 2
+        main(["bench", *torch_engine, "--repeat", "0"])
+    assert exit_info.value.code == 2
     out = capsys.readouterr().out
     assert "images/s" in out and "cleandift_rt.match" in out
 

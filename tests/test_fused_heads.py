@@ -140,6 +140,8 @@ def test_bad_inputs_rejected_clearly():
         project(x, torch.tensor([1.0, 2.0]), heads, "us6")
     with pytest.raises(ValueError, match=r"cond tensor must be \[B=1, 256\]"):
         project(x, torch.randn(2, 256), heads, "us6")
+    with pytest.raises(TypeError, match="t must be a number, a 1-D tensor of B timesteps"):
+        project(x, "261", heads, "us6")
     with pytest.raises(TypeError, match="ProjectionHeads"):
         project(x, 261, heads.adapters["us6"], "us6")
 

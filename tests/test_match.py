@@ -178,6 +178,8 @@ def test_bad_options_rejected_clearly():
     src, dst = torch.randn(1, 4, 8), torch.randn(1, 5, 8)
     with pytest.raises(ValueError, match="k = 6 exceeds the 5 target"):
         match(src, dst, k=6)
+    with pytest.raises(ValueError, match="k = 1000000000000 exceeds the 5 target"):
+        match(src, dst, k=10**12)
     with pytest.raises(ValueError, match="k must be an integer >= 1"):
         match(src, dst, k=0)
     with pytest.raises(ValueError, match="mutual=True is defined for k = 1"):

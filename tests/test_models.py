@@ -127,6 +127,8 @@ def test_pickles_and_corrupt_files_are_refused(tmp_path, tiny_student):
         load_student(empty)
     with pytest.raises(FileNotFoundError):
         load_student(tmp_path / "nope.safetensors")
+    with pytest.raises(ValueError, match="is a folder, not a safetensors checkpoint"):
+        load_student(tmp_path)
 
 
 def test_base_folder_errors(tmp_path):

@@ -23,6 +23,9 @@ def _describe_non_safetensors(path: Path, head: bytes) -> str | None:
 
 
 def _check_safetensors_file(path: Path) -> None:
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a safetensors checkpoint: pass the .safetensors file (a diffusers "
+                         "folder goes to load_base, or to Engine / export/export_onnx.py as the model itself)")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     size = path.stat().st_size

@@ -46,6 +46,17 @@ class UserError(Exception):
 # shared helpers
 
 
+def positive_int(text: str) -> int:
+    """argparse type for counts: argparse then reports a bad value in its usual one-line form."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
 def _add_engine_args(p: argparse.ArgumentParser, tap: bool = True) -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--engine", required=True, metavar="FILE",
@@ -477,7 +488,7 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
                    "'' = the prompt baked into the engine")
     p.add_argument("--baseline", choices=["dift"], help="also run the noisy DIFT baseline (base U-Net, needs --base)")
     p.add_argument("--t", type=int, default=261, help="DIFT timestep (default 261)")
-    p.add_argument("--ensemble", type=int, default=8, help="DIFT noise samples averaged (default 8)")
+    p.add_argument("--ensemble", type=positive_int, default=8, help="DIFT noise samples averaged (default 8)")
     p.add_argument("--seed", type=int, default=0, help="DIFT noise seed (default 0)")
     p.add_argument("--alphas", type=float, nargs="+", default=list(ALPHAS), help="PCK thresholds (default 0.05 0.1 0.15)")
     p.add_argument("--threshold", choices=list(CONVENTIONS), default="dift",
@@ -485,7 +496,7 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transfer", choices=["matcher", "analytic"], default="matcher",
                    help="'matcher': upsampled target searched by cleandift_rt.match (default); 'analytic': the same "
                    "cosines in closed form, no upsampled map (float64, much faster on a CPU)")
-    p.add_argument("--limit", type=int, help="at most N pairs (per category for SPair): a quick look")
+    p.add_argument("--limit", type=positive_int, help="at most N pairs (per category for SPair): a quick look")
     p.add_argument("--cache", metavar="DIR", help="feature cache and resume journal (default: OUT_STEM.cache beside --out)")
     p.add_argument("--restart", action="store_true", help="ignore the journal of an earlier run (features stay cached)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -521,7 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="matches.png", help="side-by-side picture")
     p.add_argument("--json", metavar="FILE", help="also write the matches as JSON, most confident first")
     p.add_argument("--points", metavar="'x,y x,y'|FILE.json", help="source keypoints instead of dense matching")
-    p.add_argument("--max-lines", type=int, default=60, help="lines drawn, most confident first (default 60)")
+    p.add_argument("--max-lines", type=positive_int, default=60, help="lines drawn, most confident first (default 60)")
     p.set_defaults(func=cmd_match)
 
     p = sub.add_parser("pca", formatter_class=fmt, help="feature PCA picture",
@@ -531,7 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+")
     _add_engine_args(p)
     p.add_argument("--out", required=True, metavar="pca.png")
-    p.add_argument("--height", type=int, default=256, help="picture height per row in pixels (default 256)")
+    p.add_argument("--height", type=positive_int, default=256, help="picture height per row in pixels (default 256)")
     p.set_defaults(func=cmd_pca)
 
     p = sub.add_parser("extract", formatter_class=fmt, help="features of many images to files",
@@ -563,8 +574,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "The full comparisons (release extractor, DIFT, faiss) are the scripts in bench/.\n\n"
                        "example:\n  cleandift-rt bench --engine sd21.onnx --batch 4")
     _add_engine_args(p)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--batch", type=positive_int, default=1)
+    p.add_argument("--repeat", type=positive_int, default=3)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("eval-spair", formatter_class=fmt, help="PCK on SPair-71k (CleanDIFT and the DIFT baseline)",

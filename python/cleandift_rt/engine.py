@@ -10,6 +10,7 @@ numpy).
 from __future__ import annotations
 
 import queue
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -70,6 +71,11 @@ class Engine:
             check_policy(resize)
         if max_batch is not None and int(max_batch) < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"threads must be an integer >= 1 (or None for all usable cores), got {threads!r}")
+        if device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", str(device)):
+            raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N' (or None for the best available), got {device!r}")
+        device = None if device is None else str(device)  # a torch.device works too
         if suffix in (".onnx", ".plan"):  # check the options against the metadata before loading anything big
             self._configure(read_info(self.path), size, resize, taps)
         if suffix == ".onnx":

@@ -55,7 +55,11 @@ def _scales(heads: ProjectionHeads, tap: str, t, batch: int, cache: _HeadCache, 
             raise ValueError(f"a cond tensor must be [B={batch}, {COND_DIM}], got {tuple(t.shape)}")
         cond, t_key = t, None
     else:
-        t_vals = torch.as_tensor(t, dtype=torch.float32).flatten().tolist()
+        try:
+            t_vals = torch.as_tensor(t, dtype=torch.float32).flatten().tolist()
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"t must be a number, a 1-D tensor of B timesteps or a [B, {COND_DIM}] cond tensor, "
+                            f"got {type(t).__name__} {t!r:.40}") from None
         t_key = key + (tuple(t_vals), batch)
         if t_key in cache.scales:
             return cache.scales[t_key]

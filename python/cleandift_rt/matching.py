@@ -205,6 +205,8 @@ def match(src, dst, *, mutual: bool = False, k: int = 1, points=None, coords: st
     if dst_rows.shape[0] != src_rows.shape[0]:
         raise ValueError(f"match: src has batch {src_rows.shape[0]} but dst has batch {dst_rows.shape[0]}; "
                          "pair every source map with one target map")
+    if k > dst_rows.shape[1] > 0:  # before the kernel: a k beyond int32 would not even reach its check
+        raise ValueError(f"match: k = {k} exceeds the {dst_rows.shape[1]} target vectors")
     if dst_rows.shape[2] != src_rows.shape[2]:
         raise ValueError(f"match: src has {src_rows.shape[2]} channels and dst {dst_rows.shape[2]}; "
                          "both need the same C > 0")
