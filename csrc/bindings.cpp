@@ -66,6 +66,7 @@ PYBIND11_MODULE(_native, m) {
     py::dict d;
     d["compiler"] = CLEANDIFT_COMPILER;
     d["simd"] = cpu_feature_names();
+    d["l2_cache_bytes"] = cpu_features().l2_bytes;  // sizes the matching kernel's row blocks
     CudaInfo cuda = cuda_info();
     d["cuda_compiled"] = cuda.compiled;
     d["cuda_archs"] = cuda.archs;

@@ -2,12 +2,14 @@
 
 #include <cstdlib>
 #include <cstring>
+#if defined(__linux__)
+#include <unistd.h>
+#endif
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <cpuid.h>
 #if defined(__linux__)
 #include <sys/syscall.h>
-#include <unistd.h>
 #endif
 #define CLEANDIFT_X86 1
 #endif
@@ -42,8 +44,19 @@ bool disabled(const char* name) {
          list.find(",all,") != std::string::npos;
 }
 
+long detect_l2_bytes() {
+  constexpr long kTypical = 512L << 10;
+  long bytes = 0;
+#if defined(__linux__) && defined(_SC_LEVEL2_CACHE_SIZE)
+  bytes = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
+  // Unknown or implausible (some VMs report 0): a size every recent x86 / Arm core has.
+  return bytes >= (128L << 10) && bytes <= (64L << 20) ? bytes : kTypical;
+}
+
 CpuFeatures detect() {
   CpuFeatures f;
+  f.l2_bytes = detect_l2_bytes();
 #ifdef CLEANDIFT_X86
   unsigned int eax, ebx, ecx, edx;
   if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx)) return f;

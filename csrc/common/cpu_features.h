@@ -11,6 +11,7 @@ struct CpuFeatures {
   bool avx512 = false;      // AVX-512 F/BW/VL/DQ, OS saves ZMM state
   bool avx512_bf16 = false; // AVX512_BF16 dot products
   bool amx_bf16 = false;    // AMX tiles with BF16, OS permits tile data
+  long l2_bytes = 0;        // L2 cache per core as the OS reports it (a typical 512 KiB when it does not)
 };
 
 // Detected once, cached. Respects CLEANDIFT_DISABLE_SIMD=avx512,avx2,... so every path can be

@@ -62,7 +62,8 @@ def format_build_info(info: dict | None = None) -> str:
     info = info or build_info()
     lines = [f"cleandift-rt {info['package_version']} (python {info['python']}, {info['machine']})"]
     if info.get("native"):
-        lines.append(f"  native module : {info['compiler']}; SIMD at run time: {', '.join(info['simd']) or 'none (portable)'}")
+        lines.append(f"  native module : {info['compiler']}; SIMD at run time: {', '.join(info['simd']) or 'none (portable)'}; "
+                     f"L2 {info['l2_cache_bytes'] >> 10} KiB per core")
         if info["cuda_compiled"]:
             lines.append(f"  CUDA kernels  : compiled for sm_{info['cuda_archs'].replace(',', ', sm_')} "
                          f"(toolkit {info['cuda_toolkit']})")
