@@ -24,6 +24,7 @@ def test_build_info_fields():
     assert info["native"] is True, info.get("native_error")
     assert isinstance(info["cuda_compiled"], bool)
     assert info["compiler"] and isinstance(info["simd"], list)
+    assert cleandift_rt.__version__ == info["package_version"]
     assert 128 << 10 <= info["l2_cache_bytes"] <= 64 << 20
     assert info["onnxruntime"]["available"] and "CPUExecutionProvider" in info["onnxruntime"]["providers"]
     assert "tensorrt" in info and "available" in info["tensorrt"]

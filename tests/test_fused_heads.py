@@ -58,6 +58,15 @@ def test_fp32_parity_release_width():
     rel_close(project(x, 261, heads, "us9"), ref, 1e-5)
 
 
+def test_largest_pixel_tiles_and_a_partial_last_tile():
+    """64 x 64 pixels: tiles of the maximum 32 register tiles, the last one partly filled."""
+    heads = make_heads({"us9": 40}, seed=4)
+    x = torch.randn(1, 40, 64, 64) * 2
+    with torch.no_grad():
+        ref = heads("us9", x, 500)
+    rel_close(project(x, 500, heads, "us9"), ref, 1e-5)
+
+
 def test_cond_tensor_and_per_sample_t():
     heads = make_heads({"us6": 48})
     x = torch.randn(2, 48, 5, 6)
