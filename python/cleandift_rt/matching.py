@@ -201,15 +201,9 @@ def match(src, dst, *, mutual: bool = False, k: int = 1, points=None, coords: st
         src_image_size, dst_image_size = _image_sizes(image_size)
     if src_rows.shape[0] == 0:
         raise ValueError("match: empty batch (B = 0); pass at least one feature map")
-    # Checked here as well as in the kernels: CUDA buffers reach the native side as bare pointers.
-    if dst_rows.shape[0] != src_rows.shape[0]:
-        raise ValueError(f"match: src has batch {src_rows.shape[0]} but dst has batch {dst_rows.shape[0]}; "
-                         "pair every source map with one target map")
-    if k > dst_rows.shape[1] > 0:  # before the kernel: a k beyond int32 would not even reach its check
+    # The kernels check shapes and k themselves; a k beyond int32 would not even reach that check.
+    if k > dst_rows.shape[1] > 0:
         raise ValueError(f"match: k = {k} exceeds the {dst_rows.shape[1]} target vectors")
-    if dst_rows.shape[2] != src_rows.shape[2]:
-        raise ValueError(f"match: src has {src_rows.shape[2]} channels and dst {dst_rows.shape[2]}; "
-                         "both need the same C > 0")
 
     if points is not None:
         if src_hw is None:
