@@ -71,7 +71,7 @@ class Engine:
             check_policy(resize)
         if max_batch is not None and int(max_batch) < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1):
             raise ValueError(f"threads must be an integer >= 1 (or None for all usable cores), got {threads!r}")
         if device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", str(device)):
             raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N' (or None for the best available), got {device!r}")
@@ -223,9 +223,7 @@ class Engine:
                     feats = self._run_chunked(torch.cat([e[2] for e in batch]), None, wanted)
                     t2 = time.perf_counter()
                     for j, (index, t0, _, torch_device) in enumerate(batch):
-                        one = {t: f[j : j + 1] for t, f in feats.items()}
-                        one = ({t: f.to(torch_device) for t, f in one.items()} if torch_device is not None
-                               else {t: _numpy(f) for t, f in one.items()})
+                        one = _as_output({t: f[j : j + 1] for t, f in feats.items()}, torch_device)
                         yield StreamResult(index, one, t2 - t0, t2 - t1)
             if end is not done:
                 raise end
@@ -250,11 +248,17 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
     return t.numpy() if t.device.type == "cpu" else t.cpu().numpy()
 
 
-def _to_caller(feats: dict[str, torch.Tensor], images) -> dict:
-    """Torch in -> torch out on the input's device (no copy when already there); else numpy (zero-copy on CPU)."""
-    if isinstance(images, torch.Tensor):
-        return {t: f if f.device == images.device else f.to(images.device) for t, f in feats.items()}
+def _as_output(feats: dict[str, torch.Tensor], torch_device) -> dict:
+    """Torch tensors on ``torch_device`` (no copy when already there), or numpy when it is None
+    (zero-copy on CPU)."""
+    if torch_device is not None:
+        return {t: f.to(torch_device) for t, f in feats.items()}
     return {t: _numpy(f) for t, f in feats.items()}
+
+
+def _to_caller(feats: dict[str, torch.Tensor], images) -> dict:
+    """Torch in -> torch out on the input's device; else numpy."""
+    return _as_output(feats, images.device if isinstance(images, torch.Tensor) else None)
 
 
 __all__ = ["Engine", "StreamResult", "describe"]
