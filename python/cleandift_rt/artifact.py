@@ -205,7 +205,7 @@ def read_plan_header(path: str | Path) -> tuple[dict, int, int]:
             raise ValueError(f"{path} has a corrupt header (not JSON)") from None
     _check_plan_header(header, path)
     offset = len(PLAN_MAGIC) + _PLAN_LENGTH.size + length
-    expected = int(header.get("engine_bytes", -1))
+    expected = header["engine_bytes"]  # present and an int: _check_plan_header
     if size - offset != expected:
         raise ValueError(f"{path} is truncated or corrupt: it should hold {expected} engine bytes after the header, "
                          f"it holds {size - offset}")

@@ -25,6 +25,9 @@ from .extractor import check_prompt_embeds
 from .preprocess import check_policy, load_image, prepare_images
 
 
+_DEVICE = re.compile(r"cpu|cuda(:\d+)?")  # the device strings every backend understands
+
+
 @dataclass
 class StreamResult:
     """One item of ``Engine.stream``: its position in the input, its features, and how long it took."""
@@ -60,7 +63,7 @@ class Engine:
         if not self.path.exists():
             raise FileNotFoundError(f"{self.path} does not exist")
         suffix = self.path.suffix
-        if isinstance(base, str) and base.split(":")[0] in ("cpu", "cuda") and not Path(base).exists():
+        if isinstance(base, str) and _DEVICE.fullmatch(base) and not Path(base).exists():
             # Engine(path, "cuda") reads as a device, but the second argument is the base model folder
             raise ValueError(f"base={base!r} looks like a device; pass it as device={base!r} "
                              "(the second argument names the base model folder of a student checkpoint)")
@@ -73,7 +76,7 @@ class Engine:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1):
             raise ValueError(f"threads must be an integer >= 1 (or None for all usable cores), got {threads!r}")
-        if device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", str(device)):
+        if device is not None and not _DEVICE.fullmatch(str(device)):
             raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N' (or None for the best available), got {device!r}")
         device = None if device is None else str(device)  # a torch.device works too
         if suffix in (".onnx", ".plan"):  # check the options against the metadata before loading anything big
