@@ -71,7 +71,11 @@ def _brute_force_transfer(src, trg, src_size, trg_size, pts):
     t = F.interpolate(trg[None].float(), size=(th, tw), mode="bilinear", align_corners=False)[0]
     p = np.floor(pts + 0.5).astype(int)
     q = F.normalize(s[:, p[:, 1], p[:, 0]].T, dim=1)
-    sim = q @ F.normalize(t.flatten(1), dim=0)
+    # Bilinear upsampling repeats the border vectors: score each distinct target vector once and
+    # broadcast, so repeated vectors tie exactly (a matmul may round them differently) and
+    # argmax's first-index rule decides, as in the kernel.
+    distinct, of = torch.unique(t.flatten(1).T, dim=0, return_inverse=True)
+    sim = (q @ F.normalize(distinct, dim=1).T)[:, of]
     idx = sim.argmax(1)
     return np.stack([(idx % tw).numpy(), (idx // tw).numpy()], 1).astype(float)
 

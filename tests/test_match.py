@@ -23,8 +23,18 @@ MARGIN = 1e-4  # rows whose best and second-best similarities are closer than th
 
 
 def brute_similarity(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
-    """[B, N, M] cosine similarities in float64 (the reference)."""
-    return F.normalize(src.double(), dim=-1) @ F.normalize(dst.double(), dim=-1).transpose(1, 2)
+    """[B, N, M] cosine similarities in float64 (the reference), tie-exact by construction.
+
+    A float64 matmul may round identical rows differently (the BLAS blocks rows by position, and
+    the blocking differs between CPUs), so its ties cannot be trusted. Each distinct (source,
+    target) vector pair is therefore computed once and broadcast: identical vectors get
+    bit-identical similarities, as they do in the kernel.
+    """
+    c = src.shape[-1]
+    src_u, src_of = torch.unique(src.reshape(-1, c), dim=0, return_inverse=True)
+    dst_u, dst_of = torch.unique(dst.reshape(-1, c), dim=0, return_inverse=True)
+    table = F.normalize(src_u.double(), dim=-1) @ F.normalize(dst_u.double(), dim=-1).T
+    return table[src_of.reshape(src.shape[:2])[:, :, None], dst_of.reshape(dst.shape[:2])[:, None, :]]
 
 
 def ranked(sims: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
