@@ -51,7 +51,7 @@ def ensure_random_sd21(folder: Path) -> Path:
     """A diffusers folder with SD 2.1-size random weights (U-Net, VAE, text encoder, byte-level tokenizer)."""
     if (folder / "model_index.json").is_file():
         return folder
-    from cleandift_rt import configs
+    from cleandift_rt.models import configs
     from cleandift_rt.models import build_models, build_tiny_tokenizer
 
     import diffusers
@@ -75,7 +75,7 @@ def ensure_onnx(model_dir: Path, cache: Path, size: int, taps) -> Path:
     path = cache / name
     if not path.is_file():
         from cleandift_rt.models import Student, load_base
-        from cleandift_rt.onnx_export import export_onnx
+        from cleandift_rt.export.onnx_export import export_onnx
 
         base = load_base(model_dir)
         t0 = time.perf_counter()
@@ -116,7 +116,7 @@ class ReleaseStyleExtractor:
 def worker(args) -> dict:
     import torch
 
-    from cleandift_rt.preprocess import prepare_images
+    from cleandift_rt.features.preprocess import prepare_images
 
     model_dir, cache = Path(args.model_dir), Path(args.cache)
     taps = TAP_SETS[args.tap_set]
@@ -141,7 +141,7 @@ def worker(args) -> dict:
         run = lambda x: ref.extract(prepare_images(x, args.size).pixels, taps)  # noqa: E731
         detail = {"threads": torch.get_num_threads()}
     elif name == "dift":
-        from cleandift_rt.extractor import DiftExtractor
+        from cleandift_rt.features.extractor import DiftExtractor
         from cleandift_rt.models import load_base
 
         from cleandift_rt.taps import TAPS

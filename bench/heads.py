@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import compare, machine, sgemm_fn, sgemm_gflops, write_json  # noqa: E402
 
 from cleandift_rt import project  # noqa: E402
-from cleandift_rt.heads import HEAD_LAYERS, ProjectionHeads  # noqa: E402
+from cleandift_rt.models.heads import HEAD_LAYERS, ProjectionHeads  # noqa: E402
 
 
 def run(dim: int, size: int, batch: int, repeats: int) -> dict:

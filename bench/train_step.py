@@ -25,8 +25,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-from cleandift_rt.capture import unet_taps
-from cleandift_rt.heads import build_heads
+from cleandift_rt.features.capture import unet_taps
+from cleandift_rt.models.heads import build_heads
 from cleandift_rt.models import build_models
 from cleandift_rt.training.objective import add_noise, autocast, distillation_step, tap_loss
 
@@ -120,8 +120,8 @@ class Setup:
         self.n_vae = sum(p.numel() for p in vae.parameters())
         self.n_text = sum(p.numel() for p in text_encoder.parameters())
         del vae, text_encoder
-        from cleandift_rt import configs
-        from cleandift_rt.models import _alphas_cumprod
+        from cleandift_rt.models import configs
+        from cleandift_rt.models.base import _alphas_cumprod
 
         self.teacher = unet.eval().requires_grad_(False)
         self.student = copy.deepcopy(unet).train().requires_grad_(True)

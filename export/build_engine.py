@@ -23,7 +23,7 @@ def main(argv=None) -> int:
     p.add_argument("--workspace", type=float, default=8.0, metavar="GB", help="builder workspace limit in GiB")
     args = p.parse_args(argv)
 
-    from cleandift_rt.trt_build import BuildUnavailable, build_engine
+    from cleandift_rt.export.trt_build import BuildUnavailable, build_engine
 
     try:
         build_engine(args.onnx, args.out, fp16=args.fp16, batch=args.batch, timing_cache=args.timing_cache,

@@ -38,9 +38,9 @@ def main(argv=None) -> int:
 
     from pathlib import Path
 
-    from cleandift_rt.backends.torch import load_student_and_base
+    from cleandift_rt.runtime.backends.torch import load_student_and_base
     from cleandift_rt.models import load_base
-    from cleandift_rt.onnx_export import check_export_args, export_onnx
+    from cleandift_rt.export.onnx_export import check_export_args, export_onnx
 
     try:
         check_export_args(args.out, args.size, args.dynamic_size, args.taps, args.batch, args.resize)

@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
-from cleandift_rt.heads import build_heads
+from cleandift_rt.models.heads import build_heads
 from cleandift_rt.models import (
     Student,
     load_base,
@@ -91,7 +91,7 @@ def tiny_onnx(tiny_base_dir, tiny_student_files, tmp_path_factory):
 @pytest.fixture(scope="session")
 def reference(tiny_base, tiny_student):
     """The PyTorch reference extractor at the exports' size."""
-    from cleandift_rt.extractor import ReferenceExtractor
+    from cleandift_rt.features.extractor import ReferenceExtractor
     from export_fixtures import SIZE
 
     return ReferenceExtractor(tiny_student, tiny_base, size=SIZE)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cleandift_rt.onnx_export import export_onnx
+from cleandift_rt.export.onnx_export import export_onnx
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 128

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cleandift_rt.cli import build_parser, main
+from cleandift_rt.cli.main import build_parser, main
 
 
 def _not_blank(path) -> bool:

@@ -10,9 +10,9 @@ import onnx
 import pytest
 import torch
 from cleandift_rt import Engine
-from cleandift_rt.artifact import describe
-from cleandift_rt.engine import StreamResult
-from cleandift_rt.extractor import ReferenceExtractor
+from cleandift_rt.formats.artifact import describe
+from cleandift_rt.runtime.engine import StreamResult
+from cleandift_rt.features.extractor import ReferenceExtractor
 from cleandift_rt.taps import TAPS
 from export_fixtures import SIZE
 from export_fixtures import cosine as _cosine
@@ -255,10 +255,10 @@ def test_mismatched_or_damaged_files_are_named(tiny_onnx, tmp_path):
 
 
 def test_plan_files_fail_clearly_without_tensorrt(tmp_path, tiny_onnx):
-    from cleandift_rt.trt_build import plan_header, write_plan
+    from cleandift_rt.export.trt_build import plan_header, write_plan
 
     info = describe(tiny_onnx["full"])
-    from cleandift_rt.artifact import read_onnx_info
+    from cleandift_rt.formats.artifact import read_onnx_info
 
     header = plan_header(read_onnx_info(tiny_onnx["full"]), "10.0.0", (8, 9), "test GPU", {"min": 1, "opt": 2, "max": 4},
                          True, 1.0, np.zeros((1, 77, 32), np.float32), {"engine_layers": 0}, "m.onnx", 16)

@@ -278,7 +278,7 @@ def test_engine_without_the_requested_tap_is_refused():
 
 @pytest.fixture(scope="module")
 def tiny_extractor(tiny_student, tiny_base):
-    from cleandift_rt.extractor import ReferenceExtractor
+    from cleandift_rt.features.extractor import ReferenceExtractor
 
     return ReferenceExtractor(tiny_student, tiny_base, size=128)
 

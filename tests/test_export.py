@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from cleandift_rt.artifact import (
+from cleandift_rt.formats.artifact import (
     EMBEDS_INPUT,
     IMAGE_INPUT,
     describe,
@@ -17,9 +17,9 @@ from cleandift_rt.artifact import (
     read_onnx_info,
     size_fields,
 )
-from cleandift_rt.engine import Engine
-from cleandift_rt.extractor import ReferenceExtractor
-from cleandift_rt.onnx_export import check_onnx, export_onnx
+from cleandift_rt.runtime.engine import Engine
+from cleandift_rt.features.extractor import ReferenceExtractor
+from cleandift_rt.export.onnx_export import check_onnx, export_onnx
 from cleandift_rt.taps import TAPS
 from export_fixtures import SIZE, SUBSET
 from export_fixtures import cosine as _cosine
@@ -169,7 +169,7 @@ def test_cli_reports_errors_in_one_line(tiny_base_dir, tiny_student_files, tmp_p
 def test_weights_go_external_above_the_protobuf_limit_and_saves_are_atomic(tiny_onnx, tmp_path, monkeypatch):
     """The automatic > 2 GB switch (limit lowered so the tiny model crosses it), one .data file,
     and re-saving inline removes the stale weights file; no temporary files are left behind."""
-    from cleandift_rt import onnx_export
+    from cleandift_rt.export import onnx_export
 
     model = onnx.load(str(tiny_onnx["full"]))
     out = tmp_path / "m.onnx"

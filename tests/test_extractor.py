@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from cleandift_rt import TAPS, unet_taps
-from cleandift_rt.extractor import DiftExtractor, ReferenceExtractor
+from cleandift_rt.features.extractor import DiftExtractor, ReferenceExtractor
 from cleandift_rt.models import load_student
-from cleandift_rt.preprocess import prepare_images
+from cleandift_rt.features.preprocess import prepare_images
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +142,7 @@ def test_dift_baseline(tiny_base, photos):
 def test_load_image_applies_exif_orientation(tmp_path, photos):
     from PIL import Image
 
-    from cleandift_rt.preprocess import load_image
+    from cleandift_rt.features.preprocess import load_image
 
     stored = photos["cat"]  # 451 x 300
     exif = Image.Exif()

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import cleandift_rt
 from cleandift_rt import project
-from cleandift_rt.heads import ProjectionHeads
+from cleandift_rt.models.heads import ProjectionHeads
 
 
 def make_heads(channels: dict[str, int], seed: int = 0, scale: float = 0.05) -> ProjectionHeads:
@@ -205,7 +205,7 @@ def test_every_simd_path_matches_pytorch(disable, kernel):
     code = (
         "import torch, cleandift_rt\n"
         "from cleandift_rt.build_info import native\n"
-        "from cleandift_rt.heads import ProjectionHeads\n"
+        "from cleandift_rt.models.heads import ProjectionHeads\n"
         "torch.manual_seed(0)\n"
         "heads = ProjectionHeads({'us6': 50})\n"
         "with torch.no_grad():\n"

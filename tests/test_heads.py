@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from cleandift_rt import TAPS, ProjectionHeads
 from cleandift_rt.checkpoint import write_safetensors
-from cleandift_rt.heads import build_heads
+from cleandift_rt.models.heads import build_heads
 from cleandift_rt.taps import tap_channels
 
 SD21 = [320, 640, 1280, 1280]

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import cleandift_rt
 from cleandift_rt import match
-from cleandift_rt.matching import sample_points
+from cleandift_rt.kernels.matching import sample_points
 
 MARGIN = 1e-4  # rows whose best and second-best similarities are closer than this may tie-break differently
 
@@ -391,7 +391,7 @@ def test_cuda_entry_point_host_side():
 
 
 def test_refinement_in_chunks_and_half_precision_points():
-    from cleandift_rt.matching import _soft_argmax
+    from cleandift_rt.kernels.matching import _soft_argmax
 
     gen = torch.Generator().manual_seed(4)
     dst = torch.randn(2, 8, 5, 6, generator=gen)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cleandift_rt import TAP_TABLE, TAPS, unet_taps
-from cleandift_rt.configs import unet_config
+from cleandift_rt.models.configs import unet_config
 from cleandift_rt.models import build_models
 from cleandift_rt.taps import resolve_taps, tap_channels, tap_shape
 

@@ -91,7 +91,7 @@ def test_first_loss_is_minus_sum_of_tap_cosines(tiny_base):
     from diffusers import DDPMScheduler
     import copy
 
-    from cleandift_rt.heads import build_heads
+    from cleandift_rt.models.heads import build_heads
 
     torch.manual_seed(0)
     student = copy.deepcopy(tiny_base.unet)
@@ -252,7 +252,7 @@ def test_cli_writes_release_files_that_load(tiny_base_dir, data_dir, tmp_path):
 
 
 def test_lora_student_merges_into_plain_unet(tiny_base, data_dir, tmp_path):
-    from cleandift_rt.capture import unet_taps
+    from cleandift_rt.features.capture import unet_taps
     from cleandift_rt.training.trainer import plain_unet
 
     tr = trainer(config(steps=1, lora_rank=4, lr=1e-2, warmup_steps=0), tiny_base, data_dir, tmp_path)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import atomic_write_bytes
-from ..preprocess import load_image
+from ..features.preprocess import load_image
 from ..taps import resolve_taps
 from .pairs import Pair, SkipLog
 from .pck import PairResult, bbox_size

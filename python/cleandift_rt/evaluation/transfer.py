@@ -18,7 +18,7 @@ DEFAULT_BAND_BYTES = 32 << 20  # a band stays in the last-level cache between up
 
 def default_matcher():
     """``cleandift_rt.match``: imported on first use so that loading data never needs the native module."""
-    from ..matching import match
+    from ..kernels.matching import match
 
     return match
 

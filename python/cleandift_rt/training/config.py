@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..models import DEFAULT_STUDENT_TIMESTEP
-from ..preprocess import MIN_SIDE, RESIZE_POLICIES
+from ..models.base import DEFAULT_STUDENT_TIMESTEP
+from ..features.preprocess import MIN_SIDE, RESIZE_POLICIES
 from ..taps import resolve_taps
 
 LOSSES = ("cosine", "mse", "l1")

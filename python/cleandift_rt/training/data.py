@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..preprocess import load_image, prepare_images
+from ..features.preprocess import load_image, prepare_images
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 _SHOWN = 5

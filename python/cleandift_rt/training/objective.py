@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..capture import unet_taps
-from ..heads import ProjectionHeads
+from ..features.capture import unet_taps
+from ..models.heads import ProjectionHeads
 
 MAX_TIMESTEP = 999
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..capture import unet_taps
-from ..heads import ProjectionHeads
+from ..features.capture import unet_taps
+from ..models.heads import ProjectionHeads
 from .objective import autocast, cosine_map, teacher_taps
 
 

@@ -24,8 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from .artifact import (EMBEDS_INPUT, IMAGE_INPUT, ArtifactInfo, parse_batch, plan_header_bytes, read_onnx_info)
-from .backends.tensorrt import encode_array
+from ..formats.artifact import (EMBEDS_INPUT, IMAGE_INPUT, ArtifactInfo, parse_batch, plan_header_bytes, read_onnx_info)
+from ..runtime.backends.tensorrt import encode_array
 
 DEFAULT_BATCH = "1:4:8"
 DEFAULT_WORKSPACE_GB = 8.0

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .taps import TAPS, resolve_taps
+from ..taps import TAPS, resolve_taps
 
 COND_DIM = 256
 MAPPING_FF = 768
@@ -191,7 +191,7 @@ class ProjectionHeads(nn.Module):
         if unknown:
             raise ValueError(f"{source} has heads for unknown taps {unknown}; valid taps are {', '.join(TAPS)}")
         heads = cls(channels)
-        from .checkpoint import load_strict
+        from ..checkpoint import load_strict
 
         load_strict(heads, head_state, source)
         return heads
@@ -199,7 +199,7 @@ class ProjectionHeads(nn.Module):
     @classmethod
     def from_release(cls, path: str | Path) -> "ProjectionHeads":
         """Read heads, mapping and Fourier buffer from a ``_full`` release safetensors file."""
-        from .checkpoint import read_safetensors
+        from ..checkpoint import read_safetensors
 
         return cls.from_state_dict(read_safetensors(path), source=str(path))
 
@@ -208,7 +208,7 @@ class ProjectionHeads(nn.Module):
 
 
 def build_heads(block_out_channels: Iterable[int], taps=None) -> ProjectionHeads:
-    from .taps import tap_channels
+    from ..taps import tap_channels
 
     channels = tap_channels(list(block_out_channels))
     return ProjectionHeads({t: channels[t] for t in resolve_taps(taps)})

@@ -14,8 +14,8 @@ import weakref
 
 import torch
 
-from .build_info import native
-from .heads import COND_DIM, ProjectionHeads
+from ..build_info import native
+from ..models.heads import COND_DIM, ProjectionHeads
 
 _DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _SCALE_CACHE_SIZE = 16

@@ -14,7 +14,7 @@ import weakref
 import torch
 from torch import nn
 
-from .taps import TAP_TABLE, TAPS, resolve_taps
+from ..taps import TAP_TABLE, TAPS, resolve_taps
 
 # Hooks live on the module, so two threads tapping the same U-Net at once would see each other's
 # hooks: serialise per U-Net (compute inside is multi-threaded anyway).

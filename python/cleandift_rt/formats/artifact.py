@@ -14,9 +14,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from .build_info import _package_version
-from .preprocess import SIZE_MULTIPLE, check_model_size
-from .taps import TAP_TABLE, TAPS, resolve_taps
+from ..build_info import _package_version
+from ..features.preprocess import SIZE_MULTIPLE, check_model_size
+from ..taps import TAP_TABLE, TAPS, resolve_taps
 
 SCHEMA = 1
 FORMAT = "cleandift-rt-features"
@@ -293,7 +293,7 @@ def _external_data_files(path: Path) -> list[str]:
 
 
 def _describe_pytorch(path: Path) -> dict:
-    from .taps import tap_channels
+    from ..taps import tap_channels
 
     if path.is_dir():
         config_file = path / "unet" / "config.json"
@@ -302,7 +302,7 @@ def _describe_pytorch(path: Path) -> dict:
         config = json.loads(config_file.read_text())
         kind, timestep = "diffusers-folder", None
     elif path.suffix == ".safetensors":
-        from .checkpoint import read_safetensors_metadata
+        from ..checkpoint import read_safetensors_metadata
 
         meta = read_safetensors_metadata(path)
         if "unet_config" not in meta:

@@ -13,9 +13,9 @@ from typing import Sequence
 import torch
 
 from .capture import unet_taps
-from .models import BaseModel, Student, load_base, load_student, move_module
+from ..models.base import BaseModel, Student, load_base, load_student, move_module
 from .preprocess import check_model_size, check_policy, prepare_images
-from .taps import DEFAULT_TAP, resolve_taps
+from ..taps import DEFAULT_TAP, resolve_taps
 
 
 def check_prompt_embeds(prompt_embeds, batch: int, dim: int) -> torch.Tensor:

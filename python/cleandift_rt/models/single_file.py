@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from . import configs
-from .checkpoint import check_state_dict, read_safetensors
+from ..checkpoint import check_state_dict, read_safetensors
 
 UNET_PREFIX = "model.diffusion_model."
 SD1_TEXT_PREFIX = "cond_stage_model.transformer."
@@ -65,7 +65,7 @@ def detect_single_file_variant(state: dict[str, torch.Tensor], source: str) -> s
 
 
 def load_single_file(path: Path, text_encoder: bool = True, tokenizer: str | Path | None = None):
-    from .models import BaseModel, _alphas_cumprod, _diffusers, build_models
+    from .base import BaseModel, _alphas_cumprod, _diffusers, build_models
 
     _diffusers()  # offline mode before diffusers is imported
     from diffusers.loaders import single_file_utils as sfu
@@ -121,7 +121,7 @@ def _load_converted(module, state, what: str, path: Path) -> None:
 
 def _tokenizer(folder, text_encoder, pad_is_eos: bool):
     if folder is not None:
-        from .models import _transformers
+        from .base import _transformers
 
         return _transformers().AutoTokenizer.from_pretrained(folder, local_files_only=True)
     vocab = int(text_encoder.config.vocab_size)

@@ -20,9 +20,9 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from .artifact import ArtifactInfo, describe, read_info
-from .extractor import check_prompt_embeds
-from .preprocess import check_policy, load_image, prepare_images
+from ..formats.artifact import ArtifactInfo, describe, read_info
+from ..features.extractor import check_prompt_embeds
+from ..features.preprocess import check_policy, load_image, prepare_images
 
 
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?")  # the device strings every backend understands

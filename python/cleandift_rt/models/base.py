@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from . import configs
-from .checkpoint import check_state_dict, read_safetensors, read_safetensors_metadata, write_safetensors
+from ..checkpoint import check_state_dict, read_safetensors, read_safetensors_metadata, write_safetensors
 from .heads import HEAD_PREFIXES, ProjectionHeads
 
 DEFAULT_STUDENT_TIMESTEP = 261.0

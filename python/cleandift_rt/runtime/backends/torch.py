@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from ..artifact import ArtifactInfo, tap_records
-from ..extractor import ReferenceExtractor
-from ..models import DEFAULT_STUDENT_TIMESTEP, Student, load_base, load_student
-from ..preprocess import SIZE_MULTIPLE
-from ..taps import TAPS
+from ...formats.artifact import ArtifactInfo, tap_records
+from ...features.extractor import ReferenceExtractor
+from ...models.base import DEFAULT_STUDENT_TIMESTEP, Student, load_base, load_student
+from ...features.preprocess import SIZE_MULTIPLE
+from ...taps import TAPS
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 ANY_SIZE = [SIZE_MULTIPLE, 4096]  # the eager model takes any multiple of 64

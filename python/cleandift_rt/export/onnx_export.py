@@ -27,12 +27,12 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .artifact import (EMBEDS_INPUT, IMAGE_INPUT, SIZE_MULTIPLE, ArtifactInfo, parse_batch, size_fields,
+from ..formats.artifact import (EMBEDS_INPUT, IMAGE_INPUT, SIZE_MULTIPLE, ArtifactInfo, parse_batch, size_fields,
                        tap_records)
-from .capture import unet_taps
-from .models import BaseModel, Student, load_base, load_student
-from .preprocess import check_policy
-from .taps import resolve_taps
+from ..features.capture import unet_taps
+from ..models.base import BaseModel, Student, load_base, load_student
+from ..features.preprocess import check_policy
+from ..taps import resolve_taps
 
 OPSET = 17
 PROTOBUF_LIMIT = 2**31 - 1  # ONNX files above 2 GB must keep their weights in external data

@@ -67,13 +67,13 @@ def _within(pred, truth, radius: float) -> float:
 def run_demo(out: str | Path, size: int = 256, log=print) -> int:
     import torch
 
-    from .assets import load_photo
-    from .cli import dense_matches
-    from .engine import Engine
-    from .evaluation.transfer import transfer_points
-    from .models import load_base, save_student_unet, write_tiny_base
-    from .onnx_export import export_onnx
-    from .viz import draw_matches, feature_pca
+    from ..assets import load_photo
+    from .main import dense_matches
+    from ..runtime.engine import Engine
+    from ..evaluation.transfer import transfer_points
+    from ..models.base import load_base, save_student_unet, write_tiny_base
+    from ..export.onnx_export import export_onnx
+    from ..viz.pictures import draw_matches, feature_pca
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..artifact import EMBEDS_INPUT, IMAGE_INPUT, ArtifactInfo, read_plan_header
+from ...formats.artifact import EMBEDS_INPUT, IMAGE_INPUT, ArtifactInfo, read_plan_header
 
 
 def import_tensorrt():

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .taps import DEFAULT_TAP, TAPS
+from ..taps import DEFAULT_TAP, TAPS
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -72,7 +72,7 @@ def _add_engine_args(p: argparse.ArgumentParser, tap: bool = True) -> None:
 
 
 def _open_engine(args, taps=None):
-    from .engine import Engine
+    from ..runtime.engine import Engine
 
     kwargs = {"base": args.base, "device": args.device, "taps": taps}
     if args.size:
@@ -81,7 +81,7 @@ def _open_engine(args, taps=None):
 
 
 def _engine_identity(args, engine) -> str:
-    from .evaluation.runner import file_identity, short_hash
+    from ..evaluation.runner import file_identity, short_hash
 
     parts = [file_identity(args.engine), engine.size, engine.resize]
     if args.base:
@@ -90,7 +90,7 @@ def _engine_identity(args, engine) -> str:
 
 
 def _load_image(path: Path):
-    from .preprocess import load_image
+    from ..features.preprocess import load_image
 
     try:
         return load_image(path)
@@ -118,10 +118,16 @@ def _save_png(img, path: Path) -> None:
 
 
 def _write_json(obj, path: Path) -> None:
-    from .checkpoint import atomic_write_bytes
+    from ..checkpoint import atomic_write_bytes
 
     payload = json.dumps(obj, indent=2).encode()
     atomic_write_bytes(path, lambda tmp: Path(tmp).write_bytes(payload))
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.out, size=args.size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,7 +140,7 @@ def dense_matches(fa, fb, size_a, size_b, mutual: bool = True):
     Returns points in image A, points in image B (cell centres in original pixels) and cosine
     similarities, for mutual nearest neighbours only when ``mutual``.
     """
-    from .matching import match
+    from ..kernels.matching import match
 
     idx, sim = match(fa[None].contiguous(), fb[None].contiguous(), mutual=mutual)
     idx, sim = np.asarray(idx)[0], np.asarray(sim)[0]
@@ -151,7 +157,7 @@ def _parse_points(text: str) -> np.ndarray:
     """``"x,y x,y ..."``, or a JSON file holding ``[[x, y], ...]``."""
     path = Path(text)
     if path.suffix == ".json" and path.is_file():
-        from .evaluation.pairs import points_array
+        from ..evaluation.pairs import points_array
 
         return points_array(json.loads(path.read_text()), f"points in {path}")
     try:
@@ -164,8 +170,8 @@ def _parse_points(text: str) -> np.ndarray:
 
 
 def cmd_match(args) -> int:
-    from .evaluation.transfer import transfer_points
-    from .viz import draw_matches
+    from ..evaluation.transfer import transfer_points
+    from ..viz.pictures import draw_matches
 
     a_path, b_path = Path(args.image_a), Path(args.image_b)
     a, b = _load_image(a_path), _load_image(b_path)
@@ -201,7 +207,7 @@ def cmd_match(args) -> int:
 
 
 def cmd_pca(args) -> int:
-    from .viz import feature_pca
+    from ..viz.pictures import feature_pca
 
     paths = [Path(p) for p in args.images]
     images = [_load_image(p) for p in paths]
@@ -247,7 +253,7 @@ def _feature_file_complete(path: Path, fmt: str, taps) -> bool:
 
 
 def _write_features(path: Path, feats: dict, fmt: str, meta: dict) -> None:
-    from .checkpoint import atomic_write_bytes
+    from ..checkpoint import atomic_write_bytes
 
     arrays = {t: np.ascontiguousarray(np.asarray(f)) for t, f in feats.items()}
     if fmt == "safetensors":
@@ -265,7 +271,7 @@ def _write_features(path: Path, feats: dict, fmt: str, meta: dict) -> None:
 def cmd_extract(args) -> int:
     from PIL import UnidentifiedImageError
 
-    from .preprocess import load_image
+    from ..features.preprocess import load_image
     from tqdm.auto import tqdm
 
     items = _collect_images(args.inputs)
@@ -329,7 +335,7 @@ def format_info(d: dict) -> str:
 
 
 def cmd_info(args) -> int:
-    from .artifact import describe
+    from ..formats.artifact import describe
 
     d = describe(args.file)
     d.setdefault("path", str(args.file))
@@ -338,7 +344,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_build_info(args) -> int:
-    from .build_info import build_info, format_build_info
+    from ..build_info import build_info, format_build_info
 
     print(json.dumps(build_info(), indent=2) if args.json else format_build_info())
     return 0
@@ -348,8 +354,8 @@ def cmd_bench(args) -> int:
     """Time extraction and matching on this machine (quick look; `bench/` holds the full comparisons)."""
     import torch
 
-    from .assets import load_photo
-    from .matching import match
+    from ..assets import load_photo
+    from ..kernels.matching import match
 
     engine = _open_engine(args, taps=[args.tap])
     photos = [load_photo(n) for n in ("cat", "coffee", "astronaut")]
@@ -390,9 +396,9 @@ def cmd_bench(args) -> int:
 
 def _prepare_methods(args):
     """(main feature source, baseline source or None, engine) from the parsed arguments."""
-    from .evaluation.runner import DiftFeatures, EngineFeatures, file_identity, short_hash
+    from ..evaluation.runner import DiftFeatures, EngineFeatures, file_identity, short_hash
 
-    from .models import load_base
+    from ..models.base import load_base
 
     engine = _open_engine(args)
     prompt = args.prompt or None
@@ -411,7 +417,7 @@ def _prepare_methods(args):
     main = EngineFeatures(engine, args.tap, key=_engine_identity(args, engine), prompt=prompt, text_model=base_model)
     baseline = None
     if args.baseline:
-        from .extractor import DiftExtractor
+        from ..features.extractor import DiftExtractor
 
         dift = DiftExtractor(base_model, t=args.t, ensemble=args.ensemble, seed=args.seed, size=engine.size,
                              device=args.device or "cpu")
@@ -420,10 +426,10 @@ def _prepare_methods(args):
 
 
 def _run_eval(args, pairs, skips, benchmark: str, dataset_key: str) -> int:
-    from .evaluation.pck import CONVENTIONS
-    from .evaluation.report import format_table, results_document, write_results
-    from .evaluation.runner import evaluate, short_hash
-    from .evaluation.pairs import SkipLog
+    from ..evaluation.pck import CONVENTIONS
+    from ..evaluation.report import format_table, results_document, write_results
+    from ..evaluation.runner import evaluate, short_hash
+    from ..evaluation.pairs import SkipLog
 
     if not pairs:
         raise UserError(f"no usable pairs in {benchmark}" + ("; " + "; ".join(skips.lines()) if skips.lines() else ""))
@@ -459,7 +465,7 @@ def _run_eval(args, pairs, skips, benchmark: str, dataset_key: str) -> int:
 
 
 def cmd_eval_spair(args) -> int:
-    from .evaluation.spair import load_spair
+    from ..evaluation.spair import load_spair
 
     pairs, skips = load_spair(args.root, args.split, categories=args.categories, limit=args.limit)
     return _run_eval(args, pairs, skips, f"SPair-71k {args.split}",
@@ -467,8 +473,8 @@ def cmd_eval_spair(args) -> int:
 
 
 def cmd_eval_pairs(args) -> int:
-    from .evaluation.pairs import load_pairs
-    from .evaluation.runner import file_identity
+    from ..evaluation.pairs import load_pairs
+    from ..evaluation.runner import file_identity
 
     pairs, skips = load_pairs(args.pairs, args.images)
     if args.limit:
@@ -477,8 +483,8 @@ def cmd_eval_pairs(args) -> int:
 
 
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
-    from .evaluation.pck import ALPHAS, CONVENTIONS
-    from .evaluation.runner import DEFAULT_PROMPT
+    from ..evaluation.pck import ALPHAS, CONVENTIONS
+    from ..evaluation.runner import DEFAULT_PROMPT
 
     _add_engine_args(p)
     p.add_argument("--out", required=True, metavar="results.json", help="results JSON (a CSV is written beside it)")
@@ -517,7 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "show that the pipeline works, not what trained CleanDIFT features look like.")
     p.add_argument("--out", required=True, metavar="DIR", help="where the pictures (and the tiny model) go")
     p.add_argument("--size", type=int, default=256, help="engine input size in pixels (multiple of 64, default 256)")
-    p.set_defaults(func=lambda a: __import__("cleandift_rt.demo", fromlist=["run_demo"]).run_demo(a.out, size=a.size))
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("match", formatter_class=fmt, help="match two images; picture + JSON",
                        description="Match image A to image B with one tap's features.\n\n"
