@@ -121,13 +121,13 @@ class Setup:
         self.n_text = sum(p.numel() for p in text_encoder.parameters())
         del vae, text_encoder
         from cleandift_rt.models import configs
-        from cleandift_rt.models.base import _alphas_cumprod
+        from cleandift_rt.models import schedule_alphas_cumprod
 
         self.teacher = unet.eval().requires_grad_(False)
         self.student = copy.deepcopy(unet).train().requires_grad_(True)
         self.heads = build_heads(unet.config.block_out_channels)
         self.timestep = torch.nn.Parameter(torch.tensor(261.0))
-        self.alphas = _alphas_cumprod(configs.SCHEDULER)
+        self.alphas = schedule_alphas_cumprod(configs.SCHEDULER)
         gen = torch.Generator().manual_seed(seed)
         latent = size // 8
         self.batch = batch

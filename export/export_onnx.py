@@ -38,8 +38,7 @@ def main(argv=None) -> int:
 
     from pathlib import Path
 
-    from cleandift_rt.runtime.backends.torch import load_student_and_base
-    from cleandift_rt.models import load_base
+    from cleandift_rt.models import load_base, load_student_and_base
     from cleandift_rt.export.onnx_export import check_export_args, export_onnx
 
     try:

@@ -11,20 +11,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from cleandift_rt.formats.artifact import (
-    EMBEDS_INPUT,
-    IMAGE_INPUT,
-    ArtifactInfo,
-    describe,
-    plan_header_bytes,
-    read_onnx_info,
-    read_plan_header,
-)
-from cleandift_rt.runtime.backends.tensorrt import (
-    check_plan_runtime,
-    decode_array,
-    encode_array,
-)
+from cleandift_rt.formats.artifact import EMBEDS_INPUT, IMAGE_INPUT, ArtifactInfo, describe, read_onnx_info
+from cleandift_rt.formats.plan import decode_array, encode_array, plan_header_bytes, read_plan_header
+from cleandift_rt.runtime.backends.tensorrt import check_plan_runtime
 from cleandift_rt.export.trt_build import (
     BuildUnavailable,
     build_engine,
@@ -157,7 +146,7 @@ def test_plan_container_round_trip_and_truncation(tmp_path):
     assert d["kind"] == "tensorrt" and d["tensorrt"] == "10.3.0" and d["batch"]["max"] == 8
     assert d["build"]["gpu_capability"] == [8, 6] and d["extra"]["precision"] == "fp16+fp32"
     assert [t["name"] for t in d["taps"]] == ["us6"]
-    from cleandift_rt.cli.main import format_info
+    from cleandift_rt.runtime.cli import format_info
 
     assert "built for: NVIDIA A10 (compute 8.6); fp16; 3 layers; precision fp16 3" in format_info(d)
     assert not [p for p in tmp_path.iterdir() if p.name != "sd21.plan"]  # no temporary left behind

@@ -1,11 +1,17 @@
-"""cleandift-rt: noise-free, timestep-free dense features from Stable Diffusion U-Nets (CleanDIFT)."""
+"""cleandift-rt: noise-free, timestep-free dense features from Stable Diffusion U-Nets (CleanDIFT).
+
+The package is one subpackage per stage of the data's way (docs/architecture.md):
+``models`` -> ``features`` -> ``kernels`` / ``formats`` -> ``runtime`` -> ``export`` ->
+``evaluation`` / ``training`` -> ``cli``, over the shared ``taps``, ``checkpoint`` and
+``build_info`` modules. What users call is re-exported here.
+"""
 
 from .build_info import _package_version, build_info, format_build_info
 from .features.capture import unet_taps
-from .runtime.engine import Engine
 from .kernels.fused_heads import project
-from .models.heads import ProjectionHeads
 from .kernels.matching import match
+from .models.heads import ProjectionHeads
+from .runtime.engine import Engine
 from .taps import DEFAULT_TAP, TAP_TABLE, TAPS
 
 __version__ = _package_version()

@@ -10,6 +10,7 @@ The model is untrained (random weights): the demo proves the pipeline, not the f
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import math
@@ -68,10 +69,9 @@ def run_demo(out: str | Path, size: int = 256, log=print) -> int:
     import torch
 
     from ..assets import load_photo
-    from .main import dense_matches
     from ..runtime.engine import Engine
-    from ..evaluation.transfer import transfer_points
-    from ..models.base import load_base, save_student_unet, write_tiny_base
+    from ..evaluation.transfer import dense_matches, transfer_points
+    from ..models import load_base, save_student_unet, write_tiny_base
     from ..export.onnx_export import export_onnx
     from ..viz.pictures import draw_matches, feature_pca
 
@@ -135,3 +135,19 @@ def run_demo(out: str | Path, size: int = 256, log=print) -> int:
     log("")
     log(REAL_WEIGHTS)
     return 0
+
+
+def cmd_demo(args) -> int:
+    return run_demo(args.out, size=args.size)
+
+
+def register(sub) -> None:
+    """Add the 'demo' command to the cleandift-rt parser."""
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = sub.add_parser("demo", formatter_class=fmt, help="end to end on bundled photos with a tiny untrained model",
+                       description="Build a tiny model (no download), export it to ONNX, run the Engine, match and "
+                       "draw.\n\nexample:\n  cleandift-rt demo --out demo/\n\nThe model is UNTRAINED: the pictures "
+                       "show that the pipeline works, not what trained CleanDIFT features look like.")
+    p.add_argument("--out", required=True, metavar="DIR", help="where the pictures (and the tiny model) go")
+    p.add_argument("--size", type=int, default=256, help="engine input size in pixels (multiple of 64, default 256)")
+    p.set_defaults(func=cmd_demo)

@@ -1,4 +1,11 @@
-"""Keypoint-transfer evaluation: SPair-71k, PF-Pascal / PF-Willow, ``pairs.json``; PCK in every convention."""
+"""Evaluation: keypoint transfer on SPair-71k, PF-Pascal / PF-Willow and ``pairs.json``, PCK in every convention.
+
+Owns the dataset loaders (annotations checked, bad files counted and skipped), the transfer
+protocol of SPEC section 6 (upsample, cosine argmax through ``kernels.match``), cached and
+resumable runs over any feature source (an Engine, the DIFT baseline), and the JSON / CSV / table
+reports. It may import ``runtime``, ``kernels``, ``features``, ``models`` and the top-level shared
+modules; its commands are in ``evaluation/cli.py``.
+"""
 
 from .pairs import Pair, SkipLog, load_pairs, load_pairs_json, load_pf_csv
 from .pck import ALPHAS, AVERAGES, KINDS, PairResult, alpha_key, correct, summarize

@@ -151,3 +151,21 @@ def _match_banded(queries: torch.Tensor, trg: torch.Tensor, out_hw: tuple[int, i
         best_sim = torch.where(better, sim, best_sim)
         best_idx = torch.where(better, idx + r0 * tw, best_idx)
     return best_sim, best_idx
+
+
+def dense_matches(fa, fb, size_a, size_b, mutual: bool = True):
+    """Nearest neighbours between all feature cells of two ``[C, h, w]`` maps.
+
+    Returns points in image A, points in image B (cell centres in original pixels) and cosine
+    similarities, for mutual nearest neighbours only when ``mutual``.
+    """
+
+    idx, sim = default_matcher()(fa[None].contiguous(), fb[None].contiguous(), mutual=mutual)
+    idx, sim = np.asarray(idx)[0], np.asarray(sim)[0]
+    (ha, wa), (hb, wb) = fa.shape[1:], fb.shape[1:]
+    keep = np.nonzero(idx >= 0)[0]
+    src = np.stack([keep % wa, keep // wa], 1)
+    dst = np.stack([idx[keep] % wb, idx[keep] // wb], 1)
+    pa = (src + 0.5) * np.array([size_a[0] / wa, size_a[1] / ha]) - 0.5
+    pb = (dst + 0.5) * np.array([size_b[0] / wb, size_b[1] / hb]) - 0.5
+    return pa, pb, sim[keep]

@@ -30,7 +30,7 @@ from torch import nn
 from ..formats.artifact import (EMBEDS_INPUT, IMAGE_INPUT, SIZE_MULTIPLE, ArtifactInfo, parse_batch, size_fields,
                        tap_records)
 from ..features.capture import unet_taps
-from ..models.base import BaseModel, Student, load_base, load_student
+from ..models import BaseModel, Student, load_base, load_student
 from ..features.preprocess import check_policy
 from ..taps import resolve_taps
 

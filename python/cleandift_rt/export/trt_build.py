@@ -7,7 +7,7 @@ SD 2.1 sets ``upcast_attention=True`` for exactly this) and the normalisation la
 variances). A strongly typed network would need an fp16 ONNX with explicit casts around those
 islands; the constraints give the same islands from the fp32 export.
 
-The plan file is ``artifact.PLAN_MAGIC`` + a JSON header (the export metadata, the TensorRT
+The plan file is ``formats.plan.PLAN_MAGIC`` + a JSON header (the export metadata, the TensorRT
 version, GPU architecture, profile, build summary and the baked prompt embedding, which becomes a
 plain input because TensorRT treats initializers as weights) + the serialized engine.
 
@@ -24,8 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..formats.artifact import (EMBEDS_INPUT, IMAGE_INPUT, ArtifactInfo, parse_batch, plan_header_bytes, read_onnx_info)
-from ..runtime.backends.tensorrt import encode_array
+from ..formats.artifact import EMBEDS_INPUT, IMAGE_INPUT, ArtifactInfo, parse_batch, read_onnx_info
+from ..formats.plan import encode_array, plan_header_bytes
 
 DEFAULT_BATCH = "1:4:8"
 DEFAULT_WORKSPACE_GB = 8.0

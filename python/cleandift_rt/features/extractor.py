@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 
 from .capture import unet_taps
-from ..models.base import BaseModel, Student, load_base, load_student, move_module
+from ..models import BaseModel, Student, load_base, load_student, move_module
 from .preprocess import check_model_size, check_policy, prepare_images
 from ..taps import DEFAULT_TAP, resolve_taps
 

@@ -9,7 +9,6 @@ that wrote it. ``describe(path)`` reads it without ONNX Runtime, TensorRT or a G
 from __future__ import annotations
 
 import json
-import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -17,6 +16,7 @@ from typing import Sequence
 from ..build_info import _package_version
 from ..features.preprocess import SIZE_MULTIPLE, check_model_size
 from ..taps import TAP_TABLE, TAPS, resolve_taps
+from .plan import read_plan_header
 
 SCHEMA = 1
 FORMAT = "cleandift-rt-features"
@@ -24,9 +24,6 @@ META_PREFIX = "cleandift_rt."
 IMAGE_INPUT = "images"
 EMBEDS_INPUT = "prompt_embeds"
 
-# TensorRT plan container: magic, header length (u64, little endian), JSON header, engine bytes.
-PLAN_MAGIC = b"CDRTPLAN"
-_PLAN_LENGTH = struct.Struct("<Q")
 
 
 @dataclass
@@ -185,57 +182,6 @@ def _major(version: str) -> str:
 
 
 # -- reading files without any runtime ---------------------------------------------------------
-
-
-def read_plan_header(path: str | Path) -> tuple[dict, int, int]:
-    """(header dict, offset of the engine bytes, engine byte count) of a ``.plan`` written by ``trt_build``."""
-    path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(len(PLAN_MAGIC) + _PLAN_LENGTH.size)
-        if len(head) < len(PLAN_MAGIC) + _PLAN_LENGTH.size or not head.startswith(PLAN_MAGIC):
-            raise ValueError(f"{path} is not a cleandift-rt TensorRT plan (missing the {PLAN_MAGIC.decode()} header): "
-                             "build it with `python export/build_engine.py`")
-        (length,) = _PLAN_LENGTH.unpack(head[len(PLAN_MAGIC):])
-        if length > size:
-            raise ValueError(f"{path} is truncated: its header alone should be {length} bytes, the file has {size}")
-        try:
-            header = json.loads(f.read(length))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ValueError(f"{path} has a corrupt header (not JSON)") from None
-    _check_plan_header(header, path)
-    offset = len(PLAN_MAGIC) + _PLAN_LENGTH.size + length
-    expected = header["engine_bytes"]  # present and an int: _check_plan_header
-    if size - offset != expected:
-        raise ValueError(f"{path} is truncated or corrupt: it should hold {expected} engine bytes after the header, "
-                         f"it holds {size - offset}")
-    return header, offset, expected
-
-
-# What the runtime reads from a plan header, and the JSON types it needs (see trt_build.plan_header).
-_PLAN_HEADER_FIELDS = {"info": dict, "profile": dict, "default_prompt_embeds": dict, "engine_bytes": int}
-_PLAN_PROFILE_FIELDS = {"batch": dict, "tokens": int}
-
-
-def _check_plan_header(header, path: Path) -> None:
-    """A header that parsed as JSON but lacks what the runtime reads is corrupt: say what is missing."""
-    def missing(d, fields, prefix=""):
-        return [prefix + k for k, kind in fields.items() if not isinstance(d.get(k), kind)]
-
-    if not isinstance(header, dict):
-        raise ValueError(f"{path} has a corrupt header (a JSON {type(header).__name__}, not an object): rebuild it "
-                         "with `python export/build_engine.py`")
-    bad = missing(header, _PLAN_HEADER_FIELDS)
-    if not bad:
-        bad = missing(header["profile"], _PLAN_PROFILE_FIELDS, "profile.")
-    if bad:
-        raise ValueError(f"{path} has a corrupt header (missing or malformed: {', '.join(bad)}): rebuild it with "
-                         "`python export/build_engine.py`")
-
-
-def plan_header_bytes(header: dict) -> bytes:
-    payload = json.dumps(header).encode()
-    return PLAN_MAGIC + _PLAN_LENGTH.pack(len(payload)) + payload
 
 
 def read_onnx_info(path: str | Path) -> ArtifactInfo:

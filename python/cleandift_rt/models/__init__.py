@@ -7,10 +7,13 @@ architecture those files carry. It may import only the top-level shared modules 
 ``checkpoint``, ``build_info``); every other stage builds on it.
 """
 
-from .base import (DEFAULT_STUDENT_TIMESTEP, STUDENT_PREFIX, TEACHER_PREFIX, VAE_PREFIX, BaseModel, Student,
-                   build_models, build_tiny_tokenizer, detect_variant, load_base, load_student, move_module,
-                   save_student_full, save_student_unet, unet_config_json, write_tiny_base)
+from .base import BaseModel, detect_variant, move_module, schedule_alphas_cumprod
+from .build import build_models, build_tiny_tokenizer, write_tiny_base
+from .loading import load_base
+from .student import (DEFAULT_STUDENT_TIMESTEP, STUDENT_PREFIX, TEACHER_PREFIX, VAE_PREFIX, Student, load_student,
+                      load_student_and_base, save_student_full, save_student_unet, unet_config_json)
 
-__all__ = ["BaseModel", "DEFAULT_STUDENT_TIMESTEP", "STUDENT_PREFIX", "TEACHER_PREFIX", "VAE_PREFIX", "Student", "build_models", "build_tiny_tokenizer",
-           "detect_variant", "load_base", "load_student", "move_module", "save_student_full", "save_student_unet",
-           "unet_config_json", "write_tiny_base"]
+__all__ = ["BaseModel", "detect_variant", "move_module", "schedule_alphas_cumprod", "build_models",
+           "build_tiny_tokenizer", "write_tiny_base", "load_base", "DEFAULT_STUDENT_TIMESTEP", "STUDENT_PREFIX",
+           "TEACHER_PREFIX", "VAE_PREFIX", "Student", "load_student", "load_student_and_base", "save_student_full",
+           "save_student_unet", "unet_config_json"]

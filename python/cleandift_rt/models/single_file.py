@@ -14,6 +14,9 @@ import torch
 
 from . import configs
 from ..checkpoint import check_state_dict, read_safetensors
+from .base import BaseModel, schedule_alphas_cumprod
+from .build import build_models
+from .offline import diffusers, transformers
 
 UNET_PREFIX = "model.diffusion_model."
 SD1_TEXT_PREFIX = "cond_stage_model.transformer."
@@ -65,9 +68,7 @@ def detect_single_file_variant(state: dict[str, torch.Tensor], source: str) -> s
 
 
 def load_single_file(path: Path, text_encoder: bool = True, tokenizer: str | Path | None = None):
-    from .base import BaseModel, _alphas_cumprod, _diffusers, build_models
-
-    _diffusers()  # offline mode before diffusers is imported
+    diffusers()  # offline mode before diffusers is imported
     from diffusers.loaders import single_file_utils as sfu
 
     state = read_safetensors(path)
@@ -93,7 +94,7 @@ def load_single_file(path: Path, text_encoder: bool = True, tokenizer: str | Pat
     else:
         te = None
     return BaseModel(unet=unet, vae=vae, text_encoder=te, tokenizer=tok,
-                     alphas_cumprod=_alphas_cumprod(dict(configs.SCHEDULER)), source=str(path), variant=variant)
+                     alphas_cumprod=schedule_alphas_cumprod(dict(configs.SCHEDULER)), source=str(path), variant=variant)
 
 
 def _layer_at_least(key: str, n: int) -> bool:
@@ -121,9 +122,7 @@ def _load_converted(module, state, what: str, path: Path) -> None:
 
 def _tokenizer(folder, text_encoder, pad_is_eos: bool):
     if folder is not None:
-        from .base import _transformers
-
-        return _transformers().AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        return transformers().AutoTokenizer.from_pretrained(folder, local_files_only=True)
     vocab = int(text_encoder.config.vocab_size)
     bos, eos = vocab - 2, vocab - 1
     return EmptyPromptTokenizer(bos=bos, eos=eos, pad=eos if pad_is_eos else 0)

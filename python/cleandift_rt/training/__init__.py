@@ -1,5 +1,11 @@
-"""CleanDIFT training (SPEC section 5): distil a frozen SD U-Net's noisy, timestep-dependent features
-into a student that sees clean images. Entry point: ``python train/train.py`` (see docs/training.md)."""
+"""Training (SPEC section 5): distil a frozen SD U-Net's noisy, timestep-dependent features into a student.
+
+Owns the training configuration and presets, the captioned-image data, the distillation objective
+(student taps once per image, heads at three stratified timesteps, teacher stopped after the last
+tap), validation, atomic checkpoints and exact resume. Entry point: ``python train/train.py``
+(``training/cli.py``; docs/training.md). It may import ``features``, ``models`` and the top-level
+shared modules.
+"""
 
 from .config import PRESETS, TrainConfig, build_config
 from .objective import distillation_step, stratified_timesteps

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..models.base import DEFAULT_STUDENT_TIMESTEP
+from ..models import DEFAULT_STUDENT_TIMESTEP
 from ..features.preprocess import MIN_SIDE, RESIZE_POLICIES
 from ..taps import resolve_taps
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..checkpoint import check_state_dict, read_safetensors, read_safetensors_metadata, write_safetensors
 from ..models.heads import build_heads
-from ..models.base import BaseModel, load_base, save_student_full, save_student_unet
+from ..models import BaseModel, load_base, save_student_full, save_student_unet
 from ..features.preprocess import check_model_size
 from .config import LORA_TARGETS, OBJECTIVE_FIELDS, VALIDATION_TIMESTEPS, TrainConfig
 from .data import BatchSampler, ImageFolder, SkipLog, load_pixels

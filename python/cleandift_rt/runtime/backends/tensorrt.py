@@ -13,14 +13,14 @@ plan may be loaded (``check_plan_runtime``) are plain functions, unit-tested on 
 
 from __future__ import annotations
 
-import base64
 import threading
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ...formats.artifact import EMBEDS_INPUT, IMAGE_INPUT, ArtifactInfo, read_plan_header
+from ...formats.artifact import EMBEDS_INPUT, IMAGE_INPUT, ArtifactInfo
+from ...formats.plan import decode_array, read_plan_header
 
 
 def import_tensorrt():
@@ -46,16 +46,6 @@ def check_plan_runtime(header: dict, trt_version: str, capability: tuple[int, in
         theirs = "sm_%d%d" % built_for if len(built_for) == 2 else "an unknown GPU"
         raise ValueError(f"{path} was built for {theirs} ({header.get('build', {}).get('gpu_name', '?')}), this GPU is "
                          f"{ours}: rebuild the plan on this GPU")
-
-
-def decode_array(blob: dict) -> np.ndarray:
-    """An array stored in the plan header as {"dtype", "shape", "base64"}."""
-    return np.frombuffer(base64.b64decode(blob["base64"]), dtype=np.dtype(blob["dtype"])).reshape(blob["shape"]).copy()
-
-
-def encode_array(array: np.ndarray) -> dict:
-    array = np.ascontiguousarray(array)
-    return {"dtype": str(array.dtype), "shape": list(array.shape), "base64": base64.b64encode(array.tobytes()).decode()}
 
 
 def _torch_dtype(trt, dtype) -> torch.dtype:

@@ -16,28 +16,12 @@ import torch
 
 from ...formats.artifact import ArtifactInfo, tap_records
 from ...features.extractor import ReferenceExtractor
-from ...models.base import DEFAULT_STUDENT_TIMESTEP, Student, load_base, load_student
+from ...models import load_student_and_base
 from ...features.preprocess import SIZE_MULTIPLE
 from ...taps import TAPS
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 ANY_SIZE = [SIZE_MULTIPLE, 4096]  # the eager model takes any multiple of 64
-
-
-def load_student_and_base(path: Path, base) -> tuple[Student, object]:
-    """A student file needs ``base`` (VAE, text encoder); a diffusers folder can be its own base."""
-    if path.is_dir():
-        student_base = load_base(path, text_encoder=base is None)
-        base_model = student_base if base is None else (base if not isinstance(base, (str, Path)) else load_base(base))
-        return Student(unet=student_base.unet, timestep=DEFAULT_STUDENT_TIMESTEP, source=str(path)), base_model
-    if path.suffix != ".safetensors":
-        raise ValueError(f"{path}: unknown engine file type; expected .onnx, .plan, a student .safetensors "
-                         "(_unet or _full) or a diffusers folder")
-    if base is None:
-        raise ValueError(f"{path} is a student checkpoint: pass base=DIR (the base model folder that provides "
-                         "the VAE and text encoder), e.g. Engine(path, base='stable-diffusion-2-1')")
-    base_model = load_base(base) if isinstance(base, (str, Path)) else base
-    return load_student(path, base_model), base_model
 
 
 class TorchBackend:

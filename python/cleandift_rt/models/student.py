@@ -1,0 +1,122 @@
+"""CleanDIFT students in both formats of the public release (SPEC section 4).
+
+``_unet``: the student U-Net alone in diffusers key names (loads strictly into
+``UNet2DConditionModel``). ``_full``: the aligner state dict with student, heads, mapping,
+``timestep`` (and teacher, VAE). Files we write also carry the U-Net config and timestep in the
+safetensors metadata; the release's own files need the base model to know the architecture.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..checkpoint import check_state_dict, read_safetensors, read_safetensors_metadata, write_safetensors
+from .base import BaseModel
+from .heads import HEAD_PREFIXES, ProjectionHeads
+from .loading import load_base
+from .offline import diffusers
+
+DEFAULT_STUDENT_TIMESTEP = 261.0
+STUDENT_PREFIX = "unet_feature_extractor_cleandift."
+TEACHER_PREFIX = "unet_feature_extractor_base."
+VAE_PREFIX = "ae."
+
+
+@dataclass
+class Student:
+    """A CleanDIFT student: the fine-tuned U-Net, its timestep, and the heads when the file had them."""
+
+    unet: nn.Module
+    timestep: float = DEFAULT_STUDENT_TIMESTEP
+    heads: ProjectionHeads | None = None
+    source: str = ""
+
+
+def save_student_unet(path: str | Path, unet: nn.Module, timestep: float = DEFAULT_STUDENT_TIMESTEP) -> None:
+    """The release ``_unet`` format: the student U-Net alone in diffusers key names.
+
+    Loads strictly into ``UNet2DConditionModel``; the U-Net config and the timestep travel in the
+    safetensors metadata so the file is self-describing (the release's own files lack both).
+    """
+    write_safetensors(path, unet.state_dict(), metadata={
+        "format": "cleandift_unet", "unet_config": unet_config_json(unet), "timestep": str(float(timestep))})
+
+
+def save_student_full(path: str | Path, unet: nn.Module, heads: ProjectionHeads, timestep: float | torch.Tensor,
+                      teacher: nn.Module | None = None, vae: nn.Module | None = None) -> None:
+    """The release ``_full`` format: aligner state dict with student, heads, mapping, timestep (and teacher, VAE)."""
+    state: dict[str, torch.Tensor] = {}
+    state.update({STUDENT_PREFIX + k: v for k, v in unet.state_dict().items()})
+    state.update(heads.release_state_dict())
+    state["timestep"] = torch.as_tensor(timestep, dtype=torch.float32).detach().reshape(())
+    if teacher is not None:
+        state.update({TEACHER_PREFIX + k: v for k, v in teacher.state_dict().items()})
+    if vae is not None:
+        state.update({VAE_PREFIX + k: v for k, v in vae.state_dict().items()})
+    write_safetensors(path, state, metadata={"format": "cleandift_full", "unet_config": unet_config_json(unet)})
+
+
+def unet_config_json(unet: nn.Module) -> str:
+    """The U-Net's constructor arguments as JSON (diffusers' private ``_*`` entries dropped)."""
+    return json.dumps({k: v for k, v in dict(unet.config).items() if not k.startswith("_")})
+
+
+def load_student(path: str | Path, base: BaseModel | None = None) -> Student:
+    """Read a student in either release format (detected from its keys).
+
+    The U-Net architecture comes from the file's metadata when we wrote it, else from ``base``
+    (the release's files carry no config). Keys are checked strictly against that architecture.
+    """
+    path = Path(path)
+    state = read_safetensors(path)
+    meta = read_safetensors_metadata(path)
+    is_full = any(k.startswith(STUDENT_PREFIX) for k in state)
+    if is_full:
+        unet_state = {k[len(STUDENT_PREFIX):]: v for k, v in state.items() if k.startswith(STUDENT_PREFIX)}
+        timestep = float(state["timestep"].reshape(-1)[0]) if "timestep" in state else DEFAULT_STUDENT_TIMESTEP
+        heads = ProjectionHeads.from_state_dict(state, str(path)) if any(k.startswith(HEAD_PREFIXES) for k in state) else None
+        known = (STUDENT_PREFIX, TEACHER_PREFIX, VAE_PREFIX, *HEAD_PREFIXES)
+        stray = [k for k in state if not k.startswith(known) and k != "timestep"]
+        if stray:
+            raise ValueError(f"{path} has keys that belong to no part of a '_full' release file: {stray[:5]}")
+    else:
+        if any(k.startswith(HEAD_PREFIXES) for k in state):
+            raise ValueError(f"{path} holds projection heads but no '{STUDENT_PREFIX}*' U-Net keys: not a student file")
+        unet_state, heads = state, None
+        timestep = float(meta.get("timestep", DEFAULT_STUDENT_TIMESTEP))
+    unet = _student_unet_skeleton(path, meta, base)
+    check_state_dict(unet.state_dict(), unet_state, f"student U-Net in {path}")
+    unet.load_state_dict(unet_state, strict=True)
+    unet.eval().requires_grad_(False)
+    return Student(unet=unet, timestep=timestep, heads=heads, source=str(path))
+
+
+def _student_unet_skeleton(path: Path, meta: dict, base: BaseModel | None) -> nn.Module:
+    if "unet_config" in meta:
+        config = {k: v for k, v in json.loads(meta["unet_config"]).items() if not k.startswith("_")}
+        return diffusers().UNet2DConditionModel(**config)
+    if base is not None:
+        return diffusers().UNet2DConditionModel.from_config(base.unet.config)
+    raise ValueError(f"{path} carries no U-Net config (a file of the public release): pass the base model "
+                     "it was trained from (base=PATH) so its architecture is known")
+
+
+def load_student_and_base(path: Path, base) -> tuple[Student, object]:
+    """A student file needs ``base`` (VAE, text encoder); a diffusers folder can be its own base."""
+    if path.is_dir():
+        student_base = load_base(path, text_encoder=base is None)
+        base_model = student_base if base is None else (base if not isinstance(base, (str, Path)) else load_base(base))
+        return Student(unet=student_base.unet, timestep=DEFAULT_STUDENT_TIMESTEP, source=str(path)), base_model
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: unknown engine file type; expected .onnx, .plan, a student .safetensors "
+                         "(_unet or _full) or a diffusers folder")
+    if base is None:
+        raise ValueError(f"{path} is a student checkpoint: pass base=DIR (the base model folder that provides "
+                         "the VAE and text encoder), e.g. Engine(path, base='stable-diffusion-2-1')")
+    base_model = load_base(base) if isinstance(base, (str, Path)) else base
+    return load_student(path, base_model), base_model
