@@ -391,14 +391,14 @@ def test_cuda_entry_point_host_side():
 
 
 def test_refinement_in_chunks_and_half_precision_points():
-    from cleandift_rt.kernels.matching import _soft_argmax
+    from cleandift_rt.kernels.refine import soft_argmax
 
     gen = torch.Generator().manual_seed(4)
     dst = torch.randn(2, 8, 5, 6, generator=gen)
     src = torch.randn(2, 30, 8, generator=gen)
     index, _ = match(src, dst)
-    whole = _soft_argmax(src, dst, index, 3, 0.1)
-    assert torch.allclose(_soft_argmax(src, dst, index, 3, 0.1, chunk_bytes=1), whole)
+    whole = soft_argmax(src, dst, index, 3, 0.1)
+    assert torch.allclose(soft_argmax(src, dst, index, 3, 0.1, chunk_bytes=1), whole)
     src_map = torch.randn(1, 8, 4, 4, generator=gen)
     pts = torch.tensor([[[1.25, 2.5], [0.0, 3.0]]])
     got = match(src_map.bfloat16(), dst[:1].bfloat16(), points=pts)[0]
