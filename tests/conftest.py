@@ -89,6 +89,14 @@ def tiny_onnx(tiny_base_dir, tiny_student_files, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_fp16_onnx(tiny_base_dir, tiny_student_files, tmp_path_factory):
+    """The tiny student exported with ``--precision fp16`` through the CLI (and its fp32 reference)."""
+    from export_fixtures import export_fp16
+
+    return export_fp16(str(tiny_base_dir), str(tiny_student_files["unet"]), tmp_path_factory.mktemp("onnx16"))
+
+
+@pytest.fixture(scope="session")
 def reference(tiny_base, tiny_student):
     """The PyTorch reference extractor at the exports' size."""
     from cleandift_rt.features.extractor import ReferenceExtractor

@@ -18,13 +18,26 @@ SIZE = 128
 SUBSET = ("us3", "us6")
 
 
-def export_both(base_dir: str, student_file: str, out_dir: Path) -> dict[str, Path]:
-    """All taps at a fixed 128 px through the CLI, and a two-tap dynamic-size one with external data."""
+def _export_cli():
     sys.path.insert(0, str(ROOT / "export"))
     try:
         import export_onnx as cli
     finally:
         sys.path.pop(0)
+    return cli
+
+
+def export_fp16(base_dir: str, student_file: str, out_dir: Path) -> Path:
+    """All taps at 128 px, ``--precision fp16`` through the CLI (the fp32 reference lands beside it)."""
+    out = out_dir / "tiny16.onnx"
+    assert _export_cli().main(["--student", student_file, "--base", base_dir, "--out", str(out), "--size", str(SIZE),
+                               str(SIZE), "--batch", "1:2:4", "--precision", "fp16"]) == 0
+    return out
+
+
+def export_both(base_dir: str, student_file: str, out_dir: Path) -> dict[str, Path]:
+    """All taps at a fixed 128 px through the CLI, and a two-tap dynamic-size one with external data."""
+    cli = _export_cli()
     full, subset = out_dir / "tiny_all.onnx", out_dir / "tiny_sub.onnx"
     assert cli.main(["--student", student_file, "--base", base_dir, "--out", str(full), "--size", str(SIZE), str(SIZE),
                      "--batch", "1:2:4"]) == 0

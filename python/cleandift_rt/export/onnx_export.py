@@ -17,6 +17,7 @@ is a constant, so its embedding MLP folds away.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 import time
@@ -27,12 +28,13 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..formats.artifact import (EMBEDS_INPUT, IMAGE_INPUT, SIZE_MULTIPLE, ArtifactInfo, parse_batch, size_fields,
-                       tap_records)
+from ..formats.artifact import (EMBEDS_INPUT, IMAGE_INPUT, SIZE_MULTIPLE, ArtifactInfo, parse_batch, read_onnx_info,
+                                size_fields, tap_records)
 from ..features.capture import unet_taps
 from ..models import BaseModel, Student, load_base, load_student
 from ..features.preprocess import check_policy
 from ..taps import resolve_taps
+from .mixed_precision import PrecisionPolicy, calibration_feeds, convert_to_fp16, measure_ranges
 
 OPSET = 17
 PROTOBUF_LIMIT = 2**31 - 1  # ONNX files above 2 GB must keep their weights in external data
@@ -56,14 +58,26 @@ class FeatureGraph(nn.Module):
         return tuple(feats[t] for t in self.taps)
 
 
+PRECISIONS = ("fp32", "fp16")
+
+
+def fp32_reference_path(out: str | Path) -> Path:
+    """Where an fp16 export keeps the fp32 graph it was made from (calibration and build-time checks)."""
+    out = Path(out)
+    return out.with_name(out.stem + ".fp32.onnx")
+
+
 def check_export_args(out: str | Path, size: Sequence[int] | None, dynamic_size: Sequence[int] | None,
-                      taps=None, batch: str | None = None, resize: str = "stretch") -> tuple[list[str], dict]:
+                      taps=None, batch: str | None = None, resize: str = "stretch",
+                      precision: str = "fp32") -> tuple[list[str], dict]:
     """Everything about an export request that can be wrong before the (multi-GB) models load.
 
     Returns the resolved taps and batch range; raises ``ValueError`` naming the problem.
     """
     if Path(out).suffix != ".onnx":
         raise ValueError(f"output {out} must end in .onnx")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     wanted = resolve_taps(taps)
     check_policy(resize)
     batch_range = parse_batch(batch)
@@ -75,17 +89,20 @@ def check_export_args(out: str | Path, size: Sequence[int] | None, dynamic_size:
 def export_onnx(student: str | Path | Student, base: str | Path | BaseModel, out: str | Path, *,
                 size: Sequence[int] | None = None, dynamic_size: Sequence[int] | None = None,
                 taps=None, batch: str | None = None, prompt: str = "", resize: str = "stretch",
-                external_data: bool | None = None, log=print) -> ArtifactInfo:
+                external_data: bool | None = None, precision: str = "fp32", policy: PrecisionPolicy | None = None,
+                log=print) -> ArtifactInfo:
     """Write ``out`` (and ``out`` + ``.data`` when the weights go outside) and return its metadata.
 
     ``size`` (H, W) fixes the input size; ``dynamic_size`` (MIN, MAX) makes H and W dynamic within
     that range (multiples of 64). ``batch`` "MIN:OPT:MAX" is recorded for TensorRT profiles; the
     ONNX batch axis is always dynamic. ``external_data`` None = only when the model exceeds 2 GB.
+    ``precision="fp16"`` writes the fp32 graph to ``fp32_reference_path(out)`` first and ``out`` as
+    its fp16 conversion with fp32 islands (``write_fp16_onnx``; strongly typed TensorRT needs it).
     """
     import onnx
 
     out = Path(out)
-    wanted, batch_range = check_export_args(out, size, dynamic_size, taps, batch, resize)
+    wanted, batch_range = check_export_args(out, size, dynamic_size, taps, batch, resize, precision)
     t0 = time.perf_counter()
     base_model = base if isinstance(base, BaseModel) else load_base(base)
     student_model = student if isinstance(student, Student) else load_student(student, base_model)
@@ -129,8 +146,46 @@ def export_onnx(student: str | Path | Student, base: str | Path | BaseModel, out
         log(f"traced and exported in {time.perf_counter() - t1:.1f} s")
         model = onnx.load(str(raw))  # pulls in the per-tensor external files the exporter may write
     _finish_graph(model, embeds, info)
+    fp32_out = fp32_reference_path(out) if precision == "fp16" else out
+    save_onnx(model, fp32_out, external_data)
+    del model
+    log(f"wrote {fp32_out} ({_size_text(fp32_out)}) in {time.perf_counter() - t0:.1f} s")
+    if precision == "fp16":
+        info = write_fp16_onnx(fp32_out, out, policy or PrecisionPolicy(), external_data=external_data, log=log)
+    return info
+
+
+def write_fp16_onnx(fp32_path: str | Path, out: str | Path, policy: PrecisionPolicy = PrecisionPolicy(),
+                    calibration: dict | None = None, external_data: bool | None = None, log=print) -> ArtifactInfo:
+    """Convert an exported fp32 graph into an fp16 one with fp32 islands (``export.mixed_precision``).
+
+    Value ranges are measured on ``calibration`` feeds (default: the bundled photos at the graph's
+    size) unless the policy has no ``max_abs``. The metadata keeps everything the fp32 file says,
+    plus the precision, the policy with its node counts and the fp32 reference's file name.
+    """
+    import onnx
+
+    fp32_path, out = Path(fp32_path), Path(out)
+    info = read_onnx_info(fp32_path)
+    if info.extra.get("precision", "fp32") != "fp32":
+        raise ValueError(f"{fp32_path} is already a {info.extra['precision']} graph; convert the fp32 export")
+    if fp32_path.resolve() == out.resolve():
+        raise ValueError(f"the fp16 graph needs its own file: {out} is the fp32 input")
+    t0 = time.perf_counter()
+    ranges = None
+    if policy.max_abs is not None:
+        feeds = calibration if calibration is not None else calibration_feeds(tuple(info.default_size))
+        ranges = measure_ranges(fp32_path, feeds, progress=True)
+        log(f"measured value ranges of {len(ranges)} tensors in {time.perf_counter() - t0:.1f} s")
+    model = onnx.load(str(fp32_path))
+    summary = convert_to_fp16(model, policy, ranges)
+    info = dataclasses.replace(info, extra=dict(info.extra, precision="fp16", precision_policy=summary,
+                                                fp32_reference=fp32_path.name))
+    set_metadata(model, info)
     save_onnx(model, out, external_data)
-    log(f"wrote {out} ({_size_text(out)}) in {time.perf_counter() - t0:.1f} s")
+    kept = ", ".join(f"{rule} {n}" for rule, n in summary["fp32_nodes"].items()) or "none"
+    log(f"wrote {out} ({_size_text(out)}): {summary['fp16_nodes']} nodes fp16, fp32 islands: {kept}; "
+        f"reference {fp32_path.name}")
     return info
 
 
@@ -154,11 +209,17 @@ def _finish_graph(model, embeds: torch.Tensor, info: ArtifactInfo) -> None:
     del graph.value_info[:]
     for output in graph.output:
         _set_output_shape(output, info)
+    set_metadata(model, info)
+
+
+def set_metadata(model, info: ArtifactInfo) -> None:
+    """Replace the graph's ``metadata_props`` with ``info`` and describe it in ``doc_string``."""
     del model.metadata_props[:]
     for k, v in info.to_props().items():
         entry = model.metadata_props.add()
         entry.key, entry.value = k, v
-    model.doc_string = ("cleandift-rt feature extractor: images (float32 NCHW RGB in [-1, 1]) -> "
+    precision = info.extra.get("precision", "fp32")
+    model.doc_string = (f"cleandift-rt feature extractor ({precision}): images (float32 NCHW RGB in [-1, 1]) -> "
                         f"taps {', '.join(info.tap_names)}")
 
 
@@ -234,4 +295,5 @@ def _size_text(path: Path) -> str:
     return f"{total / 2**20:.1f} MiB" + (f", weights in {data.name}" if data.exists() else "")
 
 
-__all__ = ["export_onnx", "FeatureGraph", "save_onnx", "check_onnx", "remove_onnx", "OPSET"]
+__all__ = ["export_onnx", "write_fp16_onnx", "fp32_reference_path", "FeatureGraph", "save_onnx", "check_onnx",
+           "remove_onnx", "OPSET"]
