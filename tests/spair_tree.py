@@ -54,13 +54,21 @@ GOOD_PAIRS = [("cat_src.jpg", "cat_flip.jpg"), ("cat_src.jpg", "cat_small.jpg"),
               ("coffee_src.jpg", "coffee_rot.jpg"), ("coffee_rot.jpg", "coffee_src.jpg")]
 
 
-def _pair_json(pid, category, src, trg, src_kps, trg_kps, src_size, trg_size):
+# SPair-71k kps_ids of the 4 x 3 canonical grid (row by row): for the cat, the two columns that mirror
+# each other in a row are a left/right pair of SPair's cat keypoints, (0, 1), (2, 3), ...
+KPS_IDS = {"cat": [0, 2, 3, 1, 4, 6, 7, 5, 9, 11, 12, 10], "coffee": list(range(12))}
+
+
+def _pair_json(pid, category, src, trg, src_kps, trg_kps, src_size, trg_size, kps_ids=None):
     box = [float(trg_kps[:, 0].min() - 10), float(trg_kps[:, 1].min() - 10),
            float(trg_kps[:, 0].max() + 10), float(trg_kps[:, 1].max() + 10)]
-    return {"pair_id": pid, "category": category, "src_imname": src, "trg_imname": trg,
-            "src_imsize": [src_size[0], src_size[1], 3], "trg_imsize": [trg_size[0], trg_size[1], 3],
-            "src_kps": np.round(src_kps, 3).tolist(), "trg_kps": np.round(trg_kps, 3).tolist(), "trg_bndbox": box,
-            "src_bndbox": [0, 0, src_size[0] - 1, src_size[1] - 1]}
+    ann = {"pair_id": pid, "category": category, "src_imname": src, "trg_imname": trg,
+           "src_imsize": [src_size[0], src_size[1], 3], "trg_imsize": [trg_size[0], trg_size[1], 3],
+           "src_kps": np.round(src_kps, 3).tolist(), "trg_kps": np.round(trg_kps, 3).tolist(), "trg_bndbox": box,
+           "src_bndbox": [0, 0, src_size[0] - 1, src_size[1] - 1]}
+    if kps_ids is not None:
+        ann["kps_ids"] = [str(i) for i in kps_ids]  # SPair-71k writes them as strings
+    return ann
 
 
 def write_spair_tree(root: Path, photos) -> dict:
@@ -81,7 +89,8 @@ def write_spair_tree(root: Path, photos) -> dict:
         _, t_img, t_map = warps[trg]
         sk, tk = s_map(canon[cat]), t_map(canon[cat])
         pid = f"{i:06d}-{src[:-4]}-{trg[:-4]}:{cat}"
-        (ann / f"{pid}.json").write_text(json.dumps(_pair_json(pid, cat, src, trg, sk, tk, s_img.size, t_img.size)))
+        (ann / f"{pid}.json").write_text(json.dumps(_pair_json(pid, cat, src, trg, sk, tk, s_img.size, t_img.size,
+                                                               KPS_IDS[cat])))
         truth[pid] = (sk, tk)
     cat_size = warps["cat_src.jpg"][1].size
     kps = canon["cat"]

@@ -126,6 +126,28 @@ def test_spair_loader_reads_the_official_layout_and_counts_malformed_files(spair
     assert [q.category for q in limited] == ["coffee"]
 
 
+def test_spair_loader_reads_keypoint_ids_and_the_source_box(spair, tmp_path):
+    from spair_tree import KPS_IDS
+
+    pairs, _ = load_spair(spair["root"], "test")
+    by_id = {p.pair_id: p for p in pairs}
+    for pid in spair["truth"]:
+        category = pid.rsplit(":", 1)[1]
+        assert by_id[pid].keypoint_ids == tuple(KPS_IDS[category])  # SPair's strings read as ints, in order
+        assert by_id[pid].source_bbox is not None
+    assert by_id["000100-kp_outside:cat"].keypoint_ids is None  # older annotations without kps_ids still load
+    ann = json.loads(next((spair["root"] / "PairAnnotation" / "test").glob("000000-*.json")).read_text())
+    bad = tmp_path / "SPair"
+    (bad / "JPEGImages" / "cat").mkdir(parents=True)
+    (bad / "PairAnnotation" / "test").mkdir(parents=True)
+    for name, ids in (("short", ann["kps_ids"][:-1]), ("words", ["left ear"] * 12), ("twice", ["1"] * 12)):
+        (bad / "PairAnnotation" / "test" / f"{name}:cat.json").write_text(json.dumps({**ann, "kps_ids": ids}))
+    pairs, skips = load_spair(bad)
+    assert not pairs and skips.pairs["malformed annotation"] == 3
+    for what in ("kps_ids must name every keypoint", "whole numbers", "distinct"):
+        assert any(what in w for w in skips.examples["malformed annotation"]), what
+
+
 def test_spair_loader_errors_name_the_problem(tmp_path, spair):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_spair(tmp_path / "nope")

@@ -46,6 +46,8 @@ class Pair:
     target_bbox: tuple[float, float, float, float] | None = None
     source_size: tuple[int, int] | None = None  # (W, H) from the annotation, checked against the image
     target_size: tuple[int, int] | None = None
+    keypoint_ids: tuple[int, ...] | None = None  # SPair-71k's kps_ids: which part each keypoint is
+    source_bbox: tuple[float, float, float, float] | None = None
 
 
 class SkipLog:
@@ -116,15 +118,32 @@ def check_bbox(value, what: str) -> tuple[float, float, float, float]:
 
 
 def make_pair(pair_id, category, source, target, source_points, target_points, target_bbox=None,
-              source_size=None, target_size=None) -> Pair:
+              source_size=None, target_size=None, keypoint_ids=None, source_bbox=None) -> Pair:
     """Validate one pair's fields (raises ValueError naming the problem)."""
     src = points_array(source_points, "source keypoints")
     trg = points_array(target_points, "target keypoints")
     if len(src) != len(trg):
         raise ValueError(f"{len(src)} source keypoints but {len(trg)} target keypoints: they must correspond 1:1")
     box = None if target_bbox is None else check_bbox(target_bbox, "target bounding box")
+    src_box = None if source_bbox is None else check_bbox(source_bbox, "source bounding box")
     return Pair(str(pair_id), str(category), Path(source), Path(target), src, trg, box,
-                _size(source_size, "source image size"), _size(target_size, "target image size"))
+                _size(source_size, "source image size"), _size(target_size, "target image size"),
+                _keypoint_ids(keypoint_ids, len(src)), src_box)
+
+
+def _keypoint_ids(value, count: int) -> tuple[int, ...] | None:
+    """SPair-71k's ``kps_ids`` (numbers or numeric strings, one per keypoint, distinct) as ints."""
+    if value is None:
+        return None
+    try:
+        ids = tuple(int(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"keypoint ids must be whole numbers, got {value!r}") from None
+    if len(ids) != count:
+        raise ValueError(f"{len(ids)} keypoint ids for {count} keypoints: kps_ids must name every keypoint")
+    if len(set(ids)) != len(ids) or min(ids, default=0) < 0:
+        raise ValueError(f"keypoint ids must be distinct and >= 0, got {list(ids)}")
+    return ids
 
 
 def _size(value, what: str):

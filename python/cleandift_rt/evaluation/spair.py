@@ -9,7 +9,9 @@
       Layout/{large,small}/{trn,val,test}.txt     (optional: the list of pairs of a split)
 
 Each pair file holds ``src_imname``, ``trg_imname``, ``src_imsize`` / ``trg_imsize`` ([W, H, C]),
-``src_kps``, ``trg_kps`` ([[x, y], ...]), ``trg_bndbox`` ([x1, y1, x2, y2]) and ``category``.
+``src_kps``, ``trg_kps`` ([[x, y], ...]), ``trg_bndbox`` ([x1, y1, x2, y2]) and ``category``;
+also read when present: ``kps_ids`` (which of the category's keypoints each one is; the fusion
+recipes' adaptive flip needs them to swap left and right parts) and ``src_bndbox``.
 """
 
 from __future__ import annotations
@@ -66,7 +68,8 @@ def load_spair(root: str | Path, split: str = "test", categories=None, limit: in
                 continue
             img_dir = root / "JPEGImages" / category
             pair = make_pair(ann.get("pair_id", f.stem), category, img_dir / ann["src_imname"], img_dir / ann["trg_imname"],
-                             ann["src_kps"], ann["trg_kps"], ann["trg_bndbox"], ann.get("src_imsize"), ann.get("trg_imsize"))
+                             ann["src_kps"], ann["trg_kps"], ann["trg_bndbox"], ann.get("src_imsize"), ann.get("trg_imsize"),
+                             ann.get("kps_ids"), ann.get("src_bndbox"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             skips.skip_pair("malformed annotation", f"{f.name}: invalid JSON ({exc})")
             continue
