@@ -66,6 +66,19 @@ def test_islands_are_fp32_in_the_converted_graph(tiny_fp16_onnx):
     assert len(scores) == len(softmax) and all(types[n.output[0]] == FLOAT for n in scores)
 
 
+def test_attention_islands_stop_at_the_score_matmul():
+    """Softmax and its chain back to Q.K^T stay fp32; not the projections, not P.V, not the conv."""
+    nodes = [helper.make_node(op, ins, outs, name=name) for name, op, ins, outs in [
+        ("conv", "Conv", ["x", "w"], ["c"]), ("norm", "InstanceNormalization", ["c", "s", "b"], ["n"]),
+        ("q", "MatMul", ["n", "wq"], ["q"]), ("k", "MatMul", ["n", "wk"], ["k"]),
+        ("kT", "Transpose", ["k"], ["kt"]), ("scores", "MatMul", ["q", "kt"], ["sc"]),
+        ("scale", "Mul", ["sc", "const"], ["ss"]), ("reshape", "Reshape", ["ss", "shape"], ["r"]),
+        ("softmax", "Softmax", ["r"], ["p"]), ("v", "MatMul", ["n", "wv"], ["v"]),
+        ("pv", "MatMul", ["p", "v"], ["o"]), ("gelu", "Erf", ["o"], ["g"])]]
+    kept = {nodes[i].name for i in attention_score_nodes(nodes)}
+    assert kept == {"scores", "scale", "reshape", "softmax"}
+
+
 def test_fp16_taps_match_fp32_per_tap(tiny_fp16_onnx, photos):
     """ONNX Runtime CPU, fp16 graph vs its fp32 reference on real photos: cosine >= 0.999 per tap."""
     from cleandift_rt.features.preprocess import prepare_images

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,6 @@ from cleandift_rt.export.trt_build import (
     BuildUnavailable,
     build_engine,
     check_workspace,
-    fp32_layers,
     plan_header,
     precision_mix,
     profile_shapes,
@@ -55,63 +53,6 @@ def test_workspace_checks():
     for bad in (0, -1, 5000):
         with pytest.raises(ValueError, match="--workspace"):
             check_workspace(bad)
-
-
-@dataclass
-class FakeTensor:
-    name: str
-
-
-@dataclass
-class FakeLayer:
-    name: str
-    type: str
-    inputs: list = field(default_factory=list)
-    outputs: list = field(default_factory=list)
-
-    @property
-    def num_inputs(self):
-        return len(self.inputs)
-
-    @property
-    def num_outputs(self):
-        return len(self.outputs)
-
-    def get_input(self, i):
-        return FakeTensor(self.inputs[i])
-
-    def get_output(self, i):
-        return FakeTensor(self.outputs[i])
-
-
-def test_fp32_islands_cover_attention_scores_and_norms():
-    layers = [
-        FakeLayer("conv", "CONV", ["x"], ["c"]),
-        FakeLayer("norm", "NORM", ["c"], ["n"]),
-        FakeLayer("q", "MATMUL", ["n"], ["q"]),
-        FakeLayer("k", "MATMUL", ["n"], ["k"]),
-        FakeLayer("kT", "SHUFFLE", ["k"], ["kt"]),
-        FakeLayer("scores", "MATMUL", ["q", "kt"], ["s"]),
-        FakeLayer("scale", "ELEMENTWISE", ["s", "const"], ["ss"]),
-        FakeLayer("const", "CONSTANT", [], ["const"]),
-        FakeLayer("softmax", "SOFTMAX", ["ss"], ["p"]),
-        FakeLayer("v", "MATMUL", ["n"], ["v"]),
-        FakeLayer("pv", "MATMUL", ["p", "v"], ["o"]),
-        FakeLayer("gelu", "ACTIVATION", ["o"], ["g"]),
-    ]
-    kept = {layers[i].name for i in fp32_layers(layers, "SOFTMAX", "MATMUL", {"ELEMENTWISE", "SHUFFLE", "CONSTANT"},
-                                                {"NORM"})}
-    assert kept == {"norm", "scores", "scale", "const", "softmax"}  # not the projections, not P.V, not the conv
-    # a reshape between scores and softmax is followed; the integer shape math feeding it is not
-    layers = [
-        FakeLayer("scores", "MATMUL", ["q", "k"], ["s"]),
-        FakeLayer("shape_math", "ELEMENTWISE", ["dims", "heads"], ["shape"]),
-        FakeLayer("reshape", "SHUFFLE", ["s", "shape"], ["r"]),
-        FakeLayer("softmax", "SOFTMAX", ["r"], ["p"]),
-    ]
-    kept = {layers[i].name for i in fp32_layers(layers, "SOFTMAX", "MATMUL", {"ELEMENTWISE", "SHUFFLE"}, set(),
-                                                is_float=lambda layer: layer.name != "shape_math")}
-    assert kept == {"scores", "reshape", "softmax"}
 
 
 def test_precision_mix_from_inspector_json():
@@ -222,3 +163,185 @@ def test_cli_without_tensorrt_prints_one_line(tiny_onnx, tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "export" / "build_engine.py"), "--onnx", str(tiny_onnx["full"]),
                           "--out", str(tmp_path / "x.plan"), "--workspace", "0"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--workspace" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# -- the build against a fake of TensorRT 11's API (tests/fake_tensorrt.py) ------------------------
+
+
+@pytest.fixture()
+def fake_trt(monkeypatch):
+    import fake_tensorrt
+    from cleandift_rt.export import trt_build
+
+    fake_tensorrt.events.clear()
+    monkeypatch.setattr(trt_build, "check_build_environment", lambda: (fake_tensorrt, (9, 0), "Fake H200"))
+    return fake_tensorrt
+
+
+def test_strongly_typed_build_of_the_fp16_graph(fake_trt, tiny_fp16_onnx, tmp_path):
+    plan, cache = tmp_path / "tiny.plan", tmp_path / "tiny.cache"
+    summary = build_engine(tiny_fp16_onnx, plan, batch="1:2:4", timing_cache=cache, verify=False, log=lambda *_: None)
+    assert fake_trt.Builder.last_network.flags & (1 << fake_trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    header, _, _ = read_plan_header(plan)
+    assert header["build"]["fp16"] is True and header["info"]["extra"]["precision"] == "fp16+fp32"
+    assert "precision_policy" not in header["info"]["extra"] and header["tensorrt"] == "11.4.0"
+    assert summary["precision_mix"]["fp16"] > 0 and summary["precision_mix"]["fp32"] > 0  # islands reach the engine
+    assert fake_trt.events == ["built", "cache serialized"] and cache.read_bytes() == b"CACHE:1"
+    build_engine(tiny_fp16_onnx, plan, batch="1:2:4", timing_cache=cache, verify=False, log=lambda *_: None)
+    assert cache.read_bytes() == b"CACHE:2"  # read back and extended, not replaced
+
+
+def test_fp16_flag_on_an_fp32_graph_converts_first_and_says_so(fake_trt, tiny_onnx, tmp_path):
+    said = []
+    build_engine(tiny_onnx["full"], tmp_path / "x.plan", fp16=True, verify=False, log=said.append)
+    converted = tiny_onnx["full"].with_name(tiny_onnx["full"].stem + ".fp16.onnx")
+    assert converted.is_file() and read_onnx_info(converted).extra["precision"] == "fp16"
+    assert any("converting it to fp16" in line and "--precision fp16" in line for line in said)
+    assert read_plan_header(tmp_path / "x.plan")[0]["build"]["fp16"] is True
+    build_engine(tiny_onnx["full"], tmp_path / "y.plan", fp16=False, verify=False, log=lambda *_: None)
+    assert read_plan_header(tmp_path / "y.plan")[0]["info"]["extra"]["precision"] == "fp32"
+
+
+def test_a_timing_cache_problem_never_costs_the_plan(fake_trt, tiny_fp16_onnx, tmp_path):
+    said = []
+    foreign = tmp_path / "foreign.cache"
+    foreign.write_bytes(b"FOREIGN-GPU")
+    build_engine(tiny_fp16_onnx, tmp_path / "a.plan", timing_cache=foreign, verify=False, log=said.append)
+    assert any("another GPU" in line for line in said) and foreign.read_bytes() == b"CACHE:1"
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    said.clear()
+    build_engine(tiny_fp16_onnx, tmp_path / "b.plan", timing_cache=blocker / "x.cache", verify=False, log=said.append)
+    assert (tmp_path / "b.plan").is_file()  # written before the cache, whatever happens to the cache
+    assert any("timing cache could not be written" in line for line in said)
+
+
+def test_verification_records_cosines_and_refuses_a_bad_plan(fake_trt, tiny_fp16_onnx, tmp_path, monkeypatch):
+    from cleandift_rt.export import verify
+
+    reference = tiny_fp16_onnx.with_name(tiny_fp16_onnx.stem + ".fp32.onnx")
+    seen = []
+
+    def fake_verify(plan, ref, min_cosine, log):
+        seen.append((Path(plan).name, Path(ref)))
+        return {"us6": 0.9991, "us10": 0.9987}, True
+
+    monkeypatch.setattr(verify, "verify_plan", fake_verify)
+    build_engine(tiny_fp16_onnx, tmp_path / "ok.plan", log=lambda *_: None)
+    header = read_plan_header(tmp_path / "ok.plan")[0]
+    assert header["verified_cosine"] == {"us6": 0.9991, "us10": 0.9987} and header["verified_against"] == reference.name
+    assert seen == [("ok.unverified.plan", reference)] and not (tmp_path / "ok.unverified.plan").exists()
+
+    monkeypatch.setattr(verify, "verify_plan", lambda plan, ref, m, log: ({"us6": float("nan")}, False))
+    with pytest.raises(verify.VerificationFailed, match="kept there for inspection"):
+        build_engine(tiny_fp16_onnx, tmp_path / "bad.plan", log=lambda *_: None)
+    assert not (tmp_path / "bad.plan").exists() and (tmp_path / "bad.unverified.plan").is_file()
+
+
+def test_reference_is_resolved_before_any_build(tiny_fp16_onnx, tiny_onnx, tmp_path):
+    from cleandift_rt.export.verify import passes, reference_for, tap_cosines
+
+    info = read_onnx_info(tiny_fp16_onnx)
+    assert reference_for(tiny_fp16_onnx, info).name == tiny_fp16_onnx.stem + ".fp32.onnx"
+    assert reference_for(tiny_onnx["full"], read_onnx_info(tiny_onnx["full"])) == tiny_onnx["full"]
+    with pytest.raises(ValueError, match="is a fp16 graph"):
+        reference_for(tiny_fp16_onnx, info, tiny_fp16_onnx)
+    with pytest.raises(ValueError, match="lacks taps"):
+        reference_for(tiny_fp16_onnx, info, tiny_onnx["subset"])
+    with pytest.raises(ValueError, match="does not exist"):
+        reference_for(tiny_fp16_onnx, info, tmp_path / "nope.onnx")
+    a = {"us6": np.ones((2, 3, 4, 4), np.float32)}
+    assert tap_cosines(a, {"us6": a["us6"] * 2}) == {"us6": 1.0}
+    broken = {"us6": np.full((2, 3, 4, 4), np.nan, np.float32)}
+    assert not passes(tap_cosines(a, broken), 0.5) and passes({"us6": 0.999}, 0.995)
+
+
+# TensorRT 11 removed these; none may appear in the build or runtime code (our own `precision`
+# arguments are not TensorRT's and are not matched).
+REMOVED_TENSORRT_API = ["BuilderFlag.FP16", "BuilderFlag.BF16", "BuilderFlag.INT8", "BuilderFlag.FP8",
+                        "BuilderFlag.INT4", "BuilderFlag.FP4", "OBEY_PRECISION_CONSTRAINTS",
+                        "PREFER_PRECISION_CONSTRAINTS", "platform_has_fast_fp16", "platform_has_fast_int8",
+                        "layer.precision =", ".set_output_type(", "trt_fp16_enable"]
+
+
+def _code_only(path: Path) -> str:
+    """The file's code without comments and strings (docstrings may name the removed API)."""
+    import io
+    import tokenize
+
+    tokens = tokenize.generate_tokens(io.StringIO(path.read_text()).readline)
+    return " ".join(t.string for t in tokens if t.type not in (tokenize.COMMENT, tokenize.STRING))
+
+
+def removed_api_uses(path: Path) -> list[str]:
+    code = _code_only(path).replace(" ", "")
+    return [name for name in REMOVED_TENSORRT_API if name.replace(" ", "") in code]
+
+
+def test_the_removed_api_scan_sees_code_not_prose(tmp_path):
+    sample = tmp_path / "sample.py"
+    sample.write_text('"""Never BuilderFlag.FP16 here."""\n# nor OBEY_PRECISION_CONSTRAINTS\n'
+                      "config.set_flag(trt.BuilderFlag.FP16)\nlayer.precision = trt.float32\n")
+    assert removed_api_uses(sample) == ["BuilderFlag.FP16", "layer.precision ="]
+
+
+def test_no_api_that_tensorrt_11_removed():
+    package = ROOT / "python" / "cleandift_rt"
+    files = [package / "export" / "trt_build.py", package / "export" / "verify.py",
+             package / "runtime" / "backends" / "tensorrt.py", package / "runtime" / "backends" / "onnxruntime.py",
+             ROOT / "export" / "build_engine.py", ROOT / "bench" / "gpu_check.py"]
+    found = {f.name: removed_api_uses(f) for f in files if f.exists() and removed_api_uses(f)}
+    assert not found
+
+
+class _FakeContext:
+    """What TensorRTBackend._bind asks of an execution context."""
+
+    def __init__(self, shapes: dict, accept: bool = True):
+        self.shapes, self.accept, self.addresses, self.inputs = shapes, accept, {}, {}
+
+    def set_input_shape(self, name, shape):
+        self.inputs[name] = shape
+        return self.accept
+
+    def get_tensor_shape(self, name):
+        return self.shapes[name]
+
+    def set_tensor_address(self, name, ptr):
+        self.addresses[name] = ptr
+
+
+def test_binding_checks_every_tap_shape_against_the_metadata():
+    import torch
+    from cleandift_rt.runtime.backends.tensorrt import TensorRTBackend
+
+    backend = object.__new__(TensorRTBackend)  # the host-side checks only; no GPU, no TensorRT
+    backend.info, backend.path = _info(), Path("sd21.plan")
+    views = {IMAGE_INPUT: torch.zeros(2, 3, 768, 768), EMBEDS_INPUT: torch.zeros(2, 77, 1024),
+             "us6": torch.zeros(2, 1280, 48, 48)}
+    good = _FakeContext({"us6": (2, 1280, 48, 48)})
+    backend._bind(good, views)
+    assert good.inputs[IMAGE_INPUT] == (2, 3, 768, 768) and set(good.addresses) == set(views)
+    with pytest.raises(RuntimeError, match=r"computes tap 'us6' as \(2, 1280, 24, 24\).*rebuild"):
+        backend._bind(_FakeContext({"us6": (2, 1280, 24, 24)}), views)
+    with pytest.raises(ValueError, match="rejected input shape"):
+        backend._bind(_FakeContext({"us6": (2, 1280, 48, 48)}, accept=False), views)
+
+
+def test_onnxruntime_tensorrt_provider_gets_the_profile_and_no_fp16_flag():
+    from cleandift_rt.runtime.backends.onnxruntime import choose_providers, trt_profile
+
+    fixed = trt_profile(_info(batch={"min": 1, "opt": 4, "max": 8}))
+    assert fixed == {"trt_profile_min_shapes": "images:1x3x768x768,prompt_embeds:1x77x1024",
+                     "trt_profile_opt_shapes": "images:4x3x768x768,prompt_embeds:4x77x1024",
+                     "trt_profile_max_shapes": "images:8x3x768x768,prompt_embeds:8x77x1024"}
+    dynamic = trt_profile(_info(height=None, width=None, size_range=[512, 1024], default_size=[768, 768]))
+    assert dynamic["trt_profile_min_shapes"].startswith("images:1x3x512x512")
+    assert dynamic["trt_profile_opt_shapes"].startswith("images:1x3x768x768")
+    assert dynamic["trt_profile_max_shapes"].startswith("images:8x3x1024x1024")  # unbounded export: a default max
+    providers = choose_providers(None, ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+                                 Path("m.onnx"), 0, fixed)
+    name, options = providers[0]
+    assert name == "TensorrtExecutionProvider" and options["trt_profile_max_shapes"] == fixed["trt_profile_max_shapes"]
+    assert not any("fp16" in key for key in options)
+    assert choose_providers("cpu", ["TensorrtExecutionProvider"], Path("m.onnx")) == ["CPUExecutionProvider"]

@@ -1,18 +1,23 @@
-"""Build a TensorRT plan from an exported ``.onnx`` feature graph (TensorRT 10 Python API).
+"""Build a TensorRT plan from an exported ``.onnx`` feature graph: strongly typed, TensorRT 10.12 to 11.x.
 
-Precision mechanism: a weakly typed network with ``BuilderFlag.FP16`` (TensorRT picks fp16 or
-fp32 per layer by speed) plus per-layer precision constraints, obeyed, that keep fp32 islands
-where SD 2.1 overflows in fp16: the attention scores (Q.K^T MatMul, its scaling and the Softmax;
-SD 2.1 sets ``upcast_attention=True`` for exactly this) and the normalisation layers (GroupNorm
-variances). A strongly typed network would need an fp16 ONNX with explicit casts around those
-islands; the constraints give the same islands from the fp32 export.
+TensorRT 11 removed weak typing (``BuilderFlag.FP16``, precision constraints, per-layer precision
+hints; SPEC section 12): every tensor's type comes from the ONNX graph, so precision is decided
+at export. An fp16 plan is built from the fp16 graph with fp32 islands that
+``export_onnx.py --precision fp16`` writes (``export.mixed_precision``); ``--fp16`` on an fp32
+graph converts it first (beside it, as ``NAME.fp16.onnx``) and says so. The network is created
+with ``NetworkDefinitionCreationFlag.STRONGLY_TYPED`` (required on 10.12-10.x, accepted on 11.x).
+
+Fusions may still drop an island (SPEC section 12), so the only proof that a plan is right is its
+outputs: ``export.verify`` compares them per tap with the fp32 graph on real inputs where the plan
+is built and writes the cosines into the header (``verified_cosine``).
 
 The plan file is ``formats.plan.PLAN_MAGIC`` + a JSON header (the export metadata, the TensorRT
 version, GPU architecture, profile, build summary and the baked prompt embedding, which becomes a
 plain input because TensorRT treats initializers as weights) + the serialized engine.
 
-Everything that does not need TensorRT (argument checks, profiles, fp32 layer choice, the
-summary, the container) is a plain function tested on the CPU.
+Everything that does not need TensorRT (argument checks, profiles, the summary, the container) is
+a plain function tested on the CPU; the build itself is tested against a fake of TensorRT 11's
+Python API (tests/fake_tensorrt.py).
 """
 
 from __future__ import annotations
@@ -24,8 +29,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..checkpoint import atomic_write_bytes
 from ..formats.artifact import EMBEDS_INPUT, IMAGE_INPUT, ArtifactInfo, parse_batch, read_onnx_info
 from ..formats.plan import encode_array, plan_header_bytes
+from .onnx_export import write_fp16_onnx
+
+TENSORRT_RANGE = ">=10.12,<12"
 
 DEFAULT_BATCH = "1:4:8"
 DEFAULT_WORKSPACE_GB = 8.0
@@ -40,8 +49,12 @@ def check_build_environment():
     try:
         import tensorrt
     except ImportError:
-        raise BuildUnavailable("TensorRT is not installed (pip install tensorrt>=10 on a machine with an NVIDIA GPU); "
-                               "nothing was built") from None
+        raise BuildUnavailable(f"TensorRT is not installed (pip install 'tensorrt{TENSORRT_RANGE}' on a machine with an "
+                               "NVIDIA GPU); nothing was built") from None
+    version = tuple(int(p) for p in tensorrt.__version__.split(".")[:2] if p.isdigit())
+    if version < (10, 12):
+        raise BuildUnavailable(f"TensorRT {tensorrt.__version__} is too old: strongly typed fp16 builds need "
+                               f"tensorrt{TENSORRT_RANGE}; nothing was built")
     try:
         import torch
     except ImportError:  # pragma: no cover - torch is a dependency
@@ -75,44 +88,6 @@ def check_workspace(gb) -> float:
     if not 0 < gb <= 1024:
         raise ValueError(f"--workspace must be a positive number of GiB (<= 1024), got {gb}")
     return gb
-
-
-# -- fp32 islands ---------------------------------------------------------------------------------
-
-
-def fp32_layers(layers, softmax_type, matmul_type, passthrough_types, norm_types, is_float=lambda layer: True) -> list[int]:
-    """Indices of layers to keep in fp32: every Softmax and the chain feeding it back to the first
-    MatMul (attention scores and their scaling), and every normalisation layer.
-
-    ``layers`` are TensorRT ``ILayer`` objects (or anything with ``type``, ``num_inputs``,
-    ``get_input(i).name``, ``num_outputs``, ``get_output(i).name``); ``is_float`` stops the walk
-    at shape computations (integer tensors feeding reshapes must keep their type).
-    """
-    producer = {}
-    for i, layer in enumerate(layers):
-        for k in range(layer.num_outputs):
-            producer[layer.get_output(k).name] = i
-    keep = set()
-    for i, layer in enumerate(layers):
-        if layer.type in norm_types:
-            keep.add(i)
-        if layer.type != softmax_type:
-            continue
-        keep.add(i)
-        frontier = [i]
-        while frontier:  # walk back through scaling/casts/reshapes to the score MatMul
-            j = frontier.pop()
-            for k in range(layers[j].num_inputs):
-                tensor = layers[j].get_input(k)
-                src = producer.get(tensor.name) if tensor is not None else None
-                if src is None or src in keep or not is_float(layers[src]):
-                    continue
-                if layers[src].type == matmul_type:
-                    keep.add(src)
-                elif layers[src].type in passthrough_types:
-                    keep.add(src)
-                    frontier.append(src)
-    return sorted(keep)
 
 
 def precision_mix(inspector_json: str) -> dict[str, int]:
@@ -157,9 +132,18 @@ def split_default_embeds(onnx_path: Path, work_dir: Path):
 # -- the build ----------------------------------------------------------------------------------
 
 
-def build_engine(onnx_path, out, *, fp16: bool = True, batch: str | None = None, timing_cache=None,
-                 workspace_gb: float = DEFAULT_WORKSPACE_GB, log=print) -> dict:
-    """Build ``out`` from ``onnx_path``; returns the build summary. Host-side checks run before TensorRT is needed."""
+def build_engine(onnx_path, out, *, fp16: bool = False, batch: str | None = None, timing_cache=None,
+                 workspace_gb: float = DEFAULT_WORKSPACE_GB, verify: bool = True, reference=None,
+                 min_cosine: float | None = None, log=print) -> dict:
+    """Build ``out`` from ``onnx_path``; returns the build summary.
+
+    Precision comes from the graph: an fp16 export builds an fp16 plan with its fp32 islands, an
+    fp32 export an fp32 plan; ``fp16=True`` on an fp32 graph converts it first (``NAME.fp16.onnx``
+    beside it). ``verify`` compares the plan per tap with the fp32 reference (``reference``, default
+    the fp32 graph the fp16 file names) and records the cosines in the header; a plan below
+    ``min_cosine`` is written as ``NAME.unverified.plan`` and ``VerificationFailed`` raised.
+    Host-side checks run before TensorRT is needed; the timing cache is written after the plan.
+    """
     onnx_path, out = Path(onnx_path), Path(out)
     if not onnx_path.is_file():
         raise ValueError(f"{onnx_path} does not exist")
@@ -167,14 +151,30 @@ def build_engine(onnx_path, out, *, fp16: bool = True, batch: str | None = None,
         raise ValueError(f"output {out} must end in .plan (the Engine picks the backend from the suffix)")
     info = read_onnx_info(onnx_path)
     batch_range = parse_batch(batch) if batch else (info.batch if info.batch.get("max") else parse_batch(DEFAULT_BATCH))
-    shapes = profile_shapes(info, batch_range)
+    profile_shapes(info, batch_range)
     workspace_gb = check_workspace(workspace_gb)
+    cache_path = Path(timing_cache) if timing_cache else None
+    if cache_path is not None and cache_path.is_dir():
+        raise ValueError(f"--timing-cache {cache_path} is a folder: give a file path")
+    if verify:
+        from .verify import reference_for
+
+        reference = reference_for(onnx_path, info, reference)
     trt, capability, gpu_name = check_build_environment()
+
+    if fp16 and info.extra.get("precision", "fp32") == "fp32":
+        converted = onnx_path.with_name(onnx_path.stem + ".fp16.onnx")
+        log(f"{onnx_path.name} is an fp32 graph and TensorRT engines are strongly typed: converting it to fp16 with "
+            f"fp32 islands as {converted.name} (`python export/export_onnx.py ... --precision fp16` does this at "
+            "export)")
+        write_fp16_onnx(onnx_path, converted, log=log)
+        onnx_path, info = converted, read_onnx_info(converted)
+    is_fp16 = info.extra.get("precision", "fp32") == "fp16"
 
     t0 = time.perf_counter()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
     stripped, default_embeds = split_default_embeds(onnx_path, onnx_path.parent)
     try:
@@ -187,58 +187,76 @@ def build_engine(onnx_path, out, *, fp16: bool = True, batch: str | None = None,
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * 2**30))
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
-    kept_fp32 = []
-    if fp16:
-        config.set_flag(trt.BuilderFlag.FP16)
-        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-        layers = [network.get_layer(i) for i in range(network.num_layers)]
-        passthrough = {trt.LayerType.ELEMENTWISE, trt.LayerType.SCALE, trt.LayerType.SHUFFLE,
-                       trt.LayerType.IDENTITY, trt.LayerType.CAST, trt.LayerType.CONSTANT}
-        norms = {getattr(trt.LayerType, "NORMALIZATION")} if hasattr(trt.LayerType, "NORMALIZATION") else set()
-        floats = (trt.float32, trt.float16)
-        is_float = lambda layer: layer.num_outputs > 0 and layer.get_output(0).dtype in floats  # noqa: E731
-        for i in fp32_layers(layers, trt.LayerType.SOFTMAX, trt.LayerType.MATRIX_MULTIPLY, passthrough, norms,
-                             is_float):
-            layer = layers[i]
-            if layer.type == trt.LayerType.CONSTANT:
-                continue
-            layer.precision = trt.float32
-            for k in range(layer.num_outputs):
-                layer.set_output_type(k, trt.float32)
-            kept_fp32.append(layer.name)
     profile = builder.create_optimization_profile()
-    for name, (lo, opt, hi) in shapes.items():
+    for name, (lo, opt, hi) in profile_shapes(info, batch_range).items():
         profile.set_shape(name, lo, opt, hi)
     config.add_optimization_profile(profile)
+    cache = _timing_cache(config, cache_path, log)
 
-    cache_path = Path(timing_cache) if timing_cache else None
-    cache_bytes = cache_path.read_bytes() if cache_path and cache_path.is_file() else b""
-    cache = config.create_timing_cache(cache_bytes)
-    config.set_timing_cache(cache, ignore_mismatch=False)
-
-    log(f"building {out.name} for {gpu_name} (sm_{capability[0]}{capability[1]}), "
-        f"{'fp16 with fp32 islands' if fp16 else 'fp32'}, batch {batch_range['min']}:{batch_range['opt']}:"
+    log(f"building {out.name} for {gpu_name} (sm_{capability[0]}{capability[1]}), strongly typed "
+        f"{'fp16 with fp32 islands' if is_fp16 else 'fp32'}, batch {batch_range['min']}:{batch_range['opt']}:"
         f"{batch_range['max']}; this takes minutes")
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RuntimeError("TensorRT failed to build the engine (see its log above)")
     engine_bytes = bytes(serialized)
     build_seconds = time.perf_counter() - t0
-    if cache_path:
-        cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
 
     runtime = trt.Runtime(logger)
     engine = runtime.deserialize_cuda_engine(engine_bytes)
+    if engine is None:
+        raise RuntimeError("TensorRT could not load the engine it just built (see its log above)")
     inspector = engine.create_engine_inspector()
     mix = precision_mix(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
-    summary = {"network_layers": network.num_layers, "engine_layers": engine.num_layers,
-               "precision_mix": mix, "fp32_constrained_layers": len(kept_fp32),
+    summary = {"network_layers": network.num_layers, "engine_layers": engine.num_layers, "precision_mix": mix,
                "engine_bytes": len(engine_bytes), "build_seconds": round(build_seconds, 1)}
-    header = plan_header(info, trt.__version__, capability, gpu_name, batch_range, fp16, workspace_gb,
+    header = plan_header(info, trt.__version__, capability, gpu_name, batch_range, is_fp16, workspace_gb,
                          default_embeds, summary, onnx_path.name, len(engine_bytes))
-    write_plan(out, header, engine_bytes)
+    del engine, runtime
+    if verify:
+        from .verify import VerificationFailed, verify_plan
+
+        staged = out.with_name(out.stem + ".unverified.plan")
+        write_plan(staged, header, engine_bytes)
+        try:
+            header["verified_cosine"], passed = verify_plan(staged, reference, min_cosine, log=log)
+            header["verified_against"] = Path(reference).name
+            write_plan(staged, header, engine_bytes)
+            if not passed:
+                raise VerificationFailed(f"{staged} differs from {Path(reference).name} beyond the threshold (per-tap "
+                                         f"cosine {header['verified_cosine']}); the plan is kept there for inspection, "
+                                         "not at --out")
+            os.replace(staged, out)
+        finally:
+            _save_timing_cache(cache, cache_path, log)
+    else:
+        write_plan(out, header, engine_bytes)
+        _save_timing_cache(cache, cache_path, log)
     log(format_summary(summary))
     return summary
+
+
+def _timing_cache(config, path: Path | None, log):
+    """The cache object the build uses: read from ``path`` when it exists and matches, else empty."""
+    blob = path.read_bytes() if path is not None and path.is_file() else b""
+    cache = config.create_timing_cache(blob)
+    if not config.set_timing_cache(cache, ignore_mismatch=False):
+        log(f"timing cache {path} was made for another GPU or TensorRT version: starting a new one")
+        cache = config.create_timing_cache(b"")
+        if not config.set_timing_cache(cache, ignore_mismatch=False):
+            raise RuntimeError("TensorRT refused an empty timing cache (see its log above)")
+    return cache
+
+
+def _save_timing_cache(cache, path: Path | None, log) -> None:
+    """After the plan is safe: a cache that cannot be written costs the next build time, never this one."""
+    if path is None:
+        return
+    try:
+        payload = bytes(cache.serialize())
+        atomic_write_bytes(path, lambda tmp: Path(tmp).write_bytes(payload))
+    except (OSError, RuntimeError, TypeError) as exc:
+        log(f"warning: the plan is built, but the timing cache could not be written to {path}: {exc}")
 
 
 def plan_header(info: ArtifactInfo, trt_version: str, capability, gpu_name: str, batch: dict, fp16: bool,
@@ -246,6 +264,7 @@ def plan_header(info: ArtifactInfo, trt_version: str, capability, gpu_name: str,
     """Everything the runtime and ``describe`` need, without TensorRT."""
     plan_info = dataclasses.replace(info, batch=dict(batch),
                                     extra=dict(info.extra, precision="fp16+fp32" if fp16 else "fp32"))
+    plan_info.extra.pop("precision_policy", None)  # the graph's node counts say nothing about the engine
     return {
         "info": plan_info.to_dict(),
         "tensorrt": trt_version,
@@ -260,20 +279,15 @@ def plan_header(info: ArtifactInfo, trt_version: str, capability, gpu_name: str,
 
 def write_plan(out: Path, header: dict, engine_bytes: bytes) -> None:
     """Header + engine, written to a temporary file and renamed (never a half-written plan)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
+    def write(tmp):
+        with open(tmp, "wb") as f:
             f.write(plan_header_bytes(header))
             f.write(engine_bytes)
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    atomic_write_bytes(Path(out), write)
 
 
 def format_summary(summary: dict) -> str:
     mix = ", ".join(f"{k} {v}" for k, v in sorted(summary["precision_mix"].items()))
-    return (f"engine: {summary['engine_layers']} layers ({mix}; {summary['fp32_constrained_layers']} layers pinned "
-            f"to fp32), {summary['engine_bytes'] / 2**20:.1f} MiB, built in {summary['build_seconds']:.0f} s")
+    return (f"engine: {summary['engine_layers']} layers ({mix}), {summary['engine_bytes'] / 2**20:.1f} MiB, "
+            f"built in {summary['build_seconds']:.0f} s")

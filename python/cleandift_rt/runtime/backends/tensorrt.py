@@ -2,10 +2,17 @@
 
 Memory: every I/O tensor has one device buffer sized for the profile's largest batch and the
 largest image size; a call binds views at the start of those buffers (``set_tensor_address``),
-so addresses never change and a CUDA graph captured for a (batch, size) stays valid. Work runs on
-the backend's own CUDA stream: input copies, ``execute_async_v3``, output copies, then one
-synchronise before results are handed out. One execution context, guarded by a lock, makes
-concurrent ``run`` calls safe (they serialise; the GPU is busy anyway).
+so addresses never change. Work runs on the backend's own CUDA stream, ordered against the
+caller's: the backend stream waits for the caller's current stream before it reads the inputs
+(PyTorch streams are non-blocking: ``.float()`` or ``torch.cat`` of the inputs may still run), and
+the caller's stream waits for the backend before it touches the outputs, which are recorded on
+the caller's stream; there is no host synchronisation. A lock serialises ``run`` calls (the IO
+buffers are shared; the GPU is busy anyway).
+
+CUDA graphs (``cuda_graph=True``, fixed-size plans): one execution context per captured shape (a
+graph bakes in its context's shapes and scratch), captured with ``capture_error_mode=
+"thread_local"`` (Engine.stream copies tensors on another thread meanwhile), the enqueue's result
+checked inside the capture; at most ``MAX_GRAPHS`` shapes are kept, least recently used first out.
 
 Nothing here can run on a machine without a GPU and TensorRT; the checks that decide whether a
 plan may be loaded (``check_plan_runtime``) are plain functions, unit-tested on the CPU.
@@ -14,6 +21,7 @@ plan may be loaded (``check_plan_runtime``) are plain functions, unit-tested on 
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +67,9 @@ def _torch_dtype(trt, dtype) -> torch.dtype:
     return table[dtype]
 
 
+MAX_GRAPHS = 4  # captured shapes kept (each holds its own execution context and its activations)
+
+
 class TensorRTBackend:
     name = "tensorrt"
 
@@ -88,7 +99,7 @@ class TensorRTBackend:
         self.batch = header["profile"]["batch"]  # {"min", "opt", "max"} of the optimisation profile
         self.tokens = int(header["profile"]["tokens"])
         self.cuda_graph = bool(cuda_graph) and not self.info.dynamic_size
-        self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
+        self._graphs: OrderedDict[tuple, tuple] = OrderedDict()  # shape -> (context, graph)
         self._lock = threading.Lock()
         self._default_embeds = torch.from_numpy(decode_array(header["default_prompt_embeds"])).to(self.device)
         self._io = self._allocate()
@@ -134,37 +145,61 @@ class TensorRTBackend:
             raise ValueError(f"batch {b} outside the plan's profile [{self.min_batch}, {self.max_batch}]")
         if embeds is not None and embeds.shape[1] != self.tokens:
             raise ValueError(f"prompt_embeds have {embeds.shape[1]} tokens; this plan was built for {self.tokens}")
-        with self._lock, torch.cuda.device(self.device), torch.cuda.stream(self.stream):
-            views = {IMAGE_INPUT: self._view(IMAGE_INPUT, (b, 3, h, w)),
-                     EMBEDS_INPUT: self._view(EMBEDS_INPUT, (b, self.tokens, self.info.cross_attention_dim))}
-            views[IMAGE_INPUT].copy_(pixels, non_blocking=True)
-            source = embeds if embeds is not None else self._default_embeds
-            views[EMBEDS_INPUT].copy_(source.expand(b, -1, -1), non_blocking=True)
-            for name in (IMAGE_INPUT, EMBEDS_INPUT):
-                if not self.context.set_input_shape(name, tuple(views[name].shape)):
-                    raise ValueError(f"TensorRT rejected input shape {tuple(views[name].shape)} for {name!r}")
-            for tap in self.info.tap_names:  # every output needs an address, requested or not
-                views[tap] = self._view(tap, (b, *self.info.tap_shape(tap, h, w)))
-            for name, view in views.items():
-                self.context.set_tensor_address(name, view.data_ptr())
-            self._execute((b, h, w))
-            out = {t: views[t].clone() for t in taps}  # buffers are reused by the next call
-            self.stream.synchronize()
+        with self._lock, torch.cuda.device(self.device):
+            caller = torch.cuda.current_stream(self.device)
+            self.stream.wait_stream(caller)  # inputs the caller's stream is still writing
+            with torch.cuda.stream(self.stream):
+                views = {IMAGE_INPUT: self._view(IMAGE_INPUT, (b, 3, h, w)),
+                         EMBEDS_INPUT: self._view(EMBEDS_INPUT, (b, self.tokens, self.info.cross_attention_dim))}
+                views[IMAGE_INPUT].copy_(pixels, non_blocking=True)
+                source = embeds if embeds is not None else self._default_embeds
+                views[EMBEDS_INPUT].copy_(source.expand(b, -1, -1), non_blocking=True)
+                for tap in self.info.tap_names:  # every output needs an address, requested or not
+                    views[tap] = self._view(tap, (b, *self.info.tap_shape(tap, h, w)))
+                self._execute((b, h, w), views)
+                out = {t: views[t].clone() for t in taps}  # buffers are reused by the next call
+            for tensor in (pixels, embeds):
+                if tensor is not None and tensor.is_cuda:
+                    tensor.record_stream(self.stream)  # the caller may free them while the copies run
+            caller.wait_stream(self.stream)
+            for tensor in out.values():
+                tensor.record_stream(caller)
         return out
 
-    def _execute(self, key: tuple) -> None:
+    def _bind(self, context, views: dict[str, torch.Tensor]) -> None:
+        """Shapes and addresses for one call; the plan must agree with the metadata on every tap's shape."""
+        for name in (IMAGE_INPUT, EMBEDS_INPUT):
+            if not context.set_input_shape(name, tuple(views[name].shape)):
+                raise ValueError(f"TensorRT rejected input shape {tuple(views[name].shape)} for {name!r}")
+        for tap in self.info.tap_names:
+            planned = tuple(context.get_tensor_shape(tap))
+            if planned != tuple(views[tap].shape):
+                raise RuntimeError(f"{self.path}: TensorRT computes tap {tap!r} as {planned}, the metadata says "
+                                   f"{tuple(views[tap].shape)} (corrupt or mismatched plan): rebuild it")
+        for name, view in views.items():
+            context.set_tensor_address(name, view.data_ptr())
+
+    def _execute(self, key: tuple, views: dict[str, torch.Tensor]) -> None:
         handle = self.stream.cuda_stream
         if not self.cuda_graph:
+            self._bind(self.context, views)
             if not self.context.execute_async_v3(handle):
                 raise RuntimeError("TensorRT execution failed (see the TensorRT log above)")
             return
-        graph = self._graphs.get(key)
-        if graph is None:
-            # one ordinary launch first: TensorRT finishes lazy setup outside the capture
-            if not self.context.execute_async_v3(handle):
-                raise RuntimeError("TensorRT execution failed (see the TensorRT log above)")
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=self.stream):
-                self.context.execute_async_v3(handle)
-            self._graphs[key] = graph
-        graph.replay()
+        if key in self._graphs:
+            self._graphs.move_to_end(key)
+            self._graphs[key][1].replay()
+            return
+        if len(self._graphs) >= MAX_GRAPHS:
+            self._graphs.popitem(last=False)
+        context = self.engine.create_execution_context()
+        self._bind(context, views)
+        # one ordinary launch first: TensorRT finishes its lazy set-up outside the capture
+        if not context.execute_async_v3(handle):
+            raise RuntimeError("TensorRT execution failed (see the TensorRT log above)")
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
+            captured = context.execute_async_v3(handle)
+        if not captured:
+            raise RuntimeError("TensorRT could not enqueue inside the CUDA graph capture; use cuda_graph=False")
+        self._graphs[key] = (context, graph)  # this call's outputs came from the ordinary launch
