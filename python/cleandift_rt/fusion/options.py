@@ -1,0 +1,78 @@
+"""The fusion options ``eval-spair``, ``eval-pairs`` and ``match`` share: which recipe, the DINOv2
+weights, the canvases, the ablation switches; and what turns them into a ``Fusion``."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+
+from .recipes import DEFAULT_PROMPT, RECIPES, Recipe
+
+NEAREST_NEIGHBOUR = "nn"  # today's protocol: one tap, cosine argmax over the upsampled target
+RECIPE_CHOICES = (NEAREST_NEIGHBOUR, *RECIPES)
+
+
+def add_recipe_args(p: argparse.ArgumentParser, several: bool) -> None:
+    g = p.add_argument_group("fusion recipes (SPEC section 9; docs/fusion.md)")
+    g.add_argument("--recipe", nargs="+" if several else None, choices=RECIPE_CHOICES,
+                   default=[NEAREST_NEIGHBOUR] if several else NEAREST_NEIGHBOUR,
+                   help="nn: nearest neighbour on the engine's --tap (default); tale: 'A Tale of Two Features' "
+                   "(joint PCA of us8/us5/us2 + DINOv2); tlfr: 'Telling Left from Right' (us8/us5/us2 + DINOv2, "
+                   "window soft-argmax, adaptive flip)" + ("; several run side by side" if several else ""))
+    g.add_argument("--dino", metavar="PATH", help="DINOv2 weights: a transformers Dinov2Model folder or a torch-hub "
+                   "ViT-S/B/L/g-14 checkpoint as .safetensors (needed by tale and tlfr unless --no-dino)")
+    g.add_argument("--allow-pickle", action="store_true",
+                   help="let --dino load the hub's pickled .pth (through torch.load(weights_only=True))")
+    g.add_argument("--dino-size", type=int, default=RECIPES["tlfr"].dino_size, metavar="PX",
+                   help="DINOv2 canvas side, a multiple of 14 (default 840: 60 x 60 patches)")
+    g.add_argument("--sd-size", type=int, default=RECIPES["tlfr"].sd_size, metavar="PX",
+                   help="SD canvas side, a multiple of 64 (default 960)")
+    g.add_argument("--sd-crop", type=int, default=RECIPES["tlfr"].sd_crop, metavar="PX",
+                   help="side of the 2 x 2 overlapping SD crops (default 512, as the original); 0 = one pass over "
+                   "the whole canvas. Run the engine at this size (--size 512 512) or its maps are resized")
+    g.add_argument("--no-flip", action="store_true", help="ablation: no adaptive flip (tlfr)")
+    g.add_argument("--no-refine", action="store_true", help="ablation: hard argmax instead of the window soft-argmax (tlfr)")
+    g.add_argument("--no-dino", action="store_true", help="ablation: SD taps only, no DINOv2")
+
+
+def recipe_from_args(name: str, args) -> Recipe:
+    """The named recipe with the canvases and ablation switches of ``args``."""
+    recipe = replace(RECIPES[name], sd_size=args.sd_size, sd_crop=args.sd_crop or None, dino_size=args.dino_size)
+    return recipe.with_parts(flip=not args.no_flip, refine=not args.no_refine, dino=not args.no_dino)
+
+
+def wants_fusion(names) -> bool:
+    return any(n != NEAREST_NEIGHBOUR for n in names)
+
+
+def open_dino(args):
+    """``Dinov2Features`` from ``--dino`` (None under --no-dino); a clear error when it is missing."""
+    if args.no_dino:
+        return None
+    if not args.dino:
+        raise ValueError("the tale and tlfr recipes fuse DINOv2 features: pass --dino PATH (a transformers "
+                         "Dinov2Model folder or a torch-hub checkpoint as .safetensors), or --no-dino")
+    from .dinov2 import Dinov2Features
+
+    return Dinov2Features(args.dino, size=args.dino_size, device=args.device, allow_pickle=args.allow_pickle)
+
+
+def prompt_embedder(template: str | None, text_model):
+    """``category -> embeddings`` for the SD side: ``template`` filled in ("" when the category is
+    unknown) through ``text_model``'s encoder; None keeps the engine's baked prompt."""
+    if not template or text_model is None:
+        return None
+
+    def embed(category: str | None):
+        return text_model.encode_prompt(template.format(category=category) if category else "")
+
+    return embed
+
+
+def resolve_prompt(args, fused: bool) -> str:
+    """``--prompt`` as given, else the protocol's: DIFT's for nn, SPEC section 9's for the recipes."""
+    if getattr(args, "prompt", None) is not None:
+        return args.prompt
+    from ..evaluation.runner import DEFAULT_PROMPT as NN_PROMPT
+
+    return DEFAULT_PROMPT if fused else NN_PROMPT
