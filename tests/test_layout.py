@@ -30,6 +30,7 @@ LAYERS = {
     "kernels": 3, "formats": 3,
     "runtime": 4,
     "export": 5, "evaluation": 5, "training": 5,
+    "fusion": 5.5,  # fusion recipes: above evaluation, whose runner and PCK they reuse; below every cli
     "cli": 6,
 }
 PUBLIC_FACE = 7  # the package's own __init__ and the shims that keep old module paths importable
