@@ -1,4 +1,9 @@
-"""``cleandift-rt eval-spair`` and ``cleandift-rt eval-pairs``: PCK of an engine (and the DIFT baseline)."""
+"""``cleandift-rt eval-spair`` and ``cleandift-rt eval-pairs``: PCK of an engine (and the DIFT baseline),
+by today's nearest neighbour or the fusion recipes of SPEC section 9, side by side.
+
+Each method to run is built by one function from the parsed arguments (``_method_sources``); a new
+kind of method is one more builder there, the run loop and the report stay as they are.
+"""
 
 from __future__ import annotations
 
@@ -7,36 +12,81 @@ from pathlib import Path
 
 from ..cli.common import UserError, add_engine_args, engine_identity, open_engine, positive_int
 
+FUSED_MATCHING = ("tale / tlfr: the keypoint's descriptor-grid cell, cosine argmax over the target grid "
+                  "(tlfr: 11 x 11 window soft-argmax, adaptive flip), cell centres mapped back to the image")
 
-def _prepare_methods(args):
-    """(main feature source, baseline source or None, engine) from the parsed arguments."""
-    from ..evaluation.runner import DiftFeatures, EngineFeatures, file_identity, short_hash
 
+def _text_model(args, engine, prompts):
+    """The base model whose text encoder embeds the prompts (and whose U-Net runs DIFT), or None.
+
+    The PyTorch backend already holds it (an SD 2.1 base is 5 GB: never load it twice).
+    """
     from ..models import load_base
 
+    if not args.base or not (args.baseline or any(prompts)):
+        return None
+    return getattr(getattr(engine.backend, "ref", None), "base", None) or load_base(args.base)
+
+
+def _nn_source(args, engine, text_model, prompt):
+    from ..evaluation.runner import EngineFeatures
+
+    return EngineFeatures(engine, args.tap, key=engine_identity(args, engine), prompt=prompt or None,
+                          text_model=text_model)
+
+
+def _fused_source(args, engine, text_model, prompt, name, dino):
+    from ..evaluation.runner import file_identity
+    from ..fusion.evaluate import FusedSource
+    from ..fusion.options import prompt_embedder, recipe_from_args
+    from ..fusion.pipeline import Fusion
+
+    recipe = recipe_from_args(name, args)
+    fusion = Fusion(recipe, engine, dino, prompt_embedder(prompt, text_model))
+    return FusedSource(fusion, sd_key=engine_identity(args, engine),
+                       dino_key=file_identity(args.dino) if dino is not None else None,
+                       prompt=prompt if (prompt and text_model is not None) else "<baked into the model>")
+
+
+def _method_sources(args):
+    """(sources in the order of --recipe, DIFT baseline source or None) from the parsed arguments."""
+    from ..evaluation.runner import DiftFeatures, file_identity, short_hash
+    from ..fusion.options import NEAREST_NEIGHBOUR, open_dino, resolve_prompt, wants_fusion
+
     engine = open_engine(args)
-    prompt = args.prompt or None
-    # One base model serves as the text encoder for the prompts and as the DIFT baseline's U-Net;
-    # the PyTorch backend already holds it (an SD 2.1 base is 5 GB: never load it twice).
-    base_model = None
-    if args.base and (args.baseline or prompt):
-        base_model = getattr(getattr(engine.backend, "ref", None), "base", None) or load_base(args.base)
-    if args.baseline and base_model is None:
+    prompts = {name: resolve_prompt(args, name != NEAREST_NEIGHBOUR) for name in args.recipe}
+    text_model = _text_model(args, engine, prompts.values())
+    if args.baseline and text_model is None:
         raise UserError("--baseline dift runs the base model's U-Net: pass --base DIR (the SD folder the student "
                         "was trained from)")
-    if prompt and base_model is None:
-        print(f"note: no --base given, so no text encoder for the prompt {prompt!r}: using the prompt baked into "
-              f"the engine ({engine.info.get('prompt', '')!r}). Pass --base DIR for SPEC section 6's prompt.")
-        prompt = None
-    main = EngineFeatures(engine, args.tap, key=engine_identity(args, engine), prompt=prompt, text_model=base_model)
+    if text_model is None and any(prompts.values()):
+        print(f"note: no --base given, so no text encoder for the prompt(s) {sorted(set(filter(None, prompts.values())))}: "
+              f"using the prompt baked into the engine ({engine.info.get('prompt', '')!r}). Pass --base DIR for the "
+              "protocol's prompt.")
+        prompts = {name: "" for name in prompts}
+    dino = open_dino(args) if wants_fusion(args.recipe) else None
+    if wants_fusion(args.recipe):
+        _note_engine_size(args, engine)
+    sources = [_nn_source(args, engine, text_model, prompts[name]) if name == NEAREST_NEIGHBOUR
+               else _fused_source(args, engine, text_model, prompts[name], name, dino)
+               for name in dict.fromkeys(args.recipe)]
     baseline = None
     if args.baseline:
         from ..features.extractor import DiftExtractor
 
-        dift = DiftExtractor(base_model, t=args.t, ensemble=args.ensemble, seed=args.seed, size=engine.size,
+        dift = DiftExtractor(text_model, t=args.t, ensemble=args.ensemble, seed=args.seed, size=engine.size,
                              device=args.device or "cpu")
-        baseline = DiftFeatures(dift, args.tap, key=short_hash(file_identity(args.base)), prompt=prompt)
-    return main, baseline
+        prompt = prompts[NEAREST_NEIGHBOUR] if NEAREST_NEIGHBOUR in prompts else resolve_prompt(args, False)
+        baseline = DiftFeatures(dift, args.tap, key=short_hash(file_identity(args.base)), prompt=prompt or None)
+    return sources, baseline
+
+
+def _note_engine_size(args, engine) -> None:
+    side = args.sd_crop or args.sd_size
+    if tuple(engine.size) != (side, side):
+        print(f"note: the engine runs at {engine.size[0]}x{engine.size[1]}; the SD {'crops' if args.sd_crop else 'canvas'} "
+              f"({side} px) are resized to it and its maps back to the {side} px grid. For the recipe's own resolution "
+              f"pass --size {side} {side} (PyTorch backend or a dynamic-size export).")
 
 
 def _run_eval(args, pairs, skips, benchmark: str, dataset_key: str) -> int:
@@ -44,6 +94,9 @@ def _run_eval(args, pairs, skips, benchmark: str, dataset_key: str) -> int:
     from ..evaluation.report import format_table, results_document, write_results
     from ..evaluation.runner import evaluate, short_hash
     from ..evaluation.pairs import SkipLog
+    from ..fusion.evaluate import FusedSource, evaluate_fused
+    from ..fusion.options import wants_fusion
+    from ..fusion.report import format_methods_table, methods_document, write_methods_results
 
     if not pairs:
         raise UserError(f"no usable pairs in {benchmark}" + ("; " + "; ".join(skips.lines()) if skips.lines() else ""))
@@ -51,29 +104,47 @@ def _run_eval(args, pairs, skips, benchmark: str, dataset_key: str) -> int:
     if out.suffix != ".json":
         raise UserError(f"--out {out}: results are written as JSON (e.g. results.json); the CSV goes beside it")
     cache = Path(args.cache) if args.cache else out.parent / f"{out.stem}.cache"
-    main, baseline = _prepare_methods(args)
+    sources, baseline = _method_sources(args)
     inclusive = CONVENTIONS[args.threshold]
     runs = []
-    for source in [main] + ([baseline] if baseline else []):
-        journal = cache / f"journal-{source.key}-{args.transfer}-{dataset_key}.jsonl"
+    for source in sources + ([baseline] if baseline else []):
+        fused = isinstance(source, FusedSource)
+        name = (f"journal-{source.key}-{short_hash(dataset_key)}.jsonl" if fused
+                else f"journal-{source.key}-{args.transfer}-{dataset_key}.jsonl")
+        journal = cache / name
         if args.restart and journal.exists():
             journal.unlink()
         run_skips = SkipLog()
         run_skips.merge(skips)
-        runs.append(evaluate(pairs, source, cache_dir=cache / "features", journal=journal, skips=run_skips,
-                             progress=not args.no_progress, method=args.transfer))
+        if fused:
+            runs.append(evaluate_fused(pairs, source, cache_dir=cache / "fusion", journal=journal, skips=run_skips,
+                                       progress=not args.no_progress))
+        else:
+            runs.append(evaluate(pairs, source, cache_dir=cache / "features", journal=journal, skips=run_skips,
+                                 progress=not args.no_progress, method=args.transfer))
     protocol = {"benchmark": benchmark, "tap": args.tap, "prompt": args.prompt, "threshold": args.threshold,
                 "alphas": args.alphas, "engine": str(args.engine), "base": args.base,
                 "upsampling": "bilinear to the original image size (align_corners=False)",
                 "matching": "cosine argmax over all target pixels", "transfer": args.transfer, "cache": str(cache),
-                "dataset_key": short_hash(dataset_key)}
-    doc = results_document(runs[0], runs[1] if len(runs) > 1 else None, protocol, args.alphas, inclusive)
+                "dataset_key": short_hash(dataset_key), "recipes": list(dict.fromkeys(args.recipe))}
+    if wants_fusion(args.recipe):
+        protocol.update(matching=f"nn: {protocol['matching']}; {FUSED_MATCHING}", dino=args.dino)
     csv_path = Path(args.csv) if args.csv else out.with_suffix(".csv")
-    write_results(doc, out, csv_path)
-    print(format_table(doc))
+    main_runs = runs[:len(sources)]
+    base_run = runs[len(sources)] if baseline else None
+    if len(main_runs) == 1 and not wants_fusion(args.recipe):  # today's document, unchanged
+        doc = results_document(main_runs[0], base_run, protocol, args.alphas, inclusive)
+        write_results(doc, out, csv_path)
+        print(format_table(doc))
+    else:
+        doc = methods_document(main_runs, base_run, protocol, args.alphas, inclusive)
+        write_methods_results(doc, out, csv_path)
+        print(format_methods_table(doc))
     for run in runs:
         if run.images_extracted:
             print(f"{run.source['method']}: {run.extract_seconds / run.images_extracted:.2f} s per image extracted")
+        if run.results:
+            print(f"{run.source['method']}: {run.seconds / len(run.results):.2f} s per pair (extraction included)")
     print(f"results: {out} and {csv_path}; features cached in {cache} (rerun to resume)")
     return 0
 
@@ -99,13 +170,15 @@ def cmd_eval_pairs(args) -> int:
 def add_eval_args(p: argparse.ArgumentParser) -> None:
     from ..evaluation.pck import ALPHAS, CONVENTIONS
     from ..evaluation.runner import DEFAULT_PROMPT
+    from ..fusion.options import add_recipe_args
+    from ..fusion.recipes import DEFAULT_PROMPT as FUSED_PROMPT
 
     add_engine_args(p)
     p.add_argument("--out", required=True, metavar="results.json", help="results JSON (a CSV is written beside it)")
     p.add_argument("--csv", metavar="FILE", help="CSV path (default: --out with .csv)")
-    p.add_argument("--prompt", default=DEFAULT_PROMPT,
-                   help=f"prompt template, {{category}} filled in (default {DEFAULT_PROMPT!r}, needs --base); "
-                   "'' = the prompt baked into the engine")
+    p.add_argument("--prompt", default=None,
+                   help=f"prompt template, {{category}} filled in (default {DEFAULT_PROMPT!r} for nn, {FUSED_PROMPT!r} "
+                   "for tale / tlfr; needs --base); '' = the prompt baked into the engine")
     p.add_argument("--baseline", choices=["dift"], help="also run the noisy DIFT baseline (base U-Net, needs --base)")
     p.add_argument("--t", type=int, default=261, help="DIFT timestep (default 261)")
     p.add_argument("--ensemble", type=positive_int, default=8, help="DIFT noise samples averaged (default 8)")
@@ -114,24 +187,30 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", choices=list(CONVENTIONS), default="dift",
                    help="'dift': correct if distance <= alpha*size (default); 'tlfr': strictly <")
     p.add_argument("--transfer", choices=["matcher", "analytic"], default="matcher",
-                   help="'matcher': upsampled target searched by cleandift_rt.match (default); 'analytic': the same "
-                   "cosines in closed form, no upsampled map (float64, much faster on a CPU)")
+                   help="nn only: 'matcher': upsampled target searched by cleandift_rt.match (default); 'analytic': "
+                   "the same cosines in closed form, no upsampled map (float64, much faster on a CPU)")
     p.add_argument("--limit", type=positive_int, help="at most N pairs (per category for SPair): a quick look")
     p.add_argument("--cache", metavar="DIR", help="feature cache and resume journal (default: OUT_STEM.cache beside --out)")
     p.add_argument("--restart", action="store_true", help="ignore the journal of an earlier run (features stay cached)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_recipe_args(p, several=True)
 
 
 def register(sub) -> None:
     """Add the 'eval-spair', 'eval-pairs' commands to the cleandift-rt parser."""
     fmt = argparse.RawDescriptionHelpFormatter
-    p = sub.add_parser("eval-spair", formatter_class=fmt, help="PCK on SPair-71k (CleanDIFT and the DIFT baseline)",
+    p = sub.add_parser("eval-spair", formatter_class=fmt, help="PCK on SPair-71k (CleanDIFT, fusion recipes, DIFT)",
                        description="PCK@0.05/0.1/0.15 (bbox and img; per point and per image; per category) on "
                        "SPair-71k as in DIFT: images resized to the model size, features upsampled bilinearly to "
-                       "the original size, cosine argmax over all target pixels. Features are cached per image; "
-                       "an interrupted run resumes.\n\nexample:\n"
+                       "the original size, cosine argmax over all target pixels. --recipe tale / tlfr fuse the taps "
+                       "us8, us5, us2 with DINOv2 (SPEC section 9; docs/fusion.md); several recipes and the DIFT "
+                       "baseline run side by side. Features are cached per image; an interrupted run resumes.\n\n"
+                       "examples:\n"
                        "  cleandift-rt eval-spair --root SPair-71k --engine sd21.onnx --base sd21/ --out results.json "
-                       "--baseline dift --t 261 --ensemble 8")
+                       "--baseline dift --t 261 --ensemble 8\n"
+                       "  cleandift-rt eval-spair --root SPair-71k --engine student_unet.safetensors --base sd21/ "
+                       "--size 512 512 --recipe nn tale tlfr --dino dinov2-base/ --threshold tlfr --out sota.json\n"
+                       "  ... --recipe tlfr --no-flip   (ablations: --no-flip, --no-refine, --no-dino)")
     p.add_argument("--root", required=True, metavar="DIR", help="SPair-71k folder (PairAnnotation/, JPEGImages/)")
     p.add_argument("--split", default="test", choices=["test", "val", "trn"])
     p.add_argument("--categories", nargs="+", metavar="CAT", help="only these categories")
