@@ -198,7 +198,7 @@ def test_bad_options_give_clear_errors(tiny_onnx, onnx_engine, images, tiny_stud
     with pytest.raises(ValueError, match="prompt_embeds must be"):
         onnx_engine.extract(images[:2], prompt_embeds=torch.zeros(77, 7))
     with pytest.raises(ValueError, match="precision"):
-        Engine(tiny_onnx["full"], precision="bf16")
+        Engine(tiny_onnx["full"], backend="onnxruntime", precision="bf16")
     with pytest.raises(ValueError, match="max_batch"):
         Engine(tiny_onnx["full"], max_batch=0)
     with pytest.raises(ValueError, match="pass base=DIR"):

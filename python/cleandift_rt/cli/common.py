@@ -35,6 +35,13 @@ def add_engine_args(p: argparse.ArgumentParser, tap: bool = True) -> None:
     g.add_argument("--device", help="cpu, cuda, cuda:N (default: the best available)")
     g.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
                    help="input size for dynamic-size engines and the PyTorch backend (multiples of 64)")
+    g.add_argument("--backend", choices=["onnxruntime", "openvino", "tensorrt", "torch"],
+                   help="what runs the engine file (default: chosen from the file; .onnx: ONNX Runtime, or "
+                   "OpenVINO for bf16 or when ONNX Runtime is not installed)")
+    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
+                   help="fp32 (default, the reference); bf16: native bf16 on CPUs with AVX512_BF16 or AMX "
+                   "(OpenVINO for .onnx, autocast for the PyTorch backend; fp32 elsewhere, with a warning); "
+                   "fp16: PyTorch backend on CUDA")
     if tap:
         g.add_argument("--tap", default=DEFAULT_TAP, choices=TAPS,
                        help=f"feature tap to use (default {DEFAULT_TAP}, DIFT's choice for correspondence)")
@@ -43,7 +50,8 @@ def add_engine_args(p: argparse.ArgumentParser, tap: bool = True) -> None:
 def open_engine(args, taps=None):
     from ..runtime.engine import Engine
 
-    kwargs = {"base": args.base, "device": args.device, "taps": taps}
+    kwargs = {"base": args.base, "device": args.device, "taps": taps, "backend": args.backend,
+              "precision": args.precision}
     if args.size:
         kwargs["size"] = tuple(args.size)
     return Engine(args.engine, **kwargs)
@@ -55,6 +63,8 @@ def engine_identity(args, engine) -> str:
     parts = [file_identity(args.engine), engine.size, engine.resize]
     if args.base:
         parts.append(file_identity(args.base))
+    if engine.info["precision"] != "fp32":  # bf16 features are other features; fp32 runs keep their old caches
+        parts.append(engine.info["precision"])
     return short_hash(*parts)
 
 

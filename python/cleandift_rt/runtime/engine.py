@@ -1,14 +1,15 @@
 """``Engine``: one object for every way of running CleanDIFT feature extraction.
 
-``Engine(path)`` picks the backend from the file: ``.onnx`` -> ONNX Runtime, ``.plan`` ->
-TensorRT, a student ``_unet`` / ``_full`` safetensors file or a diffusers folder -> PyTorch. All
-share the input handling (``preprocess.prepare_images``: same pixels everywhere), the tap checks,
-batch splitting to the engine's profile and the output convention (torch in -> torch out, else
-numpy).
+``Engine(path)`` picks the backend from the file (``backend=`` names one): ``.onnx`` -> ONNX
+Runtime or OpenVINO (``choose_onnx_backend``), ``.plan`` -> TensorRT, a student ``_unet`` /
+``_full`` safetensors file or a diffusers folder -> PyTorch. All share the input handling
+(``preprocess.prepare_images``: same pixels everywhere), the tap checks, batch splitting to the
+engine's profile and the output convention (torch in -> torch out, else numpy).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import queue
 import re
 import threading
@@ -23,9 +24,69 @@ import torch
 from ..formats.artifact import ArtifactInfo, describe, read_info
 from ..features.extractor import check_prompt_embeds
 from ..features.preprocess import check_policy, load_image, prepare_images
+from ..kernels.precision import check_precision, cpu_precision
 
 
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?")  # the device strings every backend understands
+BACKENDS = {"onnxruntime": ".onnx", "openvino": ".onnx", "tensorrt": ".plan", "torch": "student"}
+_ALIASES = {"pytorch": "torch"}  # the torch backend's info["backend"] name, accepted too
+PRECISIONS = ("fp32", "bf16", "fp16")
+_INSTALL = {"onnxruntime": "pip install onnxruntime", "openvino": "pip install openvino"}
+
+
+def installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def choose_onnx_backend(backend: str | None, device: str | None, precision: str | None) -> tuple[str, str]:
+    """(backend, precision that will run) for an ``.onnx`` file.
+
+    The rule for ``backend=None`` (docs/engine.md): bf16 runs on OpenVINO (ONNX Runtime has no bf16
+    CPU path); fp32 runs on ONNX Runtime when it is installed (its GPU build brings the CUDA and
+    TensorRT providers; on the CPU it is the parity-tested reference path, faster than OpenVINO
+    fp32 at the tiny size and level with it at SD 2.1 size), else on OpenVINO (CPU only). bf16 is
+    honoured only where the CPU has it natively; elsewhere it warns once and runs fp32
+    (``kernels.precision``).
+    """
+    on_cuda = device is not None and device.startswith("cuda")
+    if precision == "fp16":
+        raise ValueError("precision 'fp16' is for CUDA: build a TensorRT plan (export/build_engine.py --fp16) or run "
+                         "the student with backend='torch' on a CUDA device; .onnx files run 'fp32' or 'bf16'")
+    if precision == "bf16":
+        if backend == "onnxruntime":
+            raise ValueError("ONNX Runtime has no bf16 CPU path: use backend='openvino' (or backend=None, which picks "
+                             "it for bf16), backend='torch' with a student file, or precision='fp32'")
+        if on_cuda:
+            raise ValueError("bf16 for .onnx files runs on the CPU (OpenVINO): pass device='cpu', or build a TensorRT "
+                             "plan for CUDA (export/build_engine.py)")
+        precision = cpu_precision("bf16", stacklevel=4)
+    precision = precision or "fp32"
+    if backend is not None:
+        return backend, precision
+    if precision == "bf16":
+        return "openvino", precision
+    for name in ("onnxruntime",) if on_cuda else ("onnxruntime", "openvino"):
+        if installed(name):
+            return name, precision
+    raise ImportError("running .onnx files needs ONNX Runtime or OpenVINO: " +
+                      (f"{_INSTALL['onnxruntime']} (onnxruntime-gpu for CUDA)" if on_cuda else
+                       f"{_INSTALL['openvino']} (CPU, fp32 and native bf16) or {_INSTALL['onnxruntime']}"))
+
+
+def _check_backend(backend, kind: str, path: Path):
+    """The canonical backend name, checked against the kind of file (".onnx", ".plan", "student")."""
+    if backend is None:
+        return None
+    name = _ALIASES.get(backend, backend)
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: use one of {', '.join(map(repr, BACKENDS))} (or None to "
+                         "choose from the file)")
+    if BACKENDS[name] != kind:
+        runs = {".onnx": "'onnxruntime' or 'openvino'", ".plan": "'tensorrt'", "student": "'torch'"}[kind]
+        how = {".onnx": "export the student with export/export_onnx.py", ".plan": "build a plan with export/build_engine.py",
+               "student": "pass a student .safetensors file or a diffusers folder"}[BACKENDS[name]]
+        raise ValueError(f"backend {backend!r} cannot run {path.name} (it runs on {runs}); for {name}, {how}")
+    return name
 
 
 @dataclass
@@ -48,17 +109,20 @@ class Engine:
         taps: default tap selection for ``extract`` (all the file's taps when None).
         size: input size (H, W) for dynamic-size files and the PyTorch backend; fixed files keep theirs.
         resize: size policy, ``"stretch"`` or ``"pad"`` (default: the one recorded at export).
-        precision: PyTorch backend only: ``"fp32"`` (default, the reference), ``"bf16"`` (CPU autocast)
-            or ``"fp16"`` (CUDA autocast).
-        threads: ONNX Runtime CPU threads (default: all cores this process may use).
+        precision: ``"fp32"`` (default, the reference), ``"bf16"`` (native bf16 on CPUs with AVX512_BF16 or
+            AMX: OpenVINO's bf16 for ``.onnx``, CPU autocast for the PyTorch backend; on other CPUs it warns
+            once and runs fp32) or ``"fp16"`` (PyTorch backend on CUDA). ``info["precision"]`` says what ran.
+        threads: CPU threads of ONNX Runtime / OpenVINO (default: all cores this process may use).
         max_batch: split batches into chunks of at most this many images (default: the plan's profile).
         cuda_graph: TensorRT only: replay captured CUDA graphs for fixed-size plans.
         prompt: PyTorch backend only: the prompt whose embedding is the default (exports bake theirs).
+        backend: ``"onnxruntime"`` or ``"openvino"`` (``.onnx``), ``"tensorrt"`` (``.plan``), ``"torch"``
+            (student files, diffusers folders); None chooses from the file (``choose_onnx_backend``).
     """
 
     def __init__(self, path, base=None, device: str | None = None, taps=None, *, size=None, resize: str | None = None,
                  precision: str | None = None, threads: int | None = None, max_batch: int | None = None,
-                 cuda_graph: bool = False, prompt: str = ""):
+                 cuda_graph: bool = False, prompt: str = "", backend: str | None = None):
         self.path = Path(path)
         if not self.path.exists():
             raise FileNotFoundError(f"{self.path} does not exist")
@@ -67,9 +131,12 @@ class Engine:
             # Engine(path, "cuda") reads as a device, but the second argument is the base model folder
             raise ValueError(f"base={base!r} looks like a device; pass it as device={base!r} "
                              "(the second argument names the base model folder of a student checkpoint)")
-        if precision is not None and suffix in (".onnx", ".plan"):
-            raise ValueError(f"precision={precision!r} applies to the PyTorch backend; the precision of a {suffix} "
-                             "file is fixed when it is exported/built")
+        kind = suffix if suffix in (".onnx", ".plan") else "student"
+        backend = _check_backend(backend, kind, self.path)
+        check_precision(precision, PRECISIONS)
+        if precision is not None and kind == ".plan":
+            raise ValueError(f"precision={precision!r}: the precision of a .plan file is fixed when it is built "
+                             "(export/build_engine.py)")
         if resize is not None:
             check_policy(resize)
         if max_batch is not None and int(max_batch) < 1:
@@ -81,10 +148,17 @@ class Engine:
         device = None if device is None else str(device)  # a torch.device works too
         if suffix in (".onnx", ".plan"):  # check the options against the metadata before loading anything big
             self._configure(read_info(self.path), size, resize, taps)
+        self.requested_precision = precision
         if suffix == ".onnx":
-            from .backends.onnxruntime import OnnxRuntimeBackend
+            backend, precision = choose_onnx_backend(backend, device, precision)
+            if backend == "openvino":
+                from .backends.openvino import OpenVINOBackend
 
-            self.backend = OnnxRuntimeBackend(self.path, device=device, threads=threads)
+                self.backend = OpenVINOBackend(self.path, device=device, threads=threads, precision=precision)
+            else:
+                from .backends.onnxruntime import OnnxRuntimeBackend
+
+                self.backend = OnnxRuntimeBackend(self.path, device=device, threads=threads)
         elif suffix == ".plan":
             from .backends.tensorrt import TensorRTBackend
 
@@ -117,13 +191,16 @@ class Engine:
         """The file's metadata plus what actually runs (backend, providers, device, size in use)."""
         d = self.backend.info.to_dict()
         d.update(self.backend.describe())
+        d.setdefault("precision", _ran_precision(d))
+        if self.requested_precision not in (None, d["precision"]):
+            d["precision_requested"] = self.requested_precision  # not honoured here (see the warning)
         d.update(path=str(self.path), size=list(self.size), resize=self.resize, max_batch=self.max_batch,
                  default_taps=list(self._taps))
         return d
 
     def __repr__(self) -> str:
-        return (f"Engine({str(self.path)!r}, backend={self.backend.name}, taps={','.join(self._taps)}, "
-                f"size={self.size[0]}x{self.size[1]})")
+        return (f"Engine({str(self.path)!r}, backend={self.backend.name}, precision={self.info['precision']}, "
+                f"taps={','.join(self._taps)}, size={self.size[0]}x{self.size[1]})")
 
     # -- extraction ----------------------------------------------------------------------------
 
@@ -233,6 +310,14 @@ class Engine:
         finally:
             stop.set()
             worker.join(timeout=5)
+
+
+def _ran_precision(d: dict) -> str:
+    """Precision of backends that do not report their own: ONNX Runtime's TensorRT provider runs
+    fp16 with fp32 islands, its other providers fp32; a plan records how it was built."""
+    if d.get("backend") == "onnxruntime":
+        return "fp16+fp32" if "TensorrtExecutionProvider" in d.get("providers", ()) else "fp32"
+    return d.get("extra", {}).get("precision", "fp32")
 
 
 def _stream_item(item, index: int):

@@ -1,10 +1,12 @@
 """PyTorch backend: a student ``_unet`` / ``_full`` file or a diffusers folder, run by ``ReferenceExtractor``.
 
 This is the reference itself (eager PyTorch, forward stopped after the last requested tap), with
-a speed option that changes numerics slightly and is therefore opt-in: ``precision="bf16"`` (CPU
-autocast: convolutions and matmuls in bfloat16, fast only on CPUs with AMX or AVX-512 BF16;
-norms and softmax stay fp32) or ``"fp16"`` (CUDA autocast). Channels-last layout was measured
-and gave no gain on the CPU (bench notes in docs/engine.md), so the layout is left alone.
+a speed option that changes numerics slightly and is therefore opt-in: ``precision="bf16"``
+(autocast: convolutions and matmuls in bfloat16, norms and softmax in fp32) or ``"fp16"`` (CUDA
+autocast). On the CPU, bf16 runs only where it is native (AVX512_BF16 or AMX): elsewhere autocast
+would emulate it 2.5-4x slower than fp32, so it warns once and runs fp32 (``kernels.precision``;
+before, it ran emulated). Channels-last layout was measured and gave no gain on the CPU (bench
+notes in docs/engine.md), so the layout is left alone.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from ...formats.artifact import ArtifactInfo, tap_records
 from ...features.extractor import ReferenceExtractor
 from ...models import load_student_and_base
 from ...features.preprocess import SIZE_MULTIPLE
+from ...kernels.precision import cpu_precision
 from ...taps import TAPS
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -36,6 +39,8 @@ class TorchBackend:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if precision == "fp16" and device.type != "cuda":
             raise ValueError("precision 'fp16' needs a CUDA device; on the CPU use 'bf16' (or 'fp32')")
+        if device.type == "cpu":
+            precision = cpu_precision(precision, stacklevel=5)
         student, base_model = load_student_and_base(self.path, base)
         self.ref = ReferenceExtractor(student, base_model, size=size, resize=resize, prompt=prompt, device=device)
         self.device, self.precision = device, precision

@@ -1,0 +1,55 @@
+"""Whether this CPU computes bf16 natively, and the one fallback rule every CPU path follows.
+
+Native bf16 means AVX512_BF16 (``vdpbf16ps``) or AMX-BF16, as the native module detects them at
+run time (``CLEANDIFT_DISABLE_SIMD=avx512_bf16,amx`` hides them, to test the fallback). Without
+them bf16 is emulated and 2.5-4x slower than fp32 (FIELD-NOTES), so asking for bf16 there warns
+once per process and runs fp32, which is also the more exact result.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import warnings
+
+from ..build_info import native
+
+NATIVE_BF16_FEATURES = ("avx512_bf16", "amx_bf16")
+CPU_PRECISIONS = ("fp32", "bf16")
+
+_warned = False
+_warn_lock = threading.Lock()
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_feature_names() -> tuple[str, ...]:
+    """The SIMD features the native kernels may use here (``build_info()["simd"]``), detected once."""
+    try:
+        return tuple(native().build_info()["simd"])
+    except ImportError:  # no native module: nothing of ours could use them anyway
+        return ()
+
+
+def native_bf16() -> bool:
+    """True when the CPU has AVX512_BF16 or AMX-BF16 (and the OS lets us use them)."""
+    return any(f in cpu_feature_names() for f in NATIVE_BF16_FEATURES)
+
+
+def cpu_precision(precision: str, stacklevel: int = 3) -> str:
+    """The precision a CPU path runs for ``precision``: bf16 only where it is native, else fp32
+    (warning once per process)."""
+    global _warned
+    if precision != "bf16" or native_bf16():
+        return precision
+    with _warn_lock:
+        first, _warned = not _warned, True
+    if first:
+        warnings.warn("precision='bf16' asked for, but this CPU has no native bf16 (AVX512_BF16 or AMX): emulated "
+                      "bf16 is slower than fp32 here, so fp32 runs instead (info['precision'] says what ran)",
+                      RuntimeWarning, stacklevel=stacklevel)
+    return "fp32"
+
+
+def check_precision(precision, allowed=CPU_PRECISIONS) -> None:
+    if precision is not None and precision not in allowed:
+        raise ValueError(f"precision must be one of {', '.join(map(repr, allowed))} (or None), got {precision!r}")
