@@ -1,0 +1,365 @@
+"""Training GATE's amalgamation on keypoint pairs: features cached once, checkpoints, exact resume.
+
+Output folder::
+
+    OUT/features/<bucket key>/*.safetensors   each image's bucket features, fp16 (store.FeatureStore)
+    OUT/checkpoints/step-0000100.safetensors  model, AdamW moments, RNG, step (atomic; last K kept)
+    OUT/metrics.jsonl                         one JSON object per step (loss, clip, sparsity; val_loss when validated)
+    OUT/gate.safetensors                      the trained amalgamator + bucket, size and models in its metadata
+
+Pairs are anything with ``pair_id``, ``category``, ``source`` / ``target`` (image paths),
+``source_points`` / ``target_points`` ([N, 2] x, y pixels) and optional ``source_size`` /
+``target_size`` ((W, H) annotations), e.g. ``evaluation.spair.load_spair``'s. The pair order of
+epoch e is a seeded permutation that depends only on (seed, e); dropout draws from torch's global
+generator, whose state is checkpointed: a resumed run computes the same parameters as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..checkpoint import check_state_dict, read_safetensors, read_safetensors_metadata, write_safetensors
+from ..features.preprocess import load_image
+from .amalgam import Amalgamator, clip_loss, grid_indices, sparsity_term
+from .extract import GateExtractor
+from .recipe import Bucket
+from .store import FeatureStore, bytes_per_image
+
+CHECKPOINT_FORMAT = "cleandift_gate_checkpoint"
+GATE_FORMAT = "cleandift_gate"
+GATE_FILE = "gate.safetensors"
+METRICS_FILE = "metrics.jsonl"
+_CHECKPOINT_NAME = re.compile(r"^step-(\d+)\.safetensors$")
+
+
+@dataclass
+class GateTrainConfig:
+    """Defaults: a CPU smoke run (4 pairs, 256 px, 2 epochs). ``PRESETS["paper"]``: SPEC section 10."""
+
+    epochs: int = 2
+    pairs_per_epoch: int | None = None  # None: the whole pool every epoch (the paper: 5000 random pairs)
+    max_pairs: int | None = 4  # the pool: the first N usable pairs (None: all)
+    size: int | None = 256  # model input side; None: the bucket's, else the base model's resolution
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    sparsity: float = 1e-3  # weight of the sparsity term (the authors tune it; their code adapts it near 0)
+    output_conv: bool = True
+    dropout: float = 0.5
+    val_pairs: int = 0  # held-out pairs whose mean loss is logged (0: no validation)
+    validate_every: int = 0
+    checkpoint_every: int = 4  # 0: only at the end
+    keep_checkpoints: int = 2
+    seed: int = 0
+    preset: str | None = "smoke"
+
+    def check(self) -> "GateTrainConfig":
+        for name in ("epochs", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("pairs_per_epoch", "max_pairs", "size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 (or None), got {value}")
+        for name in ("lr", "weight_decay", "sparsity", "dropout", "val_pairs", "validate_every", "checkpoint_every"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        if self.lr == 0 or self.dropout >= 1:
+            raise ValueError("lr must be > 0 and dropout below 1")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+PRESETS = {
+    "smoke": {},
+    "paper": dict(epochs=2, pairs_per_epoch=5000, max_pairs=None, size=None, val_pairs=360, validate_every=500,
+                  checkpoint_every=500),
+}
+# What a resumed run must share with the original (the rest may change, e.g. more epochs).
+OBJECTIVE_FIELDS = ("pairs_per_epoch", "max_pairs", "size", "lr", "weight_decay", "sparsity", "output_conv", "dropout",
+                    "seed")
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _CHECKPOINT_NAME.match(p.name))] \
+        if folder.is_dir() else []
+    return [p for _, p in sorted(found)]
+
+
+@dataclass
+class _Usable:
+    """A pair whose images were read and extracted, with its keypoints on the feature grid."""
+
+    pair_id: str
+    source: tuple[Path, str]
+    target: tuple[Path, str]
+    source_index: torch.Tensor
+    target_index: torch.Tensor
+
+
+class GateTrainer:
+    """Build with an extractor, a bucket and pairs; :meth:`run` trains and writes ``OUT/gate.safetensors``."""
+
+    def __init__(self, extractor: GateExtractor, bucket: Bucket, pairs: Sequence, out: str | Path,
+                 config: GateTrainConfig | None = None, val_pairs: Sequence = (), resume: bool = False,
+                 progress: bool = True, log: Callable[[str], None] = print):
+        self.config = (config or GateTrainConfig()).check()
+        if self.config.size is not None and extractor.size != (self.config.size, self.config.size):
+            raise ValueError(f"config size {self.config.size} differs from the extractor's {extractor.size}: build the "
+                             "extractor with size=config.size")
+        self.extractor, self.bucket, self.out = extractor, bucket, Path(out)
+        self.progress, self.log = progress, log
+        self.store = FeatureStore(self.out / "features", bucket, extractor)
+        self.skipped: dict[str, int] = {}
+        self._broken: dict[Path, str] = {}
+        torch.manual_seed(self.config.seed)  # the model's initial weights
+        self.model = Amalgamator(extractor.conv_channels, extractor.attention_channels if bucket.attention else 0,
+                                 len(bucket.conv), self.config.output_conv, self.config.dropout).to(extractor.device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.config.lr,
+                                           weight_decay=self.config.weight_decay)
+        self.checkpoint_dir = self.out / "checkpoints"
+        if not resume and list_checkpoints(self.checkpoint_dir):
+            raise ValueError(f"{self.out} already holds GATE checkpoints: pass --resume to continue that run or choose "
+                             "another --out")
+        per_image = bytes_per_image(bucket, extractor.unet.config.block_out_channels, extractor.size,
+                                    extractor.attention_channels // 2)
+        self.log(f"bucket: {len(bucket.conv)} conv feature(s){' + attention' if bucket.attention else ''} at "
+                 f"{extractor.size[0]}x{extractor.size[1]} px; fp16 cache {per_image / 1e6:.2f} MB per image")
+        self.pool = self._usable_pairs(pairs, self.config.max_pairs, "train")
+        if not self.pool:
+            raise ValueError(f"no usable training pairs ({self._skip_summary()})")
+        self.val_pool = self._usable_pairs(val_pairs, self.config.val_pairs, "val") if self.config.val_pairs else []
+        self.per_epoch = min(self.config.pairs_per_epoch or len(self.pool), len(self.pool))
+        self.total_steps = self.config.epochs * self.per_epoch
+        self.step = self._resume() if resume else 0
+
+    # -- data -----------------------------------------------------------------------------------
+
+    def _skip(self, reason: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
+    def _skip_summary(self) -> str:
+        return ", ".join(f"{n} skipped: {r}" for r, n in sorted(self.skipped.items())) or "nothing skipped"
+
+    def _image(self, path: Path, annotated, category: str) -> tuple[int, int]:
+        """Size of the image, its features extracted into the store first (raises ValueError with the reason)."""
+        if path in self._broken:
+            raise ValueError(self._broken[path])
+        try:
+            image = load_image(path, exif_orientation=False)  # keypoints refer to the stored pixel layout
+            if annotated is not None and tuple(annotated) != image.size:
+                raise ValueError("image size differs from its annotation")
+            if not self.store.has(path, category):
+                self.store.extract(path, image, category)
+            return image.size
+        except FileNotFoundError:
+            self._broken[path] = "image file missing"
+        except ValueError as exc:
+            self._broken[path] = "image size differs from its annotation" if "annotation" in str(exc) \
+                else f"image cannot be read or extracted ({exc})"
+        raise ValueError(self._broken[path])
+
+    def _usable_pairs(self, pairs: Sequence, limit: int | None, what: str) -> list[_Usable]:
+        from tqdm.auto import tqdm
+
+        usable: list[_Usable] = []
+        bar = tqdm(total=limit or len(pairs), desc=f"GATE features ({what})", unit="pair", disable=not self.progress,
+                   dynamic_ncols=True)
+        for pair in pairs:
+            if limit is not None and len(usable) >= limit:
+                break
+            try:
+                src_size = self._image(Path(pair.source), getattr(pair, "source_size", None), pair.category)
+                trg_size = self._image(Path(pair.target), getattr(pair, "target_size", None), pair.category)
+            except ValueError as exc:
+                self._skip(str(exc).split(" (")[0])
+                continue
+            src, trg = np.asarray(pair.source_points, float), np.asarray(pair.target_points, float)
+            keep = _inside(src, src_size) & _inside(trg, trg_size)
+            if not keep.any():
+                self._skip("no keypoint inside both images")
+                continue
+            grid = self.extractor.grid
+            usable.append(_Usable(str(pair.pair_id), (Path(pair.source), pair.category), (Path(pair.target), pair.category),
+                                  grid_indices(torch.from_numpy(src[keep]), src_size, grid).to(self.extractor.device),
+                                  grid_indices(torch.from_numpy(trg[keep]), trg_size, grid).to(self.extractor.device)))
+            bar.update(1)
+        bar.close()
+        return usable
+
+    def _features(self, pair: _Usable):
+        (sc, sa), (tc, ta) = self.store.load(*pair.source), self.store.load(*pair.target)
+        device = self.extractor.device
+        conv = torch.stack([sc, tc]).to(device)
+        attention = torch.stack([sa, ta]).to(device) if sa is not None else None
+        return conv, attention
+
+    # -- the objective --------------------------------------------------------------------------
+
+    def _losses(self, pair: _Usable) -> tuple[torch.Tensor, torch.Tensor]:
+        descriptors, weights = self.model(*self._features(pair))
+        return clip_loss(descriptors[0], descriptors[1], pair.source_index, pair.target_index), sparsity_term(weights)
+
+    def _order(self, epoch: int) -> list[int]:
+        gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.pool), generator=gen)[: self.per_epoch].tolist()
+
+    def train_step(self) -> dict:
+        started = time.perf_counter()
+        epoch, index = divmod(self.step, self.per_epoch)
+        pair = self.pool[self._order(epoch)[index]]
+        self.model.train()
+        clip, sparsity = self._losses(pair)
+        loss = clip + self.config.sparsity * sparsity
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {float(loss)} at step {self.step + 1}: lower the learning rate; the "
+                                     "last checkpoint is still valid")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.step += 1
+        return {"step": self.step, "epoch": epoch, "pair": pair.pair_id, "loss": float(loss), "clip": float(clip),
+                "sparsity": float(sparsity), "seconds": time.perf_counter() - started}
+
+    @torch.no_grad()
+    def mean_loss(self, pairs: Sequence[_Usable] | None = None) -> float:
+        """The CLIP loss averaged over ``pairs`` (default: the training pool) with the model in eval mode."""
+        self.model.eval()
+        pairs = self.pool if pairs is None else pairs
+        return float(np.mean([float(self._losses(p)[0]) for p in pairs]))
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path:
+        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        opt = self.optimizer.state_dict()
+        for index, state in opt["state"].items():
+            for key, value in state.items():
+                tensors[f"optim.{index}.{key}"] = torch.as_tensor(value)
+        tensors["rng.torch"] = torch.get_rng_state()
+        if self.extractor.device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.extractor.device)
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in opt["param_groups"]]
+        metadata = {"format": CHECKPOINT_FORMAT, "step": str(self.step), "config": json.dumps(self.config.to_dict()),
+                    "bucket": json.dumps(self.bucket.to_dict()), "pool": json.dumps([p.pair_id for p in self.pool]),
+                    "optim_groups": json.dumps(groups)}
+        path = self.checkpoint_dir / f"step-{self.step:07d}.safetensors"
+        write_safetensors(path, tensors, metadata)
+        for old in list_checkpoints(self.checkpoint_dir)[: -self.config.keep_checkpoints]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def _resume(self) -> int:
+        candidates = list_checkpoints(self.checkpoint_dir)
+        if not candidates:
+            raise ValueError(f"--resume: no checkpoints (step-*.safetensors) in {self.checkpoint_dir}")
+        for path in reversed(candidates):
+            try:
+                state, meta = read_safetensors(path), read_safetensors_metadata(path)
+            except (ValueError, FileNotFoundError) as exc:
+                self.log(f"warning: skipping unreadable checkpoint {path.name}: {exc}")
+                continue
+            self._load_state(path, state, meta)
+            self.log(f"resumed from {path} at step {meta['step']}")
+            self._truncate_metrics(int(meta["step"]))
+            return int(meta["step"])
+        raise ValueError(f"--resume: none of the checkpoints in {self.checkpoint_dir} is readable")
+
+    def _load_state(self, path: Path, state: dict, meta: dict) -> None:
+        if meta.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{path} is not a GATE training checkpoint (format {meta.get('format')!r})")
+        saved = json.loads(meta["config"])
+        changed = [f"{k}: {saved.get(k)!r} -> {getattr(self.config, k)!r}" for k in OBJECTIVE_FIELDS
+                   if saved.get(k) != getattr(self.config, k)]
+        if json.loads(meta["bucket"]) != self.bucket.to_dict():
+            changed.append("the bucket")
+        if json.loads(meta["pool"]) != [p.pair_id for p in self.pool]:
+            changed.append("the training pairs")
+        if changed:
+            raise ValueError(f"cannot resume {path}: the run changed ({'; '.join(changed)}); use the original settings "
+                             "or start a new run in another --out")
+        model_state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+        check_state_dict(self.model.state_dict(), model_state, f"amalgamator in {path}")
+        self.model.load_state_dict(model_state)
+        optim_state: dict[int, dict] = {}
+        for key, value in state.items():
+            if key.startswith("optim."):
+                _, index, name = key.split(".", 2)
+                optim_state.setdefault(int(index), {})[name] = value
+        groups = json.loads(meta["optim_groups"])
+        groups[0]["params"] = list(range(len(list(self.model.parameters()))))
+        groups[0]["betas"] = tuple(groups[0]["betas"])
+        self.optimizer.load_state_dict({"state": optim_state, "param_groups": groups})
+        torch.set_rng_state(state["rng.torch"])
+        if "rng.cuda" in state and self.extractor.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng.cuda"], self.extractor.device)
+
+    def _truncate_metrics(self, step: int) -> None:
+        path = self.out / METRICS_FILE
+        if path.is_file():
+            kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+            path.write_text("".join(line + "\n" for line in kept))
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        from tqdm.auto import tqdm
+
+        c = self.config
+        self.out.mkdir(parents=True, exist_ok=True)
+        metrics_path = self.out / METRICS_FILE
+        if self.step == 0:
+            metrics_path.write_text("")
+        record = None
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train-gate", unit="pair", dynamic_ncols=True,
+                   disable=not self.progress)
+        try:
+            with open(metrics_path, "a") as metrics:
+                while self.step < self.total_steps:
+                    record = self.train_step()
+                    last = self.step == self.total_steps
+                    if self.val_pool and (last or (c.validate_every and self.step % c.validate_every == 0)):
+                        record["val_loss"] = self.mean_loss(self.val_pool)
+                        bar.write(f"step {self.step}: validation loss {record['val_loss']:.4f}")
+                    metrics.write(json.dumps(record) + "\n")
+                    metrics.flush()
+                    bar.set_postfix(loss=f"{record['loss']:.4f}")
+                    bar.update(1)
+                    if last or (c.checkpoint_every and self.step % c.checkpoint_every == 0):
+                        self.save_checkpoint()
+        finally:
+            bar.close()
+        path = self.save_gate()
+        self.log(f"done: {self.step} steps over {len(self.pool)} pairs ({self._skip_summary()}); wrote {path}")
+        return {"steps": self.step, "pairs": len(self.pool), "final_loss": record["loss"] if record else None,
+                "skipped": dict(self.skipped), "file": str(path)}
+
+    def save_gate(self) -> Path:
+        """The trained amalgamator with everything needed to extract its features again (eval-spair --gate)."""
+        e = self.extractor
+        student = e.student.source if e.student is not None else ""
+        metadata = {"format": GATE_FORMAT, "bucket": json.dumps(self.bucket.to_dict()), "size": json.dumps(e.size),
+                    "conv_channels": str(e.conv_channels), "attention_channels": str(self.model.attention_channels),
+                    "features": str(len(self.bucket.conv)), "output_conv": json.dumps(self.config.output_conv),
+                    "base": e.base.source, "student": student, "steps": str(self.step)}
+        path = self.out / GATE_FILE
+        write_safetensors(path, self.model.state_dict(), metadata)
+        return path
+
+
+def _inside(points: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    w, h = size
+    return (points[:, 0] >= 0) & (points[:, 0] < w) & (points[:, 1] >= 0) & (points[:, 1] < h)
