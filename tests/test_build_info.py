@@ -52,3 +52,19 @@ def test_cuda_compiled_where_nvcc_was_present():
         assert info["cuda_status"]  # says why no device is usable (no driver here)
     if not shutil.which("nvcc") and os.environ.get("CLEANDIFT_CUDA", "").upper() == "OFF":
         assert not info["cuda_compiled"]
+
+
+def test_an_old_driver_is_named_with_the_branch_to_install():
+    from cleandift_rt.build_info import cuda_driver_status
+
+    base = {"cuda_toolkit": "13.0.48", "cuda_status": "cudaErrorInsufficientDriver: CUDA driver version is "
+            "insufficient for CUDA runtime version"}
+    old = cuda_driver_status({**base, "cuda_driver_version": 12040})
+    assert "supports CUDA 12.4" in old and "needs an NVIDIA driver R580 or newer" in old
+    assert "no NVIDIA driver found" in cuda_driver_status({**base, "cuda_driver_version": 0})
+    assert cuda_driver_status({**base, "cuda_driver_version": 13000, "cuda_status": "ok"}) == "ok"
+    assert "R525" in cuda_driver_status({**base, "cuda_toolkit": "12.6", "cuda_driver_version": 11080})
+    info = cleandift_rt.build_info()
+    if info["cuda_compiled"] and not info["cuda_devices"]:  # this machine: CUDA build, no driver
+        assert "R580" in info["cuda_status"] or "R525" in info["cuda_status"]
+    assert info["onnxruntime"]["distribution"] in ("onnxruntime", "onnxruntime-gpu", "onnxruntime-gpu + onnxruntime")

@@ -11,70 +11,13 @@ import warnings
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from match_reference import brute_mutual, brute_similarity, check_rows, pooled, ranked, unambiguous
 
 import cleandift_rt
 from cleandift_rt import match
 from cleandift_rt.kernels.matching import sample_points
-
-MARGIN = 1e-4  # rows whose best and second-best similarities are closer than this may tie-break differently
-
-
-def brute_similarity(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
-    """[B, N, M] cosine similarities in float64 (the reference), tie-exact by construction.
-
-    A float64 matmul may round identical rows differently (the BLAS blocks rows by position, and
-    the blocking differs between CPUs), so its ties cannot be trusted. Each distinct (source,
-    target) vector pair is therefore computed once and broadcast: identical vectors get
-    bit-identical similarities, as they do in the kernel.
-    """
-    c = src.shape[-1]
-    src_u, src_of = torch.unique(src.reshape(-1, c), dim=0, return_inverse=True)
-    dst_u, dst_of = torch.unique(dst.reshape(-1, c), dim=0, return_inverse=True)
-    table = F.normalize(src_u.double(), dim=-1) @ F.normalize(dst_u.double(), dim=-1).T
-    return table[src_of.reshape(src.shape[:2])[:, :, None], dst_of.reshape(dst.shape[:2])[:, None, :]]
-
-
-def ranked(sims: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference order along the last axis: similarity descending, ties by lowest index."""
-    order = torch.argsort(-sims, dim=-1, stable=True)
-    return order, torch.gather(sims, -1, order)
-
-
-def unambiguous(sorted_vals: torch.Tensor, k: int, exact_ties: bool = False) -> torch.Tensor:
-    """Rows whose top-k (and order) rounding cannot change: neighbouring values among the first k + 1
-    differ by more than MARGIN. With exact_ties (ties that come from duplicated vectors, which the
-    kernel computes bit-identically) a zero gap is a tie that must go to the lowest index."""
-    top = sorted_vals[..., :k + 1]
-    gaps = top[..., :-1] - top[..., 1:]
-    close = gaps < MARGIN
-    if exact_ties:
-        close &= gaps > 0
-    return ~close.any(-1)
-
-
-def check_rows(sim_ref: torch.Tensor, index: torch.Tensor, sim: torch.Tensor, k: int = 1):
-    """index/sim [B, N, k] agree with the reference: same similarities, and the exact indices wherever
-    the reference ordering is unambiguous."""
-    order, vals = ranked(sim_ref)
-    torch.testing.assert_close(sim.double(), torch.gather(sim_ref, -1, index), atol=1e-5, rtol=0)
-    torch.testing.assert_close(sim.double(), vals[..., :k], atol=1e-5, rtol=0)
-    clear = unambiguous(vals, k)
-    assert clear.float().mean() > 0.5, "test data too tie-prone to be informative"
-    assert torch.equal(index[clear], order[..., :k][clear])
-
-
-def brute_mutual(sim_ref: torch.Tensor, exact_ties: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mutual NN from two brute-force argmaxes (lowest index on ties) and the rows where it is certain."""
-    row_order, row_vals = ranked(sim_ref)
-    col_order, col_vals = ranked(sim_ref.transpose(1, 2))
-    fwd, bwd = row_order[..., 0], col_order[..., 0]         # [B, N], [B, M]
-    n = sim_ref.shape[1]
-    expected = torch.where(torch.gather(bwd, 1, fwd) == torch.arange(n), fwd, -1)
-    safe = unambiguous(row_vals, 1, exact_ties) & torch.gather(unambiguous(col_vals, 1, exact_ties), 1, fwd)
-    return expected, safe
 
 
 @pytest.mark.parametrize("b,n,m,c", [(1, 1, 1, 1), (1, 1, 7, 3), (2, 7, 1, 5), (2, 37, 53, 19),
@@ -324,12 +267,6 @@ def test_more_than_2_to_the_31_similarities():
 layouts = st.sampled_from(["rows", "map", "strided"])
 
 
-def pooled(gen, b, rows, c, pool):
-    """Vectors drawn from `pool` random vectors plus the zero vector: exact ties and zero vectors."""
-    choices = torch.cat([torch.randn(pool, c, generator=gen), torch.zeros(1, c)])
-    return choices[torch.randint(0, pool + 1, (b, rows), generator=gen)]
-
-
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(b=st.integers(1, 3), n=st.integers(1, 40), m=st.integers(1, 40), c=st.integers(1, 70),
        k=st.integers(1, 4), mutual=st.booleans(), layout=layouts, seed=st.integers(0, 2**31 - 1),
@@ -386,7 +323,7 @@ def test_cuda_entry_point_host_side():
         native().match_cuda(0, 2, 4, 8, 0, 1, 4, 8, "float32", False, 1, 0, 0, 0)
     with pytest.raises(ValueError, match="src has 8 channels and dst 16"):
         native().match_cuda(0, 1, 4, 8, 0, 1, 4, 16, "float32", False, 1, 0, 0, 0)
-    with pytest.raises(RuntimeError, match=r"match \(CUDA\) allocating normalised src: cudaError"):
+    with pytest.raises(RuntimeError, match=r"match \(CUDA\) allocating src inverse norms: cudaError"):
         native().match_cuda(0, 1, 4, 8, 0, 1, 4, 8, "float32", True, 1, 0, 0, 0)
 
 

@@ -34,11 +34,14 @@ def build_info() -> dict:
         info["native"] = True
     except ImportError as exc:
         info.update(native=False, native_error=str(exc), cuda_compiled=False, simd=[], cuda_devices=[])
+    if info.get("cuda_compiled"):
+        info["cuda_status"] = cuda_driver_status(info)
     ort = _module_version("onnxruntime")
     if ort["available"]:
         import onnxruntime
 
         ort["providers"] = onnxruntime.get_available_providers()
+        ort["distribution"] = _onnxruntime_distribution()
     info["onnxruntime"] = ort
     info["tensorrt"] = _module_version("tensorrt")
     torch_info = _module_version("torch")
@@ -49,6 +52,44 @@ def build_info() -> dict:
         torch_info["threads"] = torch.get_num_threads()
     info["torch"] = torch_info
     return info
+
+
+# The oldest driver branch that runs each CUDA runtime major version (NVIDIA's compatibility table):
+# cudaDriverGetVersion's number for that CUDA version, and the branch users look for.
+DRIVER_FOR_RUNTIME = {13: (13000, "R580"), 12: (12000, "R525")}
+
+
+def required_driver(toolkit: str) -> tuple[int, str] | None:
+    """(driver CUDA version number, driver branch) the statically linked runtime of ``toolkit`` needs."""
+    try:
+        major = int(str(toolkit).split(".")[0])
+    except ValueError:
+        return None
+    return DRIVER_FOR_RUNTIME.get(major)
+
+
+def cuda_driver_status(info: dict) -> str:
+    """The native module's CUDA status, saying which driver to install when the one present is too old."""
+    status = info.get("cuda_status", "")
+    need = required_driver(info.get("cuda_toolkit", ""))
+    driver = int(info.get("cuda_driver_version") or 0)
+    if need is None or (driver and driver >= need[0]):
+        return status
+    have = f"this driver supports CUDA {driver // 1000}.{driver % 1000 // 10}" if driver else "no NVIDIA driver found"
+    return (f"{status}: {have}; the CUDA {info['cuda_toolkit']} runtime linked into cleandift_rt needs an NVIDIA "
+            f"driver {need[1]} or newer")
+
+
+def _onnxruntime_distribution() -> str:
+    """Which package provides ``import onnxruntime``: the CPU build or onnxruntime-gpu (they share the name)."""
+    found = []
+    for dist in ("onnxruntime-gpu", "onnxruntime"):
+        try:
+            importlib.metadata.version(dist)
+            found.append(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return " + ".join(found) if found else "unknown"
 
 
 def _package_version() -> str:
@@ -77,6 +118,8 @@ def format_build_info(info: dict | None = None) -> str:
         m = info[name]
         if m["available"]:
             extra = f", providers: {', '.join(m['providers'])}" if "providers" in m else ""
+            if m.get("distribution", name) not in (name, "unknown"):
+                extra += f" (from {m['distribution']})"
             lines.append(f"  {name:<14}: {m['version']}{extra}")
         else:
             lines.append(f"  {name:<14}: not available ({m['reason']})")

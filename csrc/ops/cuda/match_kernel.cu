@@ -1,13 +1,20 @@
 // CUDA matching: 64 x 64 similarity tiles in shared memory, never an N x M matrix.
 //
-//   normalize_rows: one warp per vector writes the normalised copy (same dtype) once;
-//   match_tiles:    a block owns 64 source rows and walks a range of 64-column target tiles;
-//                   fp16/bf16 tiles come from tensor cores (WMMA 16x16x16, fp32 accumulate),
-//                   fp32 tiles from a 4x4-per-thread FMA tile (exact fp32). The epilogue reduces
-//                   the hot tile: row best (k = 1: 64-bit keys, match_common.h; k > 1: a top-k
-//                   list per row) and, for mutual NN, the column best merged with atomicMax;
-//   finalize:       keys -> (index, similarity), mutual check.
+//   inverse_norms: one warp per vector: 1 / max(||x||, eps) in fp32 (no normalised copy);
+//   match_tiles:   a block owns 64 source rows and walks a range of 64-column target tiles of the
+//                  RAW inputs: fp16/bf16 tiles come from tensor cores (WMMA 16x16x16: products of
+//                  the stored values are exact, accumulation fp32), fp32 tiles from a 4x4-per-thread
+//                  FMA tile. The epilogue scales the hot tile by both fp32 inverse norms, so no
+//                  value is rounded back to fp16/bf16 after normalising (which moved near-ties), and
+//                  reduces it: row best (k = 1: 64-bit keys, match_common.h; k > 1: a top-k list per
+//                  row) and, for mutual NN, the column best merged with atomicMax;
+//   finalize:      keys -> (index, similarity), mutual check.
 // The ordering rules (ties: lowest index; NaN never wins) are the shared ones of match_common.h.
+// Agreement with the CPU path (which scales by the same fp32 inverse norms before its fp32 FMA
+// products): similarities within a few fp32 ulps of the dot product (accumulation order), hence the
+// same argmax except where the top two differ by less than about 1e-6; bitwise-identical vectors
+// still tie exactly (same products, same order), lowest index first. bf16 raw products need
+// |x| < ~1e18 to stay inside fp32 (fp16 inputs always do).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -16,6 +23,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "common/cuda_scratch.h"
 #include "ops/match.h"
 
 namespace cleandift {
@@ -30,11 +38,9 @@ constexpr int kPad = 8;         // shared-memory row padding (bank conflicts, WM
 constexpr int kThreads = 256;   // 8 warps
 constexpr int kMaxTopK = 32;    // k > 1 keeps the list of one row in one thread's registers/local memory
 
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string("match (CUDA) ") + what + ": " + cudaGetErrorName(err) + ": " +
-                             cudaGetErrorString(err));
-}
+constexpr const char* kOp = "match (CUDA)";
+
+void check(cudaError_t err, const char* what) { check_cuda(err, kOp, what); }
 
 template <class T> __device__ __forceinline__ float to_float(T x);
 template <> __device__ __forceinline__ float to_float<float>(float x) { return x; }
@@ -45,9 +51,9 @@ template <> __device__ __forceinline__ float from_float<float>(float x) { return
 template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
-// out[row] = x[row] / max(||x[row]||, eps), one warp per row.
+// inv[row] = 1 / max(||x[row]||, eps) in fp32, one warp per row.
 template <class T>
-__global__ void normalize_rows(const T* __restrict__ x, T* __restrict__ out, int64_t rows, int64_t channels) {
+__global__ void inverse_norms(const T* __restrict__ x, float* __restrict__ inv, int64_t rows, int64_t channels) {
   const int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
   if (row >= rows) return;
@@ -55,11 +61,10 @@ __global__ void normalize_rows(const T* __restrict__ x, T* __restrict__ out, int
   float acc = 0.f;
   for (int64_t c = lane; c < channels; c += 32) {
     const float f = to_float(v[c]);
-    acc += f * f;
+    acc = fmaf(f, f, acc);
   }
   for (int off = 16; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-  const float inv = inverse_norm(acc);
-  for (int64_t c = lane; c < channels; c += 32) out[row * channels + c] = from_float<T>(to_float(v[c]) * inv);
+  if (lane == 0) inv[row] = inverse_norm(acc);
 }
 
 // Stage a kTile x kDepth slice of `rows` vectors (starting at `first`, channels [c0, c0+kDepth))
@@ -136,12 +141,14 @@ template <> struct TileMath<__nv_bfloat16> : TensorCoreTileMath<__nv_bfloat16> {
 // k > 1 (one column split) the block writes its rows' top-k lists directly.
 template <class T>
 __global__ void __launch_bounds__(kThreads) match_tiles(
-    const T* __restrict__ src, const T* __restrict__ dst, int64_t n, int64_t m, int64_t channels, int k,
-    bool mutual, int64_t tiles_per_split, unsigned long long* __restrict__ row_keys,
-    unsigned long long* __restrict__ col_keys, int64_t* __restrict__ out_index, float* __restrict__ out_sim) {
+    const T* __restrict__ src, const T* __restrict__ dst, const float* __restrict__ src_inv,
+    const float* __restrict__ dst_inv, int64_t n, int64_t m, int64_t channels, int k, bool mutual,
+    int64_t tiles_per_split, unsigned long long* __restrict__ row_keys, unsigned long long* __restrict__ col_keys,
+    int64_t* __restrict__ out_index, float* __restrict__ out_sim) {
   __shared__ __align__(32) T a_sh[kTile][kDepth + kPad];
   __shared__ __align__(32) T b_sh[kTile][kDepth + kPad];
   __shared__ __align__(32) float s_sh[kTile][kTile + kPad];
+  __shared__ float a_inv[kTile], b_inv[kTile];
   __shared__ unsigned long long best_sh[kTile];
 
   const int64_t b = blockIdx.z, i0 = static_cast<int64_t>(blockIdx.x) * kTile;
@@ -155,10 +162,14 @@ __global__ void __launch_bounds__(kThreads) match_tiles(
   float topk_v[kMaxTopK];
   int64_t topk_i[kMaxTopK];
   if (k > 1 && tid < kTile) topk_init(topk_v, topk_i, k);
-  if (tid < kTile) best_sh[tid] = kNoKey;
+  if (tid < kTile) {
+    best_sh[tid] = kNoKey;
+    a_inv[tid] = i0 + tid < n ? src_inv[b * n + i0 + tid] : 0.f;
+  }
 
   for (int64_t tile = t_begin; tile < t_end; ++tile) {
     const int64_t j0 = tile * kTile;
+    if (tid < kTile) b_inv[tid] = j0 + tid < m ? dst_inv[b * m + j0 + tid] : 0.f;
     TileMath<T> math;
     math.zero();
     for (int64_t c0 = 0; c0 < channels; c0 += kDepth) {
@@ -169,6 +180,12 @@ __global__ void __launch_bounds__(kThreads) match_tiles(
       __syncthreads();
     }
     math.store(s_sh);
+    __syncthreads();
+    // Cosine = raw dot * both fp32 inverse norms (one product order everywhere: ties stay exact).
+    for (int e = tid; e < kTile * kTile; e += kThreads) {
+      const int r = e / kTile, c = e % kTile;
+      s_sh[r][c] = s_sh[r][c] * a_inv[r] * b_inv[c];
+    }
     __syncthreads();
 
     // Row direction: 4 threads per row, 16 columns each, then a 4-lane max of keys.
@@ -242,20 +259,20 @@ void launch(const FeatureView& src, const FeatureView& dst, const MatchOptions& 
   if (opt.k > kMaxTopK)
     throw std::invalid_argument("match (CUDA): k <= " + std::to_string(kMaxTopK) + " on the GPU, got " +
                                 std::to_string(opt.k));
-  T *src_n = nullptr, *dst_n = nullptr;
-  unsigned long long *row_keys = nullptr, *col_keys = nullptr;
-  check(cudaMallocAsync(&src_n, sizeof(T) * B * N * C, stream), "allocating normalised src");
-  check(cudaMallocAsync(&dst_n, sizeof(T) * B * M * C, stream), "allocating normalised dst");
-  check(cudaMallocAsync(&row_keys, sizeof(unsigned long long) * B * N, stream), "allocating row keys");
-  check(cudaMallocAsync(&col_keys, sizeof(unsigned long long) * B * M, stream), "allocating column keys");
+  AsyncScratch scratch(stream, kOp);
+  float* src_inv = scratch.alloc<float>(B * N, "allocating src inverse norms");
+  float* dst_inv = scratch.alloc<float>(B * M, "allocating dst inverse norms");
+  auto* row_keys = scratch.alloc<unsigned long long>(B * N, "allocating row keys");
+  auto* col_keys = scratch.alloc<unsigned long long>(B * M, "allocating column keys");
   check(cudaMemsetAsync(row_keys, 0, sizeof(unsigned long long) * B * N, stream), "clearing row keys");
   check(cudaMemsetAsync(col_keys, 0, sizeof(unsigned long long) * B * M, stream), "clearing column keys");
 
   const int rows_per_block = kThreads / 32;
-  normalize_rows<T><<<static_cast<unsigned>((B * N + rows_per_block - 1) / rows_per_block), kThreads, 0, stream>>>(
-      static_cast<const T*>(src.data), src_n, B * N, C);
-  normalize_rows<T><<<static_cast<unsigned>((B * M + rows_per_block - 1) / rows_per_block), kThreads, 0, stream>>>(
-      static_cast<const T*>(dst.data), dst_n, B * M, C);
+  inverse_norms<T><<<static_cast<unsigned>((B * N + rows_per_block - 1) / rows_per_block), kThreads, 0, stream>>>(
+      static_cast<const T*>(src.data), src_inv, B * N, C);
+  inverse_norms<T><<<static_cast<unsigned>((B * M + rows_per_block - 1) / rows_per_block), kThreads, 0, stream>>>(
+      static_cast<const T*>(dst.data), dst_inv, B * M, C);
+  check(cudaGetLastError(), "launching inverse_norms");
 
   // Split the columns over blocks when there are few row blocks (k = 1 only: keys merge by atomicMax).
   const int64_t row_blocks = (N + kTile - 1) / kTile, col_tiles = (M + kTile - 1) / kTile;
@@ -270,17 +287,14 @@ void launch(const FeatureView& src, const FeatureView& dst, const MatchOptions& 
   if (row_blocks > 0x7fffffff || splits > 65535 || B > 65535)
     throw std::invalid_argument("match (CUDA): problem too large for one launch (B <= 65535)");
   const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(splits), static_cast<unsigned>(B));
-  match_tiles<T><<<grid, kThreads, 0, stream>>>(src_n, dst_n, N, M, C, opt.k, opt.mutual, tiles_per_split, row_keys,
-                                                 col_keys, out.index, out.similarity);
+  match_tiles<T><<<grid, kThreads, 0, stream>>>(static_cast<const T*>(src.data), static_cast<const T*>(dst.data),
+                                                 src_inv, dst_inv, N, M, C, opt.k, opt.mutual, tiles_per_split,
+                                                 row_keys, col_keys, out.index, out.similarity);
   check(cudaGetLastError(), "launching match_tiles");
   if (opt.k == 1)
     finalize_rows<<<static_cast<unsigned>((B * N + 255) / 256), 256, 0, stream>>>(row_keys, col_keys, B, N, M,
                                                                                   opt.mutual, out.index, out.similarity);
   check(cudaGetLastError(), "launching finalize_rows");
-  check(cudaFreeAsync(src_n, stream), "freeing scratch");
-  check(cudaFreeAsync(dst_n, stream), "freeing scratch");
-  check(cudaFreeAsync(row_keys, stream), "freeing scratch");
-  check(cudaFreeAsync(col_keys, stream), "freeing scratch");
 }
 
 }  // namespace

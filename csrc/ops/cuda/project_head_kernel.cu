@@ -12,6 +12,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "common/cuda_scratch.h"
 #include "ops/match_common.h"
 #include "ops/project_head.h"
 
@@ -22,11 +23,9 @@ using namespace match_detail;
 
 constexpr int kTile = 64, kDepth = 16, kThreads = 256;
 
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string("project (CUDA) ") + what + ": " + cudaGetErrorName(err) + ": " +
-                             cudaGetErrorString(err));
-}
+constexpr const char* kOp = "project (CUDA)";
+
+void check(cudaError_t err, const char* what) { check_cuda(err, kOp, what); }
 
 __global__ void load_features(const void* __restrict__ x, DType dtype, float* __restrict__ xs, int64_t count) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -129,10 +128,10 @@ void project_head_cuda(const void* x, void* out, int64_t batch, int64_t pixels, 
   const int64_t rows = batch * pixels, count = rows * dim;
   if ((rows + kTile - 1) / kTile > 0x7fffffff || (dim + kTile - 1) / kTile > 65535)
     throw std::invalid_argument("project (CUDA): problem too large for one launch");
-  float *xs = nullptr, *h = nullptr, *rinv = nullptr;
-  check(cudaMallocAsync(&xs, sizeof(float) * count, stream), "allocating the residual stream");
-  check(cudaMallocAsync(&h, sizeof(float) * count, stream), "allocating the SwiGLU buffer");
-  check(cudaMallocAsync(&rinv, sizeof(float) * rows, stream), "allocating RMS statistics");
+  AsyncScratch scratch(stream, kOp);
+  float* xs = scratch.alloc<float>(count, "allocating the residual stream");
+  float* h = scratch.alloc<float>(count, "allocating the SwiGLU buffer");
+  float* rinv = scratch.alloc<float>(rows, "allocating RMS statistics");
   const unsigned elem_blocks = static_cast<unsigned>((count + 255) / 256);
   load_features<<<elem_blocks, 256, 0, stream>>>(x, dtype, xs, count);
   const dim3 grid(static_cast<unsigned>((rows + kTile - 1) / kTile), static_cast<unsigned>((dim + kTile - 1) / kTile));
@@ -144,9 +143,6 @@ void project_head_cuda(const void* x, void* out, int64_t batch, int64_t pixels, 
   }
   store_features<<<elem_blocks, 256, 0, stream>>>(xs, dtype, out, count);
   check(cudaGetLastError(), "launching the head kernels");
-  check(cudaFreeAsync(xs, stream), "freeing scratch");
-  check(cudaFreeAsync(h, stream), "freeing scratch");
-  check(cudaFreeAsync(rinv, stream), "freeing scratch");
 }
 
 }  // namespace cleandift

@@ -155,8 +155,10 @@ def measure_ranges(onnx_path: str | Path, feeds: dict[str, np.ndarray], max_byte
     are written beside ``onnx_path`` so its external weights resolve without a copy.
     """
     import onnx
-    import onnxruntime as ort
 
+    from ..runtime.backends.onnxruntime import import_onnxruntime
+
+    ort = import_onnxruntime()
     onnx_path = Path(onnx_path)
     model = onnx.load(str(onnx_path), load_external_data=False)
     shapes = {name: list(array.shape) for name, array in feeds.items()}

@@ -23,12 +23,13 @@ from ...formats.artifact import EMBEDS_INPUT, IMAGE_INPUT, ArtifactInfo, read_on
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 
 
-def _onnxruntime():
+def import_onnxruntime():
     try:
         import onnxruntime
     except ImportError as exc:
-        raise ImportError(f"running .onnx engines needs onnxruntime ({exc}): pip install onnxruntime "
-                          "(or onnxruntime-gpu for CUDA/TensorRT providers)") from None
+        raise ImportError(f"running .onnx engines on ONNX Runtime needs onnxruntime ({exc}): pip install "
+                          "'cleandift-rt[cpu]' (the CPU build) or 'cleandift-rt[gpu]' (onnxruntime-gpu, CUDA and "
+                          "TensorRT providers); never both") from None
     return onnxruntime
 
 
@@ -102,7 +103,7 @@ class OnnxRuntimeBackend:
     name = "onnxruntime"
 
     def __init__(self, path: str | Path, device: str | None = None, threads: int | None = None):
-        ort = _onnxruntime()
+        ort = import_onnxruntime()
         self.path = Path(path)
         self.info: ArtifactInfo = read_onnx_info(self.path)
         check_external_data(self.path)
