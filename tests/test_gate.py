@@ -384,3 +384,133 @@ def test_amalgamator_weights_and_clip_loss():
     assert sparsity_term(torch.full((1, 2, 1), 0.5)) > -1.0
     idx = grid_indices(torch.tensor([[0.0, 0.0], [99.0, 49.0], [50.0, 25.0]]), (100, 50), (5, 10))
     assert idx.tolist() == [0, 49, 25]  # scaled per axis, rounded (2.5 -> 2), clipped to the grid
+
+
+# -- training on the SPair-layout test tree ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def spair_pairs(spair):
+    from cleandift_rt.evaluation.spair import load_spair
+
+    pairs, _ = load_spair(spair["root"], "test")
+    return pairs
+
+
+def _small_bucket(models) -> Bucket:
+    return Bucket(conv=[GateRecipe(prompt="a photo of a {category}"), GateRecipe(controlnet="canny", seed=1)],
+                  attention=GateRecipe(prompt="a photo of a {category}"), controlnets={"canny": str(models["controlnet"])})
+
+
+def test_training_lowers_the_loss_and_resumes_exactly(fresh_base, models, spair_pairs, tmp_path):
+    from cleandift_rt.gate.train import GateTrainConfig, GateTrainer
+    from cleandift_rt.checkpoint import read_safetensors
+
+    bucket = _small_bucket(models)
+    ex = GateExtractor.for_bucket(bucket, fresh_base, size=SIZE)
+    config = GateTrainConfig(epochs=4, max_pairs=None, size=SIZE, checkpoint_every=5)
+    cache = tmp_path / "features"
+    full = GateTrainer(ex, bucket, spair_pairs, tmp_path / "full", config, progress=False, log=lambda _: None,
+                       features_dir=cache)
+    assert len(full.pool) == 6  # 5 good pairs + one with a keypoint outside (dropped); bad images skipped, counted
+    assert full.skipped == {"image cannot be read or extracted": 1, "image file missing": 1,
+                            "image size differs from its annotation": 1}
+    files = list(next(cache.iterdir()).glob("*.safetensors"))
+    assert len(files) == 5 and all(v.dtype == torch.float16 for v in read_safetensors(files[0]).values())
+    before = full.mean_loss()
+    summary = full.run()
+    assert summary["steps"] == 24 and full.mean_loss() < 0.7 * before
+    final = read_safetensors(tmp_path / "full" / "gate.safetensors")
+    records = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 25))
+
+    half = GateTrainer(ex, bucket, spair_pairs, tmp_path / "split", dataclasses_replace(config, epochs=2),
+                       progress=False, log=lambda _: None, features_dir=cache)
+    half.run()
+    with pytest.raises(ValueError, match="already holds GATE checkpoints"):
+        GateTrainer(ex, bucket, spair_pairs, tmp_path / "split", config, progress=False, log=lambda _: None,
+                    features_dir=cache)
+    with pytest.raises(ValueError, match="the run changed"):
+        GateTrainer(ex, bucket, spair_pairs, tmp_path / "split", dataclasses_replace(config, lr=1e-3), resume=True,
+                    progress=False, log=lambda _: None, features_dir=cache)
+    resumed = GateTrainer(ex, bucket, spair_pairs, tmp_path / "split", config, resume=True, progress=False,
+                          log=lambda _: None, features_dir=cache)
+    assert resumed.step == 12
+    resumed.run()
+    again = read_safetensors(tmp_path / "split" / "gate.safetensors")
+    assert final.keys() == again.keys() and all(torch.equal(final[k], again[k]) for k in final)
+
+
+def dataclasses_replace(config, **changes):
+    import dataclasses
+
+    return dataclasses.replace(config, **changes)
+
+
+def test_gate_features_feed_the_evaluation_runner(fresh_base, models, spair_pairs, tmp_path):
+    from cleandift_rt.evaluation.runner import evaluate
+    from cleandift_rt.gate.source import GateFeatures
+    from cleandift_rt.gate.train import GateTrainConfig, GateTrainer
+
+    bucket = _small_bucket(models)
+    ex = GateExtractor.for_bucket(bucket, fresh_base, size=SIZE)
+    trainer = GateTrainer(ex, bucket, spair_pairs, tmp_path / "run", GateTrainConfig(epochs=1, max_pairs=2, size=SIZE),
+                          progress=False, log=lambda _: None)
+    trainer.run()
+    source = GateFeatures.from_dir(tmp_path / "run", base=fresh_base)
+    pair = trainer.pool[0]
+    image = __import__("PIL.Image", fromlist=["Image"]).open(pair.source[0]).convert("RGB")
+    got = source.features(image, pair.source[1])
+    assert got.shape == (ex.conv_channels + 154, 16, 16)
+    conv, attention = trainer.store.load(*pair.source)  # the cached features through the trained model
+    with torch.no_grad():
+        expected = trainer.model.eval()(conv[None], attention[None])[0][0]
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    run = evaluate(spair_pairs[:3], source, progress=False)
+    assert len(run.results) >= 1 and run.source["method"] == "gate"
+
+
+# -- the commands -----------------------------------------------------------------------------------
+
+
+def test_content_shift_command(tiny_base_dir, models, photos, tmp_path, capsys):
+    from PIL import Image
+
+    from cleandift_rt.cli.main import main
+
+    image = tmp_path / "cat.jpg"
+    photos["cat"].save(image)
+    out = tmp_path / "shift"
+    assert main(["content-shift", str(image), "--base", str(tiny_base_dir), "--controlnet", str(models["controlnet"]),
+                 "--lora", str(models["lora"]), "--prompt", "a photo of a cat, high quality", "--size", str(SIZE),
+                 "--steps", "2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    doc = json.loads((out / "content_shift.json").read_text())
+    names = [r["technique"] for r in doc["scores"]]
+    assert names == ["baseline (anchor)", "prompt", "controlnet", "lora pytorch_lora_weights", "all"]
+    assert doc["scores"][0]["score"] == 0.0 and all(np.isfinite(r["score"]) for r in doc["scores"])
+    assert all(name in printed for name in names)
+    picture = Image.open(out / "img2img.png")
+    assert picture.width == 6 * SIZE and picture.height > SIZE  # input, reference, 4 techniques (+ labels)
+    assert np.asarray(picture)[:SIZE, SIZE:2 * SIZE].std() > 0  # the reference generation is not blank
+    assert main(["content-shift", str(image), "--base", str(tiny_base_dir), "--out", str(out)]) == 2
+    assert "at least one technique" in capsys.readouterr().err
+
+
+def test_train_gate_command(tiny_base_dir, models, spair, tmp_path, capsys):
+    from cleandift_rt.cli.main import main
+
+    bucket = tmp_path / "bucket.json"
+    bucket.write_text(json.dumps({"format": "cleandift-gate-bucket", "version": 1, "loras": {"style": str(models["lora"])},
+                                  "conv": [{"prompt": "a photo of a {category}"}, {"lora": "style"}],
+                                  "attention": {"prompt": "a {category}"}}))
+    out = tmp_path / "gate"
+    args = ["train-gate", "--root", str(spair["root"]), "--base", str(tiny_base_dir), "--bucket", str(bucket),
+            "--out", str(out), "--split", "test", "--size", str(SIZE), "--pairs", "2", "--epochs", "1", "--no-progress"]
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and (out / "gate.safetensors").is_file() and "MB per image" in capsys.readouterr().out
+    assert main(args) == 2  # checkpoints present: refuses to start over
+    assert "--resume" in capsys.readouterr().err
+    assert main(args[:-3] + ["--epochs", "2", "--resume", "--no-progress"]) == 0
+    assert json.loads((out / "summary.json").read_text())["steps"] == 4

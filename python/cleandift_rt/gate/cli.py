@@ -70,7 +70,7 @@ def cmd_train_gate(args) -> int:
         val_pairs, _ = load_spair(args.root, args.val_split, categories=args.categories)
     extractor = _open_models(args, bucket=bucket, size=config.size)
     trainer = GateTrainer(extractor, bucket, pairs, args.out, config, val_pairs=val_pairs, resume=args.resume,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, features_dir=args.cache)
     before = trainer.mean_loss()
     summary = trainer.run()
     after = trainer.mean_loss()
@@ -164,6 +164,7 @@ def register(sub) -> None:
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (0 = only at the end)")
     p.add_argument("--seed", type=int, help="model initialisation and pair order (default 0)")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default cpu)")
+    p.add_argument("--cache", metavar="DIR", help="feature cache shared between runs (default OUT/features)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train_gate)

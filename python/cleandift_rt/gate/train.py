@@ -111,18 +111,22 @@ class _Usable:
 
 
 class GateTrainer:
-    """Build with an extractor, a bucket and pairs; :meth:`run` trains and writes ``OUT/gate.safetensors``."""
+    """Build with an extractor, a bucket and pairs; :meth:`run` trains and writes ``OUT/gate.safetensors``.
+
+    Building extracts (or finds in the cache) the features of the first ``max_pairs`` usable pairs;
+    ``features_dir`` shares one feature cache between runs (default ``OUT/features``).
+    """
 
     def __init__(self, extractor: GateExtractor, bucket: Bucket, pairs: Sequence, out: str | Path,
                  config: GateTrainConfig | None = None, val_pairs: Sequence = (), resume: bool = False,
-                 progress: bool = True, log: Callable[[str], None] = print):
+                 progress: bool = True, log: Callable[[str], None] = print, features_dir: str | Path | None = None):
         self.config = (config or GateTrainConfig()).check()
         if self.config.size is not None and extractor.size != (self.config.size, self.config.size):
             raise ValueError(f"config size {self.config.size} differs from the extractor's {extractor.size}: build the "
                              "extractor with size=config.size")
         self.extractor, self.bucket, self.out = extractor, bucket, Path(out)
         self.progress, self.log = progress, log
-        self.store = FeatureStore(self.out / "features", bucket, extractor)
+        self.store = FeatureStore(features_dir if features_dir is not None else self.out / "features", bucket, extractor)
         self.skipped: dict[str, int] = {}
         self._broken: dict[Path, str] = {}
         torch.manual_seed(self.config.seed)  # the model's initial weights
@@ -225,14 +229,14 @@ class GateTrainer:
         clip, sparsity = self._losses(pair)
         loss = clip + self.config.sparsity * sparsity
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {float(loss)} at step {self.step + 1}: lower the learning rate; the "
+            raise FloatingPointError(f"loss is {loss.item()} at step {self.step + 1}: lower the learning rate; the "
                                      "last checkpoint is still valid")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         self.step += 1
-        return {"step": self.step, "epoch": epoch, "pair": pair.pair_id, "loss": float(loss), "clip": float(clip),
-                "sparsity": float(sparsity), "seconds": time.perf_counter() - started}
+        return {"step": self.step, "epoch": epoch, "pair": pair.pair_id, "loss": loss.item(), "clip": clip.item(),
+                "sparsity": sparsity.item(), "seconds": time.perf_counter() - started}
 
     @torch.no_grad()
     def mean_loss(self, pairs: Sequence[_Usable] | None = None) -> float:
