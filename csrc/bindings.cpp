@@ -34,6 +34,13 @@ DType parse_dtype(const std::string& name, size_t itemsize) {
   return d;
 }
 
+// "float32" | "bfloat16": what the CPU kernels multiply in.
+Compute parse_compute(const std::string& name) {
+  if (name == "float32") return Compute::kFloat32;
+  if (name == "bfloat16") return Compute::kBFloat16;
+  throw std::invalid_argument("unsupported compute '" + name + "': use float32 or bfloat16");
+}
+
 // A [B, rows, C] array of any strides (in place; the [B, C, h, w] layout arrives as such a view).
 FeatureView feature_view(const py::array& a, const char* name) {
   if (a.ndim() != 3)
@@ -84,13 +91,17 @@ PYBIND11_MODULE(_native, m) {
     }
     d["cuda_devices"] = devices;
     d["match_cpu_kernel"] = match_cpu_kernel_name();
+    const std::string bf16_kernel = match_cpu_kernel_name(Compute::kBFloat16);
+    d["cpu_kernel_bf16"] = bf16_kernel.empty() ? py::object(py::none()) : py::object(py::str(bf16_kernel));
     return d;
   });
 
   m.def(
       "match_cpu",
-      [](const py::array& src, const py::array& dst, const std::string& dtype, bool mutual, int k, bool check_finite) {
+      [](const py::array& src, const py::array& dst, const std::string& dtype, bool mutual, int k, bool check_finite,
+         const std::string& compute) {
         const DType dt = parse_dtype(dtype, src.itemsize());
+        const Compute cp = parse_compute(compute);
         parse_dtype(dtype, dst.itemsize());
         const FeatureView s = feature_view(src, "src"), t = feature_view(dst, "dst");
         const MatchOptions opt{mutual, k, check_finite};
@@ -100,13 +111,15 @@ PYBIND11_MODULE(_native, m) {
         const MatchOutput out{index.mutable_data(), similarity.mutable_data()};
         {
           py::gil_scoped_release release;
-          match_cpu(s, t, dt, opt, out);
+          match_cpu(s, t, dt, opt, out, cp);
         }
         return py::make_tuple(index, similarity);
       },
       py::arg("src"), py::arg("dst"), py::arg("dtype"), py::arg("mutual"), py::arg("k"), py::arg("check_finite"),
+      py::arg("compute") = "float32",
       "Fused cosine-similarity matching of [B, N, C] against [B, M, C] (any strides); returns int64 and "
-      "float32 arrays [B, N, k]. Use cleandift_rt.match, which adds the layouts, torch and checks.");
+      "float32 arrays [B, N, k]. compute 'bfloat16': bf16 products (AVX512_BF16 only). Use cleandift_rt.match, "
+      "which adds the layouts, torch and checks.");
 
   m.def(
       "match_cuda",
@@ -141,17 +154,19 @@ PYBIND11_MODULE(_native, m) {
   m.def(
       "pack_head",
       [](py::array_t<float, py::array::c_style | py::array::forcecast> up,
-         py::array_t<float, py::array::c_style | py::array::forcecast> down) {
+         py::array_t<float, py::array::c_style | py::array::forcecast> down, const std::string& compute) {
+        const Compute cp = parse_compute(compute);
         if (down.ndim() != 3 || down.shape(0) != kHeadLayers || down.shape(1) != down.shape(2))
           throw std::invalid_argument("pack_head: down must be [3, D, D]");
         const int64_t dim = down.shape(1);
         if (up.ndim() != 3 || up.shape(0) != kHeadLayers || up.shape(1) != 2 * dim || up.shape(2) != dim)
           throw std::invalid_argument("pack_head: up must be [3, 2D, D] with D = " + std::to_string(dim));
         py::gil_scoped_release release;
-        return pack_head(up.data(), down.data(), dim);
+        return pack_head(up.data(), down.data(), dim, cp);
       },
-      py::arg("up"), py::arg("down"),
-      "Pack the up [3, 2D, D] and down [3, D, D] weights of one head (float32) for project_cpu.");
+      py::arg("up"), py::arg("down"), py::arg("compute") = "float32",
+      "Pack the up [3, 2D, D] and down [3, D, D] weights of one head (float32) for project_cpu; compute "
+      "'bfloat16' rounds them to bf16 for the AVX512_BF16 kernel.");
 
   m.def(
       "project_cpu",

@@ -162,7 +162,7 @@ def test_numpy_in_numpy_out_and_fp16():
 def test_half_precision_inputs_are_upcast_exactly(dtype):
     gen = torch.Generator().manual_seed(3)
     src, dst = torch.randn(2, 33, 40, generator=gen).to(dtype), torch.randn(2, 50, 40, generator=gen).to(dtype)
-    index, sim = match(src, dst)
+    index, sim = match(src, dst, precision="fp32")  # bf16 inputs default to bf16 products where native (test_bf16)
     check_rows(brute_similarity(src.float(), dst.float()), index[..., None], sim[..., None])
     f_index, f_sim = match(src.float(), dst.float())
     assert torch.equal(index, f_index) and torch.equal(sim, f_sim)

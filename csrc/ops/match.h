@@ -10,6 +10,10 @@ namespace cleandift {
 
 using match_detail::DType;
 
+// What the CPU kernels multiply in: fp32, or bf16 (inputs normalised in fp32, then rounded to bf16;
+// products summed in fp32). bf16 needs AVX512_BF16 (cpu_features); it is never emulated.
+enum class Compute : int { kFloat32 = 0, kBFloat16 = 1 };
+
 // A strided [B, rows, C] view; strides are in elements (the [B, C, h, w] layout is the view
 // with strides (C*h*w, 1, h*w), read in place).
 struct FeatureView {
@@ -33,13 +37,18 @@ struct MatchOutput {
 // Checks sizes and options; throws std::invalid_argument with a message meant for users.
 void check_match_args(const FeatureView& src, const FeatureView& dst, const MatchOptions& opt);
 
-// CPU: OpenMP over (batch, row blocks[, column chunks]) with the widest micro-kernel this CPU runs.
-// Throws std::domain_error naming the element when check_finite finds NaN / Inf.
+// CPU: OpenMP over (batch, row blocks[, column chunks]) with the widest micro-kernel this CPU runs
+// for `compute`. Throws std::domain_error naming the element when check_finite finds NaN / Inf,
+// std::invalid_argument when bf16 compute is asked for on a CPU without AVX512_BF16.
 void match_cpu(const FeatureView& src, const FeatureView& dst, DType dtype, const MatchOptions& opt,
-               const MatchOutput& out);
+               const MatchOutput& out, Compute compute = Compute::kFloat32);
 
-// Name of the CPU micro-kernel match_cpu will use ("avx512", "avx2", "portable").
-std::string match_cpu_kernel_name();
+// Name of the CPU micro-kernel match_cpu will use for `compute` ("avx512", "avx2", "portable";
+// "avx512_bf16" for bf16); "" when this CPU has no kernel for it.
+std::string match_cpu_kernel_name(Compute compute = Compute::kFloat32);
+
+// Whether this CPU runs bf16 compute natively (AVX512_BF16; AMX tiles are not used yet).
+bool cpu_has_bf16_compute();
 
 // CUDA: device pointers, contiguous [B, rows, C]; `stream` is a cudaStream_t (0: default).
 // Scratch is allocated with cudaMallocAsync on the stream. Throws std::runtime_error on CUDA errors,

@@ -14,18 +14,23 @@ namespace cleandift {
 constexpr int kHeadLayers = 3;
 constexpr float kHeadEps = 1e-6f;
 
-// Weights packed for one CPU micro-kernel (its NR); built by pack_head, read-only afterwards.
+// Weights packed for one CPU micro-kernel (its NR and element type); built by pack_head,
+// read-only afterwards.
 struct PackedHead {
   int64_t dim = 0;          // D
   int64_t dim_padded = 0;   // D rounded up to NR
+  int64_t depth = 0;        // D rounded up to the micro-kernel's depth step (bf16: channel pairs)
   int nr = 0;
-  std::string kernel;       // "avx512", "avx2", "portable"
-  // Per layer: up as 2 * D/NR panels (value, gate interleaved) [panel][D][NR]; down [panel][Dp][NR].
-  std::vector<std::shared_ptr<float>> up, down;
+  std::string kernel;       // "avx512", "avx2", "portable"; "avx512_bf16" (bf16 weights and activations)
+  // Per layer: up as 2 * D/NR panels (value, gate interleaved) [panel][depth][NR]; down
+  // [panel][Dp][NR]; elements are fp32, or bf16 bits for the bf16 kernel.
+  std::vector<std::shared_ptr<void>> up, down;
 };
 
 // up: [3, 2D, D], down: [3, D, D], float32 C-contiguous (rows = outputs, like nn.Linear.weight).
-std::shared_ptr<PackedHead> pack_head(const float* up, const float* down, int64_t dim);
+// Compute::kBFloat16 rounds the weights to bf16 and needs AVX512_BF16 (std::invalid_argument if absent).
+std::shared_ptr<PackedHead> pack_head(const float* up, const float* down, int64_t dim,
+                                      Compute compute = Compute::kFloat32);
 
 // x, out: strided [B, P, D] views (out data written through `out_data`, out's strides);
 // scales: [3, B, D] float32 = 1 + AdaRMS linear(cond) per layer and batch element.

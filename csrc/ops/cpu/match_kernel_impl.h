@@ -2,7 +2,8 @@
 //
 //   1. one pass over src and dst: inverse norms (+ NaN/Inf check);
 //   2. per batch: dst normalised once and packed into NR-column panels [panel][C][NR], src into
-//      MR-row panels [panel][C][MR];
+//      MR-row panels [panel][C][MR] (as Micro::Elem: fp32, or bf16 rounded from the normalised
+//      fp32 vectors, channel pairs interleaved; similarities accumulate in fp32 either way);
 //   3. OpenMP over (row block of MC source vectors, column chunk): for every dst panel the MC x NR
 //      similarity block is
 //      accumulated over KC-deep channel slices (the B slice stays in L1, the A block in L2) and
@@ -26,6 +27,7 @@
 #include <vector>
 
 #include "common/cpu_features.h"
+#include "ops/cpu/micro_kernels.h"
 #include "ops/match.h"
 
 namespace cleandift {
@@ -134,18 +136,22 @@ void inverse_norms(const FeatureView& v, bool check_finite, float* inv, std::ato
                           "); clean the features or pass allow_nonfinite=True (NaN similarities never win)");
 }
 
-// Normalised, zero-padded panels of `width` vectors: out[p][c][w] = x[first + p*width + w, c] * inv.
-template <DType D, int Width>
-void pack_panel(const FeatureView& v, int64_t b, int64_t first, const float* inv, float* out) {
+// Normalised, zero-padded panels of `width` vectors over `depth` (>= C) channels:
+// out[p][c][w] = x[first + p*width + w, c] * inv (in the micro-kernel's element type and layout).
+template <class Micro, DType D, int Width>
+void pack_panel(const FeatureView& v, int64_t b, int64_t first, const float* inv, int64_t depth,
+                typename Micro::Elem* out) {
+  using Elem = typename Micro::Elem;
   const int64_t valid = std::min<int64_t>(Width, v.rows - first);
   const int64_t base = b * v.stride_batch + first * v.stride_row;
   float scale[Width];
   for (int w = 0; w < Width; ++w) scale[w] = w < valid ? inv[b * v.rows + first + w] : 0.f;
-  for (int64_t c = 0; c < v.channels; ++c) {
-    float* dst = out + c * Width;
-    for (int64_t w = 0; w < valid; ++w)
-      dst[w] = Element<D>::load(v.data, base + w * v.stride_row + c * v.stride_channel) * scale[w];
-    for (int64_t w = valid; w < Width; ++w) dst[w] = 0.f;
+  for (int64_t c = 0; c < depth; ++c) {
+    for (int64_t w = 0; w < Width; ++w) {
+      const float x = c < v.channels && w < valid
+          ? Element<D>::load(v.data, base + w * v.stride_row + c * v.stride_channel) * scale[w] : 0.f;
+      out[panel_offset<Micro>(c, w, Width)] = to_panel<Elem>(x);
+    }
   }
 }
 
@@ -158,8 +164,10 @@ template <class Micro>
 void run_match(const FeatureView& src, const FeatureView& dst, DType dtype, const MatchOptions& opt,
                const MatchOutput& out) {
   constexpr int MR = Micro::MR, NR = Micro::NR;
-  constexpr int64_t kChannelBlock = kSliceBytes / (NR * 4);  // KC
-  const int64_t B = src.batch, N = src.rows, M = dst.rows, C = src.channels;
+  using Elem = typename Micro::Elem;
+  constexpr int64_t kChannelBlock = kSliceBytes / (NR * sizeof(Elem));  // KC (even: bf16 pairs)
+  const int64_t B = src.batch, N = src.rows, M = dst.rows;
+  const int64_t C = padded_depth<Micro>(src.channels);  // panel depth: zero channels pad bf16 pairs
   const int k = opt.k;
 
   std::vector<float> inv_src(B * N), inv_dst(B * M);
@@ -177,7 +185,7 @@ void run_match(const FeatureView& src, const FeatureView& dst, DType dtype, cons
   // Row block: as many register tiles of rows as fill this core's L2 with the packed block
   // (4..16 tiles; more rows reuse every streamed dst panel more), fewer when N is small. The
   // whole L2 ran 5-11% faster than half of it at C = 1280 here (interleaved A/B runs), no change below.
-  const int64_t tiles_in_l2 = std::clamp<int64_t>(cpu_features().l2_bytes / (MR * C * 4), 4, 16);
+  const int64_t tiles_in_l2 = std::clamp<int64_t>(cpu_features().l2_bytes / (MR * C * sizeof(Elem)), 4, 16);
   const int64_t mc = std::min<int64_t>(tiles_in_l2 * MR, (N + MR - 1) / MR * MR);
   const int64_t row_blocks = (N + mc - 1) / mc;
   // Split the columns too when there are few row blocks: >= kTasksPerThread dynamic tasks per thread
@@ -189,8 +197,8 @@ void run_match(const FeatureView& src, const FeatureView& dst, DType dtype, cons
   const int64_t tasks = row_blocks * col_chunks;
 
   const int64_t src_panels = (N + MR - 1) / MR;
-  auto packed_dst = aligned_buffer<float>(panels * C * NR);
-  auto packed_src = aligned_buffer<float>(src_panels * C * MR);  // whole batch: column chunks share it
+  auto packed_dst = aligned_buffer<Elem>(panels * C * NR);
+  auto packed_src = aligned_buffer<Elem>(src_panels * C * MR);  // whole batch: column chunks share it
   std::vector<RowResult> chunk_rows(static_cast<size_t>(col_chunks) * N * k);
   // Column maxima (mutual): one array per thread, merged after each batch.
   std::vector<uint64_t> col_keys(opt.mutual ? static_cast<size_t>(threads) * M : 0);
@@ -203,10 +211,10 @@ void run_match(const FeatureView& src, const FeatureView& dst, DType dtype, cons
 #pragma omp for schedule(dynamic, 8)
         for (int64_t p = 0; p < panels + src_panels; ++p) {
           if (p < panels)
-            pack_panel<decltype(d)::value, NR>(dst, b, p * NR, inv_dst.data(), packed_dst.get() + p * C * NR);
+            pack_panel<Micro, decltype(d)::value, NR>(dst, b, p * NR, inv_dst.data(), C, packed_dst.get() + p * C * NR);
           else
-            pack_panel<decltype(d)::value, MR>(src, b, (p - panels) * MR, inv_src.data(),
-                                               packed_src.get() + (p - panels) * C * MR);
+            pack_panel<Micro, decltype(d)::value, MR>(src, b, (p - panels) * MR, inv_src.data(), C,
+                                                      packed_src.get() + (p - panels) * C * MR);
         }
       });
       const int tid = omp_get_thread_num();
@@ -223,7 +231,7 @@ void run_match(const FeatureView& src, const FeatureView& dst, DType dtype, cons
         const int64_t i0 = rb * mc, rows = std::min(mc, N - i0);
         const int64_t row_panels = (rows + MR - 1) / MR;
         const int64_t p_begin = chunk * panels_per_chunk, p_end = std::min(panels, p_begin + panels_per_chunk);
-        const float* block = packed_src.get() + (i0 / MR) * C * MR;  // mc is a multiple of MR
+        const Elem* block = packed_src.get() + (i0 / MR) * C * MR;  // mc is a multiple of MR
         if (k == 1) {
           std::fill(lane_value.get(), lane_value.get() + rows * NR, -INFINITY);
           std::fill(lane_index.get(), lane_index.get() + rows * NR, INT32_MAX);
@@ -232,7 +240,7 @@ void run_match(const FeatureView& src, const FeatureView& dst, DType dtype, cons
         }
 
         for (int64_t p = p_begin; p < p_end; ++p) {
-          const float* bpanel = packed_dst.get() + p * C * NR;
+          const Elem* bpanel = packed_dst.get() + p * C * NR;
           const int64_t j0 = p * NR;
           const int valid_cols = static_cast<int>(std::min<int64_t>(NR, M - j0));
           for (int64_t c0 = 0; c0 < C; c0 += kChannelBlock) {

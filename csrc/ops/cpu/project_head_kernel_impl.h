@@ -3,17 +3,21 @@
 //   RMS statistics -> normalised, AdaRMS-scaled rows packed as A panels;
 //   up-projection value and gate panels side by side, SwiGLU in the epilogue, written straight into
 //   the A-panel layout of the down-projection; down-projection with the residual add in the epilogue.
-// The tile's residual stream stays in fp32 between layers. Included once per ISA.
+// The tile's residual stream stays in fp32 between layers; with the bf16 micro-kernel the weights
+// and both GEMMs' A panels are bf16 (rounded to nearest even), their products summed in fp32.
+// Included once per ISA.
 #pragma once
 #include <omp.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <new>
 #include <vector>
 
+#include "ops/cpu/micro_kernels.h"
 #include "ops/match_common.h"
 #include "ops/project_head.h"
 
@@ -22,38 +26,42 @@ namespace {
 
 using namespace match_detail;
 
-std::shared_ptr<float> aligned_floats(int64_t count) {
-  const size_t bytes = (static_cast<size_t>(std::max<int64_t>(count, 1)) * sizeof(float) + 63) / 64 * 64;
+// Zeroed, 64-byte aligned storage for `count` elements of T.
+template <class T = float>
+std::shared_ptr<T> aligned_zeros(int64_t count) {
+  const size_t bytes = (static_cast<size_t>(std::max<int64_t>(count, 1)) * sizeof(T) + 63) / 64 * 64;
   void* p = std::aligned_alloc(64, bytes);
   if (!p) throw std::bad_alloc();
-  std::fill(static_cast<float*>(p), static_cast<float*>(p) + bytes / sizeof(float), 0.f);
-  return std::shared_ptr<float>(static_cast<float*>(p), std::free);
+  std::memset(p, 0, bytes);
+  return std::shared_ptr<T>(static_cast<T*>(p), std::free);
 }
 
 template <class Micro>
 std::shared_ptr<PackedHead> pack_head_for(const float* up, const float* down, int64_t dim) {
   constexpr int NR = Micro::NR;
+  using Elem = typename Micro::Elem;
   auto head = std::make_shared<PackedHead>();
   head->dim = dim;
   head->nr = NR;
   head->kernel = Micro::name;
-  const int64_t panels = (dim + NR - 1) / NR, dp = panels * NR;
+  const int64_t panels = (dim + NR - 1) / NR, dp = panels * NR, dk = padded_depth<Micro>(dim);
   head->dim_padded = dp;
+  head->depth = dk;
   for (int layer = 0; layer < kHeadLayers; ++layer) {
     const float* w_up = up + static_cast<int64_t>(layer) * 2 * dim * dim;
     const float* w_down = down + static_cast<int64_t>(layer) * dim * dim;
-    auto pu = aligned_floats(2 * panels * dim * NR), pd = aligned_floats(panels * dp * NR);
+    auto pu = aligned_zeros<Elem>(2 * panels * dk * NR), pd = aligned_zeros<Elem>(panels * dp * NR);
 #pragma omp parallel for schedule(static)
     for (int64_t q = 0; q < panels; ++q) {
-      float* value = pu.get() + (2 * q) * dim * NR;
-      float* gate = value + dim * NR;
-      float* dn = pd.get() + q * dp * NR;
+      Elem* value = pu.get() + (2 * q) * dk * NR;
+      Elem* gate = value + dk * NR;
+      Elem* dn = pd.get() + q * dp * NR;
       for (int n = 0; n < NR && q * NR + n < dim; ++n) {
         const int64_t o = q * NR + n;
         for (int64_t k = 0; k < dim; ++k) {
-          value[k * NR + n] = w_up[o * dim + k];
-          gate[k * NR + n] = w_up[(dim + o) * dim + k];
-          dn[k * NR + n] = w_down[o * dim + k];
+          value[panel_offset<Micro>(k, n, NR)] = to_panel<Elem>(w_up[o * dim + k]);
+          gate[panel_offset<Micro>(k, n, NR)] = to_panel<Elem>(w_up[(dim + o) * dim + k]);
+          dn[panel_offset<Micro>(k, n, NR)] = to_panel<Elem>(w_down[o * dim + k]);
         }
       }
     }
@@ -97,11 +105,12 @@ template <class Micro, DType DT>
 void project_head_typed(const PackedHead& head, const FeatureView& x, const float* scales, const FeatureView& out,
                         void* out_data) {
   constexpr int MR = Micro::MR, NR = Micro::NR;
-  constexpr int64_t kDepthBlock = (16 << 10) / (NR * 4);  // KC: a KC x NR weight slice fills half of L1
+  using Elem = typename Micro::Elem;
+  constexpr int64_t kDepthBlock = (16 << 10) / (NR * sizeof(Elem));  // KC: a KC x NR weight slice fills half of L1
   // Up to 32 * MR pixels share one pass over the weights (every tile streams all of them: 59 MB at
   // D = 1280); 32 ran 4-6% faster than 16 at D = 1280 in tuning runs, the same at D = 320.
   constexpr int64_t kMaxTilePanels = 32;
-  const int64_t B = x.batch, P = x.rows, D = head.dim, Dp = head.dim_padded;
+  const int64_t B = x.batch, P = x.rows, D = head.dim, Dp = head.dim_padded, Dk = head.depth;
   // Bigger tiles stream the weights fewer times; keep >= 4 tiles per thread for balance.
   const int64_t want = (B * P + 4 * omp_get_max_threads() - 1) / (4 * omp_get_max_threads());
   const int64_t tile_panels = std::clamp<int64_t>((want + MR - 1) / MR, 1, kMaxTilePanels);
@@ -111,10 +120,10 @@ void project_head_typed(const PackedHead& head, const FeatureView& x, const floa
 
 #pragma omp parallel
   {
-    auto xs = aligned_floats(TP * D);       // residual stream of the tile, fp32
-    auto ap = aligned_floats(TP * D);       // A panels of the up-projection [rp][D][MR]
-    auto hp = aligned_floats(TP * Dp);      // A panels of the down-projection [rp][Dp][MR]
-    auto tv = aligned_floats(tile_panels * MR * NR), tg = aligned_floats(tile_panels * MR * NR);
+    auto xs = aligned_zeros<float>(TP * D);       // residual stream of the tile, fp32
+    auto ap = aligned_zeros<Elem>(TP * Dk);  // A panels of the up-projection [rp][Dk][MR]
+    auto hp = aligned_zeros<Elem>(TP * Dp);  // A panels of the down-projection [rp][Dp][MR]
+    auto tv = aligned_zeros<float>(tile_panels * MR * NR), tg = aligned_zeros<float>(tile_panels * MR * NR);
     std::vector<float> rinv(TP);
 
 #pragma omp for schedule(dynamic, 1)
@@ -135,31 +144,33 @@ void project_head_typed(const PackedHead& head, const FeatureView& x, const floa
           rinv[r] = 1.f / std::sqrt(acc / static_cast<float>(D) + kHeadEps);
         }
         for (int64_t rp = 0; rp < row_panels; ++rp) {
-          float* a = ap.get() + rp * D * MR;
+          Elem* a = ap.get() + rp * Dk * MR;  // depths D..Dk stay zero (allocated zeroed, never written)
           for (int64_t d = 0; d < D; ++d)
-            for (int r = 0; r < MR; ++r) a[d * MR + r] = xs.get()[(rp * MR + r) * D + d] * (scale[d] * rinv[rp * MR + r]);
+            for (int r = 0; r < MR; ++r)
+              a[panel_offset<Micro>(d, r, MR)] =
+                  to_panel<Elem>(xs.get()[(rp * MR + r) * D + d] * (scale[d] * rinv[rp * MR + r]));
         }
-        const float* up = head.up[layer].get();
+        const Elem* up = static_cast<const Elem*>(head.up[layer].get());
         for (int64_t q = 0; q < panels; ++q) {
           // KC-deep slices: the value and gate slices stay in L1 while every row panel uses them.
-          for (int64_t k0 = 0; k0 < D; k0 += kDepthBlock) {
-            const int64_t kc = std::min(kDepthBlock, D - k0);
+          for (int64_t k0 = 0; k0 < Dk; k0 += kDepthBlock) {
+            const int64_t kc = std::min(kDepthBlock, Dk - k0);
             for (int64_t rp = 0; rp < row_panels; ++rp) {
-              const float* a = ap.get() + rp * D * MR + k0 * MR;
-              Micro::run(a, up + 2 * q * D * NR + k0 * NR, kc, tv.get() + rp * MR * NR, k0 > 0);
-              Micro::run(a, up + (2 * q + 1) * D * NR + k0 * NR, kc, tg.get() + rp * MR * NR, k0 > 0);
+              const Elem* a = ap.get() + rp * Dk * MR + k0 * MR;
+              Micro::run(a, up + 2 * q * Dk * NR + k0 * NR, kc, tv.get() + rp * MR * NR, k0 > 0);
+              Micro::run(a, up + (2 * q + 1) * Dk * NR + k0 * NR, kc, tg.get() + rp * MR * NR, k0 > 0);
             }
           }
           for (int64_t rp = 0; rp < row_panels; ++rp) {
             float* v = tv.get() + rp * MR * NR;
             const float* g = tg.get() + rp * MR * NR;
             for (int i = 0; i < MR * NR; ++i) v[i] *= g[i] / (1.f + exp_poly(-g[i]));  // SwiGLU
-            float* h = hp.get() + rp * Dp * MR + q * NR * MR;  // depth q*NR.. of the down GEMM's A panel
+            Elem* h = hp.get() + rp * Dp * MR + q * NR * MR;  // depth q*NR.. of the down GEMM's A panel
             for (int r = 0; r < MR; ++r)
-              for (int n = 0; n < NR; ++n) h[n * MR + r] = v[r * NR + n];
+              for (int n = 0; n < NR; ++n) h[panel_offset<Micro>(n, r, MR)] = to_panel<Elem>(v[r * NR + n]);
           }
         }
-        const float* down = head.down[layer].get();
+        const Elem* down = static_cast<const Elem*>(head.down[layer].get());
         for (int64_t q = 0; q < panels; ++q) {
           const int64_t valid = std::min<int64_t>(NR, D - q * NR);
           for (int64_t k0 = 0; k0 < Dp; k0 += kDepthBlock) {

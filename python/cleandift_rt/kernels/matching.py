@@ -14,6 +14,14 @@ Semantics (the same on every backend):
   with no comparable similarity gets index -1 and similarity NaN;
 * ``mutual=True``: index -1 where the target's best source is another vector; the similarity stays
   the forward best similarity (so it can still be thresholded).
+
+Precision (CPU): ``precision="fp32"`` multiplies in fp32; ``"bf16"`` normalises in fp32, rounds the
+normalised vectors to bf16 and sums their products in fp32 (AVX512_BF16 ``vdpbf16ps``): about 2x
+faster where the CPU has it, similarities within about 2^-8 of fp32 (ties are still exact: equal
+vectors give bit-identical similarities). The default follows the inputs: bf16 inputs use bf16
+where the CPU has it, everything else fp32. Where the CPU lacks native bf16, ``"bf16"`` warns once
+and runs fp32. On CUDA, ``precision`` converts the inputs (``"bf16"``: to bf16, tensor cores;
+``"fp32"``: to fp32, exact FMA tiles).
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..build_info import native
+from .precision import NATIVE_COMPUTE, check_precision, kernel_precision
 from .refine import DEFAULT_TEMPERATURE, DEFAULT_WINDOW, soft_argmax
 
 _DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -63,17 +72,24 @@ def _native_array(x: torch.Tensor) -> np.ndarray:
     return (x.view(torch.int16) if x.dtype == torch.bfloat16 else x).numpy()
 
 
-def _match_rows(src: torch.Tensor, dst: torch.Tensor, mutual: bool, k: int, allow_nonfinite: bool):
+_CUDA_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def _match_rows(src: torch.Tensor, dst: torch.Tensor, mutual: bool, k: int, allow_nonfinite: bool,
+                precision: str | None):
     """The kernel on [B, N, C] / [B, M, C] tensors of one device and dtype -> [B, N, k] tensors."""
-    dtype = _DTYPES[src.dtype]
     if src.device.type == "cpu":
-        index, sim = native().match_cpu(_native_array(src), _native_array(dst), dtype, mutual, k,
-                                        not allow_nonfinite)
+        compute = NATIVE_COMPUTE[kernel_precision(src.dtype, precision, stacklevel=5)]
+        index, sim = native().match_cpu(_native_array(src), _native_array(dst), _DTYPES[src.dtype], mutual, k,
+                                        not allow_nonfinite, compute)
         return torch.from_numpy(index), torch.from_numpy(sim)
     if src.device.type != "cuda":
         raise ValueError(f"match runs on CPU or CUDA tensors, got device {src.device}")
     if not native().build_info()["cuda_compiled"]:
         raise RuntimeError("match got CUDA tensors but this build of cleandift_rt has no CUDA kernels")
+    if precision is not None:  # the CUDA kernel's precision follows its input dtype
+        src, dst = src.to(_CUDA_DTYPES[precision]), dst.to(_CUDA_DTYPES[precision])
+    dtype = _DTYPES[src.dtype]
     if not allow_nonfinite:
         for name, x in (("src", src), ("dst", dst)):
             if not torch.isfinite(x).all():
@@ -123,7 +139,7 @@ def _scale_xy(image_size: tuple[int, int], feature_size: tuple[int, int]) -> tup
 
 def match(src, dst, *, mutual: bool = False, k: int = 1, points=None, coords: str = "index",
           image_size: Sequence | None = None, refine: bool = False, window: int = DEFAULT_WINDOW,
-          temperature: float = DEFAULT_TEMPERATURE, allow_nonfinite: bool = False):
+          temperature: float = DEFAULT_TEMPERATURE, allow_nonfinite: bool = False, precision: str | None = None):
     """Nearest target vector (cosine similarity) of every source vector, without an N x M matrix.
 
     Args:
@@ -143,6 +159,8 @@ def match(src, dst, *, mutual: bool = False, k: int = 1, points=None, coords: st
         refine: window soft-argmax around the argmax (``window`` x ``window``, ``temperature``);
             needs coords ``"feature"`` or ``"image"`` and k = 1.
         allow_nonfinite: match NaN / Inf inputs instead of raising (see module docstring).
+        precision: ``"fp32"``, ``"bf16"`` or None (bf16 for bf16 inputs where the CPU has native bf16,
+            else fp32); see the module docstring.
 
     Returns:
         ``(index, similarity)``: index int64 ``[B, N]`` (``[B, N, k]`` for k > 1), or float32
@@ -151,6 +169,7 @@ def match(src, dst, *, mutual: bool = False, k: int = 1, points=None, coords: st
     """
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    check_precision(precision)
     k = int(k)
     if coords not in COORDS:
         raise ValueError(f"coords must be one of {COORDS}, got {coords!r}")
@@ -187,7 +206,7 @@ def match(src, dst, *, mutual: bool = False, k: int = 1, points=None, coords: st
             raise ValueError("points contain NaN or Inf")
         src_rows = sample_points(src_t, pts)
 
-    index, sim = _match_rows(src_rows, dst_rows, mutual, k, allow_nonfinite)
+    index, sim = _match_rows(src_rows, dst_rows, mutual, k, allow_nonfinite, precision)
     if k == 1:
         index, sim = index[..., 0], sim[..., 0]
 

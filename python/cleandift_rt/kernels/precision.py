@@ -12,6 +12,8 @@ import functools
 import threading
 import warnings
 
+import torch
+
 from ..build_info import native
 
 NATIVE_BF16_FEATURES = ("avx512_bf16", "amx_bf16")
@@ -53,3 +55,16 @@ def cpu_precision(precision: str, stacklevel: int = 3) -> str:
 def check_precision(precision, allowed=CPU_PRECISIONS) -> None:
     if precision is not None and precision not in allowed:
         raise ValueError(f"precision must be one of {', '.join(map(repr, allowed))} (or None), got {precision!r}")
+
+
+def kernel_precision(dtype: torch.dtype, precision: str | None, stacklevel: int = 4) -> str:
+    """What a CPU kernel multiplies in: the caller's ``precision`` (bf16 only where native, see
+    ``cpu_precision``), else bf16 for bf16 inputs on CPUs with native bf16 and fp32 otherwise (where
+    bf16 and fp16 inputs are converted exactly, silently: nothing was asked for)."""
+    check_precision(precision)
+    if precision is None:
+        return "bf16" if dtype == torch.bfloat16 and native_bf16() else "fp32"
+    return cpu_precision(precision, stacklevel=stacklevel)
+
+
+NATIVE_COMPUTE = {"fp32": "float32", "bf16": "bfloat16"}  # the native module's names

@@ -40,7 +40,7 @@ class TorchBackend:
         if precision == "fp16" and device.type != "cuda":
             raise ValueError("precision 'fp16' needs a CUDA device; on the CPU use 'bf16' (or 'fp32')")
         if device.type == "cpu":
-            precision = cpu_precision(precision, stacklevel=5)
+            precision = cpu_precision(precision, stacklevel=4)
         student, base_model = load_student_and_base(self.path, base)
         self.ref = ReferenceExtractor(student, base_model, size=size, resize=resize, prompt=prompt, device=device)
         self.device, self.precision = device, precision
