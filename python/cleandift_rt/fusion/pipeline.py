@@ -141,13 +141,15 @@ class Fusion:
         """(source, flipped source, target) object masks on the grid, and where they came from."""
         grid = trg_desc.shape[-1]
         need_features = source_bbox is None or target_bbox is None
-        fg = feature_foregrounds([src_desc, trg_desc]) if need_features else None
+        # one PCA over the three views; each view's foreground is its own (the mirror's is not
+        # assumed to be the mirrored source's: the crops and the canvas are not symmetric)
+        fg = feature_foregrounds([src_desc, flip_desc, trg_desc]) if need_features else None
         if source_bbox is not None:
             src = box_mask(source_bbox, src_place, grid)
             flip = box_mask(mirrored_box(source_bbox, width), src_place, grid)
         else:
-            src, flip = fg[0], fg[0].flip(-1)
-        trg = box_mask(target_bbox, trg_place, grid) if target_bbox is not None else fg[1]
+            src, flip = fg[0], fg[1]
+        trg = box_mask(target_bbox, trg_place, grid) if target_bbox is not None else fg[2]
         kinds = {"bbox" if source_bbox is not None else "features", "bbox" if target_bbox is not None else "features"}
         return src, flip, trg, "+".join(sorted(kinds))
 
@@ -174,8 +176,8 @@ class Fusion:
         flipped = False
         if self.recipe.flip:
             flip_src, trg_f = self.descriptors([self.raw(flip_images([source_image]), category)[0], raws[1]])
-            fg = feature_foregrounds([src, trg])
-            if fit_distance(flip_src, trg_f, fg[0].flip(-1), fg[1]) < fit_distance(src, trg, fg[0], fg[1]):
+            fg = feature_foregrounds([src, flip_src, trg])
+            if fit_distance(flip_src, trg_f, fg[1], fg[2]) < fit_distance(src, trg, fg[0], fg[2]):
                 src, trg, flipped = flip_src, trg_f, True
         grid = trg.shape[-1]
         idx, sim = match(src[None].contiguous(), trg[None].contiguous(), mutual=True)
