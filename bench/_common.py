@@ -90,13 +90,43 @@ def sgemm_gflops(seconds: float, size: int = SGEMM_SIZE) -> float:
     return 2 * size**3 / seconds / 1e9
 
 
+# CPU flags that decide which kernels (ours, oneDNN's, OpenVINO's) can run: recorded with every result.
+FLAGS_OF_INTEREST = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni",
+                     "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_description() -> dict:
+    """The CPU's model name and the flags of interest, from /proc/cpuinfo (Linux), else what platform says."""
+    model, flags = platform.processor() or platform.machine(), []
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    present = set(value.split())
+                    flags = [name for name in FLAGS_OF_INTEREST if name in present]
+                    break
+    except OSError:
+        pass
+    return {"cpu": model, "cpu_flags": flags}
+
+
 def machine() -> dict:
     from cleandift_rt import build_info
 
     info = build_info()
-    return {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-            "simd": info.get("simd"), "match_cpu_kernel": info.get("match_cpu_kernel"),
-            "torch": torch.__version__, "load_average": os.getloadavg()}
+    return {**cpu_description(), "threads": torch.get_num_threads(), "simd": info.get("simd"),
+            "match_cpu_kernel": info.get("match_cpu_kernel"), "cpu_kernel_bf16": info.get("cpu_kernel_bf16"),
+            "torch": torch.__version__, "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "load_average": os.getloadavg()}
+
+
+def print_machine(info: dict) -> None:
+    print(f"{info['cpu']}; flags {' '.join(info['cpu_flags']) or '?'}; our kernels: fp32 {info['match_cpu_kernel']}, "
+          f"bf16 {info['cpu_kernel_bf16'] or 'none (no native bf16: precision=bf16 runs fp32)'}; "
+          f"{info['threads']} threads, load {info['load_average'][0]:.1f}")
 
 
 def write_json(name: str, payload: dict) -> Path:

@@ -1,9 +1,12 @@
 """Projection-head benchmark: cleandift_rt.project (fused native head) vs the PyTorch head
-``heads(tap, features, t)`` in eager fp32, same inputs, same run.
+``heads(tap, features, t)`` in eager fp32, same inputs, same run; and the bf16 rows: ours bf16
+(fp32 features with precision="bf16", and bf16 features) vs ours fp32 vs the PyTorch head under
+CPU bf16 autocast.
 
 Reports time, GFLOP/s (3 layers x 6 D^2 per pixel), the fraction of this machine's fp32 sgemm
-throughput (torch.mm 2048^3, timed round-robin with both heads), the ratio, peak extra memory, the
-first call (weight packing included) and the parity error; JSON in bench/results/.
+throughput (torch.mm 2048^3, timed round-robin with every head), ratios, peak extra memory, the
+first call (weight packing included), the errors against the fp32 head, the CPU model and flags
+and which kernel ran; JSON in bench/results/.
 
     python bench/heads.py --quick        # D = 320, 24 x 24 pixels, batch 1
     python bench/heads.py                # D = 1280, 48 x 48 pixels, batch 1 (the issue's target)
@@ -19,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import compare, machine, sgemm_fn, sgemm_gflops, write_json  # noqa: E402
+from _common import compare, machine, print_machine, sgemm_fn, sgemm_gflops, write_json  # noqa: E402
 
 from cleandift_rt import project  # noqa: E402
 from cleandift_rt.models.heads import HEAD_LAYERS, ProjectionHeads  # noqa: E402
@@ -34,25 +37,42 @@ def run(dim: int, size: int, batch: int, repeats: int) -> dict:
     x = torch.randn(batch, dim, size, size)
     flop = batch * size * size * HEAD_LAYERS * 6.0 * dim * dim
 
+    xb = x.bfloat16()
     t0 = time.perf_counter()
     project(x, 261, heads, "us6")              # packs the weights and caches cond(261)
     first = time.perf_counter() - t0
+    project(x, 261, heads, "us6", precision="bf16")  # the bf16 packing, outside the timings too
+
+    def autocast_head():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return heads("us6", x, 261)
+
     with torch.no_grad():
         res = compare({"ours": lambda: project(x, 261, heads, "us6"), "torch": lambda: heads("us6", x, 261),
-                       "sgemm": sgemm_fn()}, repeats)
+                       "ours_bf16": lambda: project(x, 261, heads, "us6", precision="bf16"),
+                       "ours_bf16_features": lambda: project(xb, 261, heads, "us6"),
+                       "torch_bf16": autocast_head, "sgemm": sgemm_fn()}, repeats)
     gemm = sgemm_gflops(res.pop("sgemm")[0])
-    (ours_s, ours_mem, out), (torch_s, torch_mem, ref) = res["ours"], res["torch"]
-    err = ((out - ref).abs().max() / ref.abs().max()).item()
+    ref = res["torch"][2]
     row = {"D": dim, "pixels": size * size, "B": batch, "gflop": flop / 1e9, "sgemm_gflops": gemm,
-           "ours_s": ours_s, "ours_first_call_s": first, "ours_gflops": flop / ours_s / 1e9,
-           "ours_frac_sgemm": flop / ours_s / 1e9 / gemm, "ours_mem_mb": ours_mem,
-           "torch_s": torch_s, "torch_gflops": flop / torch_s / 1e9, "torch_mem_mb": torch_mem,
-           "speedup_vs_torch": torch_s / ours_s, "max_rel_error": err}
+           "ours_first_call_s": first}
+    for name, (seconds, mem, out) in res.items():
+        row.update({f"{name}_s": seconds, f"{name}_gflops": flop / seconds / 1e9, f"{name}_mem_mb": mem,
+                    f"{name}_max_rel_error": ((out.float() - ref).abs().max() / ref.abs().max()).item()})
+    row.update(ours_frac_sgemm=row["ours_gflops"] / gemm, speedup_vs_torch=row["torch_s"] / row["ours_s"],
+               max_rel_error=row["ours_max_rel_error"], bf16_speedup_over_fp32=row["ours_s"] / row["ours_bf16_s"],
+               bf16_speedup_vs_torch_bf16=row["torch_bf16_s"] / row["ours_bf16_s"],
+               bf16_features_speedup_vs_torch_bf16=row["torch_bf16_s"] / row["ours_bf16_features_s"])
     print(f"sgemm 2048^3 (torch.mm, same round-robin): {gemm:.1f} GFLOP/s on {torch.get_num_threads()} threads")
-    print(f"D={dim} {size}x{size} B={batch}: ours {ours_s * 1e3:.1f} ms ({row['ours_gflops']:.1f} GFLOP/s, "
-          f"{row['ours_frac_sgemm']:.2f} of sgemm, {ours_mem:.0f} MB; first call {first * 1e3:.0f} ms) | "
-          f"torch eager fp32 {torch_s * 1e3:.1f} ms ({row['torch_gflops']:.1f} GFLOP/s, {torch_mem:.0f} MB) | "
-          f"x{row['speedup_vs_torch']:.2f} | max rel error {err:.1e}")
+    print(f"D={dim} {size}x{size} B={batch}: ours {row['ours_s'] * 1e3:.1f} ms ({row['ours_gflops']:.1f} GFLOP/s, "
+          f"{row['ours_frac_sgemm']:.2f} of sgemm, {row['ours_mem_mb']:.0f} MB; first call {first * 1e3:.0f} ms) | "
+          f"torch eager fp32 {row['torch_s'] * 1e3:.1f} ms ({row['torch_gflops']:.1f} GFLOP/s, {row['torch_mem_mb']:.0f} MB)"
+          f" | x{row['speedup_vs_torch']:.2f} | max rel error {row['max_rel_error']:.1e}")
+    print(f"  bf16: ours {row['ours_bf16_s'] * 1e3:.1f} ms ({row['ours_bf16_gflops']:.1f} GFLOP/s, x{row['bf16_speedup_over_fp32']:.2f}"
+          f" of our fp32, error {row['ours_bf16_max_rel_error']:.1e}), bf16 features {row['ours_bf16_features_s'] * 1e3:.1f} ms | "
+          f"torch bf16 autocast {row['torch_bf16_s'] * 1e3:.1f} ms (error {row['torch_bf16_max_rel_error']:.1e}) | "
+          f"x{row['bf16_speedup_vs_torch_bf16']:.2f}" + ("" if (dim, size) != (1280, 48) else
+          f" (target 1.1x: {'met' if row['bf16_speedup_vs_torch_bf16'] >= 1.1 else 'MISSED'})"))
     return row
 
 
@@ -62,7 +82,9 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
     dim, size = (320, 24) if args.quick else (1280, 48)
-    result = {"rows": [run(dim, size, 1, args.repeats)], "machine": machine(), "quick": args.quick}
+    info = machine()
+    print_machine(info)
+    result = {"rows": [run(dim, size, 1, args.repeats)], "machine": info, "quick": args.quick}
     print(f"written {write_json('heads', result)}")
 
 
