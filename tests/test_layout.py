@@ -31,6 +31,7 @@ LAYERS = {
     "runtime": 4,
     "export": 5, "evaluation": 5, "training": 5,
     "gate": 5,
+    "probes": 5,
     "fusion": 5.5,  # fusion recipes: above evaluation, whose runner and PCK they reuse; below every cli
     "cli": 6,
 }

@@ -13,6 +13,7 @@ import sys
 
 from ..evaluation import cli as evaluation_cli
 from ..gate import cli as gate_cli
+from ..probes import cli as probes_cli
 from ..runtime import cli as runtime_cli
 from ..viz import cli as viz_cli
 from . import demo
@@ -37,7 +38,7 @@ the base model folder that provides the VAE and text encoder).
 """
 
 # In the order ``--help`` lists them.
-COMMANDS = (demo, viz_cli, runtime_cli, evaluation_cli, gate_cli)
+COMMANDS = (demo, viz_cli, runtime_cli, evaluation_cli, gate_cli, probes_cli)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,26 @@
+"""Probes: the paper's downstream checks (CleanDIFT sections 4.3-4.5) over any feature source.
+
+Owns monocular depth (:class:`DepthProbe`, NYUv2 labeled set or a folder tree), semantic
+segmentation (:class:`SegmentationProbe`, PASCAL VOC 2012) and kNN classification
+(:func:`knn_classify`, ImageFolder), their loaders, the per-image memory-mapped feature cache shared
+by every engine, the noisy baseline and the head-projected features at each t, probe training
+(AdamW, schedule, early stopping, atomic checkpoints), the timestep sweeps with their results, CSV
+and Pillow plots. It may import ``kernels`` (``match``, ``project``), ``features``, ``models``,
+``viz`` and the shared top-level modules; its commands are in ``probes/cli.py``.
+"""
+
+from .cache import DiftSource, EngineSource, FeatureStore, Lazy, ProjectedSource
+from .data import (Dataset, Sample, SampleError, Skips, load_depth_data, load_depth_folder, load_image_folders,
+                   load_nyu, load_voc)
+from .depth import DepthProbe, DepthProtocol, depth_metrics
+from .knn import KnnResult, knn_classify, vote
+from .plot import line_plot
+from .run import run_dense, run_knn
+from .segmentation import SegmentationProbe, confusion_matrix, iou_scores
+from .training import LinearProbe, TrainConfig, load_probe
+
+__all__ = ["DepthProbe", "SegmentationProbe", "knn_classify", "KnnResult", "vote", "DepthProtocol", "depth_metrics",
+           "confusion_matrix", "iou_scores", "LinearProbe", "TrainConfig", "load_probe", "FeatureStore", "Lazy",
+           "EngineSource", "DiftSource", "ProjectedSource", "Dataset", "Sample", "SampleError", "Skips",
+           "load_depth_data", "load_depth_folder", "load_nyu", "load_voc", "load_image_folders", "line_plot",
+           "run_dense", "run_knn"]

@@ -1,0 +1,192 @@
+"""Feature sources and the memory-mapped feature cache the probes share.
+
+A *feature source* has a ``name``, a ``key`` (names the model and every setting that changes its
+features; it names the cache folder), ``tap``, ``t`` (None, or the timestep of a sweep row),
+``compute(image) -> [C, h, w]`` float32 numpy and optionally ``check()`` (opens the model and
+raises for problems of the whole run, such as a missing tap).
+:class:`EngineSource` wraps a ``cleandift_rt.Engine``, :class:`DiftSource` the noisy baseline
+(``DiftExtractor`` at one t), :class:`ProjectedSource` CleanDIFT's features through the projection
+heads at one t (computed from its parent's map, which is read from the cache when it is there).
+
+:class:`FeatureStore` keeps one ``.npy`` per image, per source (engine and settings), per view
+(``map``: the tap's ``C x h x w`` grid; ``gap``: its global average, ``C``) under
+``ROOT/<source key>/<view>/<image key>.npy``, written atomically and read back memory-mapped. A
+rerun finds every file and calls no model (and never opens one: sources take a :class:`Lazy`); a
+file cut short by a crash is computed again. Targets (depth and label maps) are cached the same way.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..checkpoint import atomic_write_bytes
+from ..taps import resolve_taps
+from .data import Sample, SampleError
+
+VIEWS = ("map", "gap")
+FP16_MAX = 65504.0
+
+
+class Lazy:
+    """An object built on first use (an Engine or a base model costs seconds to open; a fully
+    cached rerun never needs it)."""
+
+    def __init__(self, factory: Callable[[], object]):
+        self._factory, self._value, self.built = factory, None, False
+
+    def get(self):
+        if not self.built:
+            self._value, self.built = self._factory(), True
+        return self._value
+
+
+def _resolve(obj):
+    return obj.get() if isinstance(obj, Lazy) else obj
+
+
+def _chw(value, tap: str) -> np.ndarray:
+    t = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(value))
+    if t.ndim != 4 or t.shape[0] != 1:
+        raise ValueError(f"tap {tap}: expected a 1 x C x h x w feature map, got shape {tuple(t.shape)}")
+    return t[0].detach().to("cpu", torch.float32).numpy()
+
+
+class EngineSource:
+    """CleanDIFT features: one Engine pass per image at the engine's size, with its baked prompt."""
+
+    def __init__(self, engine, tap: str, key: str, name: str = "cleandift"):
+        resolve_taps(tap)
+        self.engine, self.tap, self.key, self.name, self.t = engine, tap, key, name, None
+
+    def check(self) -> None:
+        """Open the engine (when lazy) and check it has the tap: a problem of the run, not of one image."""
+        taps = getattr(_resolve(self.engine), "taps", None)
+        if taps is not None and self.tap not in taps:
+            raise ValueError(f"the engine has no tap {self.tap!r} (it has {', '.join(taps)}): pass --tap with one "
+                             f"of those, or export the model with --taps {self.tap}")
+
+    def compute(self, image) -> np.ndarray:
+        return _chw(_resolve(self.engine).extract([image], taps=[self.tap])[self.tap], self.tap)
+
+
+class DiftSource:
+    """The noisy baseline (SPEC section 7): ``extractor`` is a ``DiftExtractor`` (or a Lazy one) at ``t``."""
+
+    def __init__(self, extractor, tap: str, key: str, t: int, name: str = "dift"):
+        resolve_taps(tap)
+        self.extractor, self.tap, self.key, self.t, self.name = extractor, tap, key, int(t), name
+
+    def check(self) -> None:
+        _resolve(self.extractor)
+
+    def compute(self, image) -> np.ndarray:
+        return _chw(_resolve(self.extractor).extract([image], taps=[self.tap])[self.tap], self.tap)
+
+
+class ProjectedSource:
+    """CleanDIFT features through the projection head of the tap at ``t`` (``cleandift_rt.project``):
+    the features as the teacher would see them at that timestep, computed from ``parent``'s map."""
+
+    def __init__(self, parent: EngineSource, heads, key: str, t: int, name: str = "cleandift-projected"):
+        self.parent, self.heads, self.key, self.t, self.name, self.tap = parent, heads, key, int(t), name, parent.tap
+
+    def project(self, parent_map: np.ndarray) -> np.ndarray:
+        from ..kernels.fused_heads import project
+
+        feats = torch.from_numpy(np.ascontiguousarray(parent_map, dtype=np.float32))[None]
+        return project(feats, self.t, _resolve(self.heads), self.tap)[0].numpy()
+
+
+def _write_npy(path: Path, array: np.ndarray) -> None:
+    def write(tmp):
+        with open(tmp, "wb") as f:  # np.save on a path would append ".npy" to the temporary name
+            np.save(f, array, allow_pickle=False)
+
+    atomic_write_bytes(path, write)
+
+
+def _read_npy(path: Path) -> np.ndarray | None:
+    if not path.is_file():
+        return None
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError):  # cut short by a crash: compute again
+        return None
+
+
+class FeatureStore:
+    """Per-image features and targets on disk, read back memory-mapped.
+
+    ``dtype="float16"`` (default) halves the disk and page-cache footprint (an SD 2.1 us6 map is
+    5.9 MB instead of 11.8 MB); a map with values beyond float16's range is stored as float32.
+    Everything downstream reads the stored values, so a first run and a rerun see the same numbers.
+    """
+
+    def __init__(self, root: str | Path, dtype: str = "float16"):
+        if dtype not in ("float16", "float32"):
+            raise ValueError(f"cache dtype must be float16 or float32, got {dtype!r}")
+        self.root, self.dtype = Path(root), dtype
+        self.computed: Counter = Counter()  # source name -> images computed this run
+        self.reused: Counter = Counter()
+        self._memo: dict[str, tuple[str, np.ndarray]] = {}  # source key -> (image key, its last raw map)
+
+    def path(self, source, view: str, sample: Sample) -> Path:
+        if view not in VIEWS:
+            raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
+        return self.root / source.key / view / f"{sample.image_key}.npy"
+
+    def has(self, source, view: str, sample: Sample) -> bool:
+        return _read_npy(self.path(source, view, sample)) is not None
+
+    def features(self, source, view: str, sample: Sample, image: Callable[[], object] | None = None) -> np.ndarray:
+        """The cached features of ``sample`` (computed and stored first when missing). ``image``
+        returns the decoded image (default ``sample.read_image``); pass a memoised one when several
+        sources read the same image."""
+        path = self.path(source, view, sample)
+        cached = _read_npy(path)
+        if cached is not None:
+            self.reused[source.name] += 1
+            return cached
+        feats = self._raw_map(source, sample, image or sample.read_image)
+        if view == "gap":
+            feats = feats.reshape(feats.shape[0], -1).mean(axis=1)
+        if not np.isfinite(feats).all():
+            raise SampleError("features contain NaN or Inf", f"{source.name} on {sample.name}")
+        narrow = self.dtype == "float16" and float(np.abs(feats).max(initial=0)) < FP16_MAX
+        _write_npy(path, feats.astype(np.float16 if narrow else np.float32))
+        self.computed[source.name] += 1
+        return _read_npy(path)
+
+    def _raw_map(self, source, sample: Sample, image) -> np.ndarray:
+        memo = self._memo.get(source.key)
+        if memo is not None and memo[0] == sample.image_key:  # a projected view of a map just computed
+            return memo[1]
+        if isinstance(source, ProjectedSource):
+            parent_path = self.path(source.parent, "map", sample)
+            parent = _read_npy(parent_path)
+            parent = np.asarray(parent, dtype=np.float32) if parent is not None else self._raw_map(source.parent, sample, image)
+            feats = source.project(parent)
+        else:
+            check = getattr(source, "check", None)  # model-level problems fail the run, not one image
+            if check is not None:
+                check()
+            try:
+                feats = source.compute(image())
+            except (ValueError, TypeError) as exc:
+                raise SampleError("feature extraction failed", f"{sample.name}: {str(exc).splitlines()[0]}") from None
+        self._memo[source.key] = (sample.image_key, feats)
+        return feats
+
+    def target(self, sample: Sample, kind: str) -> np.ndarray:
+        """The sample's target (depth or label map), decoded once and cached memory-mapped."""
+        path = self.root / "targets" / kind / f"{sample.target_key}.npy"
+        cached = _read_npy(path)
+        if cached is not None:
+            return cached
+        _write_npy(path, np.ascontiguousarray(sample.read_target()))
+        return _read_npy(path)
