@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -29,7 +27,6 @@ TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 def _lora_state(unet, nonzero: bool, seed: int = 3):
     """A peft LoRA on a copy of ``unet``: its state dict in diffusers' format (B zero unless ``nonzero``)."""
-    from diffusers.utils.state_dict_utils import convert_state_dict_to_diffusers
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
@@ -362,7 +359,8 @@ def test_bucket_json_round_trip_and_errors(models, tmp_path):
     bad = [(dict(doc, colour=1), "unknown field"), (dict(doc, version=2), "version 2"),
            (dict(doc, conv=[{"lora": "nope"}]), "does not name"), (dict(doc, conv=[{}, {}]), "repeats conv"),
            (dict(doc, conv=[{"t": 70, "t_start": 60}]), "must lie above"), (dict(doc, conv=[]), "at least one conv"),
-           (dict(doc, conv=[{"promt": "x"}]), "unknown field"), (dict(doc, size=100), "multiple of 64")]
+           (dict(doc, conv=[{"promt": "x"}]), "unknown field"), (dict(doc, size=100), "multiple of 64"),
+           (dict(doc, conv=[{"prompt": "a {cat}"}]), "only {category}")]
     for data, message in bad:
         with pytest.raises(ValueError, match=message):
             Bucket.from_dict(data)
@@ -384,6 +382,14 @@ def test_amalgamator_weights_and_clip_loss():
     assert sparsity_term(torch.full((1, 2, 1), 0.5)) > -1.0
     idx = grid_indices(torch.tensor([[0.0, 0.0], [99.0, 49.0], [50.0, 25.0]]), (100, 50), (5, 10))
     assert idx.tolist() == [0, 49, 25]  # scaled per axis, rounded (2.5 -> 2), clipped to the grid
+    src, trg = torch.randn(8, 3, 4), torch.randn(8, 3, 4)
+    si, ti = torch.tensor([0, 5, 11]), torch.tensor([3, 3, 7])
+    a, b = src.flatten(1).T.double(), trg.flatten(1).T.double()  # the loss written out pixel pair by pixel pair
+    cos = torch.tensor([[float(F.cosine_similarity(a[i], b[j], dim=0)) for j in range(12)] for i in range(12)])
+    logits = cos / 0.07
+    expected = sum(-torch.log_softmax(logits[i], 0)[j] - torch.log_softmax(logits[:, j], 0)[i] for i, j in zip(si, ti))
+    torch.testing.assert_close(clip_loss(src, trg, si, ti).double(), (expected / (2 * len(si))).double(), atol=1e-5,
+                               rtol=1e-5)
 
 
 # -- training on the SPair-layout test tree ---------------------------------------------------------
@@ -413,7 +419,7 @@ def test_training_lowers_the_loss_and_resumes_exactly(fresh_base, models, spair_
     full = GateTrainer(ex, bucket, spair_pairs, tmp_path / "full", config, progress=False, log=lambda _: None,
                        features_dir=cache)
     assert len(full.pool) == 6  # 5 good pairs + one with a keypoint outside (dropped); bad images skipped, counted
-    assert full.skipped == {"image cannot be read or extracted": 1, "image file missing": 1,
+    assert full.skipped == {"image cannot be decoded": 1, "image file missing": 1,
                             "image size differs from its annotation": 1}
     files = list(next(cache.iterdir()).glob("*.safetensors"))
     assert len(files) == 5 and all(v.dtype == torch.float16 for v in read_safetensors(files[0]).values())

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from ..cli.common import UserError, positive_int, read_image, save_picture, write_json
 
+SUMMARY_PAIRS = 100  # train-gate reports the mean loss over at most this many training pairs before and after
+
 TRAIN_EXAMPLE = """\
 examples:
   # CPU smoke run (the defaults: the first 4 usable pairs, 256 px, 2 epochs)
@@ -47,9 +49,14 @@ def _open_models(args, bucket=None, controlnets=None, loras=None, size=None):
     from ..gate.extract import GateExtractor
     from ..models import load_base, load_student
 
+    import torch
+
+    device = args.device or "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available here (use --device cpu)")
     base = load_base(args.base)
     student = load_student(args.student, base) if getattr(args, "student", None) else None
-    kwargs = dict(student=student, size=size, device=args.device or "cpu")
+    kwargs = dict(student=student, size=size, device=device)
     if bucket is not None:
         return GateExtractor.for_bucket(bucket, base, **kwargs)
     return GateExtractor(base, controlnets=controlnets, loras=loras, **kwargs)
@@ -71,12 +78,13 @@ def cmd_train_gate(args) -> int:
     extractor = _open_models(args, bucket=bucket, size=config.size)
     trainer = GateTrainer(extractor, bucket, pairs, args.out, config, val_pairs=val_pairs, resume=args.resume,
                           progress=not args.no_progress, features_dir=args.cache)
-    before = trainer.mean_loss()
+    probe = trainer.pool[:SUMMARY_PAIRS]
+    before = trainer.mean_loss(probe)
     summary = trainer.run()
-    after = trainer.mean_loss()
-    summary.update(loss_before=before, loss_after=after, config=dataclasses.asdict(config))
+    after = trainer.mean_loss(probe)
+    summary.update(loss_before=before, loss_after=after, loss_pairs=len(probe), config=dataclasses.asdict(config))
     write_json(summary, Path(args.out) / "summary.json")
-    print(f"mean CLIP loss over the {summary['pairs']} training pairs: {before:.4f} before, {after:.4f} after; "
+    print(f"mean CLIP loss over {len(probe)} training pairs: {before:.4f} before this run, {after:.4f} after; "
           f"evaluate with: cleandift-rt eval-spair --root {args.root} --gate {args.out} --out gate.json")
     return 0
 

@@ -98,7 +98,7 @@ def img2img(extractor: GateExtractor, image, recipe: GateRecipe, strength: float
         raise ValueError(f"img2img strength must lie in (0, 1], got {strength}")
     extractor.check(recipe)
     pixels = prepare_images([image], extractor.size, "stretch").pixels
-    kwargs = dict(prompt=recipe.prompt.format(category=category), image=_pil(pixels), strength=strength,
+    kwargs = dict(prompt=recipe.prompt_for(category), image=_pil(pixels), strength=strength,
                   num_inference_steps=steps, guidance_scale=guidance,
                   generator=torch.Generator("cpu").manual_seed(recipe.seed))
     if recipe.controlnet is not None:  # edges in {0, 1} -> the same picture in [-1, 1] for _pil

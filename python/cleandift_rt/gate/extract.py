@@ -160,11 +160,7 @@ class GateExtractor:
         return self.unet
 
     def _prompt(self, recipe: GateRecipe, category: str) -> torch.Tensor:
-        try:
-            text = recipe.prompt.format(category=category)
-        except (KeyError, IndexError, ValueError) as exc:
-            raise ValueError(f"prompt {recipe.prompt!r}: only {{category}} may appear in braces ({exc})") from None
-        return self.base.encode_prompt(text).to(device=self.device, dtype=self.dtype)
+        return self.base.encode_prompt(recipe.prompt_for(category)).to(device=self.device, dtype=self.dtype)
 
     @torch.no_grad()
     def extract(self, image, recipe: GateRecipe, category: str = "", conv: bool = True,

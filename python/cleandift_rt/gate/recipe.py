@@ -53,6 +53,7 @@ class GateRecipe:
     def __post_init__(self):
         if not isinstance(self.prompt, str):
             raise TypeError(f"recipe prompt must be a string, got {type(self.prompt).__name__}")
+        self.prompt_for("category")  # a stray brace fails here, not at the first image
         for name in ("controlnet", "lora"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
@@ -72,6 +73,14 @@ class GateRecipe:
                              f"{NUM_TRAIN_TIMESTEPS} (multi-step denoising goes from t_start down to t)")
         if self.seed < 0:
             raise ValueError(f"recipe seed must be >= 0, got {self.seed}")
+
+    def prompt_for(self, category: str) -> str:
+        """The prompt with ``{category}`` filled in."""
+        try:
+            return self.prompt.format(category=category)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"prompt {self.prompt!r}: only {{category}} may appear in braces (double other braces: "
+                             f"{{{{ }}}}); {type(exc).__name__}: {exc}") from None
 
     @property
     def unet_calls(self) -> int:

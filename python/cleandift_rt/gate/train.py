@@ -99,6 +99,14 @@ def list_checkpoints(folder: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+class _Broken(Exception):
+    """An image a pair cannot use: ``reason`` is what the summary counts, ``where`` an example."""
+
+    def __init__(self, reason: str, where: str):
+        super().__init__(reason)
+        self.reason, self.where = reason, where
+
+
 @dataclass
 class _Usable:
     """A pair whose images were read and extracted, with its keypoints on the feature grid."""
@@ -128,7 +136,8 @@ class GateTrainer:
         self.progress, self.log = progress, log
         self.store = FeatureStore(features_dir if features_dir is not None else self.out / "features", bucket, extractor)
         self.skipped: dict[str, int] = {}
-        self._broken: dict[Path, str] = {}
+        self._examples: dict[str, str] = {}
+        self._broken: dict[Path, _Broken] = {}
         torch.manual_seed(self.config.seed)  # the model's initial weights
         self.model = Amalgamator(extractor.conv_channels, extractor.attention_channels if bucket.attention else 0,
                                  len(bucket.conv), self.config.output_conv, self.config.dropout).to(extractor.device)
@@ -145,61 +154,70 @@ class GateTrainer:
         self.pool = self._usable_pairs(pairs, self.config.max_pairs, "train")
         if not self.pool:
             raise ValueError(f"no usable training pairs ({self._skip_summary()})")
-        self.val_pool = self._usable_pairs(val_pairs, self.config.val_pairs, "val") if self.config.val_pairs else []
+        self.val_pool = self._usable_pairs(val_pairs, self.config.val_pairs, "val", shuffle=True) \
+            if self.config.val_pairs else []
         self.per_epoch = min(self.config.pairs_per_epoch or len(self.pool), len(self.pool))
         self.total_steps = self.config.epochs * self.per_epoch
         self.step = self._resume() if resume else 0
 
     # -- data -----------------------------------------------------------------------------------
 
-    def _skip(self, reason: str) -> None:
+    def _skip(self, reason: str, example: str) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
+        self._examples.setdefault(reason, example)
 
     def _skip_summary(self) -> str:
-        return ", ".join(f"{n} skipped: {r}" for r, n in sorted(self.skipped.items())) or "nothing skipped"
+        return "; ".join(f"{n} skipped: {r} (e.g. {self._examples[r]})" for r, n in sorted(self.skipped.items())) \
+            or "nothing skipped"
 
     def _image(self, path: Path, annotated, category: str) -> tuple[int, int]:
-        """Size of the image, its features extracted into the store first (raises ValueError with the reason)."""
+        """Size of the image, its features extracted into the store first (raises _Broken with the reason)."""
         if path in self._broken:
-            raise ValueError(self._broken[path])
+            raise self._broken[path]
         try:
             image = load_image(path, exif_orientation=False)  # keypoints refer to the stored pixel layout
-            if annotated is not None and tuple(annotated) != image.size:
-                raise ValueError("image size differs from its annotation")
-            if not self.store.has(path, category):
-                self.store.extract(path, image, category)
-            return image.size
         except FileNotFoundError:
-            self._broken[path] = "image file missing"
+            self._broken[path] = _Broken("image file missing", str(path))
         except ValueError as exc:
-            self._broken[path] = "image size differs from its annotation" if "annotation" in str(exc) \
-                else f"image cannot be read or extracted ({exc})"
-        raise ValueError(self._broken[path])
+            self._broken[path] = _Broken("image cannot be decoded", str(exc))
+        else:
+            if annotated is None or tuple(annotated) == image.size:
+                if not self.store.has(path, category):
+                    self.store.extract(path, image, category)
+                return image.size
+            self._broken[path] = _Broken("image size differs from its annotation",
+                                         f"{path}: {image.size} vs {tuple(annotated)}")
+        raise self._broken[path]
 
-    def _usable_pairs(self, pairs: Sequence, limit: int | None, what: str) -> list[_Usable]:
+    def _usable_pairs(self, pairs: Sequence, limit: int | None, what: str, shuffle: bool = False) -> list[_Usable]:
+        """The first ``limit`` pairs (in a seeded random order with ``shuffle``) whose images are usable."""
         from tqdm.auto import tqdm
 
+        order = range(len(pairs))
+        if shuffle:
+            order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(self.config.seed)).tolist()
         usable: list[_Usable] = []
-        bar = tqdm(total=limit or len(pairs), desc=f"GATE features ({what})", unit="pair", disable=not self.progress,
-                   dynamic_ncols=True)
-        for pair in pairs:
+        bar = tqdm(total=min(limit or len(pairs), len(pairs)), desc=f"GATE features ({what})", unit="pair",
+                   disable=not self.progress, dynamic_ncols=True)
+        for index in order:
             if limit is not None and len(usable) >= limit:
                 break
+            pair = pairs[index]
             try:
                 src_size = self._image(Path(pair.source), getattr(pair, "source_size", None), pair.category)
                 trg_size = self._image(Path(pair.target), getattr(pair, "target_size", None), pair.category)
-            except ValueError as exc:
-                self._skip(str(exc).split(" (")[0])
+            except _Broken as exc:
+                self._skip(exc.reason, exc.where)
                 continue
             src, trg = np.asarray(pair.source_points, float), np.asarray(pair.target_points, float)
             keep = _inside(src, src_size) & _inside(trg, trg_size)
             if not keep.any():
-                self._skip("no keypoint inside both images")
+                self._skip("no keypoint inside both images", str(pair.pair_id))
                 continue
-            grid = self.extractor.grid
+            grid, device = self.extractor.grid, self.extractor.device
             usable.append(_Usable(str(pair.pair_id), (Path(pair.source), pair.category), (Path(pair.target), pair.category),
-                                  grid_indices(torch.from_numpy(src[keep]), src_size, grid).to(self.extractor.device),
-                                  grid_indices(torch.from_numpy(trg[keep]), trg_size, grid).to(self.extractor.device)))
+                                  grid_indices(torch.from_numpy(src[keep]), src_size, grid).to(device),
+                                  grid_indices(torch.from_numpy(trg[keep]), trg_size, grid).to(device)))
             bar.update(1)
         bar.close()
         return usable
