@@ -396,7 +396,7 @@ def write_image_folders(root, classes=("cat", "dog", "fox"), n_train=10, n_val=3
             (root / split / c).mkdir(parents=True)
             for i in range(n):
                 r = np.random.default_rng(hash((split, c, i)) % 2**32)
-                img = np.array(colours[c]) + r.integers(-30, 31, size=(32, 32, 3))
+                img = np.array(colours[c]) + r.integers(-30, 31, size=(64, 64, 3))  # engines take >= 64 px
                 Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / split / c / f"{i}.png")
     return root / "train", root / "val"
 
@@ -416,7 +416,7 @@ def test_knn_is_perfect_on_colour_features_and_near_chance_on_noise(tmp_path):
     train, val = write_image_folders(tmp_path)
     (train / "cat" / "9.png").write_bytes(b"broken")
     (val / "owl").mkdir()
-    Image.new("RGB", (32, 32), (200, 200, 40)).save(val / "owl" / "0.png")
+    Image.new("RGB", (64, 64), (200, 200, 40)).save(val / "owl" / "0.png")
     ds = load_image_folders(train, val)
     good = run_knn(ds, [MeanColour()], _store(tmp_path), tmp_path / "good", k=10, progress=False)
     bad = run_knn(ds, [Noise(16)], _store(tmp_path), tmp_path / "bad", k=10, progress=False)
@@ -425,6 +425,175 @@ def test_knn_is_perfect_on_colour_features_and_near_chance_on_noise(tmp_path):
     assert good["data"]["skipped"]["by_reason"] == {"class not in the training folder": 1,
                                                     "image cannot be decoded": 1}
     assert json.loads((tmp_path / "good" / "results.json").read_text())["top1"] == 1.0
+
+
+
+# -- cache, resume, saved probes, plots ------------------------------------------------------------
+
+
+def test_a_rerun_reads_every_feature_from_the_cache_and_reuses_the_probe(tmp_path):
+    root = write_depth_tree(tmp_path / "data", n_train=6, n_test=2)
+    protocol = DepthProtocol(1e-3, None, False, False)
+    config = TrainConfig(epochs=3, batch_size=2)
+    first, second = EncodedDepth(), EncodedDepth()
+    store = FeatureStore(tmp_path / "cache")  # float16 storage, the default
+    a = run_dense("depth", load_depth_folder(root), [first], store, tmp_path / "out", config=config,
+                  protocol=protocol, pictures=1, progress=False)
+    assert first.calls == 8 and a["cache"]["computed"] == {"encoded": 8} and "encoded" in a["training"]
+    files = sorted((tmp_path / "cache" / first.key / "map").glob("*.npy"))
+    assert len(files) == 8 and np.load(files[0], mmap_mode="r").dtype == np.float16
+    b = run_dense("depth", load_depth_folder(root), [second], FeatureStore(tmp_path / "cache"), tmp_path / "out",
+                  config=config, protocol=protocol, pictures=1, progress=False)
+    assert second.calls == 0 and b["cache"]["computed"] == {} and b["training"] == {}  # nothing computed or trained
+    assert b["rmse"] == a["rmse"] and b["delta1"] == a["delta1"]
+    files[0].write_bytes(files[0].read_bytes()[:40])  # a file cut short by a crash is computed again
+    run_dense("depth", load_depth_folder(root), [second], FeatureStore(tmp_path / "cache"), tmp_path / "out",
+              config=config, protocol=protocol, pictures=0, progress=False)
+    assert second.calls == 1
+
+
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path):
+    r = np.random.default_rng(0)
+    feats = [r.normal(size=(6, 3, 4)).astype(np.float32) for _ in range(10)]
+    labels = [np.kron(r.integers(0, 3, size=(3, 4)), np.ones((4, 4), np.int64)).astype(np.uint8) for _ in range(10)]
+    config = TrainConfig(epochs=5, batch_size=3, lr=0.05, patience=5)
+    whole = SegmentationProbe(6, 3)
+    report = whole.fit(feats, labels, config)
+
+    def stop_after_two(epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    part = SegmentationProbe(6, 3)
+    with pytest.raises(KeyboardInterrupt):
+        part.fit(feats, labels, config, checkpoint=tmp_path / "state.safetensors", on_epoch=stop_after_two)
+    resumed = SegmentationProbe(6, 3)
+    again = resumed.fit(feats, labels, config, checkpoint=tmp_path / "state.safetensors")
+    assert again["resumed_at_epoch"] == 2 and again["history"] == report["history"]
+    for key, value in whole.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+    other = SegmentationProbe(6, 3).fit(feats, labels, TrainConfig(epochs=5, batch_size=3, lr=0.01),
+                                        checkpoint=tmp_path / "state.safetensors")
+    assert other["resumed_at_epoch"] == 0  # another run's checkpoint is not resumed
+
+
+def test_a_saved_probe_evaluates_other_features_and_checks_its_kind(tmp_path):
+    root = write_depth_tree(tmp_path / "data", n_train=6, n_test=2)
+    protocol = DepthProtocol(1e-3, 9.5, False, False)
+    run_dense("depth", load_depth_folder(root), [EncodedDepth()], _store(tmp_path), tmp_path / "train",
+              config=TrainConfig(epochs=2), protocol=protocol, pictures=0, progress=False)
+    saved = tmp_path / "train" / "probes" / "encoded.safetensors"
+    other = EncodedDepth(key="other-model")  # the same features under another model's name
+    doc = run_dense("depth", load_depth_folder(root), [other], _store(tmp_path), tmp_path / "transfer",
+                    config=TrainConfig(epochs=2), protocol=protocol, probe_file=saved, pictures=0, progress=False)
+    probe, info = load_probe(saved)
+    ds = load_depth_folder(root)
+    expected = probe.evaluate([other.compute(s.read_image()) for s in ds.test], [s.read_target() for s in ds.test],
+                              protocol)
+    assert doc["rmse"] == pytest.approx(expected["rmse"], rel=1e-3)  # float16 cache vs float32 features
+    assert doc["data"]["train_used"] == 0 and doc["probe_trained_on"]["features"] == "encoded-depth"
+    with pytest.raises(ValueError, match="segmentation"):
+        run_dense("segmentation", load_voc(write_voc(tmp_path / "voc", 2, 1)), [EncodedClasses()], _store(tmp_path),
+                  tmp_path / "x", config=TrainConfig(), probe_file=saved, pictures=0, progress=False)
+
+
+def test_line_plot_draws_each_series_and_the_reference_line():
+    img = line_plot([("dift", [0, 100, 200], [0.6, 0.5, 0.55]), ("projected", [0, 100, 200], [0.48, 0.47, 0.5])],
+                    [("cleandift", 0.45)], title="depth", xlabel="t", ylabel="RMSE")
+    colours = {c for _, c in img.getcolors(maxcolors=100000)}
+    assert img.size == (900, 540) and {(31, 119, 180), (255, 127, 14), (44, 160, 44)} <= colours
+    with pytest.raises(ValueError, match="as many"):
+        line_plot([("x", [0, 1], [1])])
+
+
+
+# -- the commands, end to end with the tiny model through an Engine --------------------------------
+
+
+@pytest.fixture(scope="module")
+def engine_args(tiny_student_files, tiny_base_dir):
+    """The PyTorch backend on the tiny student at 64 px (us6: a 4 x 4 grid of 64 channels)."""
+    return ["--engine", str(tiny_student_files["unet"]), "--base", str(tiny_base_dir), "--size", "64", "64"]
+
+
+def _refuse(*args, **kwargs):
+    raise AssertionError("a fully cached rerun must not open a model")
+
+
+def test_probe_depth_command_sweeps_then_reruns_from_the_cache_without_a_model(nyu, engine_args, tiny_student_files,
+                                                                                tmp_path, monkeypatch):
+    from cleandift_rt.cli.main import main
+    from cleandift_rt.features.extractor import DiftExtractor
+    from cleandift_rt.models.heads import ProjectionHeads
+    from cleandift_rt.runtime.engine import Engine
+
+    out = tmp_path / "depth"
+    args = ["probe-depth", "--data", str(nyu[0]), *engine_args, "--out", str(out), "--baseline", "dift", "--heads",
+            str(tiny_student_files["full"]), "--timesteps", "100", "500", "--ensemble", "1", "--epochs", "2",
+            "--pictures", "1", "--no-progress"]
+    assert main(args) == 0
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["method"] == "cleandift" and doc["tap"] == "us6" and doc["rmse"] > 0
+    assert 0 <= doc["delta1"] <= 1 and doc["abs_rel"] > 0
+    assert {(r["method"], r["t"]) for r in doc["sweep"]} == {("dift", 100), ("dift", 500), ("cleandift-projected", 100),
+                                                             ("cleandift-projected", 500)}
+    assert all(0 <= r["delta1"] <= 1 and r["rmse"] > 0 for r in doc["sweep"])
+    with open(out / "sweep.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 5 and rows[0]["method"] == "cleandift" and rows[0]["t"] == ""
+    assert Image.open(out / "sweep.png").size == (900, 540) and (out / "depth_examples.png").is_file()
+    assert doc["cache"]["computed"] == {"cleandift": 8, "cleandift-projected": 16, "dift": 16}
+
+    monkeypatch.setattr(Engine, "__init__", _refuse)
+    monkeypatch.setattr(DiftExtractor, "__init__", _refuse)
+    monkeypatch.setattr(ProjectionHeads, "from_release", _refuse)
+    assert main(args) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert again["cache"]["computed"] == {} and again["training"] == {}
+    assert again["rmse"] == doc["rmse"] and again["sweep"] == doc["sweep"]
+
+    # the paper's transfer check: the probe trained on noisy features, applied to CleanDIFT's
+    transfer = tmp_path / "transfer"
+    assert main(["probe-depth", "--data", str(nyu[0]), *engine_args, "--out", str(transfer), "--cache", str(out / "cache"),
+                 "--probe", str(out / "probes" / "dift-t100.safetensors"), "--no-progress", "--pictures", "0"]) == 0
+    moved = json.loads((transfer / "results.json").read_text())
+    assert moved["probe_trained_on"]["method"] == "dift" and moved["probe_trained_on"]["t"] == 100
+    assert moved["rmse"] > 0 and moved["data"]["train_used"] == 0
+
+
+def test_probe_seg_and_knn_commands_end_to_end(engine_args, tmp_path):
+    from cleandift_rt.cli.main import main
+
+    voc = write_voc(tmp_path / "VOC2012", n_train=6, n_val=2)
+    assert main(["probe-seg", "--data", str(voc), *engine_args, "--out", str(tmp_path / "seg"), "--epochs", "2",
+                 "--pictures", "1", "--no-progress"]) == 0
+    seg = json.loads((tmp_path / "seg" / "results.json").read_text())
+    assert 0 <= seg["miou"] <= 1 and len(seg["per_class_iou"]) == 21 and seg["classes"][0] == "background"
+    assert (tmp_path / "seg" / "segmentation_examples.png").is_file()
+
+    train, val = write_image_folders(tmp_path / "folders", n_train=4, n_val=2)
+    assert main(["knn-classify", "--train", str(train), "--val", str(val), *engine_args, "--k", "5", "--out",
+                 str(tmp_path / "knn"), "--no-progress"]) == 0
+    knn = json.loads((tmp_path / "knn" / "results.json").read_text())
+    assert knn["tap"] == "mid" and knn["k"] == 5 and 0 <= knn["top1"] <= knn["top5"] <= 1 and knn["images"] == 6
+
+
+def test_commands_explain_bad_arguments(nyu, engine_args, tmp_path, capsys):
+    from cleandift_rt.cli.main import main
+
+    engine_only = engine_args[:2]
+    cases = [
+        (["probe-depth", "--data", str(nyu[0]), *engine_only, "--out", str(tmp_path), "--baseline", "dift"], "--base"),
+        (["probe-depth", "--data", str(nyu[0]), *engine_args, "--out", str(tmp_path), "--timesteps", "100"],
+         "--baseline dift"),
+        (["probe-depth", "--data", str(tmp_path / "nothing"), *engine_args, "--out", str(tmp_path)], "does not exist"),
+        (["probe-seg", "--data", str(tmp_path), *engine_args, "--out", str(tmp_path)], "VOC2012"),
+        (["knn-classify", "--train", str(tmp_path), "--val", str(tmp_path), *engine_args, "--out", str(tmp_path)],
+         "class sub-folders"),
+    ]
+    for argv, hint in cases:
+        assert main(argv) == 2, argv
+        assert hint in capsys.readouterr().err
 
 
 @pytest.fixture(autouse=True, scope="module")
