@@ -126,8 +126,11 @@ class GateExtractor:
         """Load only the ControlNets and LoRAs the bucket's recipes use; the bucket's size unless given."""
         if kwargs.get("size") is None:
             kwargs["size"] = bucket.size
-        return cls(base, controlnets={n: bucket.controlnets[n] for n in bucket.used_controlnets},
-                   loras={n: bucket.loras[n] for n in bucket.used_loras}, **kwargs)
+        extractor = cls(base, controlnets={n: bucket.controlnets[n] for n in bucket.used_controlnets},
+                        loras={n: bucket.loras[n] for n in bucket.used_loras}, **kwargs)
+        for recipe in bucket.recipes():  # e.g. multi-step with a student: refused now, not at the first image
+            extractor.check(recipe)
+        return extractor
 
     @property
     def conv_channels(self) -> int:
