@@ -576,3 +576,49 @@ def test_eval_spair_tlfr_equals_an_independent_recomputation(spair, engine_args,
     assert main(args) == 0  # resumes from the journal, from cached maps
     assert "0 images extracted, 0 from cache, 7 pairs resumed" in capsys.readouterr().out  # 4 + 3 skipped
     assert json.loads(out.read_text())["pck"] == doc["pck"]
+
+
+def test_recipes_side_by_side_with_ablations_and_clear_errors(spair, engine_args, dino_dir, tmp_path, capsys):
+    import csv
+
+    from cleandift_rt.cli.main import main
+
+    out = tmp_path / "side.json"
+    common = ["eval-spair", "--root", str(spair["root"]), *engine_args, "--categories", "coffee", "--sd-size", "128",
+              "--sd-crop", "0", "--dino-size", "112", "--no-progress"]
+    assert main([*common, "--out", str(out), "--recipe", "nn", "tale", "tlfr", "--no-dino", "--no-flip"]) == 0
+    text = capsys.readouterr().out
+    doc = json.loads(out.read_text())
+    names = [b["method"]["method"] for b in doc["methods"]]
+    assert names == ["cleandift", "tale-nodino", "tlfr-noflip-nodino"]  # what was switched off is in the name
+    assert doc["method"]["method"] == "cleandift" and doc["protocol"]["recipes"] == ["nn", "tale", "tlfr"]
+    assert doc["methods"][2]["method"]["refine"] is True and doc["methods"][2]["method"]["sd"]["passes"] == "one pass"
+    assert "note: the engine runs at 64x64" in text  # the one-pass canvas is 128 px
+    header = next(line for line in text.splitlines() if line.startswith("kind  alpha"))
+    assert all(n in header for n in names)  # one column per method
+    rows = list(csv.DictReader(open(out.with_suffix(".csv"))))
+    assert {r["method"] for r in rows} == set(names) and len(rows) == 3 * (1 + 1 + 1) * 2 * 3 * 2
+    assert main([*common, "--out", str(out), "--recipe", "tlfr"]) == 2  # DINO on but no weights given
+    assert "--dino PATH" in capsys.readouterr().err
+    assert main([*common, "--out", str(out), "--recipe", "tlfr", "--dino", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main([*common, "--out", str(out), "--recipe", "tlfr", "--no-dino", "--sd-size", "100"]) == 2
+    assert "must be multiples of 64" in capsys.readouterr().err
+
+
+def test_match_with_tlfr_flips_a_mirrored_pair(engine_args, dino_dir, photos, tmp_path, capsys):
+    from cleandift_rt.cli.main import main
+
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    photos["cat"].save(a)
+    photos["cat"].transpose(Image.FLIP_LEFT_RIGHT).save(b)
+    args = ["match", str(a), str(b), *engine_args, "--recipe", "tlfr", "--dino", str(dino_dir), "--dino-size", "112",
+            "--sd-size", "128", "--sd-crop", "0", "--out", str(tmp_path / "m.png"), "--json", str(tmp_path / "m.json")]
+    assert main(args) == 0
+    assert "image A mirrored" in capsys.readouterr().out
+    doc = json.loads((tmp_path / "m.json").read_text())
+    assert doc["flipped"] is True and doc["recipe"]["method"] == "tlfr" and len(doc["matches"]) > 0
+    assert all(0 <= m["a"][0] < 451 and 0 <= m["b"][1] < 300 for m in doc["matches"])
+    assert Image.open(tmp_path / "m.png").size[0] > 451
+    assert main([*args[:-4], "--out", str(tmp_path / "k.png"), "--points", "100,100 300,120"]) == 0
+    assert "no adaptive flip for --points" in capsys.readouterr().out

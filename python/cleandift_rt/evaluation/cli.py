@@ -51,8 +51,9 @@ def _fused_source(args, engine, text_model, prompt, name, dino):
 def _method_sources(args):
     """(sources in the order of --recipe, DIFT baseline source or None) from the parsed arguments."""
     from ..evaluation.runner import DiftFeatures, file_identity, short_hash
-    from ..fusion.options import NEAREST_NEIGHBOUR, open_dino, resolve_prompt, wants_fusion
+    from ..fusion.options import NEAREST_NEIGHBOUR, check_recipe_args, open_dino, resolve_prompt, wants_fusion
 
+    check_recipe_args(args, args.recipe)
     engine = open_engine(args)
     prompts = {name: resolve_prompt(args, name != NEAREST_NEIGHBOUR) for name in args.recipe}
     text_model = _text_model(args, engine, prompts.values())

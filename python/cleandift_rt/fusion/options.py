@@ -10,6 +10,8 @@ from .recipes import DEFAULT_PROMPT, RECIPES, Recipe
 
 NEAREST_NEIGHBOUR = "nn"  # today's protocol: one tap, cosine argmax over the upsampled target
 RECIPE_CHOICES = (NEAREST_NEIGHBOUR, *RECIPES)
+NEED_DINO = ("the tale and tlfr recipes fuse DINOv2 features: pass --dino PATH (a transformers Dinov2Model folder or "
+             "a torch-hub checkpoint as .safetensors), or --no-dino")
 
 
 def add_recipe_args(p: argparse.ArgumentParser, several: bool) -> None:
@@ -45,13 +47,35 @@ def wants_fusion(names) -> bool:
     return any(n != NEAREST_NEIGHBOUR for n in names)
 
 
+def check_recipe_args(args, names) -> None:
+    """The fusion options checked before any model loads (one-line errors, nothing wasted)."""
+    if not wants_fusion(names):
+        return
+    from pathlib import Path
+
+    from .sd import GRID_MULTIPLE
+
+    if args.sd_size <= 0 or args.sd_size % GRID_MULTIPLE or args.sd_crop < 0 or args.sd_crop % GRID_MULTIPLE:
+        raise ValueError(f"--sd-size {args.sd_size} and --sd-crop {args.sd_crop} must be multiples of {GRID_MULTIPLE} "
+                         "(--sd-crop 0: one pass)")
+    if args.sd_crop > args.sd_size:
+        raise ValueError(f"--sd-crop {args.sd_crop} is larger than --sd-size {args.sd_size}")
+    if args.no_dino:
+        return
+    if not args.dino:
+        raise ValueError(NEED_DINO)
+    if not Path(args.dino).exists():
+        raise FileNotFoundError(f"--dino {args.dino} does not exist")
+    if args.dino_size <= 0 or args.dino_size % 14:
+        raise ValueError(f"--dino-size {args.dino_size} must be a positive multiple of DINOv2's 14 px patches (840: 60 x 60)")
+
+
 def open_dino(args):
     """``Dinov2Features`` from ``--dino`` (None under --no-dino); a clear error when it is missing."""
     if args.no_dino:
         return None
     if not args.dino:
-        raise ValueError("the tale and tlfr recipes fuse DINOv2 features: pass --dino PATH (a transformers "
-                         "Dinov2Model folder or a torch-hub checkpoint as .safetensors), or --no-dino")
+        raise ValueError(NEED_DINO)
     from .dinov2 import Dinov2Features
 
     return Dinov2Features(args.dino, size=args.dino_size, device=args.device, allow_pickle=args.allow_pickle)

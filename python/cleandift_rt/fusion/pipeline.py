@@ -143,7 +143,7 @@ class Fusion:
         need_features = source_bbox is None or target_bbox is None
         # one PCA over the three views; each view's foreground is its own (the mirror's is not
         # assumed to be the mirrored source's: the crops and the canvas are not symmetric)
-        fg = feature_foregrounds([src_desc, flip_desc, trg_desc]) if need_features else None
+        fg = self._foregrounds([src_desc, flip_desc, trg_desc], [src_place, src_place, trg_place]) if need_features else None
         if source_bbox is not None:
             src = box_mask(source_bbox, src_place, grid)
             flip = box_mask(mirrored_box(source_bbox, width), src_place, grid)
@@ -173,21 +173,45 @@ class Fusion:
         """
         raws = self.raw([source_image, target_image], category)
         src, trg = self.descriptors(raws)
+        place_a, place_b = self.placement(*source_image.size), self.placement(*target_image.size)
         flipped = False
         if self.recipe.flip:
             flip_src, trg_f = self.descriptors([self.raw(flip_images([source_image]), category)[0], raws[1]])
-            fg = feature_foregrounds([src, flip_src, trg])
+            fg = self._foregrounds([src, flip_src, trg], [place_a, place_a, place_b])
             if fit_distance(flip_src, trg_f, fg[1], fg[2]) < fit_distance(src, trg, fg[0], fg[2]):
                 src, trg, flipped = flip_src, trg_f, True
         grid = trg.shape[-1]
-        idx, sim = match(src[None].contiguous(), trg[None].contiguous(), mutual=True)
+        cells_a, cells_b = self.content_cells(place_a, grid), self.content_cells(place_b, grid)  # not the padding
+        rows_a = src.flatten(1).T[cells_a[:, 1] * grid + cells_a[:, 0]].contiguous()
+        rows_b = trg.flatten(1).T[cells_b[:, 1] * grid + cells_b[:, 0]].contiguous()
+        idx, sim = match(rows_a[None], rows_b[None], mutual=True)
         idx, sim = idx[0], sim[0]
         keep = torch.nonzero(idx >= 0)[:, 0]
-        src_cells = torch.stack([keep % grid, keep // grid], 1)
-        trg_cells = torch.stack([idx[keep] % grid, idx[keep] // grid], 1)
-        pa = self.to_image(self.placement(*source_image.size), src_cells, grid)
-        pb = self.to_image(self.placement(*target_image.size), trg_cells, grid)
+        pa = self.to_image(place_a, cells_a[keep], grid)
+        pb = self.to_image(place_b, cells_b[idx[keep]], grid)
         return pa, pb, sim[keep].numpy(), flipped
+
+    @staticmethod
+    def content_mask(place: Placement, grid: int) -> torch.Tensor:
+        """``[grid, grid]`` cells whose centre lies on the image, not on the canvas padding."""
+        centres = (torch.arange(grid, dtype=torch.float64) + 0.5) * place.size / grid
+        xs = (centres >= place.offset_x) & (centres < place.offset_x + place.content_width)
+        ys = (centres >= place.offset_y) & (centres < place.offset_y + place.content_height)
+        return ys[:, None] & xs[None, :]
+
+    def content_cells(self, place: Placement, grid: int) -> torch.Tensor:
+        """``[K, 2]`` (x, y) of the :meth:`content_mask` cells, row by row."""
+        yy, xx = torch.nonzero(self.content_mask(place, grid), as_tuple=True)
+        return torch.stack([xx, yy], 1)
+
+    def _foregrounds(self, maps, places) -> list[torch.Tensor]:
+        """Feature foregrounds (one PCA over ``maps``) restricted to the image content; the whole content
+        where the foreground would be empty."""
+        out = []
+        for fg, place in zip(feature_foregrounds(maps), places):
+            content = self.content_mask(place, fg.shape[-1])
+            out.append(fg & content if (fg & content).any() else content)
+        return out
 
     def describe(self) -> dict:
         d = {"method": self.recipe.label(), **self.recipe.describe(), "sd": self.sd.describe()}

@@ -55,9 +55,10 @@ def _tap_matches(args, a, b, pts):
 
 def _recipe_matches(args, a, b, pts):
     """Matches by a fusion recipe; with a mirrored source (adaptive flip) ``a`` is returned mirrored."""
-    from ..fusion.options import open_dino, prompt_embedder, recipe_from_args, resolve_prompt
+    from ..fusion.options import check_recipe_args, open_dino, prompt_embedder, recipe_from_args, resolve_prompt
     from ..fusion.pipeline import Fusion
 
+    check_recipe_args(args, [args.recipe])
     engine = open_engine(args)
     recipe = recipe_from_args(args.recipe, args)
     text_model = getattr(getattr(engine.backend, "ref", None), "base", None)
