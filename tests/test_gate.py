@@ -455,7 +455,7 @@ def dataclasses_replace(config, **changes):
 
 def test_gate_features_feed_the_evaluation_runner(fresh_base, models, spair_pairs, tmp_path):
     from cleandift_rt.evaluation.runner import evaluate
-    from cleandift_rt.gate.source import GateFeatures
+    from cleandift_rt.gate.source import GateFeatures, RecipeFeatures
     from cleandift_rt.gate.train import GateTrainConfig, GateTrainer
 
     bucket = _small_bucket(models)
@@ -474,6 +474,10 @@ def test_gate_features_feed_the_evaluation_runner(fresh_base, models, spair_pair
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     run = evaluate(spair_pairs[:3], source, progress=False)
     assert len(run.results) >= 1 and run.source["method"] == "gate"
+    plain = RecipeFeatures(ex, GateRecipe(prompt="a photo of a {category}"))  # the paper's one-feature baseline row
+    torch.testing.assert_close(plain.features(image, pair.source[1]), conv[0], atol=2e-3, rtol=2e-3)  # fp16 cache
+    assert RecipeFeatures(ex, GateRecipe(controlnet="canny")).key != plain.key
+    assert evaluate(spair_pairs[:3], plain, progress=False).source["method"] == "gate-recipe"
 
 
 # -- the commands -----------------------------------------------------------------------------------

@@ -112,6 +112,8 @@ class GateExtractor:
         self.controlnets = {name: move_module(load_controlnet(path, self.unet), self.device, dtype)
                             for name, path in (controlnets or {}).items()}
         self.merged: dict[str, torch.nn.Module] = {}
+        self.files = {**{("controlnet", n): str(p) for n, p in (controlnets or {}).items()},
+                      **{("lora", n): str(p) for n, p in (loras or {}).items()}}  # what the names stand for
         for name, path in (loras or {}).items():
             if Path(path).is_dir():
                 self.merged[name] = move_module(load_merged_unet(path, self.unet), self.device, dtype)

@@ -1,10 +1,12 @@
-"""A trained GATE amalgamation as a feature source for ``evaluation.runner.evaluate``.
+"""GATE feature sources for ``evaluation.runner.evaluate``: a trained amalgamation, or one recipe alone.
 
 ``GateFeatures.from_dir(DIR)`` reads ``DIR/gate.safetensors`` (written by ``train-gate``): the
 amalgamator's weights and, in the metadata, the bucket, size, base model and student it was
 trained with. ``features(image, category)`` runs every recipe of the bucket on the image and
 returns the amalgamated descriptor ``[C + A, gh, gw]`` (float32, CPU), which ``evaluate``
-upsamples and matches like any other source.
+upsamples and matches like any other source. :class:`RecipeFeatures` is one recipe's feature
+without amalgamation: ``GateRecipe()`` conv features are the paper's baseline row (one feature, no
+technique: 61.15 PCK@0.1 img with SD 1.5).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from ..checkpoint import check_state_dict, read_safetensors, read_safetensors_me
 from ..models import BaseModel, load_base, load_student
 from .amalgam import Amalgamator
 from .extract import GateExtractor, attention_feature, conv_feature
-from .recipe import Bucket
+from .recipe import Bucket, GateRecipe
 from .store import CACHE_DTYPE, file_identity, short_hash
 from .train import GATE_FILE, GATE_FORMAT
 
@@ -92,3 +94,30 @@ class GateFeatures:
         e = self.extractor
         return {"method": self.name, "bucket": self.bucket.to_dict(), "size": list(e.size), "grid": list(e.grid),
                 "base": e.base.source, "student": e.student.source if e.student is not None else None}
+
+
+class RecipeFeatures:
+    """One recipe's ``[C, gh, gw]`` feature (``kind`` "conv" or "attention"), no amalgamation."""
+
+    def __init__(self, extractor: GateExtractor, recipe: GateRecipe, kind: str = "conv", name: str = "gate-recipe"):
+        if kind not in ("conv", "attention"):
+            raise ValueError(f"feature kind must be 'conv' or 'attention', got {kind!r}")
+        extractor.check(recipe)
+        self.extractor, self.recipe, self.kind, self.name = extractor, recipe, kind, name
+        e = extractor
+        self.key = short_hash(name, file_identity(e.base.source), e.student.source if e.student is not None else "",
+                              json.dumps(recipe.to_dict(), sort_keys=True), kind, e.size,
+                              *(file_identity(p) for p in _model_files(e, recipe)))
+
+    def features(self, image, category: str) -> torch.Tensor:
+        return self.extractor.features(image, self.recipe, category, kind=self.kind)
+
+    def describe(self) -> dict:
+        return {"method": self.name, "recipe": self.recipe.to_dict(), "kind": self.kind,
+                "size": list(self.extractor.size), "base": self.extractor.base.source}
+
+
+def _model_files(extractor: GateExtractor, recipe: GateRecipe) -> list[str]:
+    """The files behind a recipe's ControlNet and LoRA (their identities key the evaluation cache)."""
+    return [extractor.files[(kind, name)] for kind, name in (("controlnet", recipe.controlnet), ("lora", recipe.lora))
+            if name is not None]
