@@ -521,8 +521,10 @@ def _refuse(*args, **kwargs):
 
 
 def test_probe_depth_command_sweeps_then_reruns_from_the_cache_without_a_model(nyu, engine_args, tiny_student_files,
-                                                                                tmp_path, monkeypatch):
+                                                                                tiny_base, tiny_base_dir, tmp_path,
+                                                                                monkeypatch):
     from cleandift_rt.cli.main import main
+    from cleandift_rt.kernels.fused_heads import project
     from cleandift_rt.features.extractor import DiftExtractor
     from cleandift_rt.models.heads import ProjectionHeads
     from cleandift_rt.runtime.engine import Engine
@@ -543,6 +545,22 @@ def test_probe_depth_command_sweeps_then_reruns_from_the_cache_without_a_model(n
     assert len(rows) == 5 and rows[0]["method"] == "cleandift" and rows[0]["t"] == ""
     assert Image.open(out / "sweep.png").size == (900, 540) and (out / "depth_examples.png").is_file()
     assert doc["cache"]["computed"] == {"cleandift": 8, "cleandift-projected": 16, "dift": 16}
+    # the cached features are the models' own (float16 storage): Engine, DiftExtractor, project
+    sample = load_nyu(nyu[0]).test[0]
+
+    def cached(method):
+        key = load_probe(out / "probes" / f"{method}.safetensors")[1]["features"]
+        return np.load(out / "cache" / key / "map" / f"{sample.image_key}.npy").astype(np.float32)
+
+    engine = Engine(tiny_student_files["unet"], base=tiny_base_dir, size=(64, 64))
+    clean = engine.extract([sample.read_image()], taps=["us6"])["us6"][0]
+    np.testing.assert_allclose(cached("cleandift"), clean, rtol=2e-3, atol=2e-3 * np.abs(clean).max())
+    noisy = DiftExtractor(tiny_base, t=100, ensemble=1, seed=0, size=(64, 64)).extract([sample.read_image()],
+                                                                                      taps=["us6"])["us6"][0].numpy()
+    np.testing.assert_allclose(cached("dift-t100"), noisy, rtol=2e-3, atol=2e-3 * np.abs(noisy).max())
+    heads = ProjectionHeads.from_release(tiny_student_files["full"])
+    seen = project(torch.from_numpy(cached("cleandift"))[None], 500, heads, "us6")[0].numpy()
+    np.testing.assert_allclose(cached("cleandift-projected-t500"), seen, rtol=2e-3, atol=2e-3 * np.abs(seen).max())
 
     monkeypatch.setattr(Engine, "__init__", _refuse)
     monkeypatch.setattr(DiftExtractor, "__init__", _refuse)

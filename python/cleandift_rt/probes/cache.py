@@ -163,22 +163,22 @@ class FeatureStore:
         return _read_npy(path)
 
     def _raw_map(self, source, sample: Sample, image) -> np.ndarray:
-        memo = self._memo.get(source.key)
-        if memo is not None and memo[0] == sample.image_key:  # a projected view of a map just computed
-            return memo[1]
         if isinstance(source, ProjectedSource):
-            parent_path = self.path(source.parent, "map", sample)
-            parent = _read_npy(parent_path)
-            parent = np.asarray(parent, dtype=np.float32) if parent is not None else self._raw_map(source.parent, sample, image)
-            feats = source.project(parent)
-        else:
-            check = getattr(source, "check", None)  # model-level problems fail the run, not one image
-            if check is not None:
-                check()
-            try:
-                feats = source.compute(image())
-            except (ValueError, TypeError) as exc:
-                raise SampleError("feature extraction failed", f"{sample.name}: {str(exc).splitlines()[0]}") from None
+            # the parent's stored map when there is one: the values every run (and every probe) sees
+            stored = _read_npy(self.path(source.parent, "map", sample))
+            parent = np.array(stored, dtype=np.float32) if stored is not None else \
+                self._raw_map(source.parent, sample, image)
+            return source.project(parent)
+        memo = self._memo.get(source.key)
+        if memo is not None and memo[0] == sample.image_key:  # projected views of a map just computed
+            return memo[1]
+        check = getattr(source, "check", None)  # model-level problems fail the run, not one image
+        if check is not None:
+            check()
+        try:
+            feats = source.compute(image())
+        except (ValueError, TypeError) as exc:
+            raise SampleError("feature extraction failed", f"{sample.name}: {str(exc).splitlines()[0]}") from None
         self._memo[source.key] = (sample.image_key, feats)
         return feats
 
