@@ -5,13 +5,21 @@ once to a cache folder as a diffusers model so every contender loads the same fi
 contender runs in its own subprocess, so its peak memory (max RSS, weights included) is its own.
 
 Contenders:
-  engine-ort        cleandift_rt.Engine on an exported .onnx (ONNX Runtime CPU, graph ends at the last tap)
-  engine-torch-fp32 cleandift_rt.Engine PyTorch backend (eager, forward stopped after the last tap)
-  engine-torch-bf16 the same under CPU bf16 autocast
-  release-fp32      written like the public release: eager, VAE posterior, hooks on the 11 taps,
-                    the whole U-Net forward (decoder and conv_out) every time
-  release-bf16      the same under CPU bf16 autocast
-  dift              noisy DIFT baseline (foundation's DiftExtractor): 8-sample ensemble at t=261
+  engine-ort           cleandift_rt.Engine on an exported .onnx (ONNX Runtime CPU, graph ends at the last tap)
+  engine-openvino-fp32 the same .onnx on the Engine's OpenVINO backend, fp32 (explicit f32 hint)
+  engine-openvino-bf16 the same in native bf16 (OpenVINO's bf16 hint; fp32 on CPUs without native bf16)
+  engine-torch-fp32    cleandift_rt.Engine PyTorch backend (eager, forward stopped after the last tap)
+  engine-torch-bf16    the same under CPU bf16 autocast (fp32 on CPUs without native bf16)
+  release-fp32         written like the public release: eager, VAE posterior, hooks on the 11 taps,
+                       the whole U-Net forward (decoder and conv_out) every time
+  release-bf16         the same under CPU bf16 autocast
+  openvino-full-fp32   peer: OpenVINO on plain ONNX exports of the VAE encoder and the whole U-Net (no
+  openvino-full-bf16   pruning, timestep as an input), taps as extra outputs (bench/_openvino_full.py)
+  dift                 noisy DIFT baseline (foundation's DiftExtractor): 8-sample ensemble at t=261
+
+Accuracy: every contender but DIFT also extracts two bundled photos; per tap, the cosine to the fp32
+reference (the Engine's PyTorch backend, else the first fp32 contender) and how often us6 dense
+matching (cosine argmax per pixel from one photo to the other) picks the same target.
 
     python bench/extract.py --quick                 # 512 px, batch 1, all taps and us6
     python bench/extract.py --sizes 512 768 --batches 1 4
@@ -33,15 +41,27 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-CONTENDERS = ("engine-ort", "engine-torch-fp32", "engine-torch-bf16", "release-fp32", "release-bf16", "dift")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _openvino_full import OpenVINOFullModel, export_full  # noqa: E402
+
+CONTENDERS = ("engine-ort", "engine-openvino-fp32", "engine-openvino-bf16", "engine-torch-fp32", "engine-torch-bf16",
+              "release-fp32", "release-bf16", "openvino-full-fp32", "openvino-full-bf16", "dift")
+PEERS = ("release-fp32", "release-bf16", "release-best", "openvino-full-fp32", "openvino-full-bf16", "dift")
+REFERENCES = ("engine-torch-fp32", "engine-ort", "engine-openvino-fp32", "release-fp32")  # fp32, first present
+ACCURACY_PHOTOS = ("cat", "coffee")
 TAP_SETS = {"all": None, "us6": ["us6"]}
-TARGETS = [  # (ours, baseline, tap set, minimum ratio) from issue 4
-    ("engine-best", "release-fp32", "us6", 2.5),
-    ("engine-best", "release-fp32", "all", 1.8),
-    ("engine-best", "release-best", "all", 1.4),
-    ("engine-best", "release-best", "us6", 1.4),
-    ("engine-best", "dift", "us6", 12.0),
+TARGETS = [  # (ours, baseline, tap set, minimum ratio, CPU kind: native bf16 or not) from issue 13
+    ("engine-best", "release-best", "us6", 2.0, True),
+    ("engine-best", "release-best", "all", 1.6, True),
+    ("engine-best", "release-fp32", "us6", 2.5, True),
+    ("engine-best", "release-fp32", "all", 2.5, True),
+    ("engine-best-fp32", "openvino-full-fp32", "us6", 1.2, True),
+    ("engine-best-fp32", "openvino-full-fp32", "all", 1.0, True),
+    ("engine-best-bf16", "openvino-full-bf16", "us6", 1.2, True),
+    ("engine-best-bf16", "openvino-full-bf16", "all", 1.0, True),
+    ("engine-best", "release-fp32", "us6", 1.5, False),
 ]
+MIN_COSINE = 0.995  # bf16 per tap against the fp32 reference
 
 
 # -- the model on disk ----------------------------------------------------------------------
@@ -70,8 +90,16 @@ def ensure_random_sd21(folder: Path) -> Path:
     return folder
 
 
+def model_tag(model_dir: Path) -> str:
+    return "tiny" if Path(model_dir).name == "tiny" else "sd21"
+
+
+def full_export_dir(model_dir: Path, cache: Path, size: int) -> Path:
+    return cache / f"{model_tag(model_dir)}-{size}-full-unet"
+
+
 def ensure_onnx(model_dir: Path, cache: Path, size: int, taps) -> Path:
-    name = f"sd21-{size}-{'all' if taps is None else '-'.join(taps)}.onnx"
+    name = f"{model_tag(model_dir)}-{size}-{'all' if taps is None else '-'.join(taps)}.onnx"
     path = cache / name
     if not path.is_file():
         from cleandift_rt.models import Student, load_base
@@ -124,22 +152,34 @@ def worker(args) -> dict:
     name = args.worker
     if name == "export":  # in its own process, so that no contender's peak memory includes it
         return {"onnx": str(ensure_onnx(model_dir, cache, args.size, taps))}
-    if name == "engine-ort":
+    if name == "export-full":
+        return {"folder": str(export_full(model_dir, full_export_dir(model_dir, cache, args.size), args.size))}
+    if name.startswith(("engine-ort", "engine-openvino")):
         from cleandift_rt import Engine
 
-        engine = Engine(ensure_onnx(model_dir, cache, args.size, taps), device="cpu")
+        backend, precision = ("onnxruntime", None) if name == "engine-ort" else ("openvino", name.rsplit("-", 1)[1])
+        engine = Engine(ensure_onnx(model_dir, cache, args.size, taps), device="cpu", backend=backend,
+                        precision=precision)
         run = lambda x: engine.extract(x)  # noqa: E731
-        detail = {"providers": engine.info["providers"], "threads": engine.info["threads"]}
+        detail = {k: engine.info[k] for k in ("backend", "precision", "threads", "providers", "compute_precision",
+                                               "openvino_hint", "timestep_embedding") if k in engine.info}
     elif name.startswith("engine-torch"):
         from cleandift_rt import Engine
 
         engine = Engine(model_dir, taps=taps, size=(args.size, args.size), precision=name.rsplit("-", 1)[1])
         run = lambda x: engine.extract(x)  # noqa: E731
-        detail = {"threads": torch.get_num_threads()}
+        detail = {"backend": "pytorch", "precision": engine.info["precision"], "threads": torch.get_num_threads()}
     elif name.startswith("release"):
         ref = ReleaseStyleExtractor(model_dir, bf16=name.endswith("bf16"))
         run = lambda x: ref.extract(prepare_images(x, args.size).pixels, taps)  # noqa: E731
-        detail = {"threads": torch.get_num_threads()}
+        detail = {"precision": name.rsplit("-", 1)[1], "threads": torch.get_num_threads()}
+    elif name.startswith("openvino-full"):
+        from cleandift_rt.runtime.backends.onnxruntime import available_cpus
+
+        full = OpenVINOFullModel(full_export_dir(model_dir, cache, args.size), name.rsplit("-", 1)[1], available_cpus())
+        run = lambda x: full.extract(prepare_images(x, args.size).pixels, taps)  # noqa: E731
+        detail = {"precision": {"f32": "fp32"}.get(full.detail["openvino_hint"], full.detail["openvino_hint"]),
+                  **full.detail}
     elif name == "dift":
         from cleandift_rt.features.extractor import DiftExtractor
         from cleandift_rt.models import load_base
@@ -161,10 +201,25 @@ def worker(args) -> dict:
         if i >= args.warmup:
             times.append(time.perf_counter() - t1)
     best = min(times)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the accuracy pass below
+    accuracy = save_accuracy_features(run, args, name) if args.accuracy and name != "dift" else None
     return {"contender": name, "size": args.size, "batch": args.batch, "taps": args.tap_set,
             "seconds": times, "best_seconds": best, "images_per_second": args.batch / best,
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "load_seconds": load_seconds, "outputs": {k: list(v.shape) for k, v in feats.items()}, **detail}
+            "peak_rss_mib": peak, "load_seconds": load_seconds, "accuracy_features": accuracy,
+            "outputs": {k: list(v.shape) for k, v in feats.items()}, **detail}
+
+
+def save_accuracy_features(run, args, name: str) -> str:
+    """Features of the bundled photos (one batch), kept for the driver's comparison with the reference."""
+    import numpy as np
+
+    from cleandift_rt.assets import load_photo
+
+    feats = run([load_photo(p) for p in ACCURACY_PHOTOS])
+    path = Path(args.cache) / "features" / f"{name}-{args.size}-{args.tap_set}.npz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **{t: np.asarray(f, dtype=np.float32) for t, f in feats.items()})
+    return str(path)
 
 
 # -- the driver -----------------------------------------------------------------------------
@@ -173,7 +228,8 @@ def worker(args) -> dict:
 def run_one(args, contender, size, batch, tap_set) -> dict | None:
     cmd = [sys.executable, __file__, "--worker", contender, "--model-dir", str(args.model_dir), "--cache",
            str(args.cache), "--size", str(size), "--batch", str(batch), "--tap-set", tap_set,
-           "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
+           "--repeats", str(args.repeats), "--warmup", str(args.warmup)] + \
+        (["--accuracy"] if batch == args.batches[0] else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         print(f"  {contender} failed:\n{proc.stderr[-2000:]}", flush=True)
@@ -181,24 +237,34 @@ def run_one(args, contender, size, batch, tap_set) -> dict | None:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def summarise(rows: list[dict]) -> tuple[list[str], list[dict]]:
+def summarise(rows: list[dict], native_bf16: bool) -> tuple[list[str], list[dict]]:
     lines, checks = [], []
     keyed = {(r["contender"], r["size"], r["batch"], r["taps"]): r for r in rows}
     for size, batch, tap_set in sorted({(r["size"], r["batch"], r["taps"]) for r in rows}):
         group = {c: keyed[(c, size, batch, tap_set)] for c in CONTENDERS if (c, size, batch, tap_set) in keyed}
-        engines = {c: r for c, r in group.items() if c.startswith("engine")}
-        releases = {c: r for c, r in group.items() if c.startswith("release")}
+        fastest = lambda rs: min(rs, key=lambda r: r["best_seconds"])  # noqa: E731
+        engines = [r for c, r in group.items() if c.startswith("engine")]
+        releases = [r for c, r in group.items() if c.startswith("release")]
         if engines:
-            group["engine-best"] = min(engines.values(), key=lambda r: r["best_seconds"])
+            group["engine-best"] = fastest(engines)
+            for precision in ("fp32", "bf16"):  # by the precision that actually ran
+                same = [r for r in engines if r.get("precision") == precision]
+                if same:
+                    group[f"engine-best-{precision}"] = fastest(same)
         if releases:
-            group["release-best"] = min(releases.values(), key=lambda r: r["best_seconds"])
+            group["release-best"] = fastest(releases)
         lines.append(f"\n{size} px, batch {batch}, taps {tap_set}:")
         for c, r in group.items():
-            tag = f" (= {r['contender']})" if c.endswith("-best") else ""
-            lines.append(f"  {c:18s} {r['images_per_second']:7.4f} img/s  {r['best_seconds']:7.2f} s/batch  "
+            ran = " ".join(str(r[k]) for k in ("backend", "precision") if r.get(k))
+            tag = f" (= {r['contender']})" if "-best" in c else f" [{ran}]" if ran else ""
+            lines.append(f"  {c:20s} {r['images_per_second']:7.4f} img/s  {r['best_seconds']:7.2f} s/batch  "
                          f"peak {r['peak_rss_mib'] / 1024:5.1f} GiB{tag}")
-        for ours, theirs, taps_for, minimum in TARGETS:
-            if taps_for != tap_set or ours not in group or theirs not in group:
+        if "engine-best" in group:
+            best = group["engine-best"]
+            lines.append(f"  engine-best ({best['contender']}) against every peer: " + ", ".join(
+                f"{p} x{group[p]['best_seconds'] / best['best_seconds']:.2f}" for p in PEERS if p in group))
+        for ours, theirs, taps_for, minimum, for_bf16_cpu in TARGETS:
+            if taps_for != tap_set or for_bf16_cpu != native_bf16 or ours not in group or theirs not in group:
                 continue
             ratio = group[theirs]["best_seconds"] / group[ours]["best_seconds"]
             met = ratio >= minimum
@@ -209,9 +275,48 @@ def summarise(rows: list[dict]) -> tuple[list[str], list[dict]]:
     return lines, checks
 
 
+def accuracy(rows: list[dict]) -> tuple[list[str], list[dict]]:
+    """Per tap cosine to the fp32 reference (min over the photos) and us6 dense-matching agreement."""
+    import numpy as np
+    import torch
+
+    from cleandift_rt import match
+
+    lines, results = [], []
+    for size, tap_set in sorted({(r["size"], r["taps"]) for r in rows if r.get("accuracy_features")}):
+        saved = {r["contender"]: r["accuracy_features"] for r in rows
+                 if (r["size"], r["taps"]) == (size, tap_set) and r.get("accuracy_features")}
+        reference = next((c for c in REFERENCES if c in saved), None)
+        if reference is None:
+            continue
+        ref = dict(np.load(saved[reference]))
+        lines.append(f"\naccuracy at {size} px, taps {tap_set}, against {reference} (photos {', '.join(ACCURACY_PHOTOS)}):")
+        for contender, path in saved.items():
+            if contender == reference:
+                continue
+            feats = dict(np.load(path))
+            cosines = {}
+            for tap in (t for t in ref if t in feats):
+                a, b = feats[tap].reshape(len(feats[tap]), -1).astype(np.float64), ref[tap].reshape(len(ref[tap]), -1)
+                cosines[tap] = float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min())
+            row = {"size": size, "taps": tap_set, "contender": contender, "reference": reference, "cosine": cosines}
+            if "us6" in feats and "us6" in ref:
+                picks = [match(torch.from_numpy(f[:1]), torch.from_numpy(f[1:2]), precision="fp32")[0]
+                         for f in (feats["us6"], ref["us6"])]
+                row["us6_same_match"] = float((picks[0] == picks[1]).float().mean())
+            results.append(row)
+            worst = min(cosines, key=cosines.get)
+            lines.append(f"  {contender:20s} min cosine {cosines[worst]:.5f} ({worst}; target {MIN_COSINE}: "
+                         f"{'met' if cosines[worst] >= MIN_COSINE else 'MISSED'})"
+                         + (f", us6 matches as fp32: {row['us6_same_match']:.4f}" if "us6_same_match" in row else ""))
+    return lines, results
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="512 px, batch 1 only")
+    p.add_argument("--tiny", action="store_true", help="the tiny test model at 128 px, batch 1: checks the script "
+                   "itself in a minute (its ratios say nothing about SD 2.1 size)")
     p.add_argument("--sizes", type=int, nargs="+", default=[512, 768])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     p.add_argument("--tap-sets", nargs="+", choices=list(TAP_SETS), default=list(TAP_SETS))
@@ -227,24 +332,33 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--tap-set", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--accuracy", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     if args.worker:
         print(json.dumps(worker(args)))
         return 0
-    if args.quick:
-        args.sizes, args.batches = [512], [1]
+    if args.quick or args.tiny:
+        args.sizes, args.batches = ([128] if args.tiny else [512]), [1]
     args.cache.mkdir(parents=True, exist_ok=True)
-    args.model_dir = ensure_random_sd21(args.cache / "sd21-random")
+    if args.tiny:
+        from cleandift_rt.models import write_tiny_base
+
+        tiny = args.cache / "tiny"
+        args.model_dir = tiny if (tiny / "model_index.json").is_file() else write_tiny_base(tiny, seed=0)
+    else:
+        args.model_dir = ensure_random_sd21(args.cache / "sd21-random")
     from tqdm import tqdm
 
     from cleandift_rt.build_info import build_info
 
-    if "engine-ort" in args.contenders:
-        for size in args.sizes:
+    for size in args.sizes:  # exports in their own processes, before any timing
+        if any(c.startswith(("engine-ort", "engine-openvino")) for c in args.contenders):
             for tap_set in args.tap_sets:
                 if run_one(args, "export", size, 1, tap_set) is None:
                     return 1
+        if any(c.startswith("openvino-full") for c in args.contenders) and run_one(args, "export-full", size, 1, "all") is None:
+            return 1
     points = [(c, s, b, t) for s in args.sizes for b in args.batches for t in args.tap_sets for c in args.contenders]
     rows = []
     for contender, size, batch, tap_set in tqdm(points, desc="bench", unit="run"):
@@ -264,14 +378,21 @@ def main(argv=None) -> int:
             if key not in keyed or r["best_seconds"] < keyed[key]["best_seconds"]:
                 keyed[key] = dict(r, merged_from=str(earlier))
         rows = list(keyed.values())
-    lines, checks = summarise(rows)
-    print("\n".join(lines))
+    from _common import cpu_description
+
+    from cleandift_rt.kernels.precision import native_bf16
+
+    cpu = cpu_description()
+    print(f"\n{cpu['cpu']}; flags {' '.join(cpu['cpu_flags'])}; native bf16: {'yes' if native_bf16() else 'no'}")
+    lines, checks = summarise(rows, native_bf16())
+    accuracy_lines, accuracy_rows = accuracy(rows)
+    print("\n".join(lines + accuracy_lines))
     info = build_info()
     result = {"bench": "extract", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "machine": {"cpus": os.cpu_count(), "load_average": os.getloadavg(),
+              "machine": {"cpus": os.cpu_count(), "load_average": os.getloadavg(), **cpu, "native_bf16": native_bf16(),
                           "torch_cpu_capability": _torch_capability(), "build_info": info},
               "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-              "rows": rows, "ratios": checks}
+              "rows": rows, "ratios": checks, "accuracy": accuracy_rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"extract-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(result, indent=2, default=str))
