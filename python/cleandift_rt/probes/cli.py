@@ -24,6 +24,8 @@ def _check_args(args) -> None:
         value = getattr(args, flag, None)
         if value and not Path(value).is_file():
             raise UserError(f"--{flag} {value} does not exist")
+    if getattr(args, "pictures", 0) < 0:
+        raise UserError(f"--pictures must be 0 or more, got {args.pictures}")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; results go into a folder (results.json, sweep.csv, pictures)")

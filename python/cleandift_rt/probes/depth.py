@@ -43,7 +43,8 @@ EIGEN_CROP = (45, 471, 41, 601)  # rows [45, 471), columns [41, 601) of a 480 x 
 @dataclass(frozen=True)
 class DepthProtocol:
     """Which ground-truth pixels count: ``min_depth < d* < max_depth`` (``<=`` when not
-    ``strict_max``), inside the Eigen crop when ``eigen_crop``."""
+    ``strict_max``), inside the Eigen crop when ``eigen_crop``. ``max_depth=None`` tells
+    ``run_dense`` to use the training ground truth's maximum (or a loaded probe's)."""
 
     min_depth: float = 1e-3
     max_depth: float = 10.0

@@ -141,7 +141,11 @@ def _probe_for(task: str, source, train_feats, train_targets, make_probe, config
 def run_dense(task: str, dataset: Dataset, sources, store: FeatureStore, out: str | Path, *, config: TrainConfig,
               protocol: DepthProtocol | None = None, num_classes: int = 21, probe_file: str | Path | None = None,
               pictures: int = 4, progress: bool = True, extra: dict | None = None) -> dict:
-    """Depth (``task="depth"``) or segmentation (``"segmentation"``) probes for every source."""
+    """Depth (``task="depth"``) or segmentation (``"segmentation"``) probes for every source; the
+    results document (also written to ``out/results.json``). ``protocol`` (depth): None = NYUv2's for
+    the labeled set, else no crop and the training data's maximum depth."""
+    if task not in ("depth", "segmentation"):
+        raise ValueError(f"task must be 'depth' or 'segmentation', got {task!r}")
     out = Path(out)
     kind = "depth" if task == "depth" else "label"
     skips = Skips()
@@ -165,6 +169,9 @@ def run_dense(task: str, dataset: Dataset, sources, store: FeatureStore, out: st
     train_targets = [store.target(s, kind) for s in train]
     test_targets = [store.target(s, kind) for s in test]
     if task == "depth":
+        if protocol is None:  # NYUv2's protocol for the labeled set, the data's own range for folders
+            nyu = dataset.kind == "nyu"
+            protocol = DepthProtocol(1e-3, 10.0 if nyu else None, eigen_crop=nyu, strict_max=nyu)
         if protocol.max_depth is None:
             source_max = loaded.max_depth if loaded is not None else max(float(np.max(t)) for t in train_targets)
             protocol = DepthProtocol(protocol.min_depth, source_max, protocol.eigen_crop, protocol.strict_max)

@@ -155,7 +155,7 @@ class LinearProbe(nn.Module):
         if n == 0 or len(targets) != n:
             raise ValueError(f"fit needs one target per feature map and at least one of each, got {n} and {len(targets)}")
         order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed)).tolist()
-        n_val = int(round(n * config.val_fraction)) if n > 1 else 0
+        n_val = min(int(round(n * config.val_fraction)), n - 1)  # at least one image to fit
         val_idx, fit_idx = sorted(order[:n_val]), sorted(order[n_val:])
         self._standardise_from(features, fit_idx)
         self._reset(config.seed)
