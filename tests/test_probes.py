@@ -486,7 +486,7 @@ def test_a_saved_probe_evaluates_other_features_and_checks_its_kind(tmp_path):
     other = EncodedDepth(key="other-model")  # the same features under another model's name
     doc = run_dense("depth", load_depth_folder(root), [other], _store(tmp_path), tmp_path / "transfer",
                     config=TrainConfig(epochs=2), protocol=protocol, probe_file=saved, pictures=0, progress=False)
-    probe, info = load_probe(saved)
+    probe, _ = load_probe(saved)
     ds = load_depth_folder(root)
     expected = probe.evaluate([other.compute(s.read_image()) for s in ds.test], [s.read_target() for s in ds.test],
                               protocol)
@@ -524,8 +524,8 @@ def test_probe_depth_command_sweeps_then_reruns_from_the_cache_without_a_model(n
                                                                                 tiny_base, tiny_base_dir, tmp_path,
                                                                                 monkeypatch):
     from cleandift_rt.cli.main import main
-    from cleandift_rt.kernels.fused_heads import project
     from cleandift_rt.features.extractor import DiftExtractor
+    from cleandift_rt.kernels.fused_heads import project
     from cleandift_rt.models.heads import ProjectionHeads
     from cleandift_rt.runtime.engine import Engine
 

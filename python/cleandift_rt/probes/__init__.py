@@ -19,8 +19,8 @@ from .run import run_dense, run_knn
 from .segmentation import SegmentationProbe, confusion_matrix, iou_scores
 from .training import LinearProbe, TrainConfig, load_probe
 
-__all__ = ["DepthProbe", "SegmentationProbe", "knn_classify", "KnnResult", "vote", "DepthProtocol", "depth_metrics",
-           "confusion_matrix", "iou_scores", "LinearProbe", "TrainConfig", "load_probe", "FeatureStore", "Lazy",
-           "EngineSource", "DiftSource", "ProjectedSource", "Dataset", "Sample", "SampleError", "Skips",
-           "load_depth_data", "load_depth_folder", "load_nyu", "load_voc", "load_image_folders", "line_plot",
-           "run_dense", "run_knn"]
+__all__ = ["Dataset", "DepthProbe", "DepthProtocol", "DiftSource", "EngineSource", "FeatureStore", "KnnResult", "Lazy",
+           "LinearProbe", "ProjectedSource", "Sample", "SampleError", "SegmentationProbe", "Skips", "TrainConfig",
+           "confusion_matrix", "depth_metrics", "iou_scores", "knn_classify", "line_plot", "load_depth_data",
+           "load_depth_folder", "load_image_folders", "load_nyu", "load_probe", "load_voc", "run_dense", "run_knn",
+           "vote"]

@@ -18,8 +18,8 @@ file cut short by a crash is computed again. Targets (depth and label maps) are 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch

@@ -25,8 +25,8 @@ is the data's own) and, for NYUv2, inside the Eigen crop (rows 45:471, columns 4
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -126,7 +126,7 @@ class DepthProbe(LinearProbe):
         return {**super().meta(), "n_bins": self.n_bins, "min_depth": self.min_depth, "max_depth": self.max_depth}
 
     @classmethod
-    def from_meta(cls, meta: dict) -> "DepthProbe":
+    def from_meta(cls, meta: dict) -> DepthProbe:
         return cls(int(meta["channels"]), int(meta["n_bins"]), float(meta["min_depth"]), float(meta["max_depth"]))
 
     def probabilities(self, features: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ class KnnResult:
 def vote(neighbour_labels: np.ndarray, top: int = 5) -> tuple[np.ndarray, np.ndarray]:
     """Classes ranked by votes of ``neighbour_labels [M, k]`` (nearest first), ties to the nearer best neighbour."""
     lab = np.asarray(neighbour_labels, dtype=np.int64)
-    m, k = lab.shape
+    k = lab.shape[1]
     same = lab[:, :, None] == lab[:, None, :]  # [M, k, k]
     votes = same.sum(2)
     first = same.argmax(2) == np.arange(k)  # position j is its class's nearest neighbour

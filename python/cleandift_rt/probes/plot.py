@@ -7,7 +7,7 @@ nice ticks, a legend); the sweep plot of the paper's figures 6, 9, 10 and 15 is 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont

@@ -13,7 +13,7 @@ nan-mean of mmsegmentation and the VOC devkit).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -56,7 +56,7 @@ class SegmentationProbe(LinearProbe):
         return {**super().meta(), "num_classes": self.num_classes, "ignore_index": self.ignore_index}
 
     @classmethod
-    def from_meta(cls, meta: dict) -> "SegmentationProbe":
+    def from_meta(cls, meta: dict) -> SegmentationProbe:
         return cls(int(meta["channels"]), int(meta["num_classes"]), int(meta.get("ignore_index", VOID)))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:

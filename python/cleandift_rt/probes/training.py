@@ -21,13 +21,13 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn as nn
+from torch import nn
 
 from ..checkpoint import load_strict, read_safetensors, read_safetensors_metadata, write_safetensors
 
@@ -109,7 +109,7 @@ class LinearProbe(nn.Module):
         return {"kind": self.kind, "channels": self.channels}
 
     @classmethod
-    def from_meta(cls, meta: dict) -> "LinearProbe":
+    def from_meta(cls, meta: dict) -> LinearProbe:
         raise NotImplementedError
 
     # -- training ------------------------------------------------------------------------------
@@ -155,7 +155,7 @@ class LinearProbe(nn.Module):
         if n == 0 or len(targets) != n:
             raise ValueError(f"fit needs one target per feature map and at least one of each, got {n} and {len(targets)}")
         order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed)).tolist()
-        n_val = min(int(round(n * config.val_fraction)), n - 1)  # at least one image to fit
+        n_val = min(round(n * config.val_fraction), n - 1)  # at least one image to fit
         val_idx, fit_idx = sorted(order[:n_val]), sorted(order[n_val:])
         self._standardise_from(features, fit_idx)
         self._reset(config.seed)
