@@ -45,7 +45,7 @@ def _sources(args):
     engine = Lazy(lambda: open_engine(args))
     main = EngineSource(engine, args.tap, key=short_hash(engine_key, args.tap))
     sources = [main]
-    timesteps = args.timesteps if args.timesteps is not None else DEFAULT_TIMESTEPS
+    timesteps = list(dict.fromkeys(args.timesteps if args.timesteps is not None else DEFAULT_TIMESTEPS))
     if args.heads:
         from ..models.heads import ProjectionHeads
 
