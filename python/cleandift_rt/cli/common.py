@@ -63,8 +63,8 @@ def engine_identity(args, engine) -> str:
     parts = [file_identity(args.engine), engine.size, engine.resize]
     if args.base:
         parts.append(file_identity(args.base))
-    if engine.info["precision"] != "fp32":  # bf16 features are other features; fp32 runs keep their old caches
-        parts.append(engine.info["precision"])
+    if engine.requested_precision is not None and engine.info["precision"] != "fp32":
+        parts.append(engine.info["precision"])  # bf16 / fp16 features are other features; fp32 keeps its caches
     return short_hash(*parts)
 
 

@@ -1,8 +1,8 @@
 """OpenVINO backend for exported ``.onnx`` feature graphs, on the CPU, in fp32 or native bf16.
 
-- **Compiled once** per (file, its size and modification time, precision, threads) in this process:
-  Engines opening the same file with the same options share one compiled model (held weakly, so
-  it is freed with the last Engine that uses it).
+- **Compiled once** per (file, the sizes and modification times of it and its ``.data`` weights,
+  precision, threads) in this process: Engines opening the same file with the same options share
+  one compiled model (held weakly, so it is freed with the last Engine that uses it).
 - **Precision** is always set explicitly through ``INFERENCE_PRECISION_HINT``: ``"f32"`` for
   fp32, since OpenVINO's CPU plugin itself defaults to bf16 on CPUs with AVX512_BF16 or AMX, and
   ``"bf16"`` only where the Engine found native bf16. ``describe()`` reports the hint the
@@ -14,8 +14,9 @@
 - **Timestep embedding**: the U-Net broadcasts its constant timestep to the batch before the
   sinusoidal embedding, so OpenVINO computes that embedding at run time, in bf16 under the bf16
   hint, where t = 261 rounds to 260 (the time embedding came out at cosine 0.956 to fp32 and the
-  deepest taps at 0.994). The backend feeds the embedding the unbroadcast timestep instead: the
-  whole time MLP then folds to a constant, computed in fp32 at compile time (deepest taps 0.998).
+  deepest taps at 0.994 on the tiny model). The backend feeds the embedding the unbroadcast
+  timestep instead: the whole time MLP then folds to a constant, computed in fp32 at compile time
+  (deepest taps 0.9965-0.998 on the tiny models; docs/cpu.md).
 - **Thread safety**: a pool of infer requests; a call takes an idle one (or makes one), so
   concurrent calls run side by side, each on its own request, and never share output buffers.
 """
@@ -103,8 +104,8 @@ def _fold_timestep_embedding(model) -> int:
 def compile_onnx(path: Path, precision: str, threads: int) -> _Compiled:
     """The compiled model of ``path`` for (precision, threads), shared while any Engine holds it."""
     ov = import_openvino()
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, precision, threads)
+    files = [f for f in (path, path.with_name(path.name + ".data")) if f.exists()]  # the graph and its weights
+    key = (str(path.resolve()), *((f.stat().st_size, f.stat().st_mtime_ns) for f in files), precision, threads)
     with _compiled_lock:  # one compile per key even when Engines open concurrently
         hit = _compiled.get(key)
         if hit is not None:
