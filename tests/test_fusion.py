@@ -306,10 +306,13 @@ def _brute_force_soft_argmax(src, dst, index, window, temperature, outside):
     return torch.stack(out)
 
 
+@pytest.mark.parametrize("path", ["dense", "gathered"])
 @pytest.mark.parametrize("outside", ["zero", "exclude"])
-def test_window_soft_argmax_equals_brute_force(outside):
+def test_window_soft_argmax_equals_brute_force(outside, path, monkeypatch):
     from cleandift_rt import match
+    from cleandift_rt.kernels import refine
 
+    monkeypatch.setattr(refine, "DENSE_CELLS_PER_WINDOW_CELL", 10**6 if path == "dense" else 0)
     g = torch.Generator().manual_seed(5)
     dst = torch.randn(1, 12, 7, 9, generator=g)
     src = torch.randn(1, 25, 12, generator=g) * 0.3 + dst.flatten(2).transpose(1, 2)[:, ::2][:, :25]
@@ -318,6 +321,8 @@ def test_window_soft_argmax_equals_brute_force(outside):
         got = soft_argmax(src, dst, index, window, temperature, outside=outside)[0].double()
         want = _brute_force_soft_argmax(src, dst, index, window, temperature, outside)
         torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+        one_row_chunks = soft_argmax(src, dst, index, window, temperature, chunk_bytes=1, outside=outside)[0]
+        torch.testing.assert_close(one_row_chunks.double(), got, atol=1e-6, rtol=0)
     far = torch.randn(1, 4, 12, generator=g)  # dissimilar sources: the outside zeros pull towards the centre
     idx, _ = match(far, dst)
     zero = soft_argmax(far, dst, idx, 3, 0.5, outside="zero")[0]

