@@ -1,9 +1,9 @@
 """Runtime: ``Engine``, one object for every way of running an exported or PyTorch feature extractor.
 
 Owns the Engine (input handling, tap checks, batch splitting, streaming, the output convention)
-and its backends: ONNX Runtime for ``.onnx``, TensorRT for ``.plan``, PyTorch for student files.
-It reads engine files through ``formats`` and runs the PyTorch path through ``features``; it may
-import those, ``kernels``, ``models`` and the top-level shared modules.
+and its backends: ONNX Runtime and OpenVINO for ``.onnx``, TensorRT for ``.plan``, PyTorch for
+student files. It reads engine files through ``formats`` and runs the PyTorch path through
+``features``; it may import those, ``kernels``, ``models`` and the top-level shared modules.
 """
 
 from .engine import Engine, StreamResult

@@ -1,4 +1,4 @@
-"""Engine backends: ONNX Runtime (``.onnx``), TensorRT (``.plan``) and PyTorch (student files).
+"""Engine backends: ONNX Runtime and OpenVINO (``.onnx``), TensorRT (``.plan``), PyTorch (student files).
 
 Every backend takes prepared pixels (``B x 3 x H x W`` float32 in [-1, 1], from
 ``preprocess.prepare_images``), optional prompt embeddings and a tap selection, and returns
