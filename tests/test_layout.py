@@ -24,7 +24,7 @@ ROOT = "cleandift_rt"
 # but are assembled by cli.main, and nothing in the library imports them.
 LAYERS = {
     "_native": -1,  # the compiled extension (csrc/)
-    "taps": 0, "build_info": 0, "checkpoint": 0, "assets": 0, "viz": 0,
+    "taps": 0, "timesteps": 0, "build_info": 0, "checkpoint": 0, "assets": 0, "viz": 0,
     "models": 1,
     "features": 2,
     "kernels": 3, "formats": 3,
@@ -185,7 +185,7 @@ def test_every_module_is_found_statically():
 
 def test_package_top_holds_only_shared_modules_and_shims():
     top = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"}
-    assert top == {"taps", "build_info", "checkpoint"} | SHIMS
+    assert top == {"taps", "timesteps", "build_info", "checkpoint"} | SHIMS
     for shim in SHIMS:
         body = [n for n in ast.parse((PACKAGE / f"{shim}.py").read_text()).body
                 if not isinstance(n, (ast.ImportFrom, ast.Assign)) and not (isinstance(n, ast.Expr)

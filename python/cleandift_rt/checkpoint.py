@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Mapping
@@ -56,13 +57,25 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path} is a corrupt or truncated safetensors file: {exc}") from None
 
 
-def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
+def _header(path: Path, read):
+    """``read(opened file)`` on the safetensors header, with the errors of a corrupt file named."""
     from safetensors import safe_open
 
-    path = Path(path)
     _check_safetensors_file(path)
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return read(f)
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        raise ValueError(f"{path} is a corrupt or truncated safetensors file: {exc}") from None
+
+
+def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
+    return _header(Path(path), lambda f: dict(f.metadata() or {}))
+
+
+def read_safetensors_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape from the file's header, without reading any data."""
+    return _header(Path(path), lambda f: {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
 
 
 def _read_umask() -> int:
@@ -90,6 +103,36 @@ def atomic_write_bytes(path: str | Path, write) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+# atomic_write_bytes' temporaries: ".<target name>.<8 random characters of mkstemp>.tmp"
+_TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete what killed atomic writes left in ``folder`` (a SIGKILL never reaches the cleanup).
+
+    Call it where no writer can be active, e.g. when a run starts or resumes in its own folder.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = [p for p in folder.iterdir() if p.is_file() and _TEMPORARY.match(p.name)]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def check_output_folder(path: str | Path, what: str = "--out") -> Path:
+    """``path`` can be (or become) a folder: neither it nor any of its parents is a file."""
+    path = Path(path)
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            if not candidate.is_dir():
+                where = "is a file" if candidate == path else f"is under {candidate}, which is a file"
+                raise ValueError(f"{what} {path} {where}: give a folder")
+            break
+    return path
 
 
 def write_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..taps import TAP_TABLE, TAPS, resolve_taps
+from ..timesteps import check_unet_timestep
 
 # Hooks live on the module, so two threads tapping the same U-Net at once would see each other's
 # hooks: serialise per U-Net (compute inside is multi-threaded anyway).
@@ -125,6 +126,26 @@ class _ProbabilityProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
+def check_unet_inputs(unet: nn.Module, sample, timestep, encoder_hidden_states) -> None:
+    """Clear errors for what the U-Net would otherwise fail on deep inside (or silently turn into NaN)."""
+    check_unet_timestep(timestep, "U-Net timestep")
+    config = getattr(unet, "config", None)
+    if config is None:
+        return  # not a diffusers model: nothing known to check against
+    if not isinstance(sample, torch.Tensor) or sample.ndim != 4:
+        raise ValueError(f"latents must be a B x {config.in_channels} x h x w tensor, got "
+                         f"{tuple(sample.shape) if isinstance(sample, torch.Tensor) else type(sample).__name__}")
+    factor = 2 ** (len(config.block_out_channels) - 1)
+    b, c, h, w = sample.shape
+    if c != config.in_channels or h % factor or w % factor or b == 0:
+        raise ValueError(f"latents of shape {tuple(sample.shape)}: this U-Net takes B x {config.in_channels} x h x w "
+                         f"with B >= 1 and h, w multiples of {factor} (images of multiples of {8 * factor} px)")
+    e = encoder_hidden_states
+    if not isinstance(e, torch.Tensor) or e.ndim != 3 or e.shape[0] != b or e.shape[2] != config.cross_attention_dim:
+        raise ValueError(f"encoder_hidden_states must be [{b}, L, {config.cross_attention_dim}] text embeddings, got "
+                         f"{tuple(e.shape) if isinstance(e, torch.Tensor) else type(e).__name__}")
+
+
 def unet_capture(unet: nn.Module, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, *,
                  taps: Sequence[str] = (), modules: Sequence[str] = (), attention_probs: Sequence[str] = (),
                  **unet_kwargs) -> dict[str, torch.Tensor]:
@@ -138,6 +159,7 @@ def unet_capture(unet: nn.Module, sample: torch.Tensor, timestep, encoder_hidden
     Taps and module outputs equal forward hooks bit for bit; the forward is unchanged except that
     the asked-for attention layers compute their softmax explicitly (float rounding apart, the same).
     """
+    check_unet_inputs(unet, sample, timestep, encoder_hidden_states)
     tap_names = resolve_taps(taps) if taps else ()
     if tap_names:
         check_unet_topology(unet)

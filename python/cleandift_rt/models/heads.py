@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..taps import TAPS, resolve_taps
+from ..timesteps import check_timestep
 
 COND_DIM = 256
 MAPPING_FF = 768
@@ -143,15 +144,14 @@ class ProjectionHeads(nn.Module):
         return tuple(self.adapters.keys())
 
     def cond(self, t: int | float | torch.Tensor, batch: int | None = None) -> torch.Tensor:
-        """Conditioning vector(s) ``[B, 256]`` for timestep(s) ``t`` in [0, 999]."""
+        """Conditioning vector(s) ``[B, 256]`` for timestep(s) ``t``: finite, in [0, 999] (fractions kept)."""
+        check_timestep(t)
         device, dtype = self.time_in_proj.weight.device, self.time_in_proj.weight.dtype
         t = torch.as_tensor(t, device=device, dtype=torch.float32)
         if t.ndim == 0:
             t = t.expand(batch or 1)
         if t.ndim != 1:
             raise ValueError(f"t must be a scalar or a 1-D tensor of timesteps, got shape {tuple(t.shape)}")
-        if not torch.isfinite(t).all():
-            raise ValueError("t contains NaN or Inf")
         fourier = self.time_emb((t / T_SCALE)[:, None]).to(dtype)
         return self.mapping(self.time_in_proj(fourier))
 

@@ -15,11 +15,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import check_state_dict, read_safetensors, read_safetensors_metadata, write_safetensors
+from ..checkpoint import read_safetensors, read_safetensors_metadata, read_safetensors_shapes, write_safetensors
+from ..timesteps import check_timestep
 from .base import BaseModel
+from .config_check import checked_unet, load_into
 from .heads import HEAD_PREFIXES, ProjectionHeads
 from .loading import load_base
-from .offline import diffusers
 
 DEFAULT_STUDENT_TIMESTEP = 261.0
 STUDENT_PREFIX = "unet_feature_extractor_cleandift."
@@ -70,38 +71,51 @@ def load_student(path: str | Path, base: BaseModel | None = None) -> Student:
     """Read a student in either release format (detected from its keys).
 
     The U-Net architecture comes from the file's metadata when we wrote it, else from ``base``
-    (the release's files carry no config). Keys are checked strictly against that architecture.
+    (the release's files carry no config). The metadata is untrusted: it is bounded and checked
+    against the file's tensor shapes before any module is built (``config_check``); keys are
+    checked strictly; the timestep must be finite and in [0, 999].
     """
     path = Path(path)
-    state = read_safetensors(path)
     meta = read_safetensors_metadata(path)
-    is_full = any(k.startswith(STUDENT_PREFIX) for k in state)
+    shapes = read_safetensors_shapes(path)
+    is_full = any(k.startswith(STUDENT_PREFIX) for k in shapes)
+    if is_full:
+        known = (STUDENT_PREFIX, TEACHER_PREFIX, VAE_PREFIX, *HEAD_PREFIXES)
+        stray = [k for k in shapes if not k.startswith(known) and k != "timestep"]
+        if stray:
+            raise ValueError(f"{path} has keys that belong to no part of a '_full' release file: {stray[:5]}")
+        unet_shapes = {k[len(STUDENT_PREFIX):]: v for k, v in shapes.items() if k.startswith(STUDENT_PREFIX)}
+    else:
+        if any(k.startswith(HEAD_PREFIXES) for k in shapes):
+            raise ValueError(f"{path} holds projection heads but no '{STUDENT_PREFIX}*' U-Net keys: not a student file")
+        unet_shapes = shapes
+    unet = _student_unet_skeleton(path, meta, base, unet_shapes)
+    state = read_safetensors(path)
     if is_full:
         unet_state = {k[len(STUDENT_PREFIX):]: v for k, v in state.items() if k.startswith(STUDENT_PREFIX)}
         timestep = float(state["timestep"].reshape(-1)[0]) if "timestep" in state else DEFAULT_STUDENT_TIMESTEP
         heads = ProjectionHeads.from_state_dict(state, str(path)) if any(k.startswith(HEAD_PREFIXES) for k in state) else None
-        known = (STUDENT_PREFIX, TEACHER_PREFIX, VAE_PREFIX, *HEAD_PREFIXES)
-        stray = [k for k in state if not k.startswith(known) and k != "timestep"]
-        if stray:
-            raise ValueError(f"{path} has keys that belong to no part of a '_full' release file: {stray[:5]}")
     else:
-        if any(k.startswith(HEAD_PREFIXES) for k in state):
-            raise ValueError(f"{path} holds projection heads but no '{STUDENT_PREFIX}*' U-Net keys: not a student file")
         unet_state, heads = state, None
-        timestep = float(meta.get("timestep", DEFAULT_STUDENT_TIMESTEP))
-    unet = _student_unet_skeleton(path, meta, base)
-    check_state_dict(unet.state_dict(), unet_state, f"student U-Net in {path}")
-    unet.load_state_dict(unet_state, strict=True)
+        try:
+            timestep = float(meta.get("timestep", DEFAULT_STUDENT_TIMESTEP))
+        except ValueError:
+            raise ValueError(f"{path}: the timestep in its metadata, {meta['timestep']!r:.40}, is not a number") from None
+    check_timestep(timestep, f"{path}: the student timestep")
+    load_into(unet, unet_state, str(path))
     unet.eval().requires_grad_(False)
     return Student(unet=unet, timestep=timestep, heads=heads, source=str(path))
 
 
-def _student_unet_skeleton(path: Path, meta: dict, base: BaseModel | None) -> nn.Module:
+def _student_unet_skeleton(path: Path, meta: dict, base: BaseModel | None, shapes: dict) -> nn.Module:
     if "unet_config" in meta:
-        config = {k: v for k, v in json.loads(meta["unet_config"]).items() if not k.startswith("_")}
-        return diffusers().UNet2DConditionModel(**config)
+        try:
+            config = json.loads(meta["unet_config"])
+        except json.JSONDecodeError:
+            raise ValueError(f"{path}: its unet_config metadata is not JSON (corrupt file?)") from None
+        return checked_unet(config, shapes, str(path))
     if base is not None:
-        return diffusers().UNet2DConditionModel.from_config(base.unet.config)
+        return checked_unet(dict(base.unet.config), shapes, f"{path} (architecture of base {base.source})")
     raise ValueError(f"{path} carries no U-Net config (a file of the public release): pass the base model "
                      "it was trained from (base=PATH) so its architecture is known")
 

@@ -25,7 +25,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..checkpoint import check_state_dict, read_safetensors, read_safetensors_metadata, write_safetensors
+from ..checkpoint import (atomic_write_bytes, check_output_folder, check_state_dict, read_safetensors,
+                          read_safetensors_metadata, remove_stale_temporaries, write_safetensors)
 from ..models.heads import build_heads
 from ..models import BaseModel, load_base, save_student_full, save_student_unet
 from ..features.preprocess import check_model_size
@@ -103,7 +104,7 @@ class Trainer:
                  resume: bool | str | Path | None = None, progress: bool = True,
                  on_step: Callable[[int, dict], None] | None = None, log: Callable[[str], None] = print):
         self.config = config.check()
-        self.out = Path(out)
+        self.out = check_output_folder(out)
         self.progress, self.on_step, self.log = progress, on_step, log
         self.device = pick_device(config.device)
         torch.manual_seed(config.seed)  # head init (Fourier buffer) and LoRA init draw from the global RNG
@@ -138,7 +139,13 @@ class Trainer:
         self.val_set = self._validation_set(held_out) if held_out else None
         self.step = 0
         self.checkpoint_dir = self.out / CHECKPOINT_DIR
-        if resume:
+        for folder in (self.out, self.checkpoint_dir):
+            for stale in remove_stale_temporaries(folder):
+                self.log(f"removed {stale}, left by an interrupted write")
+        if resume is True and not list_checkpoints(self.checkpoint_dir):
+            # killed before its first checkpoint: a requeue that always passes --resume starts over
+            self.log(f"note: --resume found no checkpoint in {self.checkpoint_dir}: starting at step 0")
+        elif resume:
             self.step = self._resume(resume)
         elif list_checkpoints(self.checkpoint_dir):
             raise ValueError(f"{self.out} already holds training checkpoints: pass --resume to continue that run "
@@ -291,12 +298,30 @@ class Trainer:
         return int(meta["step"])
 
     def _truncate_metrics(self, step: int) -> None:
-        """Drop log records of steps after the checkpoint: the resumed run writes them again."""
+        """Drop log records of steps after the checkpoint (the resumed run writes them again) and a
+        last line cut short by a kill; rewritten atomically, so a kill here loses nothing either."""
         path = self.out / METRICS_FILE
         if not path.is_file():
             return
-        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in kept))
+        lines = path.read_text().splitlines()
+        kept = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                if number == len(lines):  # the write a kill interrupted
+                    self.log(f"note: dropped the cut-short last line of {path}")
+                    continue
+                raise ValueError(f"{path} line {number} is not JSON (edited or corrupted?): fix or remove that "
+                                 "line, then resume") from None
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError(f"{path} line {number} is not a metrics record (no integer 'step')")
+            if record["step"] <= step:
+                kept.append(line)
+        payload = "".join(line + "\n" for line in kept).encode()
+        atomic_write_bytes(path, lambda tmp: Path(tmp).write_bytes(payload))
 
     # ------------------------------------------------------------------------------------------
     # the loop
