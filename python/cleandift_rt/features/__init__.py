@@ -8,7 +8,7 @@ PyTorch extractors: the CleanDIFT student (``ReferenceExtractor``) and the noisy
 
 from .capture import unet_taps
 from .extractor import DiftExtractor, ReferenceExtractor, check_prompt_embeds
-from .preprocess import Geometry, Prepared, load_image, prepare_images
+from .preprocess import Geometry, Prepared, load_image, prepare_images, rgb8
 
 __all__ = ["unet_taps", "DiftExtractor", "ReferenceExtractor", "check_prompt_embeds", "Geometry", "Prepared",
-           "load_image", "prepare_images"]
+           "load_image", "prepare_images", "rgb8"]

@@ -61,6 +61,40 @@ def _is_pil(x) -> bool:
     return isinstance(x, Image.Image)
 
 
+def rgb8(image, source: str = "image"):
+    """Any Pillow image as 8-bit RGB, or a ValueError naming its mode.
+
+    16-bit modes (``I;16*``, and ``I`` holding 0..65535: how PNG and TIFF decode 16-bit grey) are
+    scaled to 8 bits (``x / 257``) instead of being clipped, which turns them nearly white; float
+    images (``F``) in [0, 1] are scaled by 255, other float ranges are refused (their meaning is
+    unknown); palette, alpha, CMYK, YCbCr, LAB and HSV images go through Pillow's own RGB
+    conversion (alpha dropped, as Pillow does).
+    """
+    from PIL import Image
+
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode == "I" or mode.startswith("I;16"):
+        values = np.asarray(image).astype(np.int64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise ValueError(f"{source}: integer pixels outside 0..65535 (mode {mode}): save it as 8- or 16-bit RGB "
+                             "or greyscale")
+        grey = ((values * 255 + 32767) // 65535).astype(np.uint8)
+        return Image.fromarray(np.repeat(grey[..., None], 3, axis=-1))
+    if mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        if values.size and not (np.isfinite(values).all() and values.min() >= 0 and values.max() <= 1):
+            raise ValueError(f"{source}: floating-point pixels (mode F) with values in [{np.nanmin(values):.3g}, "
+                             f"{np.nanmax(values):.3g}]: only [0, 1] has a known meaning; save 8- or 16-bit images")
+        grey = np.round(values * 255).astype(np.uint8)
+        return Image.fromarray(np.repeat(grey[..., None], 3, axis=-1))
+    try:
+        return image.convert("RGB")
+    except ValueError as exc:
+        raise ValueError(f"{source}: Pillow cannot convert mode {mode} to RGB ({exc}): save it as RGB") from None
+
+
 def _target_geometry(h: int, w: int, size: tuple[int, int], policy: str) -> Geometry:
     th, tw = size
     if policy == "stretch":
@@ -152,7 +186,7 @@ def prepare_images(images, size: int | Sequence[int], policy: str = "stretch") -
     tensors, geometry = [], []
     for i, img in enumerate(images):
         if _is_pil(img):
-            img = np.asarray(img.convert("RGB"))
+            img = np.asarray(rgb8(img, f"image {i}"))
         if isinstance(img, torch.Tensor) or (isinstance(img, np.ndarray) and img.dtype.kind == "f"):
             raise TypeError(f"image {i}: float images go in one NCHW array/tensor, not in a list")
         if not isinstance(img, np.ndarray):
@@ -176,6 +210,8 @@ def load_image(path, exif_orientation: bool = True):
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not an image file")
     if not path.is_file():
         raise FileNotFoundError(f"image {path} does not exist")
     try:
@@ -183,8 +219,8 @@ def load_image(path, exif_orientation: bool = True):
             im.load()
             if exif_orientation:
                 im = ImageOps.exif_transpose(im)
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:  # PIL reports bad headers as SyntaxError
+            return rgb8(im, f"image {path}")
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as exc:
         raise ValueError(f"cannot decode image {path}: {exc}") from None
 
 
