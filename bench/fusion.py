@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -40,8 +39,8 @@ from cleandift_rt.fusion.canvas import square_canvas  # noqa: E402
 from cleandift_rt.fusion.dinov2 import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from cleandift_rt.kernels.refine import soft_argmax  # noqa: E402
 
-DINO_SIZES = {"tiny": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2),
-              "vitb": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12)}  # ViT-B/14 (SPEC section 9)
+DINO_SIZES = {"tiny": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2},
+              "vitb": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12}}  # ViT-B/14, SPEC 9
 
 
 def write_dino(kind: str, root: Path) -> Path:
@@ -57,9 +56,8 @@ def write_dino(kind: str, root: Path) -> Path:
 
 def spair_pair():
     """A source / target pair at SPair-71k's usual size (500 x 375 and 375 x 500), 10 keypoints."""
-    from PIL import Image
-
     from cleandift_rt.assets import load_photo
+    from PIL import Image
 
     src = load_photo("cat").resize((500, 333), Image.BICUBIC)
     trg = load_photo("coffee").resize((375, 500), Image.BICUBIC)
@@ -67,19 +65,20 @@ def spair_pair():
     return src, trg, pts
 
 
-def recipe_pair_seconds(fusion: Fusion, src, trg, pts, category: str = "cat") -> dict:
+def recipe_pair(fusion: Fusion, src, trg, pts, category: str = "cat"):
     """One pair from scratch: raw maps of source, target (and the mirrored source), fuse, match."""
-    t0 = time.perf_counter()
-    result = fusion.transfer(src, trg, pts, category=category, keypoint_ids=list(range(len(pts))),
-                             source_bbox=(20, 20, 480, 320), target_bbox=(20, 20, 360, 480))
-    return {"seconds": time.perf_counter() - t0, "flipped": result.flipped}
+    return fusion.transfer(src, trg, pts, category=category, keypoint_ids=list(range(len(pts))),
+                           source_bbox=(20, 20, 480, 320), target_bbox=(20, 20, 360, 480))
 
 
-def nn_pair_seconds(engine, src, trg, pts, tap: str) -> dict:
-    t0 = time.perf_counter()
+def nn_pair(engine, src, trg, pts, tap: str = "us6"):
+    """Today's protocol: one tap per image at the engine's size, bilinear upsampling, cosine argmax."""
     fa, fb = (torch.as_tensor(engine.extract([im], taps=[tap])[tap])[0] for im in (src, trg))
-    transfer_points(fa, fb, src.size, trg.size, pts)
-    return {"seconds": time.perf_counter() - t0}
+    return transfer_points(fa, fb, src.size, trg.size, pts)
+
+
+def _pair_runner(fusion: Fusion, src, trg, pts):
+    return lambda: recipe_pair(fusion, src, trg, pts)
 
 
 def dino_peer(dino: Dinov2Features, repeats: int) -> dict:
@@ -140,21 +139,20 @@ def run(args) -> dict:
     engine = Engine(sd_path, base=args.base, size=(args.sd_crop or args.sd_size,) * 2)
     nn_engine = Engine(sd_path, base=args.base, size=(args.nn_size, args.nn_size), taps=["us6"])
     src, trg, pts = spair_pair()
-    nn_engine.extract([src], taps=["us6"])  # warm-up outside the timings
     rows = []
-    nn_times = [nn_pair_seconds(nn_engine, src, trg, pts, "us6")["seconds"] for _ in range(args.repeats)]
-    rows.append({"recipe": "nn", "dino": None, "seconds_per_pair": min(nn_times)})
     peers = {"refine": refine_peer(args.repeats)}
     for kind in args.dino:
         dino = Dinov2Features(write_dino(kind, work), size=args.dino_size)
-        peers[f"dino_{kind}"] = dino_peer(dino, max(1, args.repeats if kind == "tiny" else 1))
+        peers[f"dino_{kind}"] = dino_peer(dino, args.repeats if kind == "tiny" else 1)
+        fns = {"nn": lambda: nn_pair(nn_engine, src, trg, pts)}
         for name in ("tale", "tlfr"):
             recipe = replace(RECIPES[name], sd_size=args.sd_size, sd_crop=args.sd_crop or None, dino_size=args.dino_size)
-            fusion = Fusion(recipe, engine, dino)
-            reps = args.repeats if kind == "tiny" else 1
-            times = [recipe_pair_seconds(fusion, src, trg, pts)["seconds"] for _ in range(reps)]
-            rows.append({"recipe": name, "dino": kind, "seconds_per_pair": min(times),
-                         "over_nn": min(times) / rows[0]["seconds_per_pair"]})
+            fns[name] = _pair_runner(Fusion(recipe, engine, dino), src, trg, pts)
+        # round-robin after one warm-up call each: on shared cores load changes hit every recipe alike
+        res = compare(fns, args.repeats if kind == "tiny" else 1)
+        for name, (seconds, mem, _) in res.items():
+            rows.append({"recipe": name, "dino": None if name == "nn" else kind, "seconds_per_pair": seconds,
+                         "peak_extra_mb": mem, "over_nn": seconds / res["nn"][0]})
     return {"rows": rows, "peers": peers, "sd_model": sd_model, "sd_size": args.sd_size, "sd_crop": args.sd_crop,
             "dino_size": args.dino_size, "nn_size": args.nn_size}
 
@@ -162,7 +160,7 @@ def run(args) -> dict:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny DINOv2 only")
-    parser.add_argument("--repeats", type=int, default=2, help="best of this many pairs (ViT-B-size: one)")
+    parser.add_argument("--repeats", type=int, default=2, help="best of this many rounds after the warm-up (ViT-B: 1)")
     parser.add_argument("--engine", help="SD side: an engine file (default: the tiny SD 2.1-topology model)")
     parser.add_argument("--base", help="base model folder for a student --engine")
     parser.add_argument("--sd-size", type=int, default=960)
@@ -175,8 +173,8 @@ def main(argv=None):
     print_machine(info)
     result = run(args)
     for r in result["rows"]:
-        ratio = f" ({r['over_nn']:.2f}x nn)" if "over_nn" in r else ""
-        print(f"{r['recipe']:<5} DINOv2 {r['dino'] or '-':<5} {r['seconds_per_pair']:8.2f} s per pair{ratio}")
+        print(f"{r['recipe']:<5} DINOv2 {r['dino'] or '-':<5} {r['seconds_per_pair']:8.2f} s per pair "
+              f"({r['over_nn']:.2f}x nn, peak +{r['peak_extra_mb']:.0f} MB)")
     for name, p in result["peers"].items():
         other = "transformers" if name.startswith("dino") else "dense"
         print(f"{name}: ours {p['ours_s'] * 1e3:.1f} ms vs {other} {p[f'{other}_s'] * 1e3:.1f} ms: x{p['ratio']:.2f} "

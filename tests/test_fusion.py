@@ -174,7 +174,7 @@ def _hub_forward(sd, pixels, grid, depth=2, heads=1, swiglu=False):
     x = x + (sd["pos_embed"] if grid == 37 else _independent_hub_embeddings(sd["pos_embed"], grid))
     b, t, d = x.shape
     for i in range(depth):
-        p = lambda name: sd[f"blocks.{i}.{name}"]  # noqa: E731
+        p = lambda name, i=i: sd[f"blocks.{i}.{name}"]  # noqa: E731
         h = F.layer_norm(x, (d,), p("norm1.weight"), p("norm1.bias"), eps=1e-6)
         q, k, v = (h @ p("attn.qkv.weight").T + p("attn.qkv.bias")).reshape(b, t, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
         att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d // heads), -1) @ v
@@ -274,7 +274,7 @@ def test_pca_fusion_is_symmetric_in_the_pair_and_a_true_pca():
     proj = joint_pca(maps, 4)
     x = torch.cat([m.flatten(1).T for m in maps]).double()
     xc = x - x.mean(0)
-    _, s, vt = torch.linalg.svd(xc, full_matrices=False)  # independent: the SVD of the centred cells
+    _, _, vt = torch.linalg.svd(xc, full_matrices=False)  # independent: the SVD of the centred cells
     got = torch.cat([p.flatten(1).T for p in proj]).double()
     for k in range(4):
         want = xc @ vt[k]
@@ -287,7 +287,7 @@ def test_pca_fusion_is_symmetric_in_the_pair_and_a_true_pca():
 
 
 def _brute_force_soft_argmax(src, dst, index, window, temperature, outside):
-    _, c, h, w = dst.shape
+    _, _, h, w = dst.shape
     sims = F.normalize(src[0].double(), dim=-1) @ F.normalize(dst[0].flatten(1).T.double(), dim=-1).T  # [N, M]
     ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
     xs, ys = xs.flatten().double(), ys.flatten().double()

@@ -18,6 +18,7 @@ hub's pickled ``.pth`` with an explicit ``allow_pickle=True`` (then ``torch.load
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,7 @@ def hub_position_embeddings(position_embeddings: torch.Tensor, grid_h: int, grid
     """``[1, 1 + N, D]`` checkpoint embeddings -> ``[1, 1 + grid_h * grid_w, D]`` as torch-hub DINOv2
     computes them (``interpolate_pos_encoding`` with ``interpolate_offset=0.1``, no antialias)."""
     n = position_embeddings.shape[1] - 1
-    side = int(round(n ** 0.5))
+    side = math.isqrt(n)
     if side * side != n:
         raise ValueError(f"{n} position embeddings do not form a square grid")
     if grid_h == grid_w and grid_h * grid_w == n:

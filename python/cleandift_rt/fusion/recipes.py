@@ -49,7 +49,7 @@ class Recipe:
         off = [part for part in ("flip", "refine", "dino") if getattr(base, part) and not getattr(self, part)]
         return "-".join([self.name] + [f"no{part}" for part in off])
 
-    def with_parts(self, *, flip: bool = True, refine: bool = True, dino: bool = True) -> "Recipe":
+    def with_parts(self, *, flip: bool = True, refine: bool = True, dino: bool = True) -> Recipe:
         """The recipe with parts switched off (``False``); a part the recipe never had stays off."""
         return replace(self, flip=self.flip and flip, refine=self.refine and refine, dino=self.dino and dino)
 

@@ -10,7 +10,7 @@ resized bilinearly to the grid the crop covers.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
