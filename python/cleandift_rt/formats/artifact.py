@@ -16,6 +16,7 @@ from typing import Sequence
 from ..build_info import _package_version
 from ..features.preprocess import SIZE_MULTIPLE, check_model_size
 from ..taps import TAP_TABLE, TAPS, resolve_taps
+from .metadata_check import check_artifact_fields
 from .plan import read_plan_header
 
 SCHEMA = 1
@@ -79,9 +80,7 @@ class ArtifactInfo:
             info = cls(**{k: v for k, v in d.items() if k in known})
         except TypeError as exc:
             raise ValueError(f"{source} has incomplete cleandift-rt metadata ({exc})") from None
-        for tap in info.tap_names:
-            if tap not in TAP_TABLE:
-                raise ValueError(f"{source} declares an unknown tap {tap!r} (valid: {', '.join(TAPS)})")
+        check_artifact_fields(info, source)
         return info
 
     @classmethod
@@ -215,7 +214,11 @@ def describe(path: str | Path) -> dict:
         raise FileNotFoundError(f"{path} does not exist")
     if path.suffix == ".onnx":
         d = read_onnx_info(path).to_dict()
-        d.update(kind="onnx", file_bytes=path.stat().st_size, external_data=_external_data_files(path))
+        needed = external_data(path)
+        d.update(kind="onnx", file_bytes=path.stat().st_size, external_data=sorted(needed))
+        unsafe = [f"external data {loc!r}: {why}" for loc in needed if (why := unsafe_location(loc))]
+        if unsafe:
+            d["warnings"] = unsafe
         return d
     if path.suffix == ".plan":
         header, _, engine_bytes = read_plan_header(path)
@@ -226,16 +229,33 @@ def describe(path: str | Path) -> dict:
     return _describe_pytorch(path)
 
 
-def _external_data_files(path: Path) -> list[str]:
+def external_data(path: str | Path) -> dict[str, int]:
+    """{location: bytes the graph needs from that file} of an ONNX model's external weights."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
-    files = set()
+    needed: dict[str, int] = {}
     for init in model.graph.initializer:
-        for entry in init.external_data:
-            if entry.key == "location":
-                files.add(entry.value)
-    return sorted(files)
+        entries = {e.key: e.value for e in init.external_data}
+        if "location" in entries:
+            try:
+                end = int(entries.get("offset", 0)) + int(entries.get("length", 0))
+            except ValueError:
+                raise ValueError(f"{path}: external data entry of {init.name!r} has a non-numeric offset or length "
+                                 "(corrupt file: re-export it)") from None
+            needed[entries["location"]] = max(needed.get(entries["location"], 0), end)
+    return needed
+
+
+def unsafe_location(location: str) -> str | None:
+    """Why an external-data location cannot be used (ONNX Runtime refuses paths outside the model's
+    folder), or None when it is a plain file name or path inside it."""
+    parts = Path(location).parts
+    if Path(location).is_absolute():
+        return "an absolute path; ONNX Runtime only reads weights inside the model's folder (copy it there, re-export)"
+    if ".." in parts:
+        return "outside the model's folder; ONNX Runtime refuses it (move the file beside the .onnx and re-export)"
+    return None
 
 
 def _describe_pytorch(path: Path) -> dict:

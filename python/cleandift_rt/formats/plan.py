@@ -70,9 +70,31 @@ def plan_header_bytes(header: dict) -> bytes:
     return PLAN_MAGIC + _PLAN_LENGTH.pack(len(payload)) + payload
 
 
+HEADER_DTYPES = ("float32", "float16")
+MAX_HEADER_ARRAY_BYTES = 64 << 20  # the baked prompt embedding: 77 x 1024 floats is 308 KB
+
+
 def decode_array(blob: dict) -> np.ndarray:
-    """An array stored in the plan header as {"dtype", "shape", "base64"}."""
-    return np.frombuffer(base64.b64decode(blob["base64"]), dtype=np.dtype(blob["dtype"])).reshape(blob["shape"]).copy()
+    """An array stored in the plan header as {"dtype", "shape", "base64"}, checked before it is built."""
+    if not isinstance(blob, dict) or blob.get("dtype") not in HEADER_DTYPES or not isinstance(blob.get("shape"), list) \
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d for d in blob["shape"]) \
+            or not isinstance(blob.get("base64"), str):
+        raise ValueError("corrupt plan header: an embedded array is not {dtype: float32|float16, shape: [ints], "
+                         "base64: str}; rebuild the plan")
+    itemsize = np.dtype(blob["dtype"]).itemsize
+    count = 1
+    for d in blob["shape"]:
+        count *= d
+    if count * itemsize > MAX_HEADER_ARRAY_BYTES or len(blob["base64"]) > 2 * MAX_HEADER_ARRAY_BYTES:
+        raise ValueError(f"corrupt plan header: an embedded array of shape {blob['shape']} is implausibly large")
+    try:
+        raw = base64.b64decode(blob["base64"], validate=True)
+    except ValueError:
+        raise ValueError("corrupt plan header: an embedded array is not valid base64; rebuild the plan") from None
+    if len(raw) != count * itemsize:
+        raise ValueError(f"corrupt plan header: an embedded array holds {len(raw)} bytes, its shape "
+                         f"{blob['shape']} needs {count * itemsize}; rebuild the plan")
+    return np.frombuffer(raw, dtype=np.dtype(blob["dtype"])).reshape(blob["shape"]).copy()
 
 
 def encode_array(array: np.ndarray) -> dict:

@@ -127,6 +127,7 @@ def format_info(d: dict) -> str:
         if "build_seconds" in build:
             parts.append(f"built in {build['build_seconds']:.0f} s")
         lines.append("  built for: " + "; ".join(parts))
+    lines.extend(f"  WARNING: {w}" for w in d.get("warnings", []))
     return "\n".join(lines)
 
 

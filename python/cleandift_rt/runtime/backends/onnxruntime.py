@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ...formats.artifact import EMBEDS_INPUT, IMAGE_INPUT, ArtifactInfo, read_onnx_info
+from ...formats.artifact import (EMBEDS_INPUT, IMAGE_INPUT, ArtifactInfo, external_data, read_onnx_info,
+                                unsafe_location)
 
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 
@@ -81,17 +82,12 @@ def choose_providers(device: str | None, available: list[str], path: Path, devic
 
 
 def check_external_data(path: Path) -> None:
-    """Every external weight file exists and is long enough (a truncated copy fails here, by name)."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    needed: dict[str, int] = {}
-    for init in model.graph.initializer:
-        entries = {e.key: e.value for e in init.external_data}
-        if "location" in entries:
-            end = int(entries.get("offset", 0)) + int(entries.get("length", 0))
-            needed[entries["location"]] = max(needed.get(entries["location"], 0), end)
-    for name, end in needed.items():
+    """Every external weight file is inside the model's folder, exists and is long enough (a
+    truncated copy fails here, by name, instead of deep in ONNX Runtime)."""
+    for name, end in external_data(path).items():
+        why = unsafe_location(name)
+        if why:
+            raise ValueError(f"{path} keeps its weights in {name!r}, {why}")
         data = path.parent / name
         if not data.is_file():
             raise ValueError(f"{path} keeps its weights in {name}, which is missing: copy it beside the .onnx file")
