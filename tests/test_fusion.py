@@ -210,6 +210,32 @@ def test_hub_checkpoint_converts_on_load(tmp_path, photos, swiglu):
     torch.testing.assert_close(pickled.canvas_features(canvas), dino.canvas_features(canvas), atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_hub_checkpoint_converts_to_the_transformers_4_names_too(swiglu):
+    """transformers 4.x names DINOv2's modules differently; 5.x's own conversion table (legacy -> new)
+    applied to our 4.x names must give our 5.x names and tensors."""
+    from transformers import Dinov2Model
+
+    from cleandift_rt.fusion.hub_checkpoint import hub_config, hub_to_transformers
+
+    sd = _hub_state(swiglu=swiglu)
+    config = hub_config(sd)
+    new = hub_to_transformers(sd, config, Dinov2Model(config).state_dict().keys())
+    old = hub_to_transformers(sd, config, ["encoder.layer.0.attention.attention.query.weight"])
+    renamed = {}
+    for key, value in old.items():
+        for legacy, current in (("attention.attention.query", "attention.q_proj"), ("attention.attention.key", "attention.k_proj"),
+                                ("attention.attention.value", "attention.v_proj"), ("attention.output.dense", "attention.o_proj"),
+                                ("mlp.weights_out", "mlp.down_proj")):
+            key = key.replace(legacy, current)
+        if "mlp.weights_in" in key:
+            gate, up = value.chunk(2, dim=0)
+            renamed[key.replace("weights_in", "gate_proj")], renamed[key.replace("weights_in", "up_proj")] = gate, up
+        else:
+            renamed[key] = value
+    assert renamed.keys() == new.keys() and all(torch.equal(renamed[k], new[k]) for k in new)
+
+
 def test_dinov2_errors_name_the_problem(tmp_path, dino_dir):
     from safetensors.torch import save_file
 

@@ -92,11 +92,11 @@ def load_dinov2(path, allow_pickle: bool = False):
         raise ValueError(f"{path} is not a torch-hub DINOv2 checkpoint (no pos_embed / patch_embed.proj.weight); "
                          "for a transformers model pass its folder")
     config = hub_config(state)
+    model = Dinov2Model(config).eval()
     try:
-        converted = hub_to_transformers(state, config)
+        converted = hub_to_transformers(state, config, model.state_dict().keys())
     except KeyError as exc:
         raise ValueError(f"{path}: the DINOv2 hub checkpoint lacks {exc.args[0]!r} (truncated or another model)") from None
-    model = Dinov2Model(config).eval()
     check_state_dict(model.state_dict(), converted, str(path))
     model.load_state_dict(converted, strict=True)
     return model

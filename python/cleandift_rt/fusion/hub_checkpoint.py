@@ -47,8 +47,16 @@ def hub_config(state: dict):
                         use_mask_token="mask_token" in state)
 
 
-def hub_to_transformers(state: dict, config) -> dict[str, torch.Tensor]:
-    """Hub tensors renamed (and the fused qkv / w12 split) into this transformers version's names."""
+# transformers renamed DINOv2's modules in 5.x; the hub tensors go to whichever names the installed one uses
+LEGACY_NAMES = {"q_proj": "attention.query", "k_proj": "attention.key", "v_proj": "attention.value",
+                "o_proj": "output.dense", "down_proj": "weights_out"}
+
+
+def hub_to_transformers(state: dict, config, target_keys=()) -> dict[str, torch.Tensor]:
+    """Hub tensors renamed (and the fused qkv / w12 split) into the names of ``target_keys`` (the
+    ``state_dict`` keys of the installed transformers' ``Dinov2Model``: 5.x names, or 4.x ones)."""
+    legacy = "encoder.layer.0.attention.attention.query.weight" in set(target_keys)
+    name = (lambda n: LEGACY_NAMES.get(n, n)) if legacy else (lambda n: n)  # noqa: E731
     out = {"embeddings.cls_token": state["cls_token"], "embeddings.position_embeddings": state["pos_embed"],
            "embeddings.patch_embeddings.projection.weight": state["patch_embed.proj.weight"],
            "embeddings.patch_embeddings.projection.bias": state["patch_embed.proj.bias"],
@@ -59,8 +67,9 @@ def hub_to_transformers(state: dict, config) -> dict[str, torch.Tensor]:
             "mask_token"}
     for i in range(config.num_hidden_layers):
         hub, ours = f"blocks.{i}.", f"encoder.layer.{i}."
-        renames = {"norm1": "norm1", "norm2": "norm2", "attn.proj": "attention.o_proj"}
-        renames.update({"mlp.w3": "mlp.down_proj"} if config.use_swiglu_ffn else {"mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"})
+        renames = {"norm1": "norm1", "norm2": "norm2", "attn.proj": f"attention.{name('o_proj')}"}
+        renames.update({"mlp.w3": f"mlp.{name('down_proj')}"} if config.use_swiglu_ffn
+                       else {"mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"})
         for src, dst in renames.items():
             for kind in ("weight", "bias"):
                 out[f"{ours}{dst}.{kind}"] = state[f"{hub}{src}.{kind}"]
@@ -71,12 +80,15 @@ def hub_to_transformers(state: dict, config) -> dict[str, torch.Tensor]:
         for kind in ("weight", "bias"):
             key = f"{hub}attn.qkv.{kind}"
             if key in state:
-                for name, part in zip(("q_proj", "k_proj", "v_proj"), state[key].chunk(3, dim=0)):
-                    out[f"{ours}attention.{name}.{kind}"] = part
+                for proj, part in zip(("q_proj", "k_proj", "v_proj"), state[key].chunk(3, dim=0)):
+                    out[f"{ours}attention.{name(proj)}.{kind}"] = part
                 used.add(key)
             if config.use_swiglu_ffn:
-                gate, value = state[f"{hub}mlp.w12.{kind}"].chunk(2, dim=0)
-                out[f"{ours}mlp.gate_proj.{kind}"], out[f"{ours}mlp.up_proj.{kind}"] = gate, value
+                w12 = state[f"{hub}mlp.w12.{kind}"]
+                if legacy:  # 4.x keeps the fused gate + value matrix
+                    out[f"{ours}mlp.weights_in.{kind}"] = w12
+                else:
+                    out[f"{ours}mlp.gate_proj.{kind}"], out[f"{ours}mlp.up_proj.{kind}"] = w12.chunk(2, dim=0)
                 used.add(f"{hub}mlp.w12.{kind}")
     unknown = sorted(set(state) - used)
     if unknown:
