@@ -50,7 +50,8 @@ def add_engine_args(p: argparse.ArgumentParser, tap: bool = True) -> None:
 def open_engine(args, taps=None):
     from ..runtime.engine import Engine
 
-    kwargs = {"base": args.base, "device": args.device, "taps": taps, "backend": args.backend,
+    exported = Path(args.engine).suffix in (".onnx", ".plan")  # --base then serves the text encoder only
+    kwargs = {"base": None if exported else args.base, "device": args.device, "taps": taps, "backend": args.backend,
               "precision": args.precision}
     if args.size:
         kwargs["size"] = tuple(args.size)

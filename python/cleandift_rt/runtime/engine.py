@@ -146,6 +146,8 @@ class Engine:
         if device is not None and not _DEVICE.fullmatch(str(device)):
             raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N' (or None for the best available), got {device!r}")
         device = None if device is None else str(device)  # a torch.device works too
+        _check_options_apply(kind, self.path, base=base, prompt=prompt, cuda_graph=cuda_graph, threads=threads,
+                             device=device)
         if suffix in (".onnx", ".plan"):  # check the options against the metadata before loading anything big
             self._configure(read_info(self.path), size, resize, taps)
         self.requested_precision = precision
@@ -277,6 +279,8 @@ class Engine:
         def produce():
             try:
                 for index, item in enumerate(items):
+                    if stop.is_set():  # the consumer is gone: end as soon as the iterable yields
+                        return
                     t0 = time.perf_counter()
                     image, torch_device = _stream_item(item, index)
                     pixels = prepare_images(image, self.size, self.resize).pixels
@@ -308,8 +312,9 @@ class Engine:
             if end is not done:
                 raise end
         finally:
+            # Never wait for the producer: it may be blocked inside the caller's iterable (a camera,
+            # a socket). It sees `stop` and ends when the iterable next yields or raises.
             stop.set()
-            worker.join(timeout=5)
 
 
 def _ran_precision(d: dict) -> str:
@@ -318,6 +323,25 @@ def _ran_precision(d: dict) -> str:
     if d.get("backend") == "onnxruntime":
         return "fp16+fp32" if "TensorrtExecutionProvider" in d.get("providers", ()) else "fp32"
     return d.get("extra", {}).get("precision", "fp32")
+
+
+def _check_options_apply(kind: str, path: Path, *, base, prompt, cuda_graph, threads, device) -> None:
+    """Refuse options the chosen kind of engine would silently ignore."""
+    exported = kind in (".onnx", ".plan")
+    if exported and base is not None:
+        raise ValueError(f"base= gives the VAE and text encoder of a student checkpoint; {path.name} carries its own "
+                         "(for other prompts pass prompt_embeds to extract, encoded with that base model)")
+    if exported and prompt:
+        raise ValueError(f"prompt= applies to student checkpoints (PyTorch backend); {path.name} bakes the prompt it "
+                         "was exported with: re-export with --prompt, or pass prompt_embeds to extract")
+    if cuda_graph and kind != ".plan":
+        raise ValueError(f"cuda_graph=True is for TensorRT plans; {path.name} does not run on TensorRT")
+    if threads is not None and kind in (".plan", "student"):
+        raise ValueError(f"threads= sets ONNX Runtime / OpenVINO CPU threads; {path.name} runs on "
+                         f"{'TensorRT' if kind == '.plan' else 'PyTorch'} (use torch.set_num_threads for PyTorch)")
+    if kind == "student" and device is not None and device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}, but this PyTorch ({torch.__version__}) sees no CUDA device: install a "
+                         "CUDA build of PyTorch on a machine with an NVIDIA GPU, or pass device='cpu'")
 
 
 def _stream_item(item, index: int):
