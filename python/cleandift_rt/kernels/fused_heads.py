@@ -55,6 +55,26 @@ def _stacked_weights(heads: ProjectionHeads, tap: str, device) -> tuple[torch.Te
     return up, down
 
 
+def _made_here(device: torch.device):
+    """For tensors cached on a GPU: an event on the stream that made them (None on the CPU)."""
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    return event
+
+
+def _reuse(tensors, made, device: torch.device) -> None:
+    """A cached GPU tensor made on one stream and read on another: the reader waits for its making,
+    and the allocator learns that this stream uses it (so an evicted entry is not reused early)."""
+    if made is None:
+        return
+    stream = torch.cuda.current_stream(device)
+    stream.wait_event(made)
+    for tensor in tensors:
+        tensor.record_stream(stream)
+
+
 def _scales(heads: ProjectionHeads, tap: str, t, batch: int, cache: _HeadCache, key: tuple) -> torch.Tensor:
     """[3, B, D] float32: 1 + AdaRMS linear(cond(t)) per layer, computed once per t."""
     if isinstance(t, torch.Tensor) and t.ndim == 2:  # a cond [B, 256] given directly
@@ -69,7 +89,9 @@ def _scales(heads: ProjectionHeads, tap: str, t, batch: int, cache: _HeadCache, 
                             f"got {type(t).__name__} {t!r:.40}") from None
         t_key = key + (tuple(t_vals), batch)
         if t_key in cache.scales:
-            return cache.scales[t_key]
+            scales, made = cache.scales[t_key]
+            _reuse([scales], made, scales.device)
+            return scales
         with torch.no_grad():
             cond = heads.cond(t, batch=batch)
         if cond.shape[0] != batch:
@@ -80,7 +102,7 @@ def _scales(heads: ProjectionHeads, tap: str, t, batch: int, cache: _HeadCache, 
     if t_key is not None:
         if len(cache.scales) >= _SCALE_CACHE_SIZE:
             cache.scales.pop(next(iter(cache.scales)))
-        cache.scales[t_key] = scales
+        cache.scales[t_key] = (scales, _made_here(scales.device))
     return scales
 
 
@@ -132,9 +154,11 @@ def project(features: torch.Tensor, t, heads: ProjectionHeads, tap: str, *, prec
             for old in [k for k in cache.packed if k[:3] == key[:3]]:  # stale packing of changed weights
                 del cache.packed[old]
             up, down = _stacked_weights(heads, tap, dev)
-            cache.packed[key] = (native().pack_head(up.numpy(), down.numpy(), NATIVE_COMPUTE[compute])
-                                 if dev.type == "cpu" else (up, down))
-        packed = cache.packed[key]
+            cache.packed[key] = ((native().pack_head(up.numpy(), down.numpy(), NATIVE_COMPUTE[compute])
+                                  if dev.type == "cpu" else (up, down)), _made_here(dev))
+        packed, made = cache.packed[key]
+        if dev.type == "cuda":
+            _reuse(packed, made, dev)
 
     rows = features.flatten(2).transpose(1, 2)  # [B, P, D] view, no copy
     dtype = _DTYPES[features.dtype]
