@@ -43,6 +43,7 @@ def build_info() -> dict:
         ort["providers"] = onnxruntime.get_available_providers()
         ort["distribution"] = _onnxruntime_distribution()
     info["onnxruntime"] = ort
+    info["openvino"] = _module_version("openvino")
     info["tensorrt"] = _module_version("tensorrt")
     torch_info = _module_version("torch")
     if torch_info["available"]:
@@ -114,7 +115,7 @@ def format_build_info(info: dict | None = None) -> str:
             lines.append(f"  CUDA kernels  : not compiled ({info['cuda_status']})")
     else:
         lines.append(f"  native module : MISSING ({info['native_error']})")
-    for name in ("onnxruntime", "tensorrt", "torch"):
+    for name in ("onnxruntime", "openvino", "tensorrt", "torch"):
         m = info[name]
         if m["available"]:
             extra = f", providers: {', '.join(m['providers'])}" if "providers" in m else ""
