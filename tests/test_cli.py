@@ -49,7 +49,13 @@ def test_help_teaches(capsys):
     for name, p in sub.items():
         if name != "build-info":
             assert "example" in p.format_help(), name
-    assert main([]) == 0  # no command: the overview, not a traceback
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main([]) == 2  # no command: the overview on stderr and a failing status, not a traceback or 0
+    assert "cleandift-rt demo --out" in err.getvalue() and "error: name a command" in err.getvalue()
 
 
 def test_demo_writes_readable_pictures_and_says_it_is_untrained(demo):

@@ -53,9 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not getattr(args, "command", None):
-        parser.print_help()
-        return 0
+    if not getattr(args, "command", None):  # nothing asked: show what can be, and fail like argparse does
+        parser.print_help(sys.stderr)
+        print("\nerror: name a command (e.g. cleandift-rt demo --out demo/)", file=sys.stderr)
+        return 2
     try:
         return int(args.func(args) or 0)
     except (UserError, ValueError, TypeError, OSError, ImportError, RuntimeError) as exc:
