@@ -129,13 +129,14 @@ def test_extract_is_resumable_and_skips_unreadable_images(torch_engine, photos, 
     assert "wrote 2 feature file(s)" in text and "skipped 1 unreadable image(s)" in text and "broken.jpg" in text
     from safetensors.numpy import load_file
 
-    f = load_file(str(out / "sub" / "coffee.safetensors"))
+    f = load_file(str(out / "sub" / "coffee.png.safetensors"))  # the full image name: never shared
     assert set(f) == {"us6", "us9"} and f["us6"].shape == (64, 8, 8) and f["us9"].shape == (64, 16, 16)
     assert main(args) == 0
     assert "2 already extracted, 1 to do" in capsys.readouterr().out
     assert main(["extract", str(src / "cat.jpg"), *args[2:-1], "--format", "npz", "--no-progress"]) == 0
-    with np.load(out / "cat.npz") as z:
-        assert np.allclose(z["us6"], load_file(str(out / "cat.safetensors"))["us6"])
+    with np.load(out / "cat.jpg.npz") as z:
+        # batches of 2 then of 1: PyTorch's convolutions round differently by batch size
+        assert np.allclose(z["us6"], load_file(str(out / "cat.jpg.safetensors"))["us6"], rtol=1e-4, atol=1e-4)
     assert main(["extract", str(tmp_path / "nothing"), *torch_engine, "--out", str(out)]) == 2
 
 

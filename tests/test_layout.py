@@ -32,6 +32,8 @@ LAYERS = {
     "export": 5, "evaluation": 5, "training": 5,
     "gate": 5,
     "probes": 5,
+    "extraction": 5,  # the local pipelined extractor, manifest, per-image files and shards (an Engine passed in)
+    "distributed": 5.5,  # Ray Data extraction: above extraction, whose manifest and shards it shares
     "fusion": 5.5,  # fusion recipes: above evaluation, whose runner and PCK they reuse; below every cli
     "cli": 6,
 }

@@ -7,6 +7,7 @@ The package is one subpackage per stage of the data's way (docs/architecture.md)
 """
 
 from .build_info import _package_version, build_info, format_build_info
+from .extraction.shards import read_shards
 from .features.capture import unet_taps
 from .fusion.dinov2 import Dinov2Features
 from .kernels.fused_heads import project
@@ -18,4 +19,4 @@ from .taps import DEFAULT_TAP, TAP_TABLE, TAPS
 __version__ = _package_version()
 
 __all__ = ["Engine", "TAPS", "TAP_TABLE", "DEFAULT_TAP", "unet_taps", "ProjectionHeads", "build_info", "format_build_info", "match", "project",
-           "Dinov2Features"]
+           "Dinov2Features", "read_shards"]

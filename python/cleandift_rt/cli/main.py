@@ -12,6 +12,7 @@ import os
 import sys
 
 from ..evaluation import cli as evaluation_cli
+from ..extraction import cli as extraction_cli
 from ..gate import cli as gate_cli
 from ..probes import cli as probes_cli
 from ..runtime import cli as runtime_cli
@@ -38,7 +39,7 @@ the base model folder that provides the VAE and text encoder).
 """
 
 # In the order ``--help`` lists them.
-COMMANDS = (demo, viz_cli, runtime_cli, evaluation_cli, gate_cli, probes_cli)
+COMMANDS = (demo, viz_cli, extraction_cli, runtime_cli, evaluation_cli, gate_cli, probes_cli)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,108 +1,15 @@
-"""``cleandift-rt extract | info | build-info | bench``: the commands that drive an Engine or describe one."""
+"""``cleandift-rt info | build-info | bench``: the commands that describe an Engine or time one (``extract``
+lives in ``extraction/cli.py``)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 
-from ..cli.common import UserError, add_engine_args, open_engine, positive_int
-from ..taps import TAPS
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-
-
-def _collect_images(inputs) -> list[tuple[Path, Path]]:
-    """(image path, output path relative to --out) for files and directories (recursive)."""
-    found = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            for f in sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file()):
-                found.append((f, f.relative_to(p)))
-        elif p.exists():
-            found.append((p, Path(p.name)))
-        else:
-            raise UserError(f"{p} does not exist")
-    if not found:
-        raise UserError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {', '.join(map(str, inputs))}")
-    names = [rel for _, rel in found]
-    if len(set(names)) != len(names):
-        raise UserError("two inputs would write the same output file; pass one directory instead of same-named files")
-    return found
-
-
-def _feature_file_complete(path: Path, fmt: str, taps) -> bool:
-    try:
-        if fmt == "safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="np") as f:
-                return set(taps) <= set(f.keys())
-        with np.load(path) as z:
-            return set(taps) <= set(z.files)
-    except Exception:  # half-written or foreign file: extract again
-        return False
-
-
-def _write_features(path: Path, feats: dict, fmt: str, meta: dict) -> None:
-    from ..checkpoint import atomic_write_bytes
-
-    arrays = {t: np.ascontiguousarray(np.asarray(f)) for t, f in feats.items()}
-    if fmt == "safetensors":
-        from safetensors.numpy import save_file
-
-        atomic_write_bytes(path, lambda tmp: save_file(arrays, tmp, metadata={k: str(v) for k, v in meta.items()}))
-    else:
-        def write(tmp):
-            with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
-
-        atomic_write_bytes(path, write)
-
-
-def cmd_extract(args) -> int:
-    from PIL import UnidentifiedImageError
-
-    from ..features.preprocess import load_image
-    from tqdm.auto import tqdm
-
-    items = _collect_images(args.inputs)
-    engine = open_engine(args, taps=args.taps)
-    taps = engine.taps
-    out_dir = Path(args.out)
-    suffix = ".safetensors" if args.format == "safetensors" else ".npz"
-    todo, done, failed = [], 0, []
-    for src, rel in items:
-        dst = out_dir / rel.with_suffix(suffix)
-        if dst.exists() and _feature_file_complete(dst, args.format, taps):
-            done += 1
-        else:
-            todo.append((src, dst))
-    print(f"{len(items)} image(s): {done} already extracted, {len(todo)} to do; taps {', '.join(taps)}; "
-          f"engine input {engine.size[0]}x{engine.size[1]} ({engine.resize})")
-    t0 = time.perf_counter()
-    for src, dst in tqdm(todo, desc="extract", unit="img", disable=args.no_progress):
-        try:
-            image = load_image(src)
-            feats = engine.extract([image], taps=list(taps))
-        except (UnidentifiedImageError, OSError, ValueError, TypeError) as exc:
-            failed.append((src, str(exc).splitlines()[0]))
-            continue
-        _write_features(dst, {t: np.asarray(f)[0] for t, f in feats.items()}, args.format,
-                        {"image": src, "width": image.width, "height": image.height, "engine": args.engine,
-                         "taps": ",".join(taps), "input_size": "x".join(map(str, engine.size))})
-    n_ok = len(todo) - len(failed)
-    rate = f" ({n_ok / (time.perf_counter() - t0):.2f} img/s)" if n_ok else ""
-    print(f"wrote {n_ok} feature file(s) to {out_dir}{rate}")
-    if failed:
-        print(f"skipped {len(failed)} unreadable image(s):")
-        for src, why in failed[:20]:
-            print(f"  {src}: {why}")
-    return 1 if failed and n_ok == 0 and done == 0 else 0
+from ..cli.common import add_engine_args, open_engine, positive_int
 
 
 def format_info(d: dict) -> str:
@@ -188,20 +95,8 @@ def cmd_bench(args) -> int:
 
 
 def register(sub) -> None:
-    """Add the 'extract', 'info', 'build-info', 'bench' commands to the cleandift-rt parser."""
+    """Add the 'info', 'build-info', 'bench' commands to the cleandift-rt parser."""
     fmt = argparse.RawDescriptionHelpFormatter
-    p = sub.add_parser("extract", formatter_class=fmt, help="features of many images to files",
-                       description="Write one feature file per image (taps as named arrays; source size in the "
-                       "metadata). Resumable: finished files are kept; unreadable images are skipped and "
-                       "listed.\n\nexample:\n  cleandift-rt extract photos/ --engine sd21.onnx --out feats/ --taps us6 us9")
-    p.add_argument("inputs", nargs="+", metavar="IMAGES_OR_DIR")
-    add_engine_args(p, tap=False)
-    p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--taps", nargs="+", choices=TAPS, help="taps to save (default: all of the engine's)")
-    p.add_argument("--format", choices=["safetensors", "npz"], default="safetensors")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=cmd_extract)
-
     p = sub.add_parser("info", formatter_class=fmt, help="what an engine / student file holds",
                        description="Taps, input size, resize policy, prompt, base model and version of an exported "
                        "engine, or the U-Net facts of a student file. Reads metadata only (fast, no GPU).\n\n"

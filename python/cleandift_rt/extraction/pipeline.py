@@ -1,0 +1,173 @@
+"""The local pipelined extractor: decoding and resizing in a thread pool, batches through one
+Engine, writing in a thread of its own, so the three overlap; the manifest commits each batch
+(per-image formats) or shard, so a killed run resumes where it stopped."""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from . import files, shards
+from .inputs import DECODE_ERRORS, Item, RunConfig, decode, run_config
+from .manifest import Manifest
+from .resume import Summary, open_run
+
+CPU_BATCH = 4  # CPU backends gain little past 4 images per call and hold more memory
+
+
+def default_batch_size(engine) -> int:
+    """The batch a plan's profile was built for (its optimum); 4 elsewhere, within the engine's limit."""
+    if engine.backend.name == "tensorrt":
+        best = int(engine.backend.info.batch.get("opt") or 1)
+    else:
+        best = CPU_BATCH
+    return max(1, min(best, engine.max_batch or best))
+
+
+def engine_config(engine, fmt: str) -> RunConfig:
+    return run_config(fmt, engine.backend.info, engine.taps, engine.size, engine.resize, engine.requested_precision,
+                      engine.path)
+
+
+def first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
+
+
+class _Writer(threading.Thread):
+    """Writes batches handed over by the inference loop and commits them in the manifest."""
+
+    def __init__(self, out, manifest: Manifest, config: RunConfig, shard_images: int, bar, summary: Summary):
+        super().__init__(name="cleandift-rt-writer", daemon=True)
+        self.out, self.manifest, self.config, self.bar, self.summary = out, manifest, config, bar, summary
+        self.shard_images = shard_images
+        self.jobs: queue.Queue = queue.Queue(maxsize=2)  # bounds the features held in memory
+        self.rows: list[dict] = []  # shards: rows waiting for a full shard
+        self.failed: list = []  # shards: failures committed with the next shard
+        self.error: BaseException | None = None
+
+    def put(self, job) -> None:
+        while True:
+            if self.error is not None:
+                raise self.error
+            try:
+                self.jobs.put(job, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def run(self) -> None:
+        try:
+            while (job := self.jobs.get()) is not None:
+                self._write(*job)
+            self._flush(final=True)
+        except BaseException as exc:  # raised in the inference loop
+            self.error = exc
+
+    def _write(self, rows: list[dict], failed: list) -> None:
+        self.summary.failed.extend((path, why) for _, path, why in failed)
+        if self.config.format == "shards":
+            self.rows.extend(rows)
+            self.failed.extend(failed)
+            self._flush(final=False)
+        else:
+            written = [(r["key"], files.write_image_features(self.out, r["item"], r["features"], r["size"], self.config))
+                       for r in rows]
+            self.manifest.record_files(written, failed)
+            self.summary.done += len(written)
+        self.bar.update(len(rows) + len(failed))
+
+    def _flush(self, final: bool) -> None:
+        while self.rows and (len(self.rows) >= self.shard_images or final):
+            part, self.rows = self.rows[: self.shard_images], self.rows[self.shard_images:]
+            name = shards.write_shard(self.out, part, self.config)
+            self.manifest.record_shard(name, [r["key"] for r in part], self.failed)
+            self.failed = []
+            self.summary.done += len(part)
+        if final and self.failed:
+            self.manifest.record_failed(self.failed)
+            self.failed = []
+
+    def finish(self) -> None:
+        """Write what was handed over (the last shard too), then stop; raises the writer's error."""
+        if self.is_alive():
+            while self.is_alive():
+                try:
+                    self.jobs.put(None, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            self.join()
+        if self.error is not None:
+            raise self.error
+
+
+def extract_local(engine, items: list[Item], out, *, fmt: str = "safetensors", batch_size: int | None = None,
+                  shard_images: int | None = None, workers: int | None = None, progress: bool = True,
+                  log=print) -> Summary:
+    """Extract ``items`` with ``engine`` into ``out`` (resuming what a previous run left), overlapping
+    decoding (``workers`` threads), inference (``batch_size`` images per call) and writing."""
+    from tqdm.auto import tqdm
+
+    config = engine_config(engine, fmt)
+    batch_size = int(batch_size or default_batch_size(engine))
+    workers = int(workers or min(4, len(os.sched_getaffinity(0))))
+    if batch_size < 1 or workers < 1 or (shard_images is not None and shard_images < 1):
+        raise ValueError(f"batch_size, workers and shard_images must be >= 1, got {batch_size}, {workers}, "
+                         f"{shard_images}")
+    shard_images = int(shard_images or shards.default_shard_images(config))
+    with open_run(out, items, config, log) as run:
+        summary = run.summary
+        log(f"{summary.images} image(s): {summary.skipped} already extracted"
+            + (f" ({summary.found} found on disk)" if summary.found else "")
+            + f", {len(run.todo)} to do; taps {', '.join(config.taps)}; engine input {config.input_size[0]}x"
+            f"{config.input_size[1]} ({config.resize}); batch {batch_size}")
+        t0 = time.perf_counter()
+        with tqdm(total=len(run.todo), desc="extract", unit="img", disable=not progress) as bar:
+            writer = _Writer(run.out, run.manifest, config, shard_images, bar, summary)
+            writer.start()
+            pool = ThreadPoolExecutor(workers, thread_name_prefix="cleandift-rt-decode")
+            try:
+                _infer(engine, run.todo, config, batch_size, workers, pool, writer)
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
+                writer.finish()
+        summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _infer(engine, todo: list[Item], config: RunConfig, batch_size: int, workers: int, pool, writer) -> None:
+    """Batches of decoded images, in input order, through the engine; decoding runs ahead."""
+    window = max(2 * batch_size, 2 * workers)
+    pending: deque = deque()
+    upcoming = iter(todo)
+
+    def refill():
+        while len(pending) < window and (item := next(upcoming, None)) is not None:
+            pending.append((item, pool.submit(decode, item.path, config.input_size, config.resize)))
+
+    refill()
+    while pending:
+        ready, failed = [], []
+        while pending and len(ready) < batch_size:
+            item, future = pending.popleft()
+            refill()
+            try:
+                pixels, size = future.result()
+            except DECODE_ERRORS as exc:
+                failed.append((item.key, item.path, first_line(exc)))
+                continue
+            ready.append((item, pixels, size))
+        rows = []
+        if ready:
+            feats = engine.extract(torch.from_numpy(np.stack([r[1] for r in ready])), taps=list(config.taps))
+            arrays = {t: (f.float() if f.dtype == torch.bfloat16 else f).numpy() for t, f in feats.items()}
+            rows = [{"key": item.key, "path": item.path, "item": item, "size": size,
+                     "features": {t: a[j] for t, a in arrays.items()}} for j, (item, _, size) in enumerate(ready)]
+        writer.put((rows, failed))
