@@ -524,3 +524,11 @@ def test_train_gate_command(tiny_base_dir, models, spair, tmp_path, capsys):
     assert "--resume" in capsys.readouterr().err
     assert main(args[:-3] + ["--epochs", "2", "--resume", "--no-progress"]) == 0
     assert json.loads((out / "summary.json").read_text())["steps"] == 4
+    results = tmp_path / "gate-pck.json"  # the trained model through the evaluation: eval-spair --gate
+    assert main(["eval-spair", "--root", str(spair["root"]), "--gate", str(out), "--out", str(results),
+                 "--limit", "1", "--no-progress"]) == 0
+    doc = json.loads(results.read_text())
+    assert doc["protocol"]["gate"] == str(out) and doc["counts"]["pairs"] >= 1 and "bbox" in doc["pck"]
+    assert main(["eval-spair", "--root", str(spair["root"]), "--gate", str(out), "--engine", "x.onnx",
+                 "--out", str(results)]) == 2
+    assert "runs on its own" in capsys.readouterr().err

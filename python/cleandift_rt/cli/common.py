@@ -26,9 +26,9 @@ def positive_int(text: str) -> int:
     return value
 
 
-def add_engine_args(p: argparse.ArgumentParser, tap: bool = True) -> None:
+def add_engine_args(p: argparse.ArgumentParser, tap: bool = True, engine_required: bool = True) -> None:
     g = p.add_argument_group("engine")
-    g.add_argument("--engine", required=True, metavar="FILE",
+    g.add_argument("--engine", required=engine_required, metavar="FILE",
                    help=".onnx, .plan, or a student .safetensors / diffusers folder (PyTorch backend)")
     g.add_argument("--base", metavar="DIR", help="base SD model (diffusers folder or .safetensors): needed for "
                    "student files; gives the text encoder for prompts")

@@ -48,11 +48,36 @@ def _fused_source(args, engine, text_model, prompt, name, dino):
                        prompt=prompt if (prompt and text_model is not None) else "<baked into the model>")
 
 
+def _gate_sources(args):
+    """A trained GATE model (``train-gate --out``) as the method, and the DIFT baseline on its base model."""
+    from ..evaluation.runner import DiftFeatures, file_identity, short_hash
+    from ..fusion.options import resolve_prompt
+    from ..gate.source import GateFeatures
+
+    if args.engine or list(args.recipe) != ["nn"]:
+        raise UserError("--gate DIR runs on its own (its recipes name their base model): drop --engine / --recipe")
+    source = GateFeatures.from_dir(args.gate, base=args.base, device=args.device or "cpu")
+    baseline = None
+    if args.baseline:
+        from ..features.extractor import DiftExtractor
+
+        base = source.extractor.base
+        dift = DiftExtractor(base, t=args.t, ensemble=args.ensemble, seed=args.seed, size=source.extractor.size,
+                             device=args.device or "cpu")
+        baseline = DiftFeatures(dift, args.tap, key=short_hash(file_identity(base.source)),
+                                prompt=resolve_prompt(args, False) or None)
+    return [source], baseline
+
+
 def _method_sources(args):
     """(sources in the order of --recipe, DIFT baseline source or None) from the parsed arguments."""
     from ..evaluation.runner import DiftFeatures, file_identity, short_hash
     from ..fusion.options import NEAREST_NEIGHBOUR, check_recipe_args, open_dino, resolve_prompt, wants_fusion
 
+    if args.gate:
+        return _gate_sources(args)
+    if not args.engine:
+        raise UserError("pass --engine FILE (or --gate DIR, a model trained by cleandift-rt train-gate)")
     check_recipe_args(args, args.recipe)
     engine = open_engine(args)
     prompts = {name: resolve_prompt(args, name != NEAREST_NEIGHBOUR) for name in args.recipe}
@@ -124,7 +149,7 @@ def _run_eval(args, pairs, skips, benchmark: str, dataset_key: str) -> int:
             runs.append(evaluate(pairs, source, cache_dir=cache / "features", journal=journal, skips=run_skips,
                                  progress=not args.no_progress, method=args.transfer))
     protocol = {"benchmark": benchmark, "tap": args.tap, "prompt": args.prompt, "threshold": args.threshold,
-                "alphas": args.alphas, "engine": str(args.engine), "base": args.base,
+                "alphas": args.alphas, "engine": str(args.engine or ""), "gate": args.gate, "base": args.base,
                 "upsampling": "bilinear to the original image size (align_corners=False)",
                 "matching": "cosine argmax over all target pixels", "transfer": args.transfer, "cache": str(cache),
                 "dataset_key": short_hash(dataset_key), "recipes": list(dict.fromkeys(args.recipe))}
@@ -174,7 +199,9 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     from ..fusion.options import add_recipe_args
     from ..fusion.recipes import DEFAULT_PROMPT as FUSED_PROMPT
 
-    add_engine_args(p)
+    add_engine_args(p, engine_required=False)
+    p.add_argument("--gate", metavar="DIR", help="evaluate a trained GATE model (cleandift-rt train-gate --out DIR) "
+                   "instead of --engine; --base overrides the base model it recorded (docs/gate.md)")
     p.add_argument("--out", required=True, metavar="results.json", help="results JSON (a CSV is written beside it)")
     p.add_argument("--csv", metavar="FILE", help="CSV path (default: --out with .csv)")
     p.add_argument("--prompt", default=None,
