@@ -133,3 +133,16 @@ def test_unet_timesteps_finite_and_minus_one_allowed(tiny_base):
 def test_unet_shape_errors_are_clear(tiny_base, latents, embeds, message):
     with pytest.raises(ValueError, match=message):
         unet_taps(tiny_base.unet, latents, 261, embeds, taps=["us6"])
+
+
+def test_a_zero_size_target_box_is_skipped_and_named_not_scored(tmp_path):
+    from cleandift_rt.evaluation.pairs import load_pairs_json
+
+    entry = {"source": "a.jpg", "target": "b.jpg", "source_points": [[1, 2]], "target_points": [[3, 4]]}
+    doc = {"pairs": [dict(entry, target_bbox=[5, 5, 5, 5]), dict(entry, target_bbox=[0, 0, 0, 9])]}
+    path = tmp_path / "pairs.json"
+    path.write_text(json.dumps(doc))
+    pairs, skips = load_pairs_json(path, tmp_path)
+    assert len(pairs) == 1 and pairs[0].target_bbox == (0.0, 0.0, 0.0, 9.0)  # a thin box still has a size
+    reason = next(iter(skips.pairs))
+    assert skips.pairs[reason] == 1 and any("zero size" in e for e in skips.examples[reason])

@@ -125,6 +125,9 @@ def make_pair(pair_id, category, source, target, source_points, target_points, t
     if len(src) != len(trg):
         raise ValueError(f"{len(src)} source keypoints but {len(trg)} target keypoints: they must correspond 1:1")
     box = None if target_bbox is None else check_bbox(target_bbox, "target bounding box")
+    if box is not None and max(box[2] - box[0], box[3] - box[1]) <= 0:
+        raise ValueError(f"target bounding box {list(box)} has zero size: PCK@bbox would judge every keypoint against "
+                         "a threshold of 0 (fix the annotation or drop the pair)")
     src_box = None if source_bbox is None else check_bbox(source_bbox, "source bounding box")
     return Pair(str(pair_id), str(category), Path(source), Path(target), src, trg, box,
                 _size(source_size, "source image size"), _size(target_size, "target image size"),
