@@ -52,6 +52,8 @@ def _canonical_points(size, n=(4, 3)) -> np.ndarray:
 
 GOOD_PAIRS = [("cat_src.jpg", "cat_flip.jpg"), ("cat_src.jpg", "cat_small.jpg"), ("cat_flip.jpg", "cat_small.jpg"),
               ("coffee_src.jpg", "coffee_rot.jpg"), ("coffee_rot.jpg", "coffee_src.jpg")]
+# The trn split holds the good pairs, val the cat pairs the other way round (PairAnnotation/{trn,val}).
+VAL_PAIRS = [("cat_flip.jpg", "cat_src.jpg"), ("cat_small.jpg", "cat_src.jpg"), ("cat_small.jpg", "cat_flip.jpg")]
 
 
 # SPair-71k kps_ids of the 4 x 3 canonical grid (row by row): for the cat, the two columns that mirror
@@ -92,6 +94,14 @@ def write_spair_tree(root: Path, photos) -> dict:
         (ann / f"{pid}.json").write_text(json.dumps(_pair_json(pid, cat, src, trg, sk, tk, s_img.size, t_img.size,
                                                                KPS_IDS[cat])))
         truth[pid] = (sk, tk)
+    for split, pairs in (("trn", GOOD_PAIRS), ("val", VAL_PAIRS)):
+        (root / "PairAnnotation" / split).mkdir()
+        for i, (src, trg) in enumerate(pairs):
+            cat, s_img, s_map = warps[src]
+            _, t_img, t_map = warps[trg]
+            pid = f"{i:06d}-{src[:-4]}-{trg[:-4]}:{cat}"
+            (root / "PairAnnotation" / split / f"{pid}.json").write_text(json.dumps(_pair_json(
+                pid, cat, src, trg, s_map(canon[cat]), t_map(canon[cat]), s_img.size, t_img.size, KPS_IDS[cat])))
     cat_size = warps["cat_src.jpg"][1].size
     kps = canon["cat"]
     bad = {

@@ -28,6 +28,7 @@ LAYERS = {
     "models": 1,
     "features": 2,
     "kernels": 3, "formats": 3,
+    "hyper": 3.5,  # hyperfeature aggregation: above the heads kernel it runs, below runtime (Engine(aggregator=))
     "runtime": 4,
     "export": 5, "evaluation": 5, "training": 5,
     "gate": 5,

@@ -10,6 +10,8 @@ from .build_info import _package_version, build_info, format_build_info
 from .extraction.shards import read_shards
 from .features.capture import unet_taps
 from .fusion.dinov2 import Dinov2Features
+from .hyper.aggregator import Aggregator
+from .hyper.network import AggregationNetwork
 from .kernels.fused_heads import project
 from .kernels.matching import match
 from .models.heads import ProjectionHeads
@@ -19,4 +21,4 @@ from .taps import DEFAULT_TAP, TAP_TABLE, TAPS
 __version__ = _package_version()
 
 __all__ = ["Engine", "TAPS", "TAP_TABLE", "DEFAULT_TAP", "unet_taps", "ProjectionHeads", "build_info", "format_build_info", "match", "project",
-           "Dinov2Features", "read_shards"]
+           "Dinov2Features", "AggregationNetwork", "Aggregator", "read_shards"]

@@ -5,6 +5,12 @@ Runtime or OpenVINO (``choose_onnx_backend``), ``.plan`` -> TensorRT, a student 
 ``_full`` safetensors file or a diffusers folder -> PyTorch. All share the input handling
 (``preprocess.prepare_images``: same pixels everywhere), the tap checks, batch splitting to the
 engine's profile and the output convention (torch in -> torch out, else numpy).
+
+Diffusion Hyperfeatures: ``Engine(..., aggregator=FILE)`` (an ``aggregator.safetensors`` of the
+``cleandift`` or ``cleandift-heads`` source) runs the aggregator, and its heads, in PyTorch on the
+backend's taps; an export made with ``--aggregator`` has them in its graph. Either way ``"hyper"``
+is listed in ``Engine.taps`` and ``extract`` returns the descriptor map under that key beside the
+requested taps (``taps=["hyper"]`` asks for it alone).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import torch
 from ..formats.artifact import ArtifactInfo, describe, read_info
 from ..features.extractor import check_prompt_embeds
 from ..features.preprocess import check_policy, load_image, prepare_images
+from ..hyper.aggregator import ENGINE_SOURCES, HYPER, Aggregator, check_hyper_record
 from ..kernels.precision import check_precision, cpu_precision
 
 
@@ -118,11 +125,13 @@ class Engine:
         prompt: PyTorch backend only: the prompt whose embedding is the default (exports bake theirs).
         backend: ``"onnxruntime"`` or ``"openvino"`` (``.onnx``), ``"tensorrt"`` (``.plan``), ``"torch"``
             (student files, diffusers folders); None chooses from the file (``choose_onnx_backend``).
+        aggregator: an ``aggregator.safetensors`` (``cleandift-rt train-aggregator``, source ``cleandift`` or
+            ``cleandift-heads``): adds the tap ``"hyper"``, its descriptors computed from the engine's taps.
     """
 
     def __init__(self, path, base=None, device: str | None = None, taps=None, *, size=None, resize: str | None = None,
                  precision: str | None = None, threads: int | None = None, max_batch: int | None = None,
-                 cuda_graph: bool = False, prompt: str = "", backend: str | None = None):
+                 cuda_graph: bool = False, prompt: str = "", backend: str | None = None, aggregator=None):
         self.path = Path(path)
         if not self.path.exists():
             raise FileNotFoundError(f"{self.path} does not exist")
@@ -148,6 +157,8 @@ class Engine:
         device = None if device is None else str(device)  # a torch.device works too
         _check_options_apply(kind, self.path, base=base, prompt=prompt, cuda_graph=cuda_graph, threads=threads,
                              device=device)
+        self.aggregator = _open_aggregator(aggregator)  # small: read before the big models load
+        self.aggregator_path = None if aggregator is None else Path(aggregator)
         if suffix in (".onnx", ".plan"):  # check the options against the metadata before loading anything big
             self._configure(read_info(self.path), size, resize, taps)
         self.requested_precision = precision
@@ -179,7 +190,32 @@ class Engine:
     def _configure(self, meta: ArtifactInfo, size, resize, taps) -> None:
         self.size = meta.check_size(size)
         self.resize = check_policy(resize or meta.resize)
-        self._taps = meta.check_taps(taps)
+        self._hyper_in_graph = HYPER in meta.extra
+        if self._hyper_in_graph:
+            check_hyper_record(meta.extra[HYPER], str(self.path))
+            if self.aggregator is not None:
+                raise ValueError(f"{self.path.name} already computes 'hyper' in its graph (exported with "
+                                 "--aggregator): open it without aggregator=")
+        if self.aggregator is not None:
+            try:
+                meta.check_taps(self.aggregator.layers)
+            except ValueError as exc:
+                raise ValueError(f"the aggregator needs taps the engine lacks: {exc}") from None
+        self._taps = self._check_taps(meta, taps)
+
+    def _check_taps(self, meta: ArtifactInfo, taps) -> tuple[str, ...]:
+        """The requested taps in table order, ``"hyper"`` last (default: all the file's, and "hyper" when there)."""
+        has_hyper = self.aggregator is not None or self._hyper_in_graph
+        if taps is None:
+            return meta.check_taps(None) + ((HYPER,) if has_hyper else ())
+        requested = [taps] if isinstance(taps, str) else list(taps)
+        if HYPER not in requested:
+            return meta.check_taps(requested)
+        if not has_hyper:
+            raise ValueError(f"tap {HYPER!r} is the Diffusion Hyperfeatures descriptor: open the engine with "
+                             "aggregator=FILE (cleandift-rt train-aggregator), or export it with --aggregator")
+        rest = [t for t in requested if t != HYPER]
+        return (meta.check_taps(rest) if rest else ()) + (HYPER,)
 
     # -- description ---------------------------------------------------------------------------
 
@@ -198,6 +234,8 @@ class Engine:
             d["precision_requested"] = self.requested_precision  # not honoured here (see the warning)
         d.update(path=str(self.path), size=list(self.size), resize=self.resize, max_batch=self.max_batch,
                  default_taps=list(self._taps))
+        if self.aggregator is not None:
+            d["aggregator"] = {**self.aggregator.describe(), "path": str(self.aggregator_path)}
         return d
 
     def __repr__(self) -> str:
@@ -214,7 +252,7 @@ class Engine:
         out (on the input's device); anything else -> numpy arrays. ``prompt_embeds``: ``[L, D]`` or
         ``[B, L, D]`` text embeddings replacing the baked prompt.
         """
-        wanted = self.backend.info.check_taps(taps) if taps is not None else self._taps
+        wanted = self._check_taps(self.backend.info, taps) if taps is not None else self._taps
         pixels = prepare_images(images, self.size, self.resize).pixels
         embeds = self._embeds(prompt_embeds, pixels.shape[0])
         feats = self._run_chunked(pixels, embeds, wanted)
@@ -233,10 +271,22 @@ class Engine:
         parts = []
         for start in range(0, n, step):
             stop = min(n, start + step)
-            parts.append(self._run_padded(pixels[start:stop], None if embeds is None else embeds[start:stop], taps))
+            parts.append(self._run_with_hyper(pixels[start:stop], None if embeds is None else embeds[start:stop], taps))
         if len(parts) == 1:
             return parts[0]
         return {t: torch.cat([p[t] for p in parts]) for t in taps}
+
+    def _run_with_hyper(self, pixels, embeds, taps) -> dict[str, torch.Tensor]:
+        """A chunk's taps; "hyper" from the graph, or from the aggregator on the taps it needs."""
+        if HYPER not in taps or self._hyper_in_graph:
+            return self._run_padded(pixels, embeds, taps)
+        needed = [t for t in self.backend.info.tap_names if t in taps or t in self.aggregator.layers]
+        out = self._run_padded(pixels, embeds, needed)
+        device = out[needed[0]].device
+        with torch.no_grad():
+            self.aggregator.to(device)
+            out[HYPER] = self.aggregator({t: out[t] for t in self.aggregator.layers}).float()
+        return {t: out[t] for t in taps}
 
     def _run_padded(self, pixels, embeds, taps) -> dict[str, torch.Tensor]:
         """Run a chunk, repeating its last image up to the profile's minimum batch when needed."""
@@ -261,7 +311,7 @@ class Engine:
         """
         if batch_size < 1 or prefetch < 1:
             raise ValueError(f"batch_size and prefetch must be >= 1, got {batch_size} and {prefetch}")
-        wanted = self.backend.info.check_taps(taps) if taps is not None else self._taps
+        wanted = self._check_taps(self.backend.info, taps) if taps is not None else self._taps
         ready: queue.Queue = queue.Queue(maxsize=prefetch)
         stop = threading.Event()
         done = object()
@@ -315,6 +365,18 @@ class Engine:
             # Never wait for the producer: it may be blocked inside the caller's iterable (a camera,
             # a socket). It sees `stop` and ends when the iterable next yields or raises.
             stop.set()
+
+
+def _open_aggregator(path) -> Aggregator | None:
+    """The aggregator file of ``Engine(..., aggregator=)``, checked to aggregate an engine's taps."""
+    if path is None:
+        return None
+    aggregator = Aggregator.from_file(path)
+    if aggregator.source not in ENGINE_SOURCES:
+        raise ValueError(f"{path} aggregates the base model's {aggregator.source} features (DDIM inversion), which no "
+                         "engine computes: use cleandift_rt.hyper.HyperFeatures.from_inversion with the base model, "
+                         "or eval-spair --aggregator with --base")
+    return aggregator.eval()
 
 
 def _ran_precision(d: dict) -> str:
