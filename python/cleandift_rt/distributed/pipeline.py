@@ -19,6 +19,7 @@ from ..extraction.shards import default_shard_images
 from .stages import EngineWorker, decode_batch, write_batch
 
 DECODE_BATCH = 16  # images per decode task: enough to amortise a task, few enough to spread
+PHOTO_MEMORY = 256 << 20  # decoding a large photo (24 MP: 72 MB of RGB) and resizing it
 INSTALL = "pip install 'cleandift-rt[distributed]' (or pip install 'ray[data]')"
 
 
@@ -71,10 +72,12 @@ def _workers(ray, num_gpus_per_worker, concurrency):
     return num_gpus_per_worker, sizes
 
 
-def _spread() -> dict:
-    """Remote args of each decode task: spread over the nodes. A per-task function also keeps Ray
-    Data from fusing decoding into the engine actors, where it would run in turn with inference."""
-    return {"scheduling_strategy": "SPREAD"}
+def decode_memory(size) -> int:
+    """Bytes a decode task reserves: its batch of model input plus one large photo being decoded.
+
+    A resource request of its own also keeps Ray Data from fusing decoding into the engine actors
+    (operators with different requests are not fused), where it would run in turn with inference."""
+    return DECODE_BATCH * 3 * size[0] * size[1] * 4 + PHOTO_MEMORY
 
 
 def _quiet(ray, progress: bool) -> None:
@@ -147,7 +150,7 @@ def run_items(items, engine_path, *, taps=None, batch_size=None, num_gpus_per_wo
         t0 = time.perf_counter()
         if streamed or run.todo:
             pipeline = (dataset
-                        .map_batches(decode_batch, batch_size=DECODE_BATCH, num_cpus=1, ray_remote_args_fn=_spread,
+                        .map_batches(decode_batch, batch_size=DECODE_BATCH, num_cpus=1, memory=decode_memory(size),
                                      fn_kwargs={"size": tuple(size), "resize": resize, "done": done})
                         .map_batches(EngineWorker, batch_size=batch_size,
                                      compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
