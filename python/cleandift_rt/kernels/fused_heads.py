@@ -22,6 +22,7 @@ import torch
 
 from ..build_info import native
 from ..models.heads import COND_DIM, ProjectionHeads
+from ..timesteps import check_timestep
 from .precision import NATIVE_COMPUTE, check_precision, kernel_precision
 
 _DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -83,8 +84,9 @@ def _scales(heads: ProjectionHeads, tap: str, t, batch: int, cache: _HeadCache, 
         cond, t_key = t, None
     else:
         try:
+            check_timestep(t)  # before the cache: t=False must not hit the entry of t=0
             t_vals = torch.as_tensor(t, dtype=torch.float32).flatten().tolist()
-        except (TypeError, ValueError, RuntimeError):
+        except TypeError:
             raise TypeError(f"t must be a number, a 1-D tensor of B timesteps or a [B, {COND_DIM}] cond tensor, "
                             f"got {type(t).__name__} {t!r:.40}") from None
         t_key = key + (tuple(t_vals), batch)

@@ -167,13 +167,18 @@ class ProjectionHeads(nn.Module):
         return b, c, h, w
 
     def forward(self, tap: str, features: torch.Tensor, t: int | float | torch.Tensor) -> torch.Tensor:
+        """The head of ``tap`` at timestep(s) ``t``, computed in the heads' own dtype (features of
+        another float dtype are converted there and the result back to theirs)."""
         b, c, h, w = self.check_features(tap, features)
+        if not features.dtype.is_floating_point:
+            raise TypeError(f"features must be floating point, got {features.dtype}")
         cond = self.cond(t, batch=b)
         if cond.shape[0] != b:
             raise ValueError(f"got {cond.shape[0]} timesteps for a batch of {b}")
-        tokens = features.flatten(2).transpose(1, 2)
-        out = self.adapters[tap](tokens, cond.to(features.dtype))
-        return out.transpose(1, 2).reshape(b, c, h, w)
+        dtype = self.time_in_proj.weight.dtype
+        tokens = features.flatten(2).transpose(1, 2).to(dtype)
+        out = self.adapters[tap](tokens, cond.to(dtype))
+        return out.transpose(1, 2).reshape(b, c, h, w).to(features.dtype)
 
     @classmethod
     def from_state_dict(cls, state: Mapping[str, torch.Tensor], source: str = "state dict") -> "ProjectionHeads":
