@@ -123,6 +123,36 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     return stale
 
 
+def trim_jsonl(path: str | Path, keep, log=print) -> None:
+    """Rewrite a JSON-lines log keeping the records ``keep(record)`` accepts, atomically.
+
+    Resumed runs use it to drop records written after their checkpoint. A last line cut short by a
+    kill is dropped (with a note); a malformed line anywhere else is an error naming the line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):  # the write a kill interrupted
+                log(f"note: dropped the cut-short last line of {path}")
+                continue
+            raise ValueError(f"{path} line {number} is not JSON (edited or corrupted?): fix or remove that line, "
+                             "then resume") from None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise ValueError(f"{path} line {number} is not a metrics record (no integer 'step')")
+        if keep(record):
+            kept.append(line)
+    payload = "".join(line + "\n" for line in kept).encode()
+    atomic_write_bytes(path, lambda tmp: Path(tmp).write_bytes(payload))
+
+
 def check_output_folder(path: str | Path, what: str = "--out") -> Path:
     """``path`` can be (or become) a folder: neither it nor any of its parents is a file."""
     path = Path(path)

@@ -116,52 +116,57 @@ class DiftFeatures:
 
 
 class FeatureCache:
-    """Per-image features on disk (``DIR/<source key>/<image key>.safetensors``) plus a few in memory."""
+    """Per-image maps on disk (``DIR/<source key>/<image key>[variant].safetensors``) plus a few in memory.
+
+    ``get`` caches one feature tensor per image; ``get_maps`` a dict of named tensors (the fusion
+    recipes keep every raw map, and a mirrored ``variant`` of the source beside it).
+    """
 
     def __init__(self, root: str | Path | None, source_key: str, memory_items: int = 8):
         self.dir = Path(root) / source_key if root is not None else None
-        self.memory: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.memory: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
         self.memory_items = memory_items
         self.hits = self.misses = 0
 
-    def _key(self, image_path: Path, category: str) -> str:
-        return short_hash(file_identity(image_path), category)
-
     def get(self, image_path: Path, category: str, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-        key = self._key(image_path, category)
+        return self.get_maps(image_path, category, lambda: {"features": compute()})["features"]
+
+    def get_maps(self, image_path: Path, category: str, compute: Callable[[], dict[str, torch.Tensor]],
+                 variant: str = "") -> dict[str, torch.Tensor]:
+        key = short_hash(file_identity(image_path), category) + variant
         if key in self.memory:
             self.memory.move_to_end(key)
             self.hits += 1
             return self.memory[key]
-        feats = self._load(key)
-        if feats is None:
+        maps = self._load(key)
+        if maps is None:
             self.misses += 1
-            feats = compute()
-            self._save(key, feats)
+            maps = compute()
+            self._save(key, maps)
         else:
             self.hits += 1
-        self.memory[key] = feats
+        self.memory[key] = maps
         while len(self.memory) > self.memory_items:
             self.memory.popitem(last=False)
-        return feats
+        return maps
 
-    def _load(self, key: str) -> torch.Tensor | None:
+    def _load(self, key: str) -> dict[str, torch.Tensor] | None:
         if self.dir is None or not (self.dir / f"{key}.safetensors").is_file():
             return None
         from safetensors.torch import load_file
 
         try:
-            return load_file(str(self.dir / f"{key}.safetensors"))["features"]
+            return load_file(str(self.dir / f"{key}.safetensors"))
         except Exception:  # a file cut short by a crash: recompute it
             return None
 
-    def _save(self, key: str, feats: torch.Tensor) -> None:
+    def _save(self, key: str, maps: dict[str, torch.Tensor]) -> None:
         if self.dir is None:
             return
         from safetensors.torch import save_file
 
-        atomic_write_bytes(self.dir / f"{key}.safetensors",
-                           lambda tmp: save_file({"features": feats.contiguous()}, tmp))
+        plain = {name: tensor.contiguous() for name, tensor in maps.items()}
+        atomic_write_bytes(self.dir / f"{key}.safetensors", lambda tmp: save_file(plain, tmp))
 
 
 class Journal:
@@ -217,7 +222,7 @@ class EvalRun:
     extract_seconds: float = 0.0
 
 
-class _ImageFailure(Exception):
+class ImageFailure(Exception):
     """A pair cannot be evaluated: ``reason`` is what the report counts, ``where`` names the file."""
 
     def __init__(self, reason: str, where: str = ""):
@@ -225,26 +230,26 @@ class _ImageFailure(Exception):
         self.reason, self.where = reason, where
 
 
-def _image_size(path: Path) -> tuple[int, int]:
+def image_size(path: Path) -> tuple[int, int]:
     from PIL import Image, UnidentifiedImageError
 
     if not path.is_file():
-        raise _ImageFailure("image file missing", str(path))
+        raise ImageFailure("image file missing", str(path))
     try:
         with Image.open(path) as im:
             return im.size
     except (UnidentifiedImageError, OSError):
-        raise _ImageFailure("image cannot be decoded", str(path)) from None
+        raise ImageFailure("image cannot be decoded", str(path)) from None
 
 
-def _load_image(path: Path):
+def load_pair_image(path: Path):
     try:  # SPair's keypoints refer to the stored pixel layout: no EXIF rotation
         return load_image(path, exif_orientation=False)
     except (ValueError, OSError):
-        raise _ImageFailure("image cannot be decoded", str(path)) from None
+        raise ImageFailure("image cannot be decoded", str(path)) from None
 
 
-def _inside(points: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+def inside_image(points: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     w, h = size
     return (points[:, 0] >= 0) & (points[:, 0] < w) & (points[:, 1] >= 0) & (points[:, 1] < h)
 
@@ -265,7 +270,7 @@ def evaluate(pairs: list[Pair], source, *, cache_dir: str | Path | None = None, 
     skips = skips if skips is not None else SkipLog()
     cache = FeatureCache(cache_dir, source.key)
     log = Journal(journal, short_hash(source.key, PROTOCOL_VERSION, method), resume)
-    broken: dict[Path, _ImageFailure] = {}
+    broken: dict[Path, ImageFailure] = {}
     results: list[PairResult] = []
     resumed = 0
     extract_seconds = 0.0
@@ -277,11 +282,11 @@ def evaluate(pairs: list[Pair], source, *, cache_dir: str | Path | None = None, 
         def compute():
             nonlocal extract_seconds
             t0 = time.perf_counter()
-            image = _load_image(path)
+            image = load_pair_image(path)
             try:
                 return source.features(image, category)
             except (ValueError, TypeError) as exc:
-                raise _ImageFailure("feature extraction failed", f"{path}: {exc}") from None
+                raise ImageFailure("feature extraction failed", f"{path}: {exc}") from None
             finally:
                 extract_seconds += time.perf_counter() - t0
 
@@ -289,7 +294,7 @@ def evaluate(pairs: list[Pair], source, *, cache_dir: str | Path | None = None, 
             raise broken[path]
         try:
             return cache.get(path, category, compute)
-        except _ImageFailure as exc:
+        except ImageFailure as exc:
             broken[path] = exc
             raise
 
@@ -317,18 +322,18 @@ def _evaluate_pair(pair: Pair, features, matcher, method: str) -> dict:
     try:
         sizes = []
         for path, annotated in ((pair.source, pair.source_size), (pair.target, pair.target_size)):
-            size = _image_size(path)
+            size = image_size(path)
             if annotated is not None and tuple(annotated) != size:
-                raise _ImageFailure("image size differs from its annotation", f"{path}: {size} vs {tuple(annotated)}")
+                raise ImageFailure("image size differs from its annotation", f"{path}: {size} vs {tuple(annotated)}")
             sizes.append(size)
-        keep = _inside(pair.source_points, sizes[0]) & _inside(pair.target_points, sizes[1])
+        keep = inside_image(pair.source_points, sizes[0]) & inside_image(pair.target_points, sizes[1])
         dropped = {"keypoint outside its image": int((~keep).sum())} if not keep.all() else {}
         if not keep.any():
-            raise _ImageFailure("no keypoint inside both images", pair.pair_id)
+            raise ImageFailure("no keypoint inside both images", pair.pair_id)
         src_pts, trg_pts = pair.source_points[keep], pair.target_points[keep]
         src_feat = features(pair.source, pair.category)
         trg_feat = features(pair.target, pair.category)
-    except _ImageFailure as exc:
+    except ImageFailure as exc:
         return {"pair_id": pair.pair_id, "skip": exc.reason, "where": exc.where or pair.pair_id}
     pred, _ = transfer_points(src_feat, trg_feat, sizes[0], sizes[1], src_pts, matcher, method=method)
     distances = np.linalg.norm(pred - trg_pts, axis=1)

@@ -11,68 +11,19 @@ cached beside it.
 from __future__ import annotations
 
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from ..checkpoint import atomic_write_bytes
 from ..evaluation.pairs import Pair, SkipLog
 from ..evaluation.pck import PairResult, bbox_size
-from ..evaluation.runner import (EvalRun, Journal, _ImageFailure, _image_size, _inside, _load_image, file_identity,
-                                 short_hash)
+from ..evaluation.runner import (EvalRun, FeatureCache, ImageFailure, Journal, image_size, inside_image,
+                                 load_pair_image, short_hash)
 from .canvas import flip_images
 from .pipeline import Fusion
 
 PROTOCOL_VERSION = 1  # bump when a change alters per-pair results (invalidates journals, not the raw maps)
-
-
-class RawCache:
-    """Raw maps per image on disk (``DIR/<key>/<image key>[-flip].safetensors``) plus a few in memory."""
-
-    def __init__(self, root: str | Path | None, key: str, memory_items: int = 6):
-        self.dir = Path(root) / key if root is not None else None
-        self.memory: OrderedDict[str, dict] = OrderedDict()
-        self.memory_items = memory_items
-        self.hits = self.misses = 0
-
-    def get(self, image_path: Path, category: str, flipped: bool, compute) -> dict[str, torch.Tensor]:
-        key = short_hash(file_identity(image_path), category) + ("-flip" if flipped else "")
-        if key in self.memory:
-            self.memory.move_to_end(key)
-            self.hits += 1
-            return self.memory[key]
-        maps = self._load(key)
-        if maps is None:
-            self.misses += 1
-            maps = compute()
-            self._save(key, maps)
-        else:
-            self.hits += 1
-        self.memory[key] = maps
-        while len(self.memory) > self.memory_items:
-            self.memory.popitem(last=False)
-        return maps
-
-    def _load(self, key: str):
-        path = None if self.dir is None else self.dir / f"{key}.safetensors"
-        if path is None or not path.is_file():
-            return None
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except Exception:  # a file cut short by a crash: recompute it
-            return None
-
-    def _save(self, key: str, maps: dict) -> None:
-        if self.dir is None:
-            return
-        from safetensors.torch import save_file
-
-        plain = {k: v.contiguous() for k, v in maps.items()}
-        atomic_write_bytes(self.dir / f"{key}.safetensors", lambda tmp: save_file(plain, tmp))
 
 
 class FusedSource:
@@ -107,10 +58,10 @@ def evaluate_fused(pairs: list[Pair], source: FusedSource, *, cache_dir: str | P
 
     skips = skips if skips is not None else SkipLog()
     fusion = source.fusion
-    sd_cache = RawCache(cache_dir, source.sd_key)
-    dino_cache = RawCache(cache_dir, source.dino_key) if source.dino_key else None
+    sd_cache = FeatureCache(cache_dir, source.sd_key, memory_items=6)
+    dino_cache = FeatureCache(cache_dir, source.dino_key, memory_items=6) if source.dino_key else None
     log = Journal(journal, short_hash(source.key, PROTOCOL_VERSION), resume)
-    broken: dict[Path, _ImageFailure] = {}
+    broken: dict[Path, ImageFailure] = {}
     timing = {"extract": 0.0}
     decisions: Counter = Counter()
     results: list[PairResult] = []
@@ -125,7 +76,7 @@ def evaluate_fused(pairs: list[Pair], source: FusedSource, *, cache_dir: str | P
         def picture():
             nonlocal image
             if image is None:
-                image = _load_image(path)
+                image = load_pair_image(path)
                 image = flip_images([image])[0] if flipped else image
             return image
 
@@ -135,17 +86,19 @@ def evaluate_fused(pairs: list[Pair], source: FusedSource, *, cache_dir: str | P
                 try:
                     return fn()
                 except (ValueError, TypeError) as exc:
-                    raise _ImageFailure("feature extraction failed", f"{path}: {exc}") from None
+                    raise ImageFailure("feature extraction failed", f"{path}: {exc}") from None
                 finally:
                     timing["extract"] += time.perf_counter() - t0
             return run
 
         try:
-            maps = dict(sd_cache.get(path, category, flipped, timed(lambda: fusion.sd_raw([picture()], category)[0])))
+            variant = "-flip" if flipped else ""
+            maps = dict(sd_cache.get_maps(path, category, timed(lambda: fusion.sd_raw([picture()], category)[0]),
+                                          variant))
             if dino_cache is not None:
-                maps.update(dino_cache.get(path, category, flipped, timed(lambda: fusion.dino_raw([picture()])[0])))
+                maps.update(dino_cache.get_maps(path, category, timed(lambda: fusion.dino_raw([picture()])[0]), variant))
             return maps
-        except _ImageFailure as exc:
+        except ImageFailure as exc:
             broken[path] = exc
             raise
 
@@ -178,20 +131,20 @@ def _evaluate_pair(pair: Pair, fusion: Fusion, raw) -> dict:
     try:
         sizes = []
         for path, annotated in ((pair.source, pair.source_size), (pair.target, pair.target_size)):
-            size = _image_size(path)
+            size = image_size(path)
             if annotated is not None and tuple(annotated) != size:
-                raise _ImageFailure("image size differs from its annotation", f"{path}: {size} vs {tuple(annotated)}")
+                raise ImageFailure("image size differs from its annotation", f"{path}: {size} vs {tuple(annotated)}")
             sizes.append(size)
-        keep = _inside(pair.source_points, sizes[0]) & _inside(pair.target_points, sizes[1])
+        keep = inside_image(pair.source_points, sizes[0]) & inside_image(pair.target_points, sizes[1])
         dropped = {"keypoint outside its image": int((~keep).sum())} if not keep.all() else {}
         if not keep.any():
-            raise _ImageFailure("no keypoint inside both images", pair.pair_id)
+            raise ImageFailure("no keypoint inside both images", pair.pair_id)
         src_pts, trg_pts = pair.source_points[keep], pair.target_points[keep]
         ids = None if pair.keypoint_ids is None else [i for i, k in zip(pair.keypoint_ids, keep) if k]
         raw_src = raw(pair.source, pair.category, False)
         raw_trg = raw(pair.target, pair.category, False)
         raw_flip = raw(pair.source, pair.category, True) if fusion.recipe.flip else None
-    except _ImageFailure as exc:
+    except ImageFailure as exc:
         return {"pair_id": pair.pair_id, "skip": exc.reason, "where": exc.where or pair.pair_id}
     transfer = fusion.transfer_raw(raw_src, raw_trg, sizes[0], sizes[1], src_pts, raw_flipped=raw_flip,
                                    category=pair.category, keypoint_ids=ids, source_bbox=pair.source_bbox,

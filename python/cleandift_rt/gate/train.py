@@ -29,7 +29,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ..checkpoint import check_state_dict, read_safetensors, read_safetensors_metadata, write_safetensors
+from ..checkpoint import (check_output_folder, check_state_dict, read_safetensors, read_safetensors_metadata,
+                          remove_stale_temporaries, trim_jsonl, write_safetensors)
 from ..features.preprocess import load_image
 from .amalgam import Amalgamator, clip_loss, grid_indices, sparsity_term
 from .extract import GateExtractor
@@ -132,7 +133,7 @@ class GateTrainer:
         if self.config.size is not None and extractor.size != (self.config.size, self.config.size):
             raise ValueError(f"config size {self.config.size} differs from the extractor's {extractor.size}: build the "
                              "extractor with size=config.size")
-        self.extractor, self.bucket, self.out = extractor, bucket, Path(out)
+        self.extractor, self.bucket, self.out = extractor, bucket, check_output_folder(out)
         self.progress, self.log = progress, log
         self.store = FeatureStore(features_dir if features_dir is not None else self.out / "features", bucket, extractor)
         self.skipped: dict[str, int] = {}
@@ -144,6 +145,9 @@ class GateTrainer:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.config.lr,
                                            weight_decay=self.config.weight_decay)
         self.checkpoint_dir = self.out / "checkpoints"
+        for folder in (self.out, self.checkpoint_dir):
+            for stale in remove_stale_temporaries(folder):
+                self.log(f"removed {stale}, left by an interrupted write")
         if not resume and list_checkpoints(self.checkpoint_dir):
             raise ValueError(f"{self.out} already holds GATE checkpoints: pass --resume to continue that run or choose "
                              "another --out")
@@ -286,8 +290,9 @@ class GateTrainer:
 
     def _resume(self) -> int:
         candidates = list_checkpoints(self.checkpoint_dir)
-        if not candidates:
-            raise ValueError(f"--resume: no checkpoints (step-*.safetensors) in {self.checkpoint_dir}")
+        if not candidates:  # killed before its first checkpoint: a requeue that always passes --resume starts over
+            self.log(f"note: --resume found no checkpoint in {self.checkpoint_dir}: starting at step 0")
+            return 0
         for path in reversed(candidates):
             try:
                 state, meta = read_safetensors(path), read_safetensors_metadata(path)
@@ -330,10 +335,8 @@ class GateTrainer:
             torch.cuda.set_rng_state(state["rng.cuda"], self.extractor.device)
 
     def _truncate_metrics(self, step: int) -> None:
-        path = self.out / METRICS_FILE
-        if path.is_file():
-            kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-            path.write_text("".join(line + "\n" for line in kept))
+        """Drop log records of steps after the checkpoint (a cut-short last line too), atomically."""
+        trim_jsonl(self.out / METRICS_FILE, lambda record: record["step"] <= step, self.log)
 
     # -- the loop -------------------------------------------------------------------------------
 

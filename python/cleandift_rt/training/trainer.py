@@ -25,8 +25,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..checkpoint import (atomic_write_bytes, check_output_folder, check_state_dict, read_safetensors,
-                          read_safetensors_metadata, remove_stale_temporaries, write_safetensors)
+from ..checkpoint import (check_output_folder, check_state_dict, read_safetensors, read_safetensors_metadata,
+                          remove_stale_temporaries, trim_jsonl, write_safetensors)
 from ..models.heads import build_heads
 from ..models import BaseModel, load_base, save_student_full, save_student_unet
 from ..features.preprocess import check_model_size
@@ -298,30 +298,8 @@ class Trainer:
         return int(meta["step"])
 
     def _truncate_metrics(self, step: int) -> None:
-        """Drop log records of steps after the checkpoint (the resumed run writes them again) and a
-        last line cut short by a kill; rewritten atomically, so a kill here loses nothing either."""
-        path = self.out / METRICS_FILE
-        if not path.is_file():
-            return
-        lines = path.read_text().splitlines()
-        kept = []
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                if number == len(lines):  # the write a kill interrupted
-                    self.log(f"note: dropped the cut-short last line of {path}")
-                    continue
-                raise ValueError(f"{path} line {number} is not JSON (edited or corrupted?): fix or remove that "
-                                 "line, then resume") from None
-            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-                raise ValueError(f"{path} line {number} is not a metrics record (no integer 'step')")
-            if record["step"] <= step:
-                kept.append(line)
-        payload = "".join(line + "\n" for line in kept).encode()
-        atomic_write_bytes(path, lambda tmp: Path(tmp).write_bytes(payload))
+        """Drop log records of steps after the checkpoint: the resumed run writes them again."""
+        trim_jsonl(self.out / METRICS_FILE, lambda record: record["step"] <= step, self.log)
 
     # ------------------------------------------------------------------------------------------
     # the loop
