@@ -3,6 +3,7 @@
     python export/export_onnx.py --student student_unet.safetensors --base sd21/ --out sd21.onnx --size 768 768
     python export/export_onnx.py ... --taps us6 --dynamic-size 512 1024 --batch 1:4:8 --prompt ""
     python export/export_onnx.py ... --precision fp16      # for TensorRT: fp16 with fp32 islands, and OUT.fp32.onnx
+    python export/export_onnx.py ... --aggregator runs/hyper/aggregator.safetensors   # + the 'hyper' output
 
 Input ``images``: float32 N x 3 x H x W RGB in [-1, 1] (``cleandift_rt.Engine`` prepares it from
 PIL/uint8/float input); optional input ``prompt_embeds`` replaces the baked prompt's embedding.
@@ -40,6 +41,9 @@ def main(argv=None) -> int:
                    "image-independent paths, tensors measured beyond the fp16 range on the bundled photos), fp32 "
                    "inputs and outputs; the fp32 graph is kept as OUT.fp32.onnx (the reference build_engine.py "
                    "--verify compares against). Needed for TensorRT's strongly typed fp16 engines")
+    p.add_argument("--aggregator", metavar="FILE", help="an aggregator.safetensors (cleandift-rt train-aggregator, "
+                   "source cleandift or cleandift-heads): the graph also computes its Diffusion Hyperfeatures "
+                   "descriptor, output 'hyper' (heads included)")
     args = p.parse_args(argv)
 
     from pathlib import Path
@@ -48,14 +52,16 @@ def main(argv=None) -> int:
     from cleandift_rt.export.onnx_export import check_export_args, export_onnx
 
     try:
-        check_export_args(args.out, args.size, args.dynamic_size, args.taps, args.batch, args.resize, args.precision)
+        check_export_args(args.out, args.size, args.dynamic_size, args.taps, args.batch, args.resize, args.precision,
+                          aggregator=args.aggregator)
         student, base = load_student_and_base(Path(args.student), load_base(args.base))
         size_arg = args.size
         if size_arg is None and args.dynamic_size is None:
             size_arg = [base.resolution] * 2  # the base model's native size
         export_onnx(student, base, args.out, size=size_arg, dynamic_size=args.dynamic_size, taps=args.taps,
                     batch=args.batch, prompt=args.prompt, resize=args.resize,
-                    external_data=True if args.external_data else None, precision=args.precision)
+                    external_data=True if args.external_data else None, precision=args.precision,
+                    aggregator=args.aggregator)
     except (ValueError, OSError) as exc:  # bad arguments, unreadable inputs, unwritable output
         print(f"export_onnx: {exc}", file=sys.stderr)
         return 2

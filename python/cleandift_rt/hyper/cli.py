@@ -142,7 +142,8 @@ def cmd_train_aggregator(args) -> int:
                            cache_dir=cache, resume=args.resume, progress=not args.no_progress, device=args.device)
     summary = trainer.run()
     pck = summary["val_pck"]
-    print(f"{args.source}: {summary['steps']} steps, last loss {summary['final_loss']:.4f}"
+    loss = summary["final_loss"]
+    print(f"{args.source}: {summary['steps']} steps" + (f", last loss {loss:.4f}" if loss is not None else "")
           + (f", val PCK@0.1 bbox {100 * pck:.2f}%" if pck is not None else "")
           + f"; evaluate with: cleandift-rt eval-spair --root {args.root} ... --aggregator {summary['file']}")
     return 0

@@ -154,6 +154,7 @@ class HyperTrainer:
         self._examples: dict[str, str] = {}
         self._broken: dict[Path, _Broken] = {}
         self.step, self.epoch, self.index = 0, 0, 0  # the cursor: pass `epoch`, position `index` in its order
+        self.last = {"loss": None, "val_pck": None}  # the latest of each in the metrics (kept over a resume)
         self.checkpoint_dir = self.out / "checkpoints"
         for folder in (self.out, self.checkpoint_dir):
             for stale in remove_stale_temporaries(folder):
@@ -404,6 +405,7 @@ class HyperTrainer:
                 raise ValueError(f"{path} line {number} is not JSON: fix or remove it, then resume") from None
             if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
                 kept.append(line)
+                self.last.update({k: record[k] for k in self.last if k in record})
         payload = "".join(line + "\n" for line in kept).encode()
         atomic_write_bytes(path, lambda tmp: Path(tmp).write_bytes(payload))
 
@@ -417,15 +419,14 @@ class HyperTrainer:
         metrics_path = self.out / METRICS_FILE
         if self.step == 0:
             metrics_path.write_text("")
-        record, val_pck = None, None
         bar = tqdm(total=c.steps, initial=min(self.step, c.steps), desc="train-aggregator", unit="pair",
                    dynamic_ncols=True, disable=not self.progress)
         try:
             with open(metrics_path, "a") as metrics:
                 def log_validation():
-                    nonlocal val_pck
                     val_pck = self.validate()
                     if val_pck is not None:
+                        self.last["val_pck"] = val_pck
                         metrics.write(json.dumps({"step": self.step, "val_pck": val_pck}) + "\n")
                         metrics.flush()
                         bar.write(f"step {self.step}: val PCK@0.1 bbox {100 * val_pck:.2f}% "
@@ -435,6 +436,7 @@ class HyperTrainer:
                     log_validation()  # the untrained network
                 while self.step < c.steps:
                     record = self.train_step()
+                    self.last["loss"] = record["loss"]
                     metrics.write(json.dumps(record) + "\n")
                     metrics.flush()
                     last = self.step == c.steps
@@ -446,10 +448,10 @@ class HyperTrainer:
                         self.save_checkpoint()
         finally:
             bar.close()
-        path = self.save_aggregator(val_pck)
+        path = self.save_aggregator(self.last["val_pck"])
         self.log(f"done: {self.step} steps ({self.skip_summary()}); features computed {self.cache.computed}, reused "
                  f"{self.cache.reused}; wrote {path} and {self.out / WEIGHTS_PICTURE}")
-        return {"steps": self.step, "final_loss": record["loss"] if record else None, "val_pck": val_pck,
+        return {"steps": self.step, "final_loss": self.last["loss"], "val_pck": self.last["val_pck"],
                 "skipped": dict(self.skipped), "file": str(path)}
 
     def save_aggregator(self, val_pck: float | None = None) -> Path:
