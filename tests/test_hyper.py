@@ -22,7 +22,7 @@ from cleandift_rt.hyper.inversion import (InversionExtractor, InversionSettings,
 from cleandift_rt.hyper.loss import clip_loss, grid_indices
 from cleandift_rt.hyper.network import AggregationConfig
 from cleandift_rt.hyper.picture import heatmap_size
-from cleandift_rt.hyper.sources import EngineTaps, HyperFeatures, InversionTaps, new_aggregator
+from cleandift_rt.hyper.sources import EngineTaps, InversionTaps, new_aggregator
 from cleandift_rt.hyper.train import HyperTrainConfig, HyperTrainer
 from cleandift_rt.models.heads import ProjectionHeads
 from cleandift_rt.taps import TAPS
@@ -171,9 +171,15 @@ def test_validator_is_the_spec_pck(trained, pairs, tiny_student_files, tiny_base
     from cleandift_rt.features.preprocess import load_image
     from cleandift_rt.hyper.train import ValItem
 
-    engine = Engine(tiny_student_files["unet"], base=str(tiny_base_dir), size=(SIZE, SIZE),
-                    aggregator=trained["out"] / "aggregator.safetensors")
-    source = HyperFeatures.from_engine(engine, "tiny")
+    from argparse import Namespace
+
+    from cleandift_rt.hyper.cli import hyper_source
+
+    # what eval-spair --aggregator builds from its arguments
+    source = hyper_source(Namespace(aggregator=str(trained["out"] / "aggregator.safetensors"),
+                                    engine=str(tiny_student_files["unet"]), base=str(tiny_base_dir), device="cpu",
+                                    size=[SIZE, SIZE], backend=None, precision=None))
+    assert source.describe()["source"] == "cleandift"
     run = evaluate(pairs[1], source, progress=False, method="analytic")
     want = summarize(run.results, alphas=(0.1,))["pck"]["bbox"]["0.1"]["point"] / 100
     items = []
@@ -270,7 +276,7 @@ def test_engine_hyper_tap(engine, heads_aggregator, tiny_student_files, tiny_bas
 
 
 def test_onnx_export_with_the_aggregator_equals_pytorch(heads_aggregator, tiny_student_files, tiny_base_dir, photos,
-                                                        tmp_path):
+                                                        tmp_path, capsys):
     import sys
 
     from cleandift_rt.export.mixed_precision import PrecisionPolicy
@@ -302,6 +308,8 @@ def test_onnx_export_with_the_aggregator_equals_pytorch(heads_aggregator, tiny_s
                                rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="already computes 'hyper'"):
         Engine(out, aggregator=heads_aggregator)
+    assert cli_main(["info", str(out)]) == 0
+    assert "hyper: 128 ch, /8, the cleandift-heads aggregator" in capsys.readouterr().out
     half = tmp_path / "hyper16.onnx"
     write_fp16_onnx(out, half, PrecisionPolicy(max_abs=None), log=lambda *_: None)
     fp16 = Engine(half, size=(SIZE, SIZE), device="cpu").extract(images, taps=["hyper"])["hyper"]
@@ -359,7 +367,7 @@ def test_inversion_then_sampling_returns_the_latent(tiny_base):
     assert float((wrong - x0).norm() / x0.norm()) > 1e-3
 
 
-def test_inversion_and_one_step_sources(tiny_base, photos, pairs, tmp_path):
+def test_inversion_and_one_step_sources(tiny_base, tiny_base_dir, photos, pairs, tmp_path):
     from cleandift_rt.features.capture import unet_taps
     from cleandift_rt.features.preprocess import prepare_images
 
@@ -387,8 +395,16 @@ def test_inversion_and_one_step_sources(tiny_base, photos, pairs, tmp_path):
                            device="cpu")
     assert trainer.run()["steps"] == 2
     agg = Aggregator.from_file(tmp_path / "inv" / "aggregator.safetensors")
-    source = HyperFeatures.from_inversion(agg, tiny_base, "tiny")
+    from argparse import Namespace
+
+    from cleandift_rt.hyper.cli import hyper_source
+
+    source = hyper_source(Namespace(aggregator=str(tmp_path / "inv" / "aggregator.safetensors"),
+                                    base=str(tiny_base_dir), device="cpu"))
     assert source.features(photos["cat"]).shape == (128, 8, 8)
+    with torch.no_grad():  # the same descriptors as the aggregator on the extractor's features
+        want = agg({t: torch.from_numpy(v)[None] for t, v in full.extract(photos["cat"]).items()})[0]
+    torch.testing.assert_close(source.features(photos["cat"]), want)
 
 
 # -- the command ----------------------------------------------------------------------------------

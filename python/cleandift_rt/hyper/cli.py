@@ -2,7 +2,8 @@
 
 Also what the evaluation and match commands need to use a trained aggregator: the SPair
 validator of training (:func:`spair_validator`, PCK@0.1 bbox per point, SPEC section 6) and
-:func:`hyper_source` (the aggregator as a feature source of ``evaluation.runner.evaluate``).
+:func:`hyper_source` (``--aggregator FILE`` as a feature source of ``evaluation.runner.evaluate``,
+whose ``features(image)`` also gives ``match`` its descriptor maps).
 """
 
 from __future__ import annotations
@@ -181,6 +182,18 @@ def cmd_info_aggregator(args) -> int:
     return 0
 
 
+def _hyper_record(path) -> dict | None:
+    """An export's ``extra["hyper"]`` (the ``--aggregator`` output), or None."""
+    if Path(path).suffix not in (".onnx", ".plan"):
+        return None
+    from ..formats.artifact import read_info
+
+    try:
+        return read_info(path).extra.get("hyper")
+    except (ValueError, OSError):
+        return None
+
+
 def _extend_info(sub) -> None:
     """Teach ``info`` (runtime/cli.py) about aggregator files: ``--out`` writes their heat map."""
     info = sub.choices.get("info")
@@ -199,29 +212,54 @@ def _extend_info(sub) -> None:
             return cmd_info_aggregator(args)
         if args.out:
             raise UserError(f"--out writes the mixing weights of an aggregator file; {args.file} is not one")
-        return plain(args)
+        status = plain(args)
+        record = _hyper_record(args.file)
+        if status == 0 and record and not args.json:
+            print(f"  hyper: {record['channels']} ch, /{record['stride']}, the {record.get('source', '?')} aggregator "
+                  f"{record.get('aggregator', '')} over {', '.join(record.get('layers', []))} at timesteps "
+                  f"{', '.join(f'{t:g}' for t in record.get('timesteps', []))}")
+        return status
 
     info.set_defaults(func=cmd_info)
 
 
-def hyper_source(aggregator_path, key: str, engine=None, base=None):
-    """The aggregator as a feature source of ``evaluation.runner.evaluate`` (eval-spair --aggregator).
+def open_hyper_engine(args, aggregator):
+    """``cli.common.open_engine`` with ``aggregator=``: the engine's ``extract`` then returns "hyper" too."""
+    from ..runtime.engine import Engine
 
-    ``engine``: an Engine opened with ``aggregator=aggregator_path`` (sources cleandift,
-    cleandift-heads); ``base``: the loaded base model (sources inversion, one-step).
+    exported = Path(args.engine).suffix in (".onnx", ".plan")  # --base then serves the text encoder only
+    kwargs = {"base": None if exported else args.base, "device": args.device, "backend": args.backend,
+              "precision": args.precision, "aggregator": aggregator}
+    if args.size:
+        kwargs["size"] = tuple(args.size)
+    return Engine(args.engine, **kwargs)
+
+
+def hyper_source(args):
+    """``args.aggregator`` as a feature source of ``evaluation.runner.evaluate`` (eval-spair / match --aggregator).
+
+    Sources cleandift / cleandift-heads run ``args.engine`` with the aggregator; inversion / one-step
+    run the base model ``args.base`` exactly as the aggregator was trained (its recorded settings).
     """
+    from ..cli.common import engine_identity
     from ..hyper.aggregator import ENGINE_SOURCES, Aggregator
-    from ..hyper.cache import file_key
+    from ..hyper.cache import file_key, short_hash
     from ..hyper.sources import HyperFeatures
+    from ..models import load_base
 
-    aggregator = Aggregator.from_file(aggregator_path)
+    aggregator = Aggregator.from_file(args.aggregator)
     if aggregator.source in ENGINE_SOURCES:
-        if engine is None:
-            raise UserError(f"{aggregator_path} aggregates {aggregator.source} features: pass --engine")
-        return HyperFeatures.from_engine(engine, key)
-    if base is None:
-        raise UserError(f"{aggregator_path} aggregates the base model's {aggregator.source} features: pass --base DIR")
-    return HyperFeatures.from_inversion(aggregator, base, f"{key}\x1f{file_key(aggregator_path)}")
+        if not getattr(args, "engine", None):
+            raise UserError(f"{args.aggregator} aggregates {aggregator.source} features: pass --engine FILE")
+        engine = open_hyper_engine(args, args.aggregator)
+        return HyperFeatures.from_engine(engine, short_hash(engine_identity(args, engine), file_key(args.aggregator)))
+    if not getattr(args, "base", None):
+        raise UserError(f"{args.aggregator} aggregates the base model's {aggregator.source} features: pass --base DIR")
+    import torch
+
+    device = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
+    return HyperFeatures.from_inversion(aggregator, load_base(args.base, device=device),
+                                        short_hash(file_key(args.base), file_key(args.aggregator)))
 
 
 def register(sub) -> None:
