@@ -19,7 +19,7 @@ from ..extraction.shards import default_shard_images
 from .stages import EngineWorker, decode_batch, write_batch
 
 DECODE_BATCH = 16  # images per decode task: enough to amortise a task, few enough to spread
-PHOTO_MEMORY = 256 << 20  # decoding a large photo (24 MP: 72 MB of RGB) and resizing it
+WORKER_MEMORY = 384 << 20  # a worker with PyTorch imported (~240 MB, Ray measures) decoding a 24 MP photo (72 MB)
 INSTALL = "pip install 'cleandift-rt[distributed]' (or pip install 'ray[data]')"
 
 
@@ -73,11 +73,11 @@ def _workers(ray, num_gpus_per_worker, concurrency):
 
 
 def decode_memory(size) -> int:
-    """Bytes a decode task reserves: its batch of model input plus one large photo being decoded.
+    """Bytes a decode task reserves: its worker decoding one large photo, plus its batch of model input.
 
     A resource request of its own also keeps Ray Data from fusing decoding into the engine actors
     (operators with different requests are not fused), where it would run in turn with inference."""
-    return DECODE_BATCH * 3 * size[0] * size[1] * 4 + PHOTO_MEMORY
+    return DECODE_BATCH * 3 * size[0] * size[1] * 4 + WORKER_MEMORY
 
 
 def _quiet(ray, progress: bool) -> None:

@@ -81,9 +81,7 @@ class EngineWorker:
 
 
 def _numpy(t):
-    import torch
-
-    return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+    return t.float().numpy()  # float32 whatever the engine computes in, as the local extractor stores
 
 
 def write_batch(batch: dict, *, out: str, config: RunConfig) -> dict:

@@ -185,7 +185,7 @@ def _infer(engine, todo: list[Item], config: RunConfig, batch_size: int, workers
         rows = []
         if ready:
             feats = engine.extract(torch.from_numpy(np.stack([r[1] for r in ready])), taps=list(config.taps))
-            arrays = {t: (f.float() if f.dtype == torch.bfloat16 else f).numpy() for t, f in feats.items()}
+            arrays = {t: f.float().numpy() for t, f in feats.items()}  # stored as float32 (fp16 / bf16 engines too)
             rows = [{"key": item.key, "path": item.path, "item": item, "size": size,
                      "features": {t: a[j] for t, a in arrays.items()}} for j, (item, _, size) in enumerate(ready)]
         writer.put((rows, failed))
