@@ -317,8 +317,6 @@ def test_onnx_export_with_the_aggregator_equals_pytorch(heads_aggregator, tiny_s
 
 
 def test_engine_refuses_aggregators_it_cannot_run(tiny_base, tiny_student_files, tiny_base_dir, tmp_path):
-    from cleandift_rt.hyper.sources import InversionTaps
-
     extractor = InversionExtractor(tiny_base, InversionSettings(steps=2, saved=2, size=64), taps=["us6"])
     path = new_aggregator("inversion", InversionTaps(extractor, "tiny")).save(tmp_path / "inv.safetensors")
     with pytest.raises(ValueError, match="DDIM inversion"):
