@@ -39,7 +39,7 @@ from _common import RESULTS, cpu_description, write_json  # noqa: E402
 
 CONTENDERS = ("per-image-loop", "pipelined-safetensors", "pipelined-shards", "ray-shards")
 MODELS = {"tiny": 128, "sd21": 512}  # model -> input size
-DEFAULT_IMAGES = {"tiny": 96, "sd21": 12}
+DEFAULT_IMAGES = {"tiny": 96, "sd21": 16}
 TARGETS = [  # (model, ours, baseline, minimum ratio of images/s) from issue 18
     ("tiny", "pipelined-safetensors", "per-image-loop", 1.3),
     ("sd21", "ray-shards", "pipelined-shards", 0.85),
@@ -216,7 +216,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="the tiny model only")
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
-    p.add_argument("--images", type=int, default=None, help="images per model (default: tiny 96, sd21 12)")
+    p.add_argument("--images", type=int, default=None, help="images per model (default: tiny 96, sd21 16)")
     p.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
     p.add_argument("--taps", nargs="+", default=["us6"], help="taps to save (default us6; 'all' for every tap)")
     p.add_argument("--batch-size", type=int, default=4)

@@ -57,7 +57,7 @@ def cmd_extract(args) -> int:
     if args.ray is not None:
         summary = _run_on_ray(args, items)
     else:
-        if args.gpus_per_worker or args.concurrency:
+        if args.gpus_per_worker is not None or args.concurrency is not None:
             raise UserError("--concurrency and --gpus-per-worker size the Ray workers: add --ray (this machine: "
                             "--device and --batch-size)")
         engine = open_engine(args, taps=args.taps)

@@ -23,6 +23,13 @@ from .resume import Summary, open_run
 CPU_BATCH = 4  # CPU backends gain little past 4 images per call and hold more memory
 
 
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def default_batch_size(engine) -> int:
     """The batch a plan's profile was built for (its optimum); 4 elsewhere, within the engine's limit."""
     if engine.backend.name == "tensorrt":
@@ -134,7 +141,7 @@ def extract_local(engine, items: list[Item], out, *, fmt: str = "safetensors", b
 
     config = engine_config(engine, fmt)
     batch_size = int(batch_size or default_batch_size(engine))
-    workers = int(workers or min(4, len(os.sched_getaffinity(0))))
+    workers = int(workers or min(4, usable_cpus()))
     if batch_size < 1 or workers < 1 or (shard_images is not None and shard_images < 1):
         raise ValueError(f"batch_size, workers and shard_images must be >= 1, got {batch_size}, {workers}, "
                          f"{shard_images}")
