@@ -24,7 +24,7 @@ TRAIN_EXAMPLE = """\
 examples:
   # CleanDIFT taps from one pass (the CleanDIFT row); a CPU smoke run of 20 pairs
   cleandift-rt train-aggregator --root SPair-71k --source cleandift --engine sd15_unet.safetensors \\
-      --base sd15/ --out runs/hyper --steps 20
+      --base sd15/ --cache runs/features --out runs/hyper --steps 20
   # the same pass, every tap through the release heads at 11 timesteps (shares the first run's cache)
   cleandift-rt train-aggregator --root SPair-71k --source cleandift-heads --engine sd15_unet.safetensors \\
       --base sd15/ --heads sd15_full.safetensors --cache runs/features --out runs/hyper-heads
@@ -32,7 +32,7 @@ examples:
   # recomputes instead of storing ~171 MB per image)
   cleandift-rt train-aggregator --root SPair-71k --source inversion --base sd15/ --out runs/hyper-inv
   # then: cleandift-rt info runs/hyper/aggregator.safetensors --out weights.png
-The recipe: 5000 random trn pairs, AdamW 1e-3, validation PCK@0.1 (bbox, per point) on min(360, steps)
+The recipe: 5000 random trn pairs, AdamW 1e-3, validation PCK@0.1 (bbox, per point) on min(360, steps // 10)
 val pairs at step 0, every 1000 steps and at the end; metrics in OUT/metrics.jsonl."""
 
 
@@ -303,7 +303,7 @@ def register(sub) -> None:
     g.add_argument("--categories", nargs="+", metavar="CAT", help="only these categories")
     g.add_argument("--steps", type=positive_int, default=5000, help="training pairs = steps (default 5000, the recipe)")
     g.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3, weight decay 0)")
-    g.add_argument("--val-pairs", type=int, help="validation pairs (default min(360, steps); 0 = none)")
+    g.add_argument("--val-pairs", type=int, help="validation pairs (default min(360, steps // 10), at least 1; 0 = none)")
     g.add_argument("--validate-every", type=int, default=1000, help="steps between validations (default 1000)")
     g.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (0 = only at the end)")
     g.add_argument("--projection-dim", type=positive_int, default=384, help="descriptor channels (default 384)")

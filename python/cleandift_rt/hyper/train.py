@@ -53,8 +53,8 @@ AUTO = "auto"  # cache_dir: OUT/features
 @dataclass
 class HyperTrainConfig:
     """The recipe (SPEC section 8): 5000 random pairs, AdamW lr 1e-3, no weight decay, validation
-    every 1000 steps on 360 validation pairs (``val_pairs=None``: min(360, steps), so a smoke run
-    with few steps validates on as few pairs)."""
+    every 1000 steps on 360 validation pairs (``val_pairs=None``: min(360, steps // 10) and at least
+    one, so a smoke run's validation extracts a tenth of the images its training does)."""
 
     steps: int = 5000
     lr: float = 1e-3
@@ -73,14 +73,14 @@ class HyperTrainConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0: off / only at the end), got {getattr(self, name)}")
         if self.val_pairs is not None and self.val_pairs < 0:
-            raise ValueError(f"val_pairs must be >= 0 (or None for min(360, steps)), got {self.val_pairs}")
+            raise ValueError(f"val_pairs must be >= 0 (or None for min(360, steps // 10)), got {self.val_pairs}")
         if not (math.isfinite(self.lr) and self.lr > 0) or not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ValueError(f"lr must be > 0 and weight_decay >= 0 (finite), got {self.lr} and {self.weight_decay}")
         return self
 
     @property
     def validation_pairs(self) -> int:
-        return min(RECIPE_VAL_PAIRS, self.steps) if self.val_pairs is None else self.val_pairs
+        return min(RECIPE_VAL_PAIRS, max(1, self.steps // 10)) if self.val_pairs is None else self.val_pairs
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
