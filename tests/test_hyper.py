@@ -270,6 +270,10 @@ def test_engine_hyper_tap(engine, heads_aggregator, tiny_student_files, tiny_bas
     with torch.no_grad():  # the heads' fused kernel and their PyTorch form agree
         x = torch.from_numpy(taps["us6"])
         torch.testing.assert_close(agg._head("us6", x, 700.0), agg.heads("us6", x, 700.0), rtol=1e-4, atol=1e-5)
+    narrow = Engine(tiny_student_files["unet"], base=str(tiny_base_dir), size=(SIZE, SIZE), taps=["us6"],
+                    aggregator=heads_aggregator)
+    assert narrow.taps == ("us6", "hyper")  # beside the requested default taps
+    np.testing.assert_allclose(narrow.extract(images)["hyper"], both["hyper"], rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="aggregator=FILE"):
         engine.extract(images, taps=["hyper"])
     assert "hyper" not in engine.taps

@@ -126,7 +126,8 @@ class Engine:
         backend: ``"onnxruntime"`` or ``"openvino"`` (``.onnx``), ``"tensorrt"`` (``.plan``), ``"torch"``
             (student files, diffusers folders); None chooses from the file (``choose_onnx_backend``).
         aggregator: an ``aggregator.safetensors`` (``cleandift-rt train-aggregator``, source ``cleandift`` or
-            ``cleandift-heads``): adds the tap ``"hyper"``, its descriptors computed from the engine's taps.
+            ``cleandift-heads``): adds ``"hyper"`` to ``taps`` (beside the default taps, whatever ``taps`` says),
+            its descriptors computed from the engine's taps; ``extract(taps=[...])`` still returns exactly those.
     """
 
     def __init__(self, path, base=None, device: str | None = None, taps=None, *, size=None, resize: str | None = None,
@@ -202,6 +203,8 @@ class Engine:
             except ValueError as exc:
                 raise ValueError(f"the aggregator needs taps the engine lacks: {exc}") from None
         self._taps = self._check_taps(meta, taps)
+        if self.aggregator is not None and HYPER not in self._taps:
+            self._taps += (HYPER,)  # asked for with aggregator=: returned beside the default taps
 
     def _check_taps(self, meta: ArtifactInfo, taps) -> tuple[str, ...]:
         """The requested taps in table order, ``"hyper"`` last (default: all the file's, and "hyper" when there)."""
