@@ -218,6 +218,29 @@ def test_extract_refusals(engine, folder, tmp_path, capsys, monkeypatch):
     assert main(["extract", str(tmp_path / "none"), "--engine", str(engine.path), "--out", str(tmp_path)]) == 2
 
 
+def test_a_tap_outside_the_tap_table_is_written_with_its_probed_shape(engine, folder, tmp_path):
+    """An engine may return more than the file's taps ("hyper" with an aggregator): its shape comes
+    from one blank image through the engine, and it is written like the others."""
+
+    class WithPooled:
+        def __init__(self, inner):
+            self.inner, self.taps = inner, (*inner.taps, "pooled")
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def extract(self, images, taps=None):
+            out = self.inner.extract(images, taps=sorted({*taps, "us6"} - {"pooled"}))
+            out["pooled"] = out["us6"].mean(dim=(2, 3))[:, :, None, None]  # C x 1 x 1: no tap table row
+            return {t: out[t] for t in taps}
+
+    summary = extract(WithPooled(engine), folder, tmp_path / "o", fmt="shards")
+    assert summary.done == 7
+    for path, feats in read_shards(tmp_path / "o"):
+        assert feats["pooled"].shape == (64, 1, 1)
+        np.testing.assert_allclose(feats["pooled"][:, 0, 0], feats["us6"].mean(axis=(1, 2)), rtol=1e-5, atol=1e-6)
+
+
 def test_default_batch_size(engine):
     class Plan:
         name = "tensorrt"

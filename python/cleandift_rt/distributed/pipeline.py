@@ -121,14 +121,17 @@ def run_items(items, engine_path, *, taps=None, batch_size=None, num_gpus_per_wo
 
     ray = _ray()
     options = dict(engine_options or {})
-    for bad in ("taps",):
-        if bad in options:
-            raise ValueError(f"engine_options must not hold {bad!r}: pass it as extract's own argument")
+    if "taps" in options:
+        raise ValueError("engine_options must not hold 'taps': pass them as extract's own argument")
+    if "aggregator" in options:
+        raise ValueError("Ray extraction writes the U-Net taps; for Diffusion Hyperfeatures descriptors ('hyper') run "
+                         "the local extractor (extraction.extract_local with Engine(..., aggregator=FILE))")
     batch_size = 4 if batch_size is None else int(batch_size)
     if batch_size < 1 or (shard_images is not None and int(shard_images) < 1):
         raise ValueError(f"batch_size and shard_images must be >= 1, got {batch_size} and {shard_images}")
     info, taps, size, resize = engine_facts(engine_path, taps, options)
-    config = run_config("shards", info, taps, size, resize, options.get("precision"), engine_path)
+    config = run_config("shards", {t: info.tap_shape(t, *size) for t in taps}, size, resize, options.get("precision"),
+                        engine_path)
     shard_images = int(shard_images or default_shard_images(config))
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=False)

@@ -57,7 +57,7 @@ class EngineWorker:
         from ..runtime.engine import Engine
 
         self.engine = Engine(engine_path, taps=list(taps), **options)
-        self.taps = tuple(self.engine.taps)
+        self.taps = tuple(taps)
 
     def __call__(self, batch: dict) -> dict:
         import torch

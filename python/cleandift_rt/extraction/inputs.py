@@ -54,14 +54,13 @@ def engine_bytes(path) -> int:
     return path.stat().st_size
 
 
-def run_config(fmt: str, info, taps, size, resize: str, precision: str | None, engine_path) -> RunConfig:
-    """``info``: the engine's ``ArtifactInfo`` (tap channels and strides)."""
+def run_config(fmt: str, shapes: dict, size, resize: str, precision: str | None, engine_path) -> RunConfig:
+    """``shapes``: ``{tap: (C, h, w)}`` of every tap to write, in order."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown output format {fmt!r}: use one of {', '.join(FORMATS)}")
     h, w = size
-    shapes = {t: list(info.tap_shape(t, h, w)) for t in taps}
-    return RunConfig(fmt, tuple(taps), shapes, (int(h), int(w)), resize, precision or "fp32", Path(engine_path).name,
-                     engine_bytes(engine_path))
+    return RunConfig(fmt, tuple(shapes), {t: [int(v) for v in s] for t, s in shapes.items()}, (int(h), int(w)), resize,
+                     precision or "fp32", Path(engine_path).name, engine_bytes(engine_path))
 
 
 def collect_images(inputs) -> list[Item]:

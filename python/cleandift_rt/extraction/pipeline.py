@@ -40,8 +40,16 @@ def default_batch_size(engine) -> int:
 
 
 def engine_config(engine, fmt: str) -> RunConfig:
-    return run_config(fmt, engine.backend.info, engine.taps, engine.size, engine.resize, engine.requested_precision,
-                      engine.path)
+    """The run's facts from an open Engine; the shape of a tap the file's tap table does not describe
+    (``"hyper"`` of an aggregator) is read off one blank image run through the engine."""
+    info, (h, w) = engine.backend.info, engine.size
+    shapes = {t: info.tap_shape(t, h, w) for t in engine.taps if t in info.tap_names}
+    others = [t for t in engine.taps if t not in shapes]
+    if others:
+        probe = engine.extract(torch.zeros(1, 3, h, w), taps=others)
+        shapes.update({t: tuple(probe[t].shape[1:]) for t in others})
+    return run_config(fmt, {t: shapes[t] for t in engine.taps}, engine.size, engine.resize,
+                      engine.requested_precision, engine.path)
 
 
 @contextmanager
