@@ -426,6 +426,18 @@ def test_train_aggregator_command(spair, tiny_student_files, tiny_base_dir, tmp_
     assert agg.source == "cleandift-heads" and agg.heads.taps == ("us6", "us9") and agg.timesteps == (0.0, 999.0)
     assert cli_main(args + ["--resume"]) == 0  # already at its last step: nothing to redo, nothing lost
     assert Aggregator.from_file(out / "aggregator.safetensors").info["val_pck"] == records[-1]["val_pck"]
+    engine_args = ["--engine", str(tiny_student_files["unet"]), "--base", str(tiny_base_dir), "--size", str(SIZE),
+                   str(SIZE), "--device", "cpu"]
+    results = tmp_path / "hyper-pck.json"  # the trained aggregator through the evaluation and the match picture
+    assert cli_main(["eval-spair", "--root", str(spair["root"]), "--aggregator", str(out / "aggregator.safetensors"),
+                     *engine_args, "--out", str(results), "--limit", "1", "--no-progress"]) == 0
+    doc = json.loads(results.read_text())
+    assert doc["protocol"]["aggregator"].endswith("aggregator.safetensors") and doc["counts"]["pairs"] >= 1
+    picture = tmp_path / "hyper-match.png"
+    image = next(p for p in sorted((spair["root"] / "JPEGImages").rglob("*.jpg")) if "broken" not in p.name)
+    assert cli_main(["match", str(image), str(image), "--aggregator", str(out / "aggregator.safetensors"),
+                     *engine_args, "--out", str(picture)]) == 0
+    assert picture.stat().st_size > 0 and "hyper" in capsys.readouterr().out
     capsys.readouterr()
     for bad, message in ((["--source", "inversion", "--engine", "x.onnx"], "no --engine"),
                          (["--source", "cleandift"], "pass --engine"),

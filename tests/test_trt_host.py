@@ -345,3 +345,20 @@ def test_onnxruntime_tensorrt_provider_gets_the_profile_and_no_fp16_flag():
     assert name == "TensorrtExecutionProvider" and options["trt_profile_max_shapes"] == fixed["trt_profile_max_shapes"]
     assert not any("fp16" in key for key in options)
     assert choose_providers("cpu", ["TensorrtExecutionProvider"], Path("m.onnx")) == ["CPUExecutionProvider"]
+
+
+def test_a_plan_with_the_aggregators_output_binds_it_too():
+    import torch
+    from cleandift_rt.runtime.backends.tensorrt import TensorRTBackend
+
+    info = _info(extra={"hyper": {"channels": 384, "stride": 8, "source": "cleandift"}})
+    assert info.output_names == ("us6", "hyper") and info.output_shape("hyper", 768, 512) == (384, 96, 64)
+    backend = object.__new__(TensorRTBackend)
+    backend.info, backend.path = info, Path("sd21.plan")
+    views = {IMAGE_INPUT: torch.zeros(1, 3, 768, 768), EMBEDS_INPUT: torch.zeros(1, 77, 1024),
+             "us6": torch.zeros(1, 1280, 48, 48), "hyper": torch.zeros(1, 384, 96, 96)}
+    backend._bind(_FakeContext({"us6": (1, 1280, 48, 48), "hyper": (1, 384, 96, 96)}), views)
+    with pytest.raises(RuntimeError, match="computes tap 'hyper'"):
+        backend._bind(_FakeContext({"us6": (1, 1280, 48, 48), "hyper": (1, 384, 48, 48)}), views)
+    with pytest.raises(ValueError, match="extra.hyper.stride"):
+        ArtifactInfo.from_dict({**info.to_dict(), "extra": {"hyper": {"channels": 384, "stride": 7}}}, "x")

@@ -76,6 +76,12 @@ def _method_sources(args):
 
     if args.gate:
         return _gate_sources(args)
+    if args.aggregator:
+        if list(args.recipe) != ["nn"] or args.baseline:
+            raise UserError("--aggregator evaluates the aggregator's 'hyper' descriptors: drop --recipe / --baseline")
+        from ..hyper.cli import hyper_source
+
+        return [hyper_source(args)], None
     if not args.engine:
         raise UserError("pass --engine FILE (or --gate DIR, a model trained by cleandift-rt train-gate)")
     check_recipe_args(args, args.recipe)
@@ -149,7 +155,8 @@ def _run_eval(args, pairs, skips, benchmark: str, dataset_key: str) -> int:
             runs.append(evaluate(pairs, source, cache_dir=cache / "features", journal=journal, skips=run_skips,
                                  progress=not args.no_progress, method=args.transfer))
     protocol = {"benchmark": benchmark, "tap": args.tap, "prompt": args.prompt, "threshold": args.threshold,
-                "alphas": args.alphas, "engine": str(args.engine or ""), "gate": args.gate, "base": args.base,
+                "alphas": args.alphas, "engine": str(args.engine or ""), "gate": args.gate, "aggregator": args.aggregator,
+                "base": args.base,
                 "upsampling": "bilinear to the original image size (align_corners=False)",
                 "matching": "cosine argmax over all target pixels", "transfer": args.transfer, "cache": str(cache),
                 "dataset_key": short_hash(dataset_key), "recipes": list(dict.fromkeys(args.recipe))}
@@ -200,6 +207,9 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     from ..fusion.recipes import DEFAULT_PROMPT as FUSED_PROMPT
 
     add_engine_args(p, engine_required=False)
+    p.add_argument("--aggregator", metavar="FILE", help="evaluate a Diffusion Hyperfeatures aggregator.safetensors "
+                   "(its 'hyper' descriptors; --engine for cleandift sources, --base for inversion ones; "
+                   "docs/hyperfeatures.md)")
     p.add_argument("--gate", metavar="DIR", help="evaluate a trained GATE model (cleandift-rt train-gate --out DIR) "
                    "instead of --engine; --base overrides the base model it recorded (docs/gate.md)")
     p.add_argument("--out", required=True, metavar="results.json", help="results JSON (a CSV is written beside it)")

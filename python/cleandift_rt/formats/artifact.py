@@ -24,6 +24,7 @@ FORMAT = "cleandift-rt-features"
 META_PREFIX = "cleandift_rt."
 IMAGE_INPUT = "images"
 EMBEDS_INPUT = "prompt_embeds"
+HYPER = "hyper"  # the Diffusion Hyperfeatures descriptor an export may carry beside its taps (extra["hyper"])
 
 
 
@@ -125,6 +126,18 @@ class ArtifactInfo:
     def tap_shape(self, tap: str, height: int, width: int) -> tuple[int, int, int]:
         t = next(t for t in self.taps if t["name"] == tap)
         return t["channels"], height // t["stride"], width // t["stride"]
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        """Every output of the graph: the taps, then ``hyper`` when an aggregator was exported with them."""
+        return self.tap_names + ((HYPER,) if HYPER in self.extra else ())
+
+    def output_shape(self, name: str, height: int, width: int) -> tuple[int, int, int]:
+        """(C, h, w) of one output (a tap or ``hyper``) for an input of ``height`` x ``width`` pixels."""
+        if name == HYPER:
+            record = self.extra[HYPER]
+            return int(record["channels"]), height // int(record["stride"]), width // int(record["stride"])
+        return self.tap_shape(name, height, width)
 
 
 def tap_records(taps: Sequence[str], block_out_channels: Sequence[int]) -> list[dict]:

@@ -29,6 +29,7 @@ from torch import nn
 
 from ..build_info import _package_version
 from ..checkpoint import load_strict, read_safetensors, read_safetensors_metadata, write_safetensors
+from ..formats.artifact import HYPER  # noqa: F401  (re-exported: the descriptor's name beside the taps)
 from ..models.heads import ProjectionHeads, rms_norm, swiglu
 from ..taps import TAP_TABLE, resolve_taps
 from ..timesteps import check_timestep
@@ -37,7 +38,6 @@ from .network import AggregationConfig, AggregationNetwork
 FORMAT = "cleandift_rt_aggregator"
 SOURCES = ("cleandift", "cleandift-heads", "inversion", "one-step")
 ENGINE_SOURCES = ("cleandift", "cleandift-heads")  # computed from an engine's taps
-HYPER = "hyper"  # the descriptor's name beside the taps (Engine.extract, ONNX output)
 NETWORK_PREFIX, HEADS_PREFIX = "network.", "heads."
 
 
@@ -233,21 +233,3 @@ def hyper_output(aggregator: Aggregator, file_name: str = "") -> dict:
             "layers": list(aggregator.layers), "timesteps": list(aggregator.timesteps), "aggregator": file_name}
 
 
-def hyper_shape(record: Mapping, height: int, width: int) -> tuple[int, int, int]:
-    """(C, h, w) of the ``hyper`` output of an export (its ``extra["hyper"]`` record) at an input size."""
-    stride = int(record["stride"])
-    return int(record["channels"]), height // stride, width // stride
-
-
-def check_hyper_record(record, source: str) -> dict:
-    """An engine file's ``extra["hyper"]``, typed and bounded before a runtime sizes a buffer from it."""
-    if not isinstance(record, dict):
-        raise ValueError(f"{source}: metadata extra.hyper must be an object (corrupt file: re-export it)")
-    for key, hi in (("channels", 8192), ("stride", 64)):
-        value = record.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= hi:
-            raise ValueError(f"{source}: metadata extra.hyper.{key} = {value!r:.40} must be an integer in [1, {hi}] "
-                             "(corrupt file: re-export it)")
-    if 64 % record["stride"]:
-        raise ValueError(f"{source}: metadata extra.hyper.stride {record['stride']} must divide 64")
-    return record

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import (atomic_write_bytes, check_output_folder, check_state_dict, read_safetensors,
-                          read_safetensors_metadata, remove_stale_temporaries, write_safetensors)
+                          read_safetensors_metadata, remove_stale_temporaries, trim_jsonl, write_safetensors)
 from ..features.preprocess import load_image
 from .aggregator import Aggregator
 from .cache import FeatureCache, short_hash
@@ -391,23 +391,14 @@ class HyperTrainer:
 
     def _truncate_metrics(self, step: int) -> None:
         """Records after the checkpoint's step go (the resumed run writes them again), as does a last line
-        cut short by a kill; rewritten atomically."""
-        path = self.out / METRICS_FILE
-        if not path.is_file():
-            return
-        lines, kept = path.read_text().splitlines(), []
-        for number, line in enumerate(lines, 1):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                if number == len(lines):
-                    continue
-                raise ValueError(f"{path} line {number} is not JSON: fix or remove it, then resume") from None
-            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
-                kept.append(line)
-                self.last.update({k: record[k] for k in self.last if k in record})
-        payload = "".join(line + "\n" for line in kept).encode()
-        atomic_write_bytes(path, lambda tmp: Path(tmp).write_bytes(payload))
+        cut short by a kill; rewritten atomically. The kept records restore ``self.last``."""
+        def keep(record: dict) -> bool:
+            if record["step"] > step:
+                return False
+            self.last.update({k: record[k] for k in self.last if k in record})
+            return True
+
+        trim_jsonl(self.out / METRICS_FILE, keep, self.log)
 
     # -- the loop -------------------------------------------------------------------------------
 

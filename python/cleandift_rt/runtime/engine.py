@@ -30,7 +30,8 @@ import torch
 from ..formats.artifact import ArtifactInfo, describe, read_info
 from ..features.extractor import check_prompt_embeds
 from ..features.preprocess import check_policy, load_image, prepare_images
-from ..hyper.aggregator import ENGINE_SOURCES, HYPER, Aggregator, check_hyper_record
+from ..formats.metadata_check import check_hyper_record
+from ..hyper.aggregator import ENGINE_SOURCES, HYPER, Aggregator
 from ..kernels.precision import check_precision, cpu_precision
 
 

@@ -42,15 +42,22 @@ def _read_pair(args):
 def _tap_matches(args, a, b, pts):
     from ..evaluation.transfer import dense_matches, transfer_points
 
-    engine = open_engine(args, taps=[args.tap])
-    fa, fb = tap_maps(engine, [a, b], args.tap)
+    if args.aggregator:  # the aggregator's learned descriptor instead of one tap
+        from ..hyper.cli import hyper_source
+
+        source = hyper_source(args)
+        fa, fb = (source.features(image, args.category or "") for image in (a, b))
+        what, extra = f"hyper ({source.describe().get('source', source.name)})", {"aggregator": args.aggregator}
+    else:
+        engine = open_engine(args, taps=[args.tap])
+        fa, fb = tap_maps(engine, [a, b], args.tap)
+        what, extra = f"tap {args.tap}", {"tap": args.tap}
     if pts is not None:
         pb, sim = transfer_points(fa, fb, a.size, b.size, pts)
-        return pts, pb, sim, "keypoints (bilinear upsampling to image size, cosine argmax)", f"tap {args.tap}", \
-            {"tap": args.tap}
+        return pts, pb, sim, "keypoints (bilinear upsampling to image size, cosine argmax)", what, extra
     pa, pb, sim = dense_matches(fa, fb, a.size, b.size, mutual=True)
     mode = f"mutual nearest neighbours of the {fa.shape[2]}x{fa.shape[1]} and {fb.shape[2]}x{fb.shape[1]} feature grids"
-    return pa, pb, sim, mode, f"tap {args.tap}", {"tap": args.tap}
+    return pa, pb, sim, mode, what, extra
 
 
 def _recipe_matches(args, a, b, pts):
@@ -88,6 +95,10 @@ def cmd_match(args) -> int:
     from ..viz.pictures import draw_matches
 
     a_path, b_path, a, b, pts = _read_pair(args)
+    if not args.engine and not args.aggregator:
+        raise UserError("pass --engine FILE (or --aggregator FILE with --base DIR for an inversion aggregator)")
+    if args.aggregator and args.recipe != "nn":
+        raise UserError("--aggregator matches the aggregator's own descriptors: drop --recipe")
     if args.recipe == "nn":
         pa, pb, sim, mode, what, extra = _tap_matches(args, a, b, pts)
     else:
@@ -137,12 +148,14 @@ def register(sub) -> None:
                        "--recipe tlfr --dino dinov2-base/ --out m.png   (CleanDIFT + DINOv2, docs/fusion.md)")
     p.add_argument("image_a")
     p.add_argument("image_b")
-    add_engine_args(p)
+    add_engine_args(p, engine_required=False)
     p.add_argument("--out", required=True, metavar="matches.png", help="side-by-side picture")
     p.add_argument("--json", metavar="FILE", help="also write the matches as JSON, most confident first")
     p.add_argument("--points", metavar="'x,y x,y'|FILE.json", help="source keypoints instead of dense matching")
     p.add_argument("--max-lines", type=positive_int, default=60, help="lines drawn, most confident first (default 60)")
     add_recipe_args(p, several=False)
+    p.add_argument("--aggregator", metavar="FILE", help="match with a Diffusion Hyperfeatures aggregator's 'hyper' "
+                   "descriptors instead of --tap (docs/hyperfeatures.md)")
     p.add_argument("--category", help="object category: the recipes' prompt 'A photo of a {category}' (needs --base; "
                    "default: the engine's baked prompt)")
     p.set_defaults(func=cmd_match)

@@ -133,7 +133,7 @@ class OnnxRuntimeBackend:
         if missing:
             raise ValueError(f"{self.path} lacks the input(s) {sorted(missing)}: not a cleandift-rt feature graph")
         outputs = {o.name for o in self.session.get_outputs()}
-        absent = [t for t in self.info.tap_names if t not in outputs]
+        absent = [t for t in self.info.output_names if t not in outputs]
         if absent:
             raise ValueError(f"{self.path} declares taps {absent} in its metadata but has no such outputs (corrupt file)")
 
@@ -169,7 +169,7 @@ class OnnxRuntimeBackend:
         b, _, h, w = pixels.shape
         out = {}
         for tap in taps:
-            c, fh, fw = self.info.tap_shape(tap, h, w)
+            c, fh, fw = self.info.output_shape(tap, h, w)
             out[tap] = torch.empty((b, c, fh, fw), device=self.device, dtype=torch.float32)
             binding.bind_output(tap, "cuda", self.device.index or 0, np.float32, list(out[tap].shape),
                                 out[tap].data_ptr())

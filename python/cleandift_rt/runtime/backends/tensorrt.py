@@ -123,7 +123,7 @@ class TensorRTBackend:
         h, w = (hi, hi) if hi else (self.info.height, self.info.width)
         b = self.max_batch
         shapes = {IMAGE_INPUT: (b, 3, h, w), EMBEDS_INPUT: (b, self.tokens, self.info.cross_attention_dim)}
-        shapes.update({t: (b, *self.info.tap_shape(t, h, w)) for t in self.info.tap_names})
+        shapes.update({t: (b, *self.info.output_shape(t, h, w)) for t in self.info.output_names})
         buffers = {}
         for i in range(self.engine.num_io_tensors):
             name = self.engine.get_tensor_name(i)
@@ -131,7 +131,7 @@ class TensorRTBackend:
                 raise ValueError(f"{self.path} has an I/O tensor {name!r} that its metadata does not describe")
             dtype = _torch_dtype(trt, self.engine.get_tensor_dtype(name))
             buffers[name] = torch.empty(int(np.prod(shapes[name])), dtype=dtype, device=self.device)
-        missing = [t for t in self.info.tap_names if t not in buffers]
+        missing = [t for t in self.info.output_names if t not in buffers]
         if missing:
             raise ValueError(f"{self.path} lacks outputs for taps {missing} listed in its metadata (corrupt plan)")
         return buffers
@@ -154,8 +154,8 @@ class TensorRTBackend:
                 views[IMAGE_INPUT].copy_(pixels, non_blocking=True)
                 source = embeds if embeds is not None else self._default_embeds
                 views[EMBEDS_INPUT].copy_(source.expand(b, -1, -1), non_blocking=True)
-                for tap in self.info.tap_names:  # every output needs an address, requested or not
-                    views[tap] = self._view(tap, (b, *self.info.tap_shape(tap, h, w)))
+                for name in self.info.output_names:  # every output needs an address, requested or not
+                    views[name] = self._view(name, (b, *self.info.output_shape(name, h, w)))
                 self._execute((b, h, w), views)
                 out = {t: views[t].clone() for t in taps}  # buffers are reused by the next call
             for tensor in (pixels, embeds):
@@ -171,7 +171,7 @@ class TensorRTBackend:
         for name in (IMAGE_INPUT, EMBEDS_INPUT):
             if not context.set_input_shape(name, tuple(views[name].shape)):
                 raise ValueError(f"TensorRT rejected input shape {tuple(views[name].shape)} for {name!r}")
-        for tap in self.info.tap_names:
+        for tap in self.info.output_names:
             planned = tuple(context.get_tensor_shape(tap))
             if planned != tuple(views[tap].shape):
                 raise RuntimeError(f"{self.path}: TensorRT computes tap {tap!r} as {planned}, the metadata says "
