@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -76,6 +77,22 @@ def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
 def read_safetensors_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
     """Every tensor's shape from the file's header, without reading any data."""
     return _header(Path(path), lambda f: {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+
+
+def short_hash(*parts) -> str:
+    """16 hex digits naming a combination of values (cache folders, journal keys)."""
+    return hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).hexdigest()[:16]
+
+
+def file_identity(path: str | Path) -> str:
+    """Path, size and modification time (a folder: of every file in it): changes when a file is
+    replaced, and costs no read of a 3 GB engine."""
+    p = Path(path).resolve()
+    if p.is_dir():
+        files = sorted(q for q in p.rglob("*") if q.is_file())
+        return short_hash(p, *(f"{q.relative_to(p)}:{q.stat().st_size}:{q.stat().st_mtime_ns}" for q in files))
+    st = p.stat()
+    return short_hash(p, st.st_size, st.st_mtime_ns)
 
 
 def _read_umask() -> int:

@@ -9,7 +9,6 @@ changes its features: it names the cache folder and the journal) and ``features(
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections import OrderedDict
@@ -20,7 +19,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..checkpoint import atomic_write_bytes
+from ..checkpoint import atomic_write_bytes, file_identity, short_hash
 from ..features.preprocess import load_image
 from ..taps import resolve_taps
 from .pairs import Pair, SkipLog
@@ -31,18 +30,8 @@ PROTOCOL_VERSION = 1  # bump when a change alters per-pair results (invalidates 
 DEFAULT_PROMPT = "a photo of a {category}"
 
 
-def short_hash(*parts) -> str:
-    return hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).hexdigest()[:16]
 
 
-def file_identity(path: str | Path) -> str:
-    """Path, size and modification time: changes when the file is replaced, costs no read of a 3 GB engine."""
-    p = Path(path).resolve()
-    if p.is_dir():
-        files = sorted(q for q in p.rglob("*") if q.is_file())
-        return short_hash(p, *(f"{q.relative_to(p)}:{q.stat().st_size}:{q.stat().st_mtime_ns}" for q in files))
-    st = p.stat()
-    return short_hash(p, st.st_size, st.st_mtime_ns)
 
 
 def _to_chw(value, tap: str) -> torch.Tensor:

@@ -11,13 +11,12 @@ are extracted again.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import torch
 
-from ..checkpoint import read_safetensors, write_safetensors
+from ..checkpoint import file_identity, read_safetensors, short_hash, write_safetensors
 from ..taps import tap_shape
 from .extract import (ATTENTION_BLOCKS, ATTENTION_PARTS, CONV_PARTS, CONV_TAPS, GRID_TAP, GateExtractor, attention_feature,
                       attention_tap, conv_feature)
@@ -27,16 +26,8 @@ CACHE_DTYPE = torch.float16
 _FP16_BYTES = 2
 
 
-def short_hash(*parts) -> str:
-    return hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).hexdigest()[:16]
 
 
-def file_identity(path: str | Path) -> str:
-    """Path, sizes and modification times (a folder: every file in it): changes when a model is replaced."""
-    p = Path(path).resolve()
-    files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
-    return short_hash(p, *(f"{q.relative_to(p) if p.is_dir() else q.name}:{q.stat().st_size}:{q.stat().st_mtime_ns}"
-                           for q in files))
 
 
 def bucket_key(bucket: Bucket, extractor: GateExtractor) -> str:

@@ -12,29 +12,20 @@ through the same fp16 rounding, so a run gives the same numbers with and without
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from ..checkpoint import atomic_write_bytes
+from ..checkpoint import atomic_write_bytes, file_identity
 
 FP16_MAX = 65504.0
 LAYOUT_FILE = "layout.json"
 
 
-def short_hash(*parts) -> str:
-    return hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).hexdigest()[:16]
 
 
-def file_key(path: str | Path) -> str:
-    """Path, size and modification time of a file (a folder: of every file in it)."""
-    p = Path(path).resolve()
-    files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
-    return short_hash(p, *(f"{q.relative_to(p) if p.is_dir() else q.name}:{q.stat().st_size}:{q.stat().st_mtime_ns}"
-                           for q in files))
 
 
 def stored_dtype(arrays: Mapping[str, np.ndarray]) -> np.dtype:
@@ -63,7 +54,7 @@ class FeatureCache:
                 self.layout = None  # rewritten by the next image computed
 
     def _path(self, image_path: Path) -> Path:
-        return self.dir / f"{file_key(image_path)}.npy"
+        return self.dir / f"{file_identity(image_path)}.npy"
 
     def get(self, image_path: str | Path, compute: Callable[[], Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
         if self.dir is None:

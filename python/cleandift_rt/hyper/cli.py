@@ -92,7 +92,7 @@ def _stored_source(args):
     """(stored source, heads or None, info) from the flags, every check before a model loads."""
     from ..hyper.inversion import InversionExtractor, InversionSettings
     from ..hyper.sources import InversionTaps
-    from ..hyper.cache import file_key
+    from ..checkpoint import file_identity
     from ..models import load_base
 
     source = args.source
@@ -116,7 +116,7 @@ def _stored_source(args):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     base = load_base(args.base, device=device)
     extractor = InversionExtractor(base, settings, args.layers)
-    return InversionTaps(extractor, file_key(args.base)), None, {}
+    return InversionTaps(extractor, file_identity(args.base)), None, {}
 
 
 def cmd_train_aggregator(args) -> int:
@@ -243,7 +243,7 @@ def hyper_source(args):
     """
     from ..cli.common import engine_identity
     from ..hyper.aggregator import ENGINE_SOURCES, Aggregator
-    from ..hyper.cache import file_key, short_hash
+    from ..checkpoint import file_identity, short_hash
     from ..hyper.sources import HyperFeatures
     from ..models import load_base
 
@@ -252,14 +252,14 @@ def hyper_source(args):
         if not getattr(args, "engine", None):
             raise UserError(f"{args.aggregator} aggregates {aggregator.source} features: pass --engine FILE")
         engine = open_hyper_engine(args, args.aggregator)
-        return HyperFeatures.from_engine(engine, short_hash(engine_identity(args, engine), file_key(args.aggregator)))
+        return HyperFeatures.from_engine(engine, short_hash(engine_identity(args, engine), file_identity(args.aggregator)))
     if not getattr(args, "base", None):
         raise UserError(f"{args.aggregator} aggregates the base model's {aggregator.source} features: pass --base DIR")
     import torch
 
     device = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
     return HyperFeatures.from_inversion(aggregator, load_base(args.base, device=device),
-                                        short_hash(file_key(args.base), file_key(args.aggregator)))
+                                        short_hash(file_identity(args.base), file_identity(args.aggregator)))
 
 
 def register(sub) -> None:

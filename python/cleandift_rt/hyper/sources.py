@@ -27,7 +27,7 @@ import torch
 from ..models.heads import ProjectionHeads
 from ..taps import TAP_TABLE, resolve_taps, tap_channels
 from .aggregator import ENGINE_SOURCES, HYPER, SOURCES, Aggregator
-from .cache import short_hash
+from ..checkpoint import short_hash
 from .inversion import InversionExtractor, InversionSettings
 from .network import OUTPUT_STRIDE, PROJECTION_DIM, AggregationConfig, AggregationNetwork
 

@@ -34,10 +34,11 @@ import numpy as np
 import torch
 
 from ..checkpoint import (atomic_write_bytes, check_output_folder, check_state_dict, read_safetensors,
-                          read_safetensors_metadata, remove_stale_temporaries, trim_jsonl, write_safetensors)
+                          read_safetensors_metadata, remove_stale_temporaries, short_hash, trim_jsonl,
+                          write_safetensors)
 from ..features.preprocess import load_image
 from .aggregator import Aggregator
-from .cache import FeatureCache, short_hash
+from .cache import FeatureCache
 from .loss import clip_loss, grid_indices
 from .picture import mixing_weights_picture
 
