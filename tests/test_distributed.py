@@ -6,7 +6,6 @@ than the object store. The stages also run, without Ray, as plain functions."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
