@@ -194,7 +194,7 @@ def test_cli_takes_backend_and_precision(tiny_onnx, photos, tmp_path, capsys):
     out = tmp_path / "feats"
     assert cli_main(["extract", str(photo), "--engine", str(tiny_onnx["full"]), "--backend", "openvino",
                      "--precision", "fp32", "--taps", "us6", "--out", str(out), "--no-progress"]) == 0
-    assert (out / "cat.safetensors").is_file()
+    assert (out / "cat.png.safetensors").is_file()  # the image's full name: a.jpg and a.png never collide
     assert cli_main(["extract", str(photo), "--engine", str(tiny_onnx["full"]), "--backend", "onnxruntime",
                      "--precision", "bf16", "--out", str(out)]) == 2
     assert "ONNX Runtime has no bf16 CPU path" in capsys.readouterr().err

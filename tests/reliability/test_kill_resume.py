@@ -18,7 +18,7 @@ import pytest
 from safetensors.torch import load_file
 
 DRIVER = Path(__file__).with_name("train_kill_driver.py")
-STEPS, CHECKPOINT_EVERY = 10, 2
+STEPS, CHECKPOINT_EVERY = 6, 2
 
 
 def kill_schedule(seed: int = 2026) -> list[tuple[str, int]]:
@@ -29,30 +29,55 @@ def kill_schedule(seed: int = 2026) -> list[tuple[str, int]]:
     checkpoint-write, rename, log-line and between-step kills, and one during the log rewrite a
     resume does once a checkpoint exists.
     """
-    rng = random.Random(seed)
+    for attempt in range(seed, seed + 1000):  # the first seed whose walk stays inside the run's steps
+        schedule = _walk(random.Random(attempt))
+        if schedule is not None:
+            return schedule
+    raise AssertionError("no kill schedule fits the run")
+
+
+def _walk(rng: random.Random) -> list[tuple[str, int]] | None:
     kinds = ["ckpt", "rename", "log", "log", "step", "ckpt", "rename", "step"]
     rng.shuffle(kinds)
     schedule, resumed_from = [("step", 1)], 0  # killed before any checkpoint exists
     for kind in kinds:
         later = range(resumed_from + 1, STEPS + 1)
         steps = [s for s in later if s % CHECKPOINT_EVERY == 0] if kind in ("ckpt", "rename") else list(later)
+        if not steps:
+            return None
         step = rng.choice(steps[:2])
         schedule.append((kind, step))
-        if kind == "rename":
+        if kind == "rename":  # the new checkpoint is in place
             resumed_from = step
-        elif kind in ("step", "log"):
+        elif kind == "ckpt":  # killed writing it: the one before stands
+            resumed_from = step - CHECKPOINT_EVERY
+        else:  # between steps or mid log line: after the checkpoint of the last multiple of CHECKPOINT_EVERY
             resumed_from = step - step % CHECKPOINT_EVERY
         if resumed_from and not any(k == "trim" for k, _ in schedule):
             schedule.append(("trim", 0))  # the next resume rewrites the log: killed there
     return schedule
 
 
-def run(base, data, out, kind: str, step: int) -> int:
-    proc = subprocess.run([sys.executable, str(DRIVER), str(base), str(data), str(out), kind, str(step), "--resume"],
-                          capture_output=True, text=True, timeout=300)
-    if proc.returncode not in (0, -signal.SIGKILL):
-        raise AssertionError(f"{kind}@{step} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
-    return proc.returncode
+@pytest.fixture()
+def driver():
+    """The training driver as a fork server: each run is a fresh fork of one warmed-up process."""
+    proc = subprocess.Popen([sys.executable, str(DRIVER), "--serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+    def run(base, data, out, kind: str, step: int) -> int:
+        proc.stdin.write(json.dumps({"args": [str(base), str(data), str(out), kind, str(step), "--resume"]}) + "\n")
+        proc.stdin.flush()
+        line = proc.stdout.readline()
+        if not line:
+            raise AssertionError(f"the driver died:\n{proc.stderr.read()[-3000:]}")
+        code = json.loads(line)["returncode"]
+        if code not in (0, -signal.SIGKILL):
+            raise AssertionError(f"{kind}@{step} exited {code}")
+        return code
+
+    yield run
+    proc.stdin.close()
+    proc.wait(timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +88,8 @@ def data_dir(tmp_path_factory):
     return write_images(tmp_path_factory.mktemp("kill_data"), 3, "json")
 
 
-def test_training_survives_ten_kills_bit_identical(tiny_base_dir, data_dir, tmp_path):
+def test_training_survives_ten_kills_bit_identical(tiny_base_dir, data_dir, tmp_path, driver):
+    run = driver
     schedule = kill_schedule()
     assert len(schedule) == 10 and {k for k, _ in schedule} >= {"ckpt", "log", "trim"}
     reference, cut = tmp_path / "reference", tmp_path / "cut"
