@@ -146,3 +146,28 @@ def test_a_zero_size_target_box_is_skipped_and_named_not_scored(tmp_path):
     assert len(pairs) == 1 and pairs[0].target_bbox == (0.0, 0.0, 0.0, 9.0)  # a thin box still has a size
     reason = next(iter(skips.pairs))
     assert skips.pairs[reason] == 1 and any("zero size" in e for e in skips.examples[reason])
+
+
+def test_image_names_the_file_system_cannot_look_up_are_skipped_and_named(tmp_path):
+    """Found by bench/fuzz.py: os.stat raises OSError (not "missing") on a 300-byte name, which
+    escaped load_pf_csv's per-row handling and ended the evaluation."""
+    from cleandift_rt.evaluation.pairs import load_pairs_json, load_pf_csv
+
+    long_name, nul_name = "a" * 300 + ".jpg", "a\x00.jpg"
+    csv_path = tmp_path / "pairs.csv"
+    csv_path.write_text("source_image,target_image,class,XA,YA,XB,YB\n"
+                        f"{long_name},b.jpg,1,1;2,3;4,5;6,7;8\n"
+                        f"b.jpg,{nul_name},1,1;2,3;4,5;6,7;8\n"
+                        "a.jpg,b.jpg,1,1;2,3;4,5;6,7;8\n")
+    pairs, skips = load_pf_csv(csv_path, tmp_path)
+    assert [p.source.name for p in pairs] == ["a.jpg"]
+    examples = " ".join(skips.examples["malformed CSV row"])
+    assert "file systems allow 255" in examples and "NUL byte" in examples
+
+    entry = {"target": "b.jpg", "source_points": [[1, 2]], "target_points": [[3, 4]]}
+    json_path = tmp_path / "pairs.json"
+    json_path.write_text(json.dumps([dict(entry, source=long_name), dict(entry, source=nul_name),
+                                     dict(entry, source="x/" * 2100 + "a.jpg"), dict(entry, source="a.jpg")]))
+    pairs, skips = load_pairs_json(json_path, tmp_path)
+    assert len(pairs) == 1 and skips.pairs["malformed pair"] == 3
+    assert any("4095" in e for e in skips.examples["malformed pair"])

@@ -129,9 +129,27 @@ def make_pair(pair_id, category, source, target, source_points, target_points, t
         raise ValueError(f"target bounding box {list(box)} has zero size: PCK@bbox would judge every keypoint against "
                          "a threshold of 0 (fix the annotation or drop the pair)")
     src_box = None if source_bbox is None else check_bbox(source_bbox, "source bounding box")
-    return Pair(str(pair_id), str(category), Path(source), Path(target), src, trg, box,
+    source, target = image_path(source, "source image"), image_path(target, "target image")
+    return Pair(str(pair_id), str(category), source, target, src, trg, box,
                 _size(source_size, "source image size"), _size(target_size, "target image size"),
                 _keypoint_ids(keypoint_ids, len(src)), src_box)
+
+
+def image_path(name, what: str) -> Path:
+    """An annotation's image name as a path the file system can look up: ``os.stat`` raises
+    OSError, not "missing", on a NUL byte, a name component over 255 bytes or a path over 4095."""
+    if not isinstance(name, (str, Path)):
+        raise ValueError(f"{what} must be a file name, got {type(name).__name__}")
+    path = Path(name)
+    if "\x00" in str(path):
+        raise ValueError(f"{what} name {str(path)[:60]!r} contains a NUL byte")
+    too_long = [part for part in path.parts if len(part.encode("utf-8", "surrogateescape")) > 255]
+    if too_long:
+        raise ValueError(f"{what} name has a component of {len(too_long[0].encode('utf-8', 'surrogateescape'))} bytes "
+                         f"({too_long[0][:40]!r}...); file systems allow 255")
+    if len(str(path).encode("utf-8", "surrogateescape")) > 4095:
+        raise ValueError(f"{what} name is {len(str(path))} characters long; paths are limited to 4095 bytes")
+    return path
 
 
 def _keypoint_ids(value, count: int) -> tuple[int, ...] | None:
@@ -242,6 +260,7 @@ def load_pf_csv(path: str | Path, images_root: str | Path | None = None, skips: 
 
 
 def _resolve(name: str, roots: list[Path]) -> Path:
+    image_path(name, "image")
     for r in roots:
         if (r / name).exists():
             return r / name
