@@ -38,7 +38,7 @@ JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-10**12, 10**
        dtype=st.sampled_from(["uint8", "uint16", "float32", "float64", "int64", "bool"]),
        special=st.sampled_from([None, "nan", "inf", "big"]), policy=st.sampled_from(["stretch", "pad"]),
        layout=st.sampled_from(["hwc", "nchw", "list"]))
-def test_prepare_images_clear_error_or_pixels_in_range(h, w, c, dtype, special, policy, layout):
+def test_prepare_images_clear_error_or_pixels_in_range(tally, h, w, c, dtype, special, policy, layout):
     rng = np.random.default_rng(h * 1000 + w + c)
     if dtype == "uint8":
         array = rng.integers(0, 256, (h, w, c), dtype=np.uint8)
@@ -54,10 +54,12 @@ def test_prepare_images_clear_error_or_pixels_in_range(h, w, c, dtype, special, 
     try:
         prepared = prepare_images(images, (64, 128), policy)
     except CLEAR:
+        tally.clear_error()
         return
     pixels = prepared.pixels
     assert pixels.shape == (1, 3, 64, 128) and pixels.dtype == torch.float32
     assert torch.isfinite(pixels).all() and pixels.abs().max() <= 1.0 + 1e-6
+    tally.checked_result()
 
 
 @PROFILE
@@ -66,7 +68,7 @@ def test_prepare_images_clear_error_or_pixels_in_range(h, w, c, dtype, special, 
        dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int32]),
        poison=st.sampled_from([None, "nan", "inf"]), allow=st.booleans(),
        precision=st.sampled_from([None, "fp32", "bf16", "fp64"]))
-def test_match_clear_error_or_valid_neighbours(b, n, m, c, c2, k, mutual, dtype, poison, allow, precision):
+def test_match_clear_error_or_valid_neighbours(tally, b, n, m, c, c2, k, mutual, dtype, poison, allow, precision):
     gen = torch.Generator().manual_seed(b * 100 + n * 10 + m + c)
     src = torch.randn(b, n, c, generator=gen).to(dtype)
     dst = torch.randn(b, m, c2 if c2 is not None else c, generator=gen).to(dtype)
@@ -75,6 +77,7 @@ def test_match_clear_error_or_valid_neighbours(b, n, m, c, c2, k, mutual, dtype,
     try:
         index, sim = match(src, dst, k=k, mutual=mutual, allow_nonfinite=allow, precision=precision)
     except CLEAR:
+        tally.clear_error()
         return
     index, sim = index.reshape(b, n, -1), sim.reshape(b, n, -1)
     assert index.dtype == torch.int64 and ((index >= -1) & (index < m)).all()
@@ -82,6 +85,7 @@ def test_match_clear_error_or_valid_neighbours(b, n, m, c, c2, k, mutual, dtype,
     if finite_input:
         assert torch.isfinite(sim).all() and (sim.abs() <= 1 + 1e-2).all()
     assert not (poison and not allow)  # non-finite input without allow_nonfinite must have raised
+    tally.checked_result()
 
 
 HEADS = ProjectionHeads({"us6": 16}).eval()
@@ -92,7 +96,7 @@ HEADS = ProjectionHeads({"us6": 16}).eval()
                    st.text(max_size=4), st.none(), st.lists(st.floats(-5, 1100), min_size=1, max_size=3)),
        batch=st.integers(1, 3), shape=st.sampled_from(["ok", "channels", "rank"]),
        dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
-def test_project_and_heads_clear_error_or_finite(t, batch, shape, dtype):
+def test_project_and_heads_clear_error_or_finite(tally, t, batch, shape, dtype):
     dims = {"ok": (batch, 16, 3, 4), "channels": (batch, 15, 3, 4), "rank": (batch, 16, 12)}[shape]
     feats = torch.randn(*dims, generator=torch.Generator().manual_seed(batch)).to(dtype)
     for call in (lambda: project(feats, t, HEADS, "us6"), lambda: HEADS("us6", feats, t)):
@@ -100,10 +104,12 @@ def test_project_and_heads_clear_error_or_finite(t, batch, shape, dtype):
             with torch.no_grad():
                 out = call()
         except CLEAR:
+            tally.clear_error()
             continue
         assert shape == "ok" and out.shape == feats.shape and torch.isfinite(out).all()
         values = t if isinstance(t, list) else [t]
         assert all(not isinstance(v, bool) and math.isfinite(v) and 0 <= v <= 999 for v in values)
+        tally.checked_result()
 
 
 def _valid_artifact() -> dict:
@@ -121,7 +127,7 @@ VALID_ARTIFACT = _valid_artifact()
 
 @PROFILE
 @given(field=st.sampled_from(sorted(VALID_ARTIFACT)), value=JSON_VALUES, drop=st.booleans())
-def test_engine_metadata_mutations_fail_only_with_value_errors(field, value, drop):
+def test_engine_metadata_mutations_fail_only_with_value_errors(tally, field, value, drop):
     d = copy.deepcopy(VALID_ARTIFACT)
     if drop:
         d.pop(field)
@@ -130,8 +136,10 @@ def test_engine_metadata_mutations_fail_only_with_value_errors(field, value, dro
     try:
         info = ArtifactInfo.from_dict(d, "mutated")
     except ValueError:
+        tally.clear_error()
         return
     assert info.check_taps(None) == tuple(t["name"] for t in info.taps)  # a usable description
+    tally.checked_result()
 
 
 UNET_FIELDS = sorted(configs.unet_config("tiny"))
@@ -139,14 +147,16 @@ UNET_FIELDS = sorted(configs.unet_config("tiny"))
 
 @PROFILE
 @given(field=st.sampled_from(UNET_FIELDS + ["bogus"]), value=JSON_VALUES)
-def test_unet_config_mutations_fail_only_with_value_errors(field, value):
+def test_unet_config_mutations_fail_only_with_value_errors(tally, field, value):
     config = configs.unet_config("tiny")
     config[field] = value
     try:
         checked = check_unet_config(config, "mutated")
     except ValueError:
+        tally.clear_error()
         return
     assert isinstance(checked, dict)
+    tally.checked_result()
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +169,7 @@ def engine(tiny_onnx):
 @settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(kind=st.sampled_from(["uint8-list", "uint8-batch", "float-nchw", "float-list", "pil", "odd"]),
        h=st.integers(1, 200), w=st.integers(1, 200))
-def test_engine_extract_clear_error_or_finite_features(engine, kind, h, w):
+def test_engine_extract_clear_error_or_finite_features(tally, engine, kind, h, w):
     from PIL import Image
 
     rng = np.random.default_rng(h * w)
@@ -169,5 +179,7 @@ def test_engine_extract_clear_error_or_finite_features(engine, kind, h, w):
     try:
         feats = engine.extract(images)
     except CLEAR:
+        tally.clear_error()
         return
     assert min(h, w) >= 64 and feats["us6"].shape[0] == 1 and np.isfinite(feats["us6"]).all()
+    tally.checked_result()
