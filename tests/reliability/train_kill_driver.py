@@ -36,11 +36,10 @@ def run(argv: list[str]) -> None:
     torch.set_num_threads(1)
     from cleandift_rt import checkpoint
     from cleandift_rt.training import Trainer, build_config
-    from cleandift_rt.training import trainer as trainer_module
 
     config = build_config(overrides=dict(steps=6, batch_size=1, grad_accum=1, size=64, validate_every=0,
                                          checkpoint_every=2, keep_checkpoints=2, lr=1e-4, warmup_steps=2))
-    real_save, real_write, real_atomic = (safetensors.torch.save_file, trainer_module.write_safetensors,
+    real_save, real_write, real_atomic = (safetensors.torch.save_file, checkpoint.write_safetensors,
                                           checkpoint.atomic_write_bytes)
 
     def save_then_cut(tensors, filename, metadata=None):
@@ -73,7 +72,7 @@ def run(argv: list[str]) -> None:
             die()
 
     safetensors.torch.save_file = save_then_cut
-    trainer_module.write_safetensors = write_then_die
+    checkpoint.write_safetensors = write_then_die  # what write_rotating_checkpoint calls before pruning
     checkpoint.atomic_write_bytes = trim_and_die  # what checkpoint.trim_jsonl (the resume's log rewrite) calls
     trainer = Trainer(config, base, data, out, resume=True if resume else None, progress=False, on_step=on_step,
                       log=lambda msg: None)

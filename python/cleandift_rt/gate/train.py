@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +28,9 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ..checkpoint import (check_output_folder, check_state_dict, read_safetensors, read_safetensors_metadata,
-                          remove_stale_temporaries, trim_jsonl, write_safetensors)
+from ..checkpoint import (check_output_folder, check_state_dict, list_checkpoints, load_optimizer_tensors,
+                          optimizer_tensors, readable_checkpoints, remove_stale_temporaries, trim_jsonl,
+                          write_rotating_checkpoint, write_safetensors)
 from ..features.preprocess import load_image
 from .amalgam import Amalgamator, clip_loss, grid_indices, sparsity_term
 from .extract import GateExtractor
@@ -41,9 +41,6 @@ CHECKPOINT_FORMAT = "cleandift_gate_checkpoint"
 GATE_FORMAT = "cleandift_gate"
 GATE_FILE = "gate.safetensors"
 METRICS_FILE = "metrics.jsonl"
-_CHECKPOINT_NAME = re.compile(r"^step-(\d+)\.safetensors$")
-
-
 @dataclass
 class GateTrainConfig:
     """Defaults: a CPU smoke run (4 pairs, 256 px, 2 epochs). ``PRESETS["paper"]``: SPEC section 10."""
@@ -92,12 +89,6 @@ PRESETS = {
 # What a resumed run must share with the original (the rest may change, e.g. more epochs).
 OBJECTIVE_FIELDS = ("pairs_per_epoch", "max_pairs", "size", "lr", "weight_decay", "sparsity", "output_conv", "dropout",
                     "seed")
-
-
-def list_checkpoints(folder: Path) -> list[Path]:
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _CHECKPOINT_NAME.match(p.name))] \
-        if folder.is_dir() else []
-    return [p for _, p in sorted(found)]
 
 
 class _Broken(Exception):
@@ -270,35 +261,23 @@ class GateTrainer:
     # -- checkpoints ----------------------------------------------------------------------------
 
     def save_checkpoint(self) -> Path:
-        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
-        opt = self.optimizer.state_dict()
-        for index, state in opt["state"].items():
-            for key, value in state.items():
-                tensors[f"optim.{index}.{key}"] = torch.as_tensor(value)
-        tensors["rng.torch"] = torch.get_rng_state()
+        optim, groups = optimizer_tensors(self.optimizer)
+        tensors = {**{f"model.{k}": v for k, v in self.model.state_dict().items()}, **optim,
+                   "rng.torch": torch.get_rng_state()}
         if self.extractor.device.type == "cuda":
             tensors["rng.cuda"] = torch.cuda.get_rng_state(self.extractor.device)
-        groups = [{k: v for k, v in g.items() if k != "params"} for g in opt["param_groups"]]
         metadata = {"format": CHECKPOINT_FORMAT, "step": str(self.step), "config": json.dumps(self.config.to_dict()),
                     "bucket": json.dumps(self.bucket.to_dict()), "pool": json.dumps([p.pair_id for p in self.pool]),
-                    "optim_groups": json.dumps(groups)}
-        path = self.checkpoint_dir / f"step-{self.step:07d}.safetensors"
-        write_safetensors(path, tensors, metadata)
-        for old in list_checkpoints(self.checkpoint_dir)[: -self.config.keep_checkpoints]:
-            old.unlink(missing_ok=True)
-        return path
+                    "optim_groups": groups}
+        return write_rotating_checkpoint(self.checkpoint_dir, self.step, tensors, metadata,
+                                         self.config.keep_checkpoints)
 
     def _resume(self) -> int:
         candidates = list_checkpoints(self.checkpoint_dir)
         if not candidates:  # killed before its first checkpoint: a requeue that always passes --resume starts over
             self.log(f"note: --resume found no checkpoint in {self.checkpoint_dir}: starting at step 0")
             return 0
-        for path in reversed(candidates):
-            try:
-                state, meta = read_safetensors(path), read_safetensors_metadata(path)
-            except (ValueError, FileNotFoundError) as exc:
-                self.log(f"warning: skipping unreadable checkpoint {path.name}: {exc}")
-                continue
+        for path, state, meta in readable_checkpoints(candidates, self.log):
             self._load_state(path, state, meta)
             self.log(f"resumed from {path} at step {meta['step']}")
             self._truncate_metrics(int(meta["step"]))
@@ -321,15 +300,7 @@ class GateTrainer:
         model_state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
         check_state_dict(self.model.state_dict(), model_state, f"amalgamator in {path}")
         self.model.load_state_dict(model_state)
-        optim_state: dict[int, dict] = {}
-        for key, value in state.items():
-            if key.startswith("optim."):
-                _, index, name = key.split(".", 2)
-                optim_state.setdefault(int(index), {})[name] = value
-        groups = json.loads(meta["optim_groups"])
-        groups[0]["params"] = list(range(len(list(self.model.parameters()))))
-        groups[0]["betas"] = tuple(groups[0]["betas"])
-        self.optimizer.load_state_dict({"state": optim_state, "param_groups": groups})
+        load_optimizer_tensors(self.optimizer, state, meta["optim_groups"])
         torch.set_rng_state(state["rng.torch"])
         if "rng.cuda" in state and self.extractor.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng.cuda"], self.extractor.device)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,9 +32,9 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from ..checkpoint import (atomic_write_bytes, check_output_folder, check_state_dict, read_safetensors,
-                          read_safetensors_metadata, remove_stale_temporaries, short_hash, trim_jsonl,
-                          write_safetensors)
+from ..checkpoint import (atomic_write_bytes, check_output_folder, check_state_dict, list_checkpoints,
+                          load_optimizer_tensors, optimizer_tensors, readable_checkpoints, remove_stale_temporaries,
+                          short_hash, trim_jsonl, write_rotating_checkpoint)
 from ..features.preprocess import load_image
 from .aggregator import Aggregator
 from .cache import FeatureCache
@@ -47,7 +46,6 @@ AGGREGATOR_FILE = "aggregator.safetensors"
 WEIGHTS_PICTURE = "mixing_weights.png"
 METRICS_FILE = "metrics.jsonl"
 RECIPE_VAL_PAIRS = 360
-_CHECKPOINT_NAME = re.compile(r"^step-(\d+)\.safetensors$")
 AUTO = "auto"  # cache_dir: OUT/features
 
 
@@ -109,12 +107,6 @@ class _Broken(Exception):
     def __init__(self, reason: str, where: str):
         super().__init__(reason)
         self.reason, self.where = reason, where
-
-
-def list_checkpoints(folder: Path) -> list[Path]:
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _CHECKPOINT_NAME.match(p.name))] \
-        if folder.is_dir() else []
-    return [p for _, p in sorted(found)]
 
 
 def _inside(points: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -333,30 +325,18 @@ class HyperTrainer:
                 "stored": self.stored.key, "pairs": short_hash(*(p.pair_id for p in self.pairs))}
 
     def save_checkpoint(self) -> Path:
-        tensors = {f"model.{k}": v for k, v in self.aggregator.network.state_dict().items()}
-        opt = self.optimizer.state_dict()
-        for index, state in opt["state"].items():
-            for key, value in state.items():
-                tensors[f"optim.{index}.{key}"] = torch.as_tensor(value)
-        tensors["rng.torch"] = torch.get_rng_state()
-        groups = [{k: v for k, v in g.items() if k != "params"} for g in opt["param_groups"]]
+        optim, groups = optimizer_tensors(self.optimizer)
+        tensors = {**{f"model.{k}": v for k, v in self.aggregator.network.state_dict().items()}, **optim,
+                   "rng.torch": torch.get_rng_state()}
         metadata = {"format": CHECKPOINT_FORMAT, "step": str(self.step), "epoch": str(self.epoch),
                     "index": str(self.index), "config": json.dumps(self.config.to_dict()),
-                    "identity": json.dumps(self._identity()), "optim_groups": json.dumps(groups),
+                    "identity": json.dumps(self._identity()), "optim_groups": groups,
                     "skipped": json.dumps([self.skipped, self._examples])}
-        path = self.checkpoint_dir / f"step-{self.step:07d}.safetensors"
-        write_safetensors(path, tensors, metadata)
-        for old in list_checkpoints(self.checkpoint_dir)[: -self.config.keep_checkpoints]:
-            old.unlink(missing_ok=True)
-        return path
+        return write_rotating_checkpoint(self.checkpoint_dir, self.step, tensors, metadata,
+                                         self.config.keep_checkpoints)
 
     def _resume(self) -> None:
-        for path in reversed(list_checkpoints(self.checkpoint_dir)):
-            try:
-                state, meta = read_safetensors(path), read_safetensors_metadata(path)
-            except (ValueError, FileNotFoundError) as exc:
-                self.log(f"warning: skipping unreadable checkpoint {path.name}: {exc}")
-                continue
+        for path, state, meta in readable_checkpoints(list_checkpoints(self.checkpoint_dir), self.log):
             self._load_state(path, state, meta)
             self.log(f"resumed from {path} at step {self.step}")
             self._truncate_metrics(self.step)
@@ -377,15 +357,7 @@ class HyperTrainer:
         model_state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
         check_state_dict(self.aggregator.network.state_dict(), model_state, f"aggregation network in {path}")
         self.aggregator.network.load_state_dict(model_state)
-        optim_state: dict[int, dict] = {}
-        for key, value in state.items():
-            if key.startswith("optim."):
-                _, index, name = key.split(".", 2)
-                optim_state.setdefault(int(index), {})[name] = value.to(self.device) if name != "step" else value
-        groups = json.loads(meta["optim_groups"])
-        groups[0]["params"] = list(range(len(list(self.aggregator.network.parameters()))))
-        groups[0]["betas"] = tuple(groups[0]["betas"])
-        self.optimizer.load_state_dict({"state": optim_state, "param_groups": groups})
+        load_optimizer_tensors(self.optimizer, state, meta["optim_groups"], self.device)
         torch.set_rng_state(state["rng.torch"])
         self.step, self.epoch, self.index = int(meta["step"]), int(meta["epoch"]), int(meta["index"])
         self.skipped, self._examples = (dict(d) for d in json.loads(meta["skipped"]))

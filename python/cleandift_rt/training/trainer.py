@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import re
 import time
 from pathlib import Path
 from typing import Callable
@@ -25,8 +24,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..checkpoint import (check_output_folder, check_state_dict, read_safetensors, read_safetensors_metadata,
-                          remove_stale_temporaries, trim_jsonl, write_safetensors)
+from ..checkpoint import (check_output_folder, check_state_dict, list_checkpoints, load_optimizer_tensors,
+                          optimizer_tensors, readable_checkpoints, remove_stale_temporaries, trim_jsonl,
+                          write_rotating_checkpoint)
 from ..models.heads import build_heads
 from ..models import BaseModel, load_base, save_student_full, save_student_unet
 from ..features.preprocess import check_model_size
@@ -41,22 +41,6 @@ METRICS_FILE = "metrics.jsonl"
 UNET_FILE = "student_unet.safetensors"
 FULL_FILE = "student_full.safetensors"
 VAE_CHUNK = 2  # images per VAE encode: at 768 px its activations would otherwise outgrow the U-Nets'
-_CHECKPOINT_NAME = re.compile(r"^step-(\d+)\.safetensors$")
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step-{step:07d}.safetensors"
-
-
-def list_checkpoints(folder: str | Path) -> list[Path]:
-    """Complete checkpoints in ``folder``, oldest first (temporary files of interrupted writes excluded)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _CHECKPOINT_NAME.match(p.name))]
-    return [p for _, p in sorted(found)]
-
-
 def learning_rate(step: int, config: TrainConfig) -> float:
     """Linear warmup from 0 over ``warmup_steps`` optimiser steps, then constant (paper and release)."""
     if config.warmup_steps and step < config.warmup_steps:
@@ -207,25 +191,19 @@ class Trainer:
         tensors: dict[str, torch.Tensor] = {name: p for name, p in self.named_params}
         tensors.update({f"heads_buffer.{n}": b for n, b in self.heads.named_buffers()})
         tensors["student_timestep"] = self.timestep.detach()
-        opt = self.optimizer.state_dict()
-        for index, state in opt["state"].items():
-            for key, value in state.items():
-                tensors[f"optim.{index}.{key}"] = torch.as_tensor(value)
+        optim, groups = optimizer_tensors(self.optimizer)
+        tensors.update(optim)
         tensors["rng.generator"] = self.generator.get_state()
         tensors["rng.torch"] = torch.get_rng_state()
         if self.device.type == "cuda":
             tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
-        groups = [{k: v for k, v in g.items() if k != "params"} for g in opt["param_groups"]]
         metadata = {
             "format": CHECKPOINT_FORMAT, "step": str(self.step), "config": json.dumps(self.config.to_dict()),
-            "param_names": json.dumps([n for n, _ in self.named_params]), "optim_groups": json.dumps(groups),
+            "param_names": json.dumps([n for n, _ in self.named_params]), "optim_groups": groups,
             "sampler": json.dumps(self.sampler.state()), "skipped": json.dumps(self.runtime_skipped.to_dict()),
         }
-        path = self.checkpoint_dir / checkpoint_name(self.step)
-        write_safetensors(path, tensors, metadata)
-        for old in list_checkpoints(self.checkpoint_dir)[:-self.config.keep_checkpoints]:
-            old.unlink(missing_ok=True)
-        return path
+        return write_rotating_checkpoint(self.checkpoint_dir, self.step, tensors, metadata,
+                                         self.config.keep_checkpoints)
 
     def _resume(self, resume: bool | str | Path) -> int:
         if resume is True:
@@ -236,14 +214,7 @@ class Trainer:
             candidates = list_checkpoints(where) if where.is_dir() else [where]
         if not candidates:
             raise ValueError(f"--resume: no checkpoints (step-*.safetensors) in {where}")
-        for path in reversed(candidates):
-            try:
-                state, meta = read_safetensors(path), read_safetensors_metadata(path)
-            except (ValueError, FileNotFoundError) as exc:
-                if len(candidates) == 1:
-                    raise
-                self.log(f"warning: skipping unreadable checkpoint {path.name}: {exc}")
-                continue
+        for path, state, meta in readable_checkpoints(candidates, self.log, strict_single=True):
             step = self._load_state(path, state, meta)
             self.log(f"resumed from {path} at step {step}")
             self._truncate_metrics(step)
@@ -279,15 +250,7 @@ class Trainer:
         buffers = {n: state[f"heads_buffer.{n}"] for n, _ in self.heads.named_buffers()}
         for n, b in self.heads.named_buffers():
             b.copy_(buffers[n])
-        optim_state: dict[int, dict] = {}
-        for key, value in state.items():
-            if key.startswith("optim."):
-                _, index, name = key.split(".", 2)
-                optim_state.setdefault(int(index), {})[name] = value
-        groups = json.loads(meta["optim_groups"])
-        groups[0]["params"] = list(range(len(names)))
-        groups[0]["betas"] = tuple(groups[0]["betas"])
-        self.optimizer.load_state_dict({"state": optim_state, "param_groups": groups})
+        load_optimizer_tensors(self.optimizer, state, meta["optim_groups"])
         self.generator.set_state(state["rng.generator"])
         torch.set_rng_state(state["rng.torch"])
         if "rng.cuda" in state and self.device.type == "cuda":
