@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -110,6 +112,23 @@ def _overflow_graph() -> onnx.ModelProto:
              helper.make_node("Mul", ["big", "down"], ["y"], name="scale_down")]
     graph = helper.make_graph(nodes, "overflow", [x], [y], [up, down])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_measured_ranges_one_pass_scalars_and_non_finite_anywhere(tmp_path):
+    """The calibration reduces every tensor to its largest |value| inside the graph (one run); a NaN
+    that is not the first element still counts (ReduceMax alone skips it), as does an Inf."""
+    x = helper.make_tensor_value_info(IMAGE_INPUT, TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    nodes = [helper.make_node("Div", [IMAGE_INPUT, IMAGE_INPUT], ["ratio"], name="nan_where_zero"),
+             helper.make_node("Neg", [IMAGE_INPUT], ["negated"], name="negate"),
+             helper.make_node("Add", ["ratio", "negated"], ["y"], name="join")]
+    graph = helper.make_graph(nodes, "nan", [x], [y])
+    path = tmp_path / "nan.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+    ranges = measure_ranges(path, {IMAGE_INPUT: np.array([[1.0, 0.0, -7.0, 2.0]], np.float32)})
+    assert ranges["negated"] == 7.0 and ranges[IMAGE_INPUT] == 7.0
+    assert ranges["ratio"] == math.inf and ranges["y"] == math.inf  # NaN at index 1, not first
+    assert not list(tmp_path.glob("*.calib-*"))  # the probe graph is removed
 
 
 def test_measured_ranges_keep_overflowing_nodes_fp32(tmp_path):

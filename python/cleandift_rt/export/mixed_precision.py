@@ -146,13 +146,14 @@ def attention_score_nodes(nodes) -> set[int]:
 # -- calibration ----------------------------------------------------------------------------------
 
 
-def measure_ranges(onnx_path: str | Path, feeds: dict[str, np.ndarray], max_bytes: int = 3 << 30,
-                   progress: bool = False) -> dict[str, float]:
+def measure_ranges(onnx_path: str | Path, feeds: dict[str, np.ndarray], progress: bool = False) -> dict[str, float]:
     """Largest |value| of every float tensor of the fp32 graph on ``feeds`` (ONNX Runtime, CPU).
 
-    The intermediate tensors are exposed as extra outputs a group at a time, each group holding at
-    most about ``max_bytes``, so memory stays bounded whatever the model size; the groups' graphs
-    are written beside ``onnx_path`` so its external weights resolve without a copy.
+    One pass: each intermediate tensor gets an ``Abs -> ReduceMax`` to a scalar output inside the
+    graph, so ONNX Runtime frees the tensors as usual and memory stays that of one forward run (the
+    earlier form exposed the tensors themselves a few GB at a time: 242 forward runs at SD2.1 size).
+    Non-finite values count as infinite. The probe graph is written beside ``onnx_path`` so its
+    external weights resolve without a copy.
     """
     import onnx
 
@@ -161,48 +162,42 @@ def measure_ranges(onnx_path: str | Path, feeds: dict[str, np.ndarray], max_byte
     ort = import_onnxruntime()
     onnx_path = Path(onnx_path)
     model = onnx.load(str(onnx_path), load_external_data=False)
-    shapes = {name: list(array.shape) for name, array in feeds.items()}
-    types, dims = value_types(model, shapes)
-    outputs = {o.name for o in model.graph.output}
-    candidates = [out for node in model.graph.node for out in node.output
-                  if out and types.get(out) == FLOAT and out not in outputs]
-    known = [math.prod(d) * 4 for d in dims.values() if d and all(v for v in d)]
-    largest = max(known, default=1 << 20)
-
-    def size(name: str) -> int:
-        d = dims.get(name)
-        return math.prod(d) * 4 if d and all(v for v in d) else largest
-
-    groups, group, used = [], [], 0
-    for name in candidates:
-        if group and used + size(name) > max_bytes:
-            groups.append(group)
-            group, used = [], 0
-        group.append(name)
-        used += size(name)
-    groups.append(group + sorted(outputs))
+    types, _ = value_types(model, {name: list(array.shape) for name, array in feeds.items()})
+    candidates = list(dict.fromkeys(out for node in model.graph.node for out in node.output
+                                    if out and types.get(out) == FLOAT))
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.output[:]
+    # ReduceMax skips a NaN unless it comes first, so a second scalar catches non-finite values:
+    # sum(x * 0) is 0 for finite x and NaN as soon as one value is NaN or infinite.
+    probe.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros((), np.float32), "__range_zero"))
+    outputs = []
+    for index, name in enumerate(candidates):
+        absolute, top, zeroed, check = (f"__range_{kind}_{index}" for kind in ("abs", "max", "zeroed", "check"))
+        probe.graph.node.extend([
+            onnx.helper.make_node("Abs", [name], [absolute], name=absolute),
+            onnx.helper.make_node("ReduceMax", [absolute], [top], name=top, keepdims=0),
+            onnx.helper.make_node("Mul", [name, "__range_zero"], [zeroed], name=zeroed),
+            onnx.helper.make_node("ReduceSum", [zeroed], [check], name=check, keepdims=0)])
+        probe.graph.output.extend(onnx.helper.make_tensor_value_info(n, FLOAT, []) for n in (top, check))
+        outputs += [top, check]
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.enable_mem_pattern = False
-    ranges: dict[str, float] = {}
-    from tqdm.auto import tqdm
-
-    for names in tqdm(groups, desc="calibrating fp16 ranges", unit="pass", disable=not progress):
-        probe = onnx.ModelProto()
-        probe.CopyFrom(model)
-        del probe.graph.output[:]
-        probe.graph.output.extend(onnx.helper.make_tensor_value_info(n, FLOAT, None) for n in names)
-        fd, tmp = tempfile.mkstemp(prefix=f".{onnx_path.stem}.calib-", suffix=".onnx", dir=onnx_path.parent)
-        os.close(fd)
-        try:
-            onnx.save_model(probe, tmp)
-            session = ort.InferenceSession(tmp, options, providers=["CPUExecutionProvider"])
-            for name, value in zip(names, session.run(names, feeds)):
-                finite = np.abs(value[np.isfinite(value)]) if value.size else value
-                top = float(finite.max()) if finite.size else 0.0
-                ranges[name] = math.inf if finite.size < value.size else top
-        finally:
-            os.unlink(tmp)
+    fd, tmp = tempfile.mkstemp(prefix=f".{onnx_path.stem}.calib-", suffix=".onnx", dir=onnx_path.parent)
+    os.close(fd)
+    try:
+        onnx.save_model(probe, tmp)
+        if progress:
+            print(f"calibrating fp16 ranges: {len(candidates)} tensors in one ONNX Runtime pass", flush=True)
+        session = ort.InferenceSession(tmp, options, providers=["CPUExecutionProvider"])
+        values = session.run(outputs, feeds)
+    finally:
+        os.unlink(tmp)
+    ranges = {}
+    for name, top, check in zip(candidates, values[0::2], values[1::2]):
+        top, check = float(top), float(check)
+        ranges[name] = 0.0 if top == -math.inf else top if math.isfinite(top) and math.isfinite(check) else math.inf
     for name, value in feeds.items():
         ranges[name] = float(np.abs(value).max())
     return ranges
