@@ -1,6 +1,6 @@
 """fp16 feature graph vs its fp32 export, per tap, and what each fp32-island rule is worth.
 
-    python bench/fp16_policy.py            # SD2.1-size random weights, 512 px (about 10 minutes, 16 GB)
+    python bench/fp16_policy.py            # SD2.1-size random weights, 512 px (about 20 minutes on 2 cores, 12 GB)
     python bench/fp16_policy.py --tiny     # the tiny model, 128 px (a minute)
 
 For the full policy and for the policy with each rule switched off (and with none), the fp16 graph
