@@ -42,9 +42,7 @@ SOURCES = ("cleandift", "cleandift-heads", "one-step", "inversion")
 
 def ensure_models(variant: str, cache: Path) -> dict:
     """A base model folder and a student (_unet and _full with random heads), written once."""
-    from cleandift_rt.models import build_tiny_tokenizer, configs, load_base, save_student_full, save_student_unet
-    from cleandift_rt.models import write_tiny_base
-    from cleandift_rt.models.build import build_models
+    from cleandift_rt.models import load_base, save_student_full, save_student_unet, write_random_base
     from cleandift_rt.models.heads import build_heads
 
     folder = cache / variant
@@ -53,17 +51,7 @@ def ensure_models(variant: str, cache: Path) -> dict:
     if (folder / "done").is_file():
         return paths
     print(f"writing random {variant} models to {folder} (once)", flush=True)
-    if variant == "tiny":
-        write_tiny_base(paths["base"])
-    else:
-        import diffusers
-
-        unet, vae, text_encoder = build_models(variant, seed=0)
-        unet.save_pretrained(paths["base"] / "unet", safe_serialization=True)
-        vae.save_pretrained(paths["base"] / "vae", safe_serialization=True)
-        text_encoder.save_pretrained(paths["base"] / "text_encoder", safe_serialization=True)
-        build_tiny_tokenizer(folder / "tokenizer_src", pad_token="<|endoftext|>").save_pretrained(paths["base"] / "tokenizer")
-        diffusers.DDIMScheduler(**configs.SCHEDULER).save_pretrained(paths["base"] / "scheduler")
+    write_random_base(paths["base"], variant)
     base = load_base(paths["base"])
     student = copy.deepcopy(base.unet)
     heads = build_heads(base.block_out_channels)

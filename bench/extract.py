@@ -71,21 +71,11 @@ def ensure_random_sd21(folder: Path) -> Path:
     """A diffusers folder with SD 2.1-size random weights (U-Net, VAE, text encoder, byte-level tokenizer)."""
     if (folder / "model_index.json").is_file():
         return folder
-    from cleandift_rt.models import configs
-    from cleandift_rt.models import build_models, build_tiny_tokenizer
-
-    import diffusers
+    from cleandift_rt.models import write_random_base
 
     print(f"writing random SD2.1-size weights to {folder} (once)", flush=True)
-    unet, vae, text_encoder = build_models("sd21", seed=0)
     tmp = folder.with_name(folder.name + ".partial")
-    unet.save_pretrained(tmp / "unet", safe_serialization=True)
-    vae.save_pretrained(tmp / "vae", safe_serialization=True)
-    text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
-    # byte-level tokenizer (ids < 514 are valid in the real vocabulary too), padding with "!" as SD 2.x
-    build_tiny_tokenizer(tmp / "tokenizer_src", pad_token="!").save_pretrained(tmp / "tokenizer")
-    diffusers.DDIMScheduler(**configs.SCHEDULER).save_pretrained(tmp / "scheduler")
-    (tmp / "model_index.json").write_text(json.dumps({"cleandift_variant": "sd21", "random_weights": True}))
+    write_random_base(tmp, "sd21")
     tmp.rename(folder)
     return folder
 

@@ -61,9 +61,7 @@ def ensure_models(variant: str, cache: Path) -> dict:
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    from cleandift_rt.models import build_tiny_tokenizer, load_base, write_tiny_base
-    from cleandift_rt.models import configs
-    from cleandift_rt.models.build import build_models
+    from cleandift_rt.models import load_base, write_random_base
 
     folder = cache / variant
     paths = {"base": folder / "base", "controlnet": folder / "controlnet", "merged": folder / "merged",
@@ -71,17 +69,7 @@ def ensure_models(variant: str, cache: Path) -> dict:
     if (folder / "done").is_file():
         return paths
     print(f"writing random {variant} models to {folder} (once)", flush=True)
-    if variant == "tiny":
-        write_tiny_base(paths["base"])
-    else:
-        import diffusers
-
-        unet, vae, text_encoder = build_models(variant, seed=0)
-        unet.save_pretrained(paths["base"] / "unet", safe_serialization=True)
-        vae.save_pretrained(paths["base"] / "vae", safe_serialization=True)
-        text_encoder.save_pretrained(paths["base"] / "text_encoder", safe_serialization=True)
-        build_tiny_tokenizer(folder / "tokenizer_src", pad_token="<|endoftext|>").save_pretrained(paths["base"] / "tokenizer")
-        diffusers.DDIMScheduler(**configs.SCHEDULER).save_pretrained(paths["base"] / "scheduler")
+    write_random_base(paths["base"], variant)
     base = load_base(paths["base"])
     controlnet = ControlNetModel.from_unet(base.unet)
     with torch.no_grad():  # trained ControlNets have non-zero output convolutions: same cost, real residuals

@@ -8,12 +8,12 @@ architecture those files carry. It may import only the top-level shared modules 
 """
 
 from .base import BaseModel, detect_variant, move_module, schedule_alphas_cumprod
-from .build import build_models, build_tiny_tokenizer, write_tiny_base
+from .build import build_models, build_tiny_tokenizer, write_random_base, write_tiny_base
 from .loading import load_base
 from .student import (DEFAULT_STUDENT_TIMESTEP, STUDENT_PREFIX, TEACHER_PREFIX, VAE_PREFIX, Student, load_student,
                       load_student_and_base, save_student_full, save_student_unet, unet_config_json)
 
 __all__ = ["BaseModel", "detect_variant", "move_module", "schedule_alphas_cumprod", "build_models",
-           "build_tiny_tokenizer", "write_tiny_base", "load_base", "DEFAULT_STUDENT_TIMESTEP", "STUDENT_PREFIX",
+           "build_tiny_tokenizer", "write_tiny_base", "write_random_base", "load_base", "DEFAULT_STUDENT_TIMESTEP", "STUDENT_PREFIX",
            "TEACHER_PREFIX", "VAE_PREFIX", "Student", "load_student", "load_student_and_base", "save_student_full",
            "save_student_unet", "unet_config_json"]

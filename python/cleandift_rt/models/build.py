@@ -64,6 +64,12 @@ def write_tiny_base(path: str | Path, seed: int = 0, variant: str = "tiny") -> P
     """
     if not variant.startswith("tiny"):
         raise ValueError(f"write_tiny_base writes tiny variants only, not {variant!r}")
+    return write_random_base(path, variant, seed)
+
+
+def write_random_base(path: str | Path, variant: str, seed: int = 0) -> Path:
+    """Write a base model of any variant's architecture with random weights (the benches' SD-size
+    models: never downloaded) as a diffusers folder, with a byte-level tokenizer."""
     path = Path(path)
     unet, vae, text_encoder = build_models(variant, seed)
     unet.save_pretrained(path / "unet", safe_serialization=True)
