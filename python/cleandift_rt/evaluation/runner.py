@@ -30,10 +30,6 @@ PROTOCOL_VERSION = 1  # bump when a change alters per-pair results (invalidates 
 DEFAULT_PROMPT = "a photo of a {category}"
 
 
-
-
-
-
 def _to_chw(value, tap: str) -> torch.Tensor:
     t = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(value))
     if t.ndim != 4 or t.shape[0] != 1:

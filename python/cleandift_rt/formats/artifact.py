@@ -27,7 +27,6 @@ EMBEDS_INPUT = "prompt_embeds"
 HYPER = "hyper"  # the Diffusion Hyperfeatures descriptor an export may carry beside its taps (extra["hyper"])
 
 
-
 @dataclass
 class ArtifactInfo:
     """The self-description of an exported engine (all JSON-serialisable)."""

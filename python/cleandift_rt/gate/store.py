@@ -26,10 +26,6 @@ CACHE_DTYPE = torch.float16
 _FP16_BYTES = 2
 
 
-
-
-
-
 def bucket_key(bucket: Bucket, extractor: GateExtractor) -> str:
     models = {name: file_identity(path) for table in (bucket.controlnets, bucket.loras) for name, path in table.items()
               if name in bucket.used_controlnets + bucket.used_loras}

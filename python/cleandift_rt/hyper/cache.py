@@ -24,10 +24,6 @@ FP16_MAX = 65504.0
 LAYOUT_FILE = "layout.json"
 
 
-
-
-
-
 def stored_dtype(arrays: Mapping[str, np.ndarray]) -> np.dtype:
     """float16 unless a value lies beyond its range (then float32 for that image)."""
     peak = max(float(np.abs(a).max(initial=0.0)) for a in arrays.values())
