@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import zlib
 
 import numpy as np
 import pytest
@@ -395,7 +396,7 @@ def write_image_folders(root, classes=("cat", "dog", "fox"), n_train=10, n_val=3
         for c in classes:
             (root / split / c).mkdir(parents=True)
             for i in range(n):
-                r = np.random.default_rng(hash((split, c, i)) % 2**32)
+                r = np.random.default_rng(zlib.crc32(f"{split}/{c}/{i}".encode()))  # hash() of str varies per process
                 img = np.array(colours[c]) + r.integers(-30, 31, size=(64, 64, 3))  # engines take >= 64 px
                 Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / split / c / f"{i}.png")
     return root / "train", root / "val"
