@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <optional>
 #include <stdexcept>
 #include <string>
 
@@ -39,6 +40,12 @@ Compute parse_compute(const std::string& name) {
   if (name == "float32") return Compute::kFloat32;
   if (name == "bfloat16") return Compute::kBFloat16;
   throw std::invalid_argument("unsupported compute '" + name + "': use float32 or bfloat16");
+}
+
+HeadConditioning parse_conditioning(const std::string& name) {
+  if (name == "adarms") return HeadConditioning::kAdaRms;
+  if (name == "film") return HeadConditioning::kFilm;
+  throw std::invalid_argument("unknown head conditioning '" + name + "': use adarms or film");
 }
 
 // A [B, rows, C] array of any strides (in place; the [B, C, h, w] layout arrives as such a view).
@@ -171,33 +178,43 @@ PYBIND11_MODULE(_native, m) {
   m.def(
       "project_cpu",
       [](const PackedHead& head, const py::array& x, py::array& out, const std::string& dtype,
-         py::array_t<float, py::array::c_style | py::array::forcecast> scales) {
+         py::array_t<float, py::array::c_style | py::array::forcecast> scales, const std::string& conditioning,
+         std::optional<py::array_t<float, py::array::c_style | py::array::forcecast>> shifts) {
         const DType dt = parse_dtype(dtype, x.itemsize());
         parse_dtype(dtype, out.itemsize());
         const FeatureView xv = feature_view(x, "features"), ov = feature_view(out, "out");
-        if (scales.ndim() != 3 || scales.shape(0) != kHeadLayers || scales.shape(1) != xv.batch ||
-            scales.shape(2) != head.dim)
-          throw std::invalid_argument("project: scales must be [3, B, D]");
+        auto modulation_shape = [&](const py::array& a, const char* what) {
+          if (a.ndim() != 3 || a.shape(0) != kHeadLayers || a.shape(1) != xv.batch || a.shape(2) != head.dim)
+            throw std::invalid_argument(std::string("project: ") + what + " must be [3, B, D]");
+        };
+        modulation_shape(scales, "scales");
+        if (shifts) modulation_shape(*shifts, "shifts");
+        const HeadModulation mod{parse_conditioning(conditioning), scales.data(), shifts ? shifts->data() : nullptr};
         void* out_data = out.mutable_data();
         py::gil_scoped_release release;
-        project_head_cpu(head, xv, dt, scales.data(), ov, out_data);
+        project_head_cpu(head, xv, dt, mod, ov, out_data);
       },
       py::arg("head"), py::arg("features"), py::arg("out"), py::arg("dtype"), py::arg("scales"),
+      py::arg("conditioning") = "adarms", py::arg("shifts") = py::none(),
       "Fused head on strided [B, P, D] features into `out` (same shape, any strides); scales [3, B, D] = "
-      "1 + AdaRMS linear(cond). Use cleandift_rt.project.");
+      "1 + scale(cond), and for conditioning 'film' shifts [3, B, D]. Use cleandift_rt.project.");
 
   m.def(
       "project_cuda",
       [](uintptr_t x, uintptr_t out, int64_t batch, int64_t pixels, int64_t dim, const std::string& dtype,
-         uintptr_t up, uintptr_t down, uintptr_t scales, uintptr_t stream) {
+         uintptr_t up, uintptr_t down, uintptr_t scales, uintptr_t stream, const std::string& conditioning,
+         uintptr_t shifts) {
         const DType dt = parse_dtype(dtype, dtype == "float32" ? 4 : 2);
         if (batch <= 0 || pixels <= 0 || dim <= 0) throw std::invalid_argument("project: empty input");
+        const HeadModulation mod{parse_conditioning(conditioning), reinterpret_cast<const float*>(scales),
+                                 reinterpret_cast<const float*>(shifts)};
         py::gil_scoped_release release;
         project_head_cuda(reinterpret_cast<const void*>(x), reinterpret_cast<void*>(out), batch, pixels, dim, dt,
-                          reinterpret_cast<const float*>(up), reinterpret_cast<const float*>(down),
-                          reinterpret_cast<const float*>(scales), reinterpret_cast<void*>(stream));
+                          reinterpret_cast<const float*>(up), reinterpret_cast<const float*>(down), mod,
+                          reinterpret_cast<void*>(stream));
       },
       py::arg("features"), py::arg("out"), py::arg("batch"), py::arg("pixels"), py::arg("dim"), py::arg("dtype"),
-      py::arg("up"), py::arg("down"), py::arg("scales"), py::arg("stream"),
-      "Fused head on contiguous [B, P, D] device buffers; float32 device weights and scales.");
+      py::arg("up"), py::arg("down"), py::arg("scales"), py::arg("stream"), py::arg("conditioning") = "adarms",
+      py::arg("shifts") = 0,
+      "Fused head on contiguous [B, P, D] device buffers; float32 device weights, scales and (FiLM) shifts.");
 }

@@ -91,12 +91,12 @@ def test_match_on_a_side_stream_equals_the_default_stream():
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
-def _heads(dim: int, seed: int) -> ProjectionHeads:
+def _heads(dim: int, seed: int, conditioning: str = "adarms", scale: float = 0.05) -> ProjectionHeads:
     torch.manual_seed(seed)
-    heads = ProjectionHeads({"us6": dim})
+    heads = ProjectionHeads({"us6": dim}, conditioning=conditioning)
     with torch.no_grad():  # the zero-initialised weights too, so the head is far from the identity
         for p in heads.parameters():
-            p.copy_(torch.randn_like(p) * 0.05)
+            p.copy_(torch.randn_like(p) * scale)
     return heads.eval()
 
 
@@ -108,6 +108,21 @@ def test_project_every_dtype_against_the_pytorch_head(dtype, dim, hw, batch):
     with torch.no_grad():
         want = heads("us6", feats.float(), 500)
     got = project(*_on_device(feats), 500, heads.to(DEVICE), "us6").cpu()
+    assert got.dtype == dtype and got.shape == feats.shape
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert ((got.float() - want).norm() / want.norm()).item() < tol
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dim,hw,batch", [(64, (5, 7), 2), (1280, (3, 11), 1)])
+def test_project_film_heads_against_the_pytorch_head(dtype, dim, hw, batch):
+    """FiLM heads (scale and shift, no RMS statistics kernel) with per-sample timesteps."""
+    heads = _heads(dim, dim + 1, "film", scale=0.02)
+    feats = (torch.randn(batch, dim, *hw, generator=torch.Generator().manual_seed(dim)) + 0.5).to(dtype)
+    t = torch.tensor([30.0, 800.0][:batch])
+    with torch.no_grad():
+        want = heads("us6", feats.float(), t)
+    got = project(*_on_device(feats), t, heads.to(DEVICE), "us6").cpu()
     assert got.dtype == dtype and got.shape == feats.shape
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     assert ((got.float() - want).norm() / want.norm()).item() < tol

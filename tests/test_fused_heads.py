@@ -17,10 +17,11 @@ from cleandift_rt import project
 from cleandift_rt.models.heads import ProjectionHeads
 
 
-def make_heads(channels: dict[str, int], seed: int = 0, scale: float = 0.05) -> ProjectionHeads:
+def make_heads(channels: dict[str, int], seed: int = 0, scale: float = 0.05,
+               conditioning: str = "adarms") -> ProjectionHeads:
     """Heads with every parameter perturbed (the zero-init ones too), so every term matters."""
     torch.manual_seed(seed)
-    heads = ProjectionHeads(channels)
+    heads = ProjectionHeads(channels, conditioning=conditioning)
     with torch.no_grad():
         for p in heads.parameters():
             p.add_(torch.randn_like(p) * scale)
@@ -57,6 +58,36 @@ def test_fp32_parity_release_width():
     with torch.no_grad():
         ref = heads("us9", x, 261)
     rel_close(project(x, 261, heads, "us9"), ref, 1e-5)
+
+
+@pytest.mark.parametrize("precision,dtype,tol", [("fp32", torch.float32, 1e-5), ("fp32", torch.float16, 1e-2),
+                                                 ("bf16", torch.bfloat16, 2e-2)])
+def test_film_heads_parity(precision, dtype, tol):
+    """FiLM heads (x * (1 + scale) + shift, no normalisation) through the same kernel: per-sample t,
+    a cond tensor, SD 2.1's D = 320, and features far from zero mean and unit RMS."""
+    from cleandift_rt.kernels.precision import native_bf16
+
+    if precision == "bf16" and not native_bf16():
+        pytest.skip("bf16 compute needs AVX512_BF16, which this CPU lacks")
+    heads = make_heads({"us9": 320, "us6": 40}, seed=4, scale=0.02, conditioning="film")
+    pair = torch.tensor([5.0, 700.0])
+    with torch.no_grad():
+        pair_cond = heads.cond(pair)
+    for tap, x, t, given in [("us9", torch.randn(2, 320, 6, 5) * 2 + 1, torch.tensor([10.0, 900.0]), None),
+                             ("us6", torch.randn(1, 40, 64, 9), 261, None),
+                             ("us6", torch.randn(2, 40, 3, 3), pair, pair_cond)]:
+        x = x.to(dtype)
+        with torch.no_grad():
+            ref = heads(tap, x.float(), t)
+        out = project(x, t if given is None else given, heads, tap, precision=precision)
+        assert out.dtype == dtype and out.shape == x.shape
+        rel_close(out, ref, tol)
+
+
+def test_film_identity_at_init():
+    heads = ProjectionHeads({"us6": 40}, conditioning="film")
+    x = torch.randn(2, 40, 4, 6) * 5 + 2
+    assert torch.equal(project(x, 261, heads, "us6"), x)
 
 
 def test_cond_tensor_and_per_sample_t():
@@ -148,6 +179,24 @@ def test_bad_inputs_rejected_clearly():
         project(x, 261, heads.adapters["us6"], "us6")
 
 
+def test_native_cpu_entry_point_checks_the_modulation():
+    """The binding behind project: a FiLM call without shifts, or AdaRMS with them, is refused by name."""
+    from cleandift_rt.build_info import native
+
+    up, down = torch.zeros(3, 16, 8), torch.zeros(3, 8, 8)
+    packed = native().pack_head(up.numpy(), down.numpy())
+    x, out = torch.randn(1, 4, 8), torch.empty(1, 4, 8)
+    scales = torch.ones(3, 1, 8)
+    with pytest.raises(ValueError, match="FiLM heads need shifts"):
+        native().project_cpu(packed, x.numpy(), out.numpy(), "float32", scales.numpy(), "film")
+    with pytest.raises(ValueError, match="AdaRMS heads take no shifts"):
+        native().project_cpu(packed, x.numpy(), out.numpy(), "float32", scales.numpy(), "adarms", scales.numpy())
+    with pytest.raises(ValueError, match=r"shifts must be \[3, B, D\]"):
+        native().project_cpu(packed, x.numpy(), out.numpy(), "float32", scales.numpy(), "film", scales[:, :, :4].numpy())
+    native().project_cpu(packed, x.numpy(), out.numpy(), "float32", scales.numpy(), "film", scales.numpy())
+    assert torch.equal(out, x)  # zero weights: the residual stream alone
+
+
 def test_nonfinite_features_rejected_or_propagated_with_flag():
     heads = make_heads({"us6": 40})
     x = torch.randn(2, 40, 3, 4)
@@ -180,10 +229,10 @@ def test_concurrent_calls_equal_serial():
 @given(b=st.integers(1, 3), dim=st.integers(1, 70), h=st.integers(1, 6), w=st.integers(1, 6),
        dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
        layout=st.sampled_from(["contiguous", "channels_last", "sliced", "transposed"]),
-       seed=st.integers(0, 2**31 - 1))
-def test_property_against_pytorch_head(b, dim, h, w, dtype, layout, seed):
-    """Any D (not only SIMD-width multiples), map size, batch, dtype and memory layout."""
-    heads = make_heads({"us6": dim}, seed=seed % 1000)
+       conditioning=st.sampled_from(["adarms", "film"]), seed=st.integers(0, 2**31 - 1))
+def test_property_against_pytorch_head(b, dim, h, w, dtype, layout, conditioning, seed):
+    """Any D (not only SIMD-width multiples), map size, batch, dtype, memory layout and head kind."""
+    heads = make_heads({"us6": dim}, seed=seed % 1000, conditioning=conditioning)
     gen = torch.Generator().manual_seed(seed)
     if layout == "sliced":      # a view into a larger map: strides that no contiguous layout has
         x = torch.randn(b, dim + 3, h + 2, w + 1, generator=gen)[:, 1:dim + 1, 1:h + 1, :w]
@@ -208,12 +257,14 @@ def test_every_simd_path_matches_pytorch(disable, kernel):
         "from cleandift_rt.build_info import native\n"
         "from cleandift_rt.models.heads import ProjectionHeads\n"
         "torch.manual_seed(0)\n"
-        "heads = ProjectionHeads({'us6': 50})\n"
-        "with torch.no_grad():\n"
-        "    [p.add_(torch.randn_like(p) * 0.05) for p in heads.parameters()]\n"
-        "    x = torch.randn(2, 50, 5, 7); ref = heads('us6', x, 261)\n"
-        "out = cleandift_rt.project(x, 261, heads, 'us6')\n"
-        "err = ((out - ref).abs().max() / ref.abs().max()).item()\n"
+        "err = 0.0\n"
+        "for kind in ('adarms', 'film'):\n"
+        "    heads = ProjectionHeads({'us6': 50}, conditioning=kind)\n"
+        "    with torch.no_grad():\n"
+        "        [p.add_(torch.randn_like(p) * 0.05) for p in heads.parameters()]\n"
+        "        x = torch.randn(2, 50, 5, 7); ref = heads('us6', x, 261)\n"
+        "    out = cleandift_rt.project(x, 261, heads, 'us6')\n"
+        "    err = max(err, ((out - ref).abs().max() / ref.abs().max()).item())\n"
         "up = torch.zeros(3, 100, 50); print(native().pack_head(up.numpy(), up[:, :50].contiguous().numpy()).kernel, err)\n"
     )
     env = dict(os.environ, CLEANDIFT_DISABLE_SIMD=disable)
@@ -236,5 +287,16 @@ def test_cuda_entry_point_host_side():
         return
     with pytest.raises(ValueError, match="empty input"):
         native().project_cuda(0, 0, 0, 4, 8, "float16", 0, 0, 0, 0)
+    fake = 64  # a non-null device address: never dereferenced, every call below fails before any kernel
+    with pytest.raises(ValueError, match="no modulation scales"):
+        native().project_cuda(0, 0, 1, 4, 8, "float16", 0, 0, 0, 0)
+    with pytest.raises(ValueError, match="FiLM heads need shifts"):
+        native().project_cuda(0, 0, 1, 4, 8, "float16", 0, 0, fake, 0, conditioning="film")
+    with pytest.raises(ValueError, match="AdaRMS heads take no shifts"):
+        native().project_cuda(0, 0, 1, 4, 8, "float16", 0, 0, fake, 0, shifts=fake)
+    with pytest.raises(ValueError, match="unknown head conditioning 'adaln': use adarms or film"):
+        native().project_cuda(0, 0, 1, 4, 8, "float16", 0, 0, fake, 0, conditioning="adaln")
     with pytest.raises(RuntimeError, match=r"project \(CUDA\) allocating the residual stream: cudaError"):
-        native().project_cuda(0, 0, 1, 4, 8, "bfloat16", 0, 0, 0, 0)
+        native().project_cuda(0, 0, 1, 4, 8, "bfloat16", 0, 0, fake, 0)
+    with pytest.raises(RuntimeError, match=r"project \(CUDA\) allocating the residual stream: cudaError"):
+        native().project_cuda(0, 0, 1, 4, 8, "float32", 0, 0, fake, 0, conditioning="film", shifts=fake)

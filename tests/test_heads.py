@@ -49,8 +49,9 @@ def test_identity_at_init():
         assert torch.equal(heads(tap, x, torch.tensor([10, 900])), x)
 
 
-def _reference_head(state, tap, x, t):
-    """SPEC section 4 written out with plain tensor math (no modules)."""
+def _reference_head(state, tap, x, t, conditioning="adarms"):
+    """SPEC section 4 written out with plain tensor math (no modules); ``"film"``: the paper's
+    x * (1 + scale(cond)) + shift(cond) in place of the AdaRMS norm."""
     def rms(v, scale):
         return v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + 1e-6) * scale
 
@@ -69,8 +70,11 @@ def _reference_head(state, tap, x, t):
     y = x.flatten(2).transpose(1, 2)
     for j in range(3):
         p = f"adapters.{tap}.layers.{j}."
-        mod = 1 + c @ state[p + "norm.linear.weight"].T
-        z = rms(y, mod[:, None, :])
+        if conditioning == "adarms":
+            z = rms(y, (1 + c @ state[p + "norm.linear.weight"].T)[:, None, :])
+        else:
+            film = state[p + "film.linear.weight"]
+            z = y * (1 + c @ film[:d].T)[:, None, :] + (c @ film[d:].T)[:, None, :]
         y = y + swiglu(z @ state[p + "up_proj.weight"].T) @ state[p + "down_proj.weight"].T
     return y.transpose(1, 2).reshape(b, d, h, w)
 
@@ -137,3 +141,74 @@ def test_half_precision_heads(tiny_student):
     ref = tiny_student.heads("us6", x, torch.tensor([5.0, 700.0]))
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), ref, rtol=5e-2, atol=5e-2)
+
+
+# ---------------------------------------------------------------------------------------------
+# FiLM heads (paper appendix E): scale and shift, no normalisation
+
+
+def _perturbed(heads, seed=0, scale=0.05):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    return heads.eval()
+
+
+def test_film_names_shapes_and_identity_at_init():
+    heads = build_heads([32, 64, 64, 64], conditioning="film")
+    assert heads.conditioning == "film" and build_heads([32, 64, 64, 64]).conditioning == "adarms"
+    state = heads.state_dict()
+    assert not any(".norm.linear." in k for k in state)
+    for tap, d in tap_channels([32, 64, 64, 64]).items():
+        for j in range(3):
+            assert state[f"adapters.{tap}.layers.{j}.film.linear.weight"].shape == (2 * d, 256)
+        assert sum(p.numel() for p in heads.adapters[tap].parameters()) == 9 * d * d + 3 * 512 * d
+        x = torch.randn(2, d, 3, 5) * 4 + 1  # not zero-mean, not unit-RMS: FiLM must not normalise
+        assert torch.equal(heads(tap, x, 261), x)
+        assert torch.equal(heads(tap, x, torch.tensor([10, 900])), x)
+    with pytest.raises(ValueError, match="head_conditioning 'adaln' is not one of adarms, film"):
+        build_heads([32, 64, 64, 64], conditioning="adaln")
+
+
+def test_film_matches_an_independent_transcription():
+    heads = _perturbed(build_heads([32, 64, 64, 64], conditioning="film"))
+    state = heads.state_dict()
+    t = torch.tensor([0.0, 261.0, 999.0])
+    for tap in ("mid", "us6", "us10"):
+        x = torch.randn(3, heads.tap_channels[tap], 4, 4) * 3
+        got, ref = heads(tap, x, t), _reference_head(state, tap, x, t, "film")
+        # unnormalised activations grow with x: the tolerance is relative to the largest value
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+        # a scale-only reading of the same weights (AdaRMS-like, or FiLM without its shift) differs
+        assert (got - _reference_head({**state, **{k.replace("film.linear", "norm.linear"): v[:v.shape[0] // 2]
+                                                   for k, v in state.items() if "film.linear" in k}},
+                                      tap, x, t)).abs().max() > 1e-2
+
+
+def test_film_round_trips_through_full_files(tmp_path, tiny_base):
+    from cleandift_rt.models import load_student, save_student_full
+
+    film = _perturbed(build_heads(tiny_base.block_out_channels, conditioning="film"), seed=3)
+    save_student_full(tmp_path / "film_full.safetensors", tiny_base.unet, film, 261.0)
+    heads = ProjectionHeads.from_release(tmp_path / "film_full.safetensors")
+    assert heads.conditioning == "film"
+    x = torch.randn(2, heads.tap_channels["us6"], 3, 3)
+    torch.testing.assert_close(heads("us6", x, 300), film("us6", x, 300), rtol=0, atol=0)
+    assert load_student(tmp_path / "film_full.safetensors").heads.conditioning == "film"
+
+    adarms = _perturbed(build_heads(tiny_base.block_out_channels), seed=3)
+    write_safetensors(tmp_path / "adarms.safetensors", adarms.state_dict())
+    assert ProjectionHeads.from_release(tmp_path / "adarms.safetensors").conditioning == "adarms"
+
+    mixed = dict(film.state_dict())
+    w = mixed.pop("adapters.us6.layers.1.film.linear.weight")
+    mixed["adapters.us6.layers.1.norm.linear.weight"] = w[:w.shape[0] // 2].contiguous()
+    write_safetensors(tmp_path / "mixed.safetensors", mixed)
+    with pytest.raises(ValueError, match="mixes AdaRMS .* and FiLM"):
+        ProjectionHeads.from_release(tmp_path / "mixed.safetensors")
+    truncated = dict(film.state_dict())
+    truncated["adapters.us6.layers.0.film.linear.weight"] = w[:w.shape[0] // 2].contiguous()  # a D-row (AdaRMS) shape
+    write_safetensors(tmp_path / "truncated.safetensors", truncated)
+    with pytest.raises(ValueError, match="mis-shaped keys"):
+        ProjectionHeads.from_release(tmp_path / "truncated.safetensors")

@@ -24,7 +24,7 @@ ROOT = "cleandift_rt"
 # but are assembled by cli.main, and nothing in the library imports them.
 LAYERS = {
     "_native": -1,  # the compiled extension (csrc/)
-    "taps": 0, "timesteps": 0, "build_info": 0, "checkpoint": 0, "assets": 0, "viz": 0,
+    "taps": 0, "timesteps": 0, "conditioning": 0, "build_info": 0, "checkpoint": 0, "assets": 0, "viz": 0,
     "models": 1,
     "features": 2,
     "kernels": 3, "formats": 3,

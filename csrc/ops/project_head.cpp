@@ -22,8 +22,17 @@ std::shared_ptr<PackedHead> pack_head(const float* up, const float* down, int64_
   return pack_head_portable(up, down, dim);
 }
 
-void project_head_cpu(const PackedHead& head, const FeatureView& x, DType dtype, const float* scales,
+void check_modulation(const HeadModulation& mod) {
+  if (!mod.scale) throw std::invalid_argument("project: no modulation scales given");
+  if (mod.conditioning == HeadConditioning::kFilm && !mod.shift)
+    throw std::invalid_argument("project: FiLM heads need shifts [3, B, D] beside their scales");
+  if (mod.conditioning == HeadConditioning::kAdaRms && mod.shift)
+    throw std::invalid_argument("project: AdaRMS heads take no shifts (only FiLM heads do)");
+}
+
+void project_head_cpu(const PackedHead& head, const FeatureView& x, DType dtype, const HeadModulation& mod,
                       const FeatureView& out, void* out_data) {
+  check_modulation(mod);
   if (x.batch <= 0 || x.rows <= 0)
     throw std::invalid_argument("project: empty input (B = " + std::to_string(x.batch) + ", pixels = " +
                                 std::to_string(x.rows) + ")");
@@ -33,19 +42,19 @@ void project_head_cpu(const PackedHead& head, const FeatureView& x, DType dtype,
   if (out.batch != x.batch || out.rows != x.rows || out.channels != x.channels)
     throw std::invalid_argument("project: output shape differs from the input shape");
   if (head.kernel == "avx512_bf16") {
-    project_head_avx512bf16(head, x, dtype, scales, out, out_data);
+    project_head_avx512bf16(head, x, dtype, mod, out, out_data);
   } else if (head.kernel == "avx512") {
-    project_head_avx512(head, x, dtype, scales, out, out_data);
+    project_head_avx512(head, x, dtype, mod, out, out_data);
   } else if (head.kernel == "avx2") {
-    project_head_avx2(head, x, dtype, scales, out, out_data);
+    project_head_avx2(head, x, dtype, mod, out, out_data);
   } else {
-    project_head_portable(head, x, dtype, scales, out, out_data);
+    project_head_portable(head, x, dtype, mod, out, out_data);
   }
 }
 
 #ifndef CLEANDIFT_WITH_CUDA
 void project_head_cuda(const void*, void*, int64_t, int64_t, int64_t, DType, const float*, const float*,
-                       const float*, void*) {
+                       const HeadModulation&, void*) {
   throw std::runtime_error("project: this build of cleandift_rt has no CUDA kernels (rebuild with nvcc on PATH)");
 }
 #endif

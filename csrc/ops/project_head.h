@@ -1,6 +1,7 @@
-// Fused projection head of SPEC section 4 (3 x [AdaRMSNorm -> up -> SwiGLU -> down -> residual]):
+// Fused projection head of SPEC section 4 (3 x [modulation -> up -> SwiGLU -> down -> residual]):
 // every tile of pixels runs all three layers while it stays in cache; weights are packed once per
-// head into the micro-kernel's panel layout, the AdaRMS scales 1 + linear(cond(t)) come in per call.
+// head into the micro-kernel's panel layout, the modulation (AdaRMS or FiLM, computed from cond(t))
+// comes in per call.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -13,6 +14,22 @@ namespace cleandift {
 
 constexpr int kHeadLayers = 3;
 constexpr float kHeadEps = 1e-6f;
+
+// How a layer modulates its input before the up-projection:
+//   AdaRMS (the release): x * rsqrt(mean(x^2) + eps) * scale;
+//   FiLM (the paper's main configuration): x * scale + shift, no normalisation.
+enum class HeadConditioning { kAdaRms, kFilm };
+
+// Per call: scale [3, B, D] = 1 + scale(cond) per layer and batch element; shift [3, B, D] for FiLM
+// (null for AdaRMS). float32, on the device the kernel runs on.
+struct HeadModulation {
+  HeadConditioning conditioning = HeadConditioning::kAdaRms;
+  const float* scale = nullptr;
+  const float* shift = nullptr;
+};
+
+// std::invalid_argument unless the pointers fit the conditioning (FiLM needs a shift, AdaRMS has none).
+void check_modulation(const HeadModulation& mod);
 
 // Weights packed for one CPU micro-kernel (its NR and element type); built by pack_head,
 // read-only afterwards.
@@ -32,14 +49,13 @@ struct PackedHead {
 std::shared_ptr<PackedHead> pack_head(const float* up, const float* down, int64_t dim,
                                       Compute compute = Compute::kFloat32);
 
-// x, out: strided [B, P, D] views (out data written through `out_data`, out's strides);
-// scales: [3, B, D] float32 = 1 + AdaRMS linear(cond) per layer and batch element.
-void project_head_cpu(const PackedHead& head, const FeatureView& x, DType dtype, const float* scales,
+// x, out: strided [B, P, D] views (out data written through `out_data`, out's strides).
+void project_head_cpu(const PackedHead& head, const FeatureView& x, DType dtype, const HeadModulation& mod,
                       const FeatureView& out, void* out_data);
 
 // CUDA: contiguous device buffers x, out [B, P, D] of dtype; unpacked weights up [3, 2D, D], down
-// [3, D, D] and scales [3, B, D] in float32 on the device.
+// [3, D, D] and the modulation in float32 on the device.
 void project_head_cuda(const void* x, void* out, int64_t batch, int64_t pixels, int64_t dim, DType dtype,
-                       const float* up, const float* down, const float* scales, void* stream);
+                       const float* up, const float* down, const HeadModulation& mod, void* stream);
 
 }  // namespace cleandift

@@ -9,9 +9,9 @@ std::shared_ptr<PackedHead> pack_head_portable(const float* up, const float* dow
   return pack_head_for<PortableMicro>(up, down, dim);
 }
 
-void project_head_portable(const PackedHead& head, const FeatureView& x, DType dtype, const float* scales,
-                       const FeatureView& out, void* out_data) {
-  project_head_for<PortableMicro>(head, x, dtype, scales, out, out_data);
+void project_head_portable(const PackedHead& head, const FeatureView& x, DType dtype, const HeadModulation& mod,
+                           const FeatureView& out, void* out_data) {
+  project_head_for<PortableMicro>(head, x, dtype, mod, out, out_data);
 }
 
 }  // namespace cleandift

@@ -6,8 +6,8 @@ namespace cleandift {
 
 #define CLEANDIFT_DECLARE_HEAD_KERNELS(isa)                                                          \
   std::shared_ptr<PackedHead> pack_head_##isa(const float* up, const float* down, int64_t dim);       \
-  void project_head_##isa(const PackedHead& head, const FeatureView& x, DType dtype, const float* scales, \
-                          const FeatureView& out, void* out_data);
+  void project_head_##isa(const PackedHead& head, const FeatureView& x, DType dtype,                   \
+                          const HeadModulation& mod, const FeatureView& out, void* out_data);
 CLEANDIFT_DECLARE_HEAD_KERNELS(portable)
 CLEANDIFT_DECLARE_HEAD_KERNELS(avx2)
 CLEANDIFT_DECLARE_HEAD_KERNELS(avx512)

@@ -9,9 +9,9 @@ std::shared_ptr<PackedHead> pack_head_avx2(const float* up, const float* down, i
   return pack_head_for<Avx2Micro>(up, down, dim);
 }
 
-void project_head_avx2(const PackedHead& head, const FeatureView& x, DType dtype, const float* scales,
+void project_head_avx2(const PackedHead& head, const FeatureView& x, DType dtype, const HeadModulation& mod,
                        const FeatureView& out, void* out_data) {
-  project_head_for<Avx2Micro>(head, x, dtype, scales, out, out_data);
+  project_head_for<Avx2Micro>(head, x, dtype, mod, out, out_data);
 }
 
 }  // namespace cleandift

@@ -9,9 +9,9 @@ std::shared_ptr<PackedHead> pack_head_avx512(const float* up, const float* down,
   return pack_head_for<Avx512Micro>(up, down, dim);
 }
 
-void project_head_avx512(const PackedHead& head, const FeatureView& x, DType dtype, const float* scales,
+void project_head_avx512(const PackedHead& head, const FeatureView& x, DType dtype, const HeadModulation& mod,
                        const FeatureView& out, void* out_data) {
-  project_head_for<Avx512Micro>(head, x, dtype, scales, out, out_data);
+  project_head_for<Avx512Micro>(head, x, dtype, mod, out, out_data);
 }
 
 }  // namespace cleandift

@@ -10,9 +10,9 @@ std::shared_ptr<PackedHead> pack_head_avx512bf16(const float* up, const float* d
   return pack_head_for<Avx512Bf16Micro>(up, down, dim);
 }
 
-void project_head_avx512bf16(const PackedHead& head, const FeatureView& x, DType dtype, const float* scales,
+void project_head_avx512bf16(const PackedHead& head, const FeatureView& x, DType dtype, const HeadModulation& mod,
                              const FeatureView& out, void* out_data) {
-  project_head_for<Avx512Bf16Micro>(head, x, dtype, scales, out, out_data);
+  project_head_for<Avx512Bf16Micro>(head, x, dtype, mod, out, out_data);
 }
 
 }  // namespace cleandift

@@ -1,6 +1,7 @@
 // The CPU projection-head driver, templated on a register-tile micro-kernel (micro_kernels.h).
 // OpenMP over (batch, tiles of TP pixels, up to 32 register tiles); per tile, for each layer:
-//   RMS statistics -> normalised, AdaRMS-scaled rows packed as A panels;
+//   modulated rows packed as A panels (AdaRMS: RMS statistics, then normalised and scaled rows;
+//   FiLM: scaled and shifted rows);
 //   up-projection value and gate panels side by side, SwiGLU in the epilogue, written straight into
 //   the A-panel layout of the down-projection; down-projection with the residual add in the epilogue.
 // The tile's residual stream stays in fp32 between layers; with the bf16 micro-kernel the weights
@@ -102,8 +103,8 @@ void store_elem(void* base, int64_t offset, float v) {
 }
 
 template <class Micro, DType DT>
-void project_head_typed(const PackedHead& head, const FeatureView& x, const float* scales, const FeatureView& out,
-                        void* out_data) {
+void project_head_typed(const PackedHead& head, const FeatureView& x, const HeadModulation& mod,
+                        const FeatureView& out, void* out_data) {
   constexpr int MR = Micro::MR, NR = Micro::NR;
   using Elem = typename Micro::Elem;
   constexpr int64_t kDepthBlock = (16 << 10) / (NR * sizeof(Elem));  // KC: a KC x NR weight slice fills half of L1
@@ -117,6 +118,7 @@ void project_head_typed(const PackedHead& head, const FeatureView& x, const floa
   const int64_t TP = tile_panels * MR;
   const int64_t panels = Dp / NR;
   const int64_t tiles = (P + TP - 1) / TP;
+  const bool film = mod.conditioning == HeadConditioning::kFilm;
 
 #pragma omp parallel
   {
@@ -136,19 +138,31 @@ void project_head_typed(const PackedHead& head, const FeatureView& x, const floa
                                                                      d * x.stride_channel)
                                          : 0.f;
       for (int layer = 0; layer < kHeadLayers; ++layer) {
-        const float* scale = scales + (static_cast<int64_t>(layer) * B + b) * D;
-        for (int64_t r = 0; r < row_panels * MR; ++r) {
-          const float* row = xs.get() + r * D;
-          float acc = 0.f;
-          for (int64_t d = 0; d < D; ++d) acc += row[d] * row[d];
-          rinv[r] = 1.f / std::sqrt(acc / static_cast<float>(D) + kHeadEps);
-        }
-        for (int64_t rp = 0; rp < row_panels; ++rp) {
-          Elem* a = ap.get() + rp * Dk * MR;  // depths D..Dk stay zero (allocated zeroed, never written)
-          for (int64_t d = 0; d < D; ++d)
-            for (int r = 0; r < MR; ++r)
-              a[panel_offset<Micro>(d, r, MR)] =
-                  to_panel<Elem>(xs.get()[(rp * MR + r) * D + d] * (scale[d] * rinv[rp * MR + r]));
+        const int64_t at = (static_cast<int64_t>(layer) * B + b) * D;
+        const float* scale = mod.scale + at;
+        if (film) {
+          const float* shift = mod.shift + at;
+          for (int64_t rp = 0; rp < row_panels; ++rp) {
+            Elem* a = ap.get() + rp * Dk * MR;  // depths D..Dk stay zero (allocated zeroed, never written)
+            for (int64_t d = 0; d < D; ++d)
+              for (int r = 0; r < MR; ++r)
+                a[panel_offset<Micro>(d, r, MR)] =
+                    to_panel<Elem>(xs.get()[(rp * MR + r) * D + d] * scale[d] + shift[d]);
+          }
+        } else {
+          for (int64_t r = 0; r < row_panels * MR; ++r) {
+            const float* row = xs.get() + r * D;
+            float acc = 0.f;
+            for (int64_t d = 0; d < D; ++d) acc += row[d] * row[d];
+            rinv[r] = 1.f / std::sqrt(acc / static_cast<float>(D) + kHeadEps);
+          }
+          for (int64_t rp = 0; rp < row_panels; ++rp) {
+            Elem* a = ap.get() + rp * Dk * MR;
+            for (int64_t d = 0; d < D; ++d)
+              for (int r = 0; r < MR; ++r)
+                a[panel_offset<Micro>(d, r, MR)] =
+                    to_panel<Elem>(xs.get()[(rp * MR + r) * D + d] * (scale[d] * rinv[rp * MR + r]));
+          }
         }
         const Elem* up = static_cast<const Elem*>(head.up[layer].get());
         for (int64_t q = 0; q < panels; ++q) {
@@ -195,12 +209,12 @@ void project_head_typed(const PackedHead& head, const FeatureView& x, const floa
 }
 
 template <class Micro>
-void project_head_for(const PackedHead& head, const FeatureView& x, DType dtype, const float* scales,
+void project_head_for(const PackedHead& head, const FeatureView& x, DType dtype, const HeadModulation& mod,
                       const FeatureView& out, void* out_data) {
   switch (dtype) {
-    case DType::kFloat32: project_head_typed<Micro, DType::kFloat32>(head, x, scales, out, out_data); break;
-    case DType::kFloat16: project_head_typed<Micro, DType::kFloat16>(head, x, scales, out, out_data); break;
-    case DType::kBFloat16: project_head_typed<Micro, DType::kBFloat16>(head, x, scales, out, out_data); break;
+    case DType::kFloat32: project_head_typed<Micro, DType::kFloat32>(head, x, mod, out, out_data); break;
+    case DType::kFloat16: project_head_typed<Micro, DType::kFloat16>(head, x, mod, out, out_data); break;
+    case DType::kBFloat16: project_head_typed<Micro, DType::kBFloat16>(head, x, mod, out, out_data); break;
   }
 }
 

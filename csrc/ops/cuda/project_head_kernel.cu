@@ -1,8 +1,8 @@
 // CUDA projection head: the residual stream of all pixels stays in an fp32 scratch [B*P, D]; per
 // layer two fused tile kernels (exact fp32 FMA tiles, 64 x 64 per block, 4 x 4 per thread):
-//   row_rinv:      1 / sqrt(mean(x^2) + eps) per pixel (one warp per pixel);
-//   up_swiglu:     H = (X * rinv * scale) . Wv^T  (.)  silu((X * rinv * scale) . Wg^T), the AdaRMS
-//                  scaling applied while staging A, value and gate accumulated side by side;
+//   row_rinv:      1 / sqrt(mean(x^2) + eps) per pixel (one warp per pixel; AdaRMS only);
+//   up_swiglu:     H = M(X) . Wv^T  (.)  silu(M(X) . Wg^T), the modulation M applied while staging A
+//                  (AdaRMS: X * rinv * scale; FiLM: X * scale + shift), value and gate side by side;
 //   down_residual: X += H . Wd^T.
 // Input and output conversions (fp16 / bf16 / fp32) happen in the first and last kernel.
 #include <cuda_bf16.h>
@@ -53,33 +53,39 @@ __global__ void row_rinv(const float* __restrict__ xs, float* __restrict__ rinv,
 }
 
 // Stage rows [first, first + 64) x channels [k0, k0 + kDepth) of a row-major [rows, depth] matrix,
-// optionally scaled per row (rinv) and per channel (scale of the row's batch element).
+// optionally modulated per channel of the row's batch element: times scale (and rinv per row when
+// given: AdaRMS), plus shift when given (FiLM).
 __device__ void stage(const float* __restrict__ m, int64_t rows, int64_t depth, int64_t first, int64_t k0,
-                      const float* __restrict__ rinv, const float* __restrict__ scale, int64_t pixels,
-                      float (*sh)[kTile + 4]) {
+                      const float* __restrict__ rinv, const float* __restrict__ scale,
+                      const float* __restrict__ shift, int64_t pixels, float (*sh)[kTile + 4]) {
   for (int e = threadIdx.x; e < kTile * kDepth; e += kThreads) {
     const int r = e / kDepth, c = e % kDepth;
     const int64_t row = first + r, k = k0 + c;
     float v = 0.f;
     if (row < rows && k < depth) {
       v = m[row * depth + k];
-      if (rinv) v *= scale[(row / pixels) * depth + k] * rinv[row];
+      if (scale) {
+        const int64_t at = (row / pixels) * depth + k;
+        v = rinv ? v * (scale[at] * rinv[row]) : v * scale[at];
+        if (shift) v += shift[at];
+      }
     }
     sh[c][r] = v;  // transposed: [k][row], conflict-free reads below
   }
 }
 
 __global__ void __launch_bounds__(kThreads) up_swiglu(const float* __restrict__ xs, const float* __restrict__ rinv,
-                                                       const float* __restrict__ scale, const float* __restrict__ w_up,
-                                                       float* __restrict__ h, int64_t rows, int64_t pixels, int64_t dim) {
+                                                       const float* __restrict__ scale, const float* __restrict__ shift,
+                                                       const float* __restrict__ w_up, float* __restrict__ h,
+                                                       int64_t rows, int64_t pixels, int64_t dim) {
   __shared__ float a_sh[kDepth][kTile + 4], v_sh[kDepth][kTile + 4], g_sh[kDepth][kTile + 4];
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kTile, n0 = static_cast<int64_t>(blockIdx.y) * kTile;
   const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
   float av[4][4] = {}, ag[4][4] = {};
   for (int64_t k0 = 0; k0 < dim; k0 += kDepth) {
-    stage(xs, rows, dim, i0, k0, rinv, scale, pixels, a_sh);
-    stage(w_up, dim, dim, n0, k0, nullptr, nullptr, 1, v_sh);               // value rows [0, D)
-    stage(w_up + dim * dim, dim, dim, n0, k0, nullptr, nullptr, 1, g_sh);   // gate rows [D, 2D)
+    stage(xs, rows, dim, i0, k0, rinv, scale, shift, pixels, a_sh);
+    stage(w_up, dim, dim, n0, k0, nullptr, nullptr, nullptr, 1, v_sh);               // value rows [0, D)
+    stage(w_up + dim * dim, dim, dim, n0, k0, nullptr, nullptr, nullptr, 1, g_sh);   // gate rows [D, 2D)
     __syncthreads();
 #pragma unroll
     for (int c = 0; c < kDepth; ++c)
@@ -104,8 +110,8 @@ __global__ void __launch_bounds__(kThreads) down_residual(const float* __restric
   const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
   float acc[4][4] = {};
   for (int64_t k0 = 0; k0 < dim; k0 += kDepth) {
-    stage(h, rows, dim, i0, k0, nullptr, nullptr, 1, a_sh);
-    stage(w_down, dim, dim, n0, k0, nullptr, nullptr, 1, b_sh);
+    stage(h, rows, dim, i0, k0, nullptr, nullptr, nullptr, 1, a_sh);
+    stage(w_down, dim, dim, n0, k0, nullptr, nullptr, nullptr, 1, b_sh);
     __syncthreads();
 #pragma unroll
     for (int c = 0; c < kDepth; ++c)
@@ -123,22 +129,25 @@ __global__ void __launch_bounds__(kThreads) down_residual(const float* __restric
 }  // namespace
 
 void project_head_cuda(const void* x, void* out, int64_t batch, int64_t pixels, int64_t dim, DType dtype,
-                       const float* up, const float* down, const float* scales, void* stream_ptr) {
+                       const float* up, const float* down, const HeadModulation& mod, void* stream_ptr) {
+  check_modulation(mod);
   auto stream = static_cast<cudaStream_t>(stream_ptr);
+  const bool film = mod.conditioning == HeadConditioning::kFilm;
   const int64_t rows = batch * pixels, count = rows * dim;
   if ((rows + kTile - 1) / kTile > 0x7fffffff || (dim + kTile - 1) / kTile > 65535)
     throw std::invalid_argument("project (CUDA): problem too large for one launch");
   AsyncScratch scratch(stream, kOp);
   float* xs = scratch.alloc<float>(count, "allocating the residual stream");
   float* h = scratch.alloc<float>(count, "allocating the SwiGLU buffer");
-  float* rinv = scratch.alloc<float>(rows, "allocating RMS statistics");
+  float* rinv = film ? nullptr : scratch.alloc<float>(rows, "allocating RMS statistics");
   const unsigned elem_blocks = static_cast<unsigned>((count + 255) / 256);
   load_features<<<elem_blocks, 256, 0, stream>>>(x, dtype, xs, count);
   const dim3 grid(static_cast<unsigned>((rows + kTile - 1) / kTile), static_cast<unsigned>((dim + kTile - 1) / kTile));
   for (int layer = 0; layer < kHeadLayers; ++layer) {
-    row_rinv<<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(xs, rinv, rows, dim);
-    up_swiglu<<<grid, kThreads, 0, stream>>>(xs, rinv, scales + layer * batch * dim, up + layer * 2 * dim * dim, h,
-                                             rows, pixels, dim);
+    const int64_t at = layer * batch * dim;
+    if (!film) row_rinv<<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(xs, rinv, rows, dim);
+    up_swiglu<<<grid, kThreads, 0, stream>>>(xs, rinv, mod.scale + at, film ? mod.shift + at : nullptr,
+                                             up + layer * 2 * dim * dim, h, rows, pixels, dim);
     down_residual<<<grid, kThreads, 0, stream>>>(h, down + layer * dim * dim, xs, rows, dim);
   }
   store_features<<<elem_blocks, 256, 0, stream>>>(xs, dtype, out, count);

@@ -58,7 +58,7 @@ class FeatureGraph(nn.Module):
         self.taps = tuple(taps)
         self.aggregator = aggregator
         if aggregator is not None:
-            aggregator.freeze_head_scales()  # image-independent: constants in the graph
+            aggregator.freeze_head_modulation()  # image-independent: constants in the graph
         self.computed = resolve_taps([*self.taps, *(aggregator.layers if aggregator is not None else ())])
 
     def forward(self, images: torch.Tensor, prompt_embeds: torch.Tensor):

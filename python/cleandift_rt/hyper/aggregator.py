@@ -30,7 +30,7 @@ from torch import nn
 from ..build_info import _package_version
 from ..checkpoint import load_strict, read_safetensors, read_safetensors_metadata, write_safetensors
 from ..formats.artifact import HYPER  # noqa: F401  (re-exported: the descriptor's name beside the taps)
-from ..models.heads import ProjectionHeads, rms_norm, swiglu
+from ..models.heads import ProjectionHeads
 from ..taps import TAP_TABLE, resolve_taps
 from ..timesteps import check_timestep
 from .network import AggregationConfig, AggregationNetwork
@@ -81,7 +81,7 @@ class Aggregator(nn.Module):
             raise ValueError("the cleandift source has one map per layer: give exactly one timestep label")
         self.network, self.source, self.heads = network, source, heads
         self.info = dict(info or {})
-        self._frozen_scales: dict[tuple[str, float], list[torch.Tensor]] = {}
+        self._frozen_modulation: dict[tuple[str, float], list[tuple]] = {}
 
     # -- description ---------------------------------------------------------------------------
 
@@ -148,25 +148,26 @@ class Aggregator(nn.Module):
             from ..kernels.fused_heads import project
 
             return project(x.contiguous(), t, self.heads, tap)
-        # heads(tap, x, t) spelled out with the AdaRMS scales 1 + linear(cond(t)), which do not depend on
-        # the image: frozen before an export traces this, they enter the graph as constants
-        scales = self._frozen_scales.get((tap, t)) or self.head_scales(tap, t)
+        # heads(tap, x, t) spelled out with the layers' modulation (AdaRMS or FiLM scale and shift), which
+        # does not depend on the image: frozen before an export traces this, it enters the graph as constants
+        modulations = self._frozen_modulation.get((tap, t)) or self.head_modulation(tap, t)
         tokens = x.flatten(2).transpose(1, 2)
-        for layer, scale in zip(self.heads.adapters[tap].layers, scales):
-            tokens = tokens + layer.down_proj(swiglu(layer.up_proj(rms_norm(tokens, scale.to(x.dtype)))))
+        for layer, (scale, shift) in zip(self.heads.adapters[tap].layers, modulations):
+            tokens = layer.residual(tokens, scale, shift)
         return tokens.transpose(1, 2).reshape(x.shape)
 
-    def head_scales(self, tap: str, t: float) -> list[torch.Tensor]:
-        """The per-layer AdaRMS scales ``[1, 1, D]`` of ``tap``'s head at ``t``."""
+    def head_modulation(self, tap: str, t: float) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Per layer of ``tap``'s head at ``t``: its modulation ``(1 + scale [1, D], shift [1, D] or None)``."""
         cond = self.heads.cond(t, batch=1)
-        return [layer.norm.linear(cond)[:, None, :] + 1 for layer in self.heads.adapters[tap].layers]
+        return [layer.modulation(cond) for layer in self.heads.adapters[tap].layers]
 
-    def freeze_head_scales(self) -> None:
-        """Compute every head's scales once, now (call before tracing: the graph gets them as constants)."""
+    def freeze_head_modulation(self) -> None:
+        """Compute every head layer's modulation once, now (call before tracing: the graph gets them as constants)."""
         if self.heads is None:
             return
         with torch.no_grad():
-            self._frozen_scales = {(tap, t): [s.detach().clone() for s in self.head_scales(tap, t)]
+            self._frozen_modulation = {(tap, t): [tuple(None if m is None else m.detach().clone() for m in pair)
+                                              for pair in self.head_modulation(tap, t)]
                                    for tap in self.layers for t in self.timesteps}
 
     def forward(self, feats: Mapping[str, torch.Tensor]) -> torch.Tensor:

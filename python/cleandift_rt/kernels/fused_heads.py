@@ -1,10 +1,11 @@
 """Fused projection head: ``project(features, t, heads, tap)`` == ``heads(tap, features, t)``.
 
-The native kernel (``csrc/ops/project_head*``) runs the three AdaRMS + SwiGLU layers of a head on
-tiles of pixels that stay in cache (CPU) instead of six full-size tensors per layer. What is cheap and
-shared stays in PyTorch: ``cond(t)`` and the AdaRMS scales ``1 + linear(cond)`` (computed once per t
-and cached), and the weights, packed once per head into the micro-kernel's panel layout (re-packed
-automatically when the head's parameters change).
+The native kernel (``csrc/ops/project_head*``) runs the three modulated SwiGLU layers of a head on
+tiles of pixels that stay in cache (CPU) instead of six full-size tensors per layer. Both head kinds
+run there: AdaRMS (the release) and FiLM (``heads.conditioning == "film"``). What is cheap and
+shared stays in PyTorch: ``cond(t)`` and each layer's modulation (``1 + scale``, and FiLM's shift;
+computed once per t and cached), and the weights, packed once per head into the micro-kernel's panel
+layout (re-packed automatically when the head's parameters change).
 
 Precision (CPU): ``precision="bf16"`` packs the weights as bf16 and rounds both GEMMs' inputs
 (the normalised, modulated rows and the SwiGLU output) to bf16, summing products in fp32
@@ -30,11 +31,11 @@ _SCALE_CACHE_SIZE = 16
 
 
 class _HeadCache:
-    """Packed weights and AdaRMS scales of one ProjectionHeads module, per tap."""
+    """Packed weights and modulations of one ProjectionHeads module, per tap."""
 
     def __init__(self):
         self.packed: dict[tuple, object] = {}
-        self.scales: dict[tuple, torch.Tensor] = {}
+        self.modulations: dict[tuple, tuple] = {}
         # project releases the GIL in the kernel, so callers on several threads share this cache.
         self.lock = threading.Lock()
 
@@ -76,8 +77,10 @@ def _reuse(tensors, made, device: torch.device) -> None:
         tensor.record_stream(stream)
 
 
-def _scales(heads: ProjectionHeads, tap: str, t, batch: int, cache: _HeadCache, key: tuple) -> torch.Tensor:
-    """[3, B, D] float32: 1 + AdaRMS linear(cond(t)) per layer, computed once per t."""
+def _modulation(heads: ProjectionHeads, tap: str, t, batch: int, cache: _HeadCache,
+                key: tuple) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(scales, shifts)``, each [3, B, D] float32 (shifts None for AdaRMS): the layers' modulation
+    of cond(t), computed once per t."""
     if isinstance(t, torch.Tensor) and t.ndim == 2:  # a cond [B, 256] given directly
         if t.shape != (batch, COND_DIM):
             raise ValueError(f"a cond tensor must be [B={batch}, {COND_DIM}], got {tuple(t.shape)}")
@@ -90,22 +93,26 @@ def _scales(heads: ProjectionHeads, tap: str, t, batch: int, cache: _HeadCache, 
             raise TypeError(f"t must be a number, a 1-D tensor of B timesteps or a [B, {COND_DIM}] cond tensor, "
                             f"got {type(t).__name__} {t!r:.40}") from None
         t_key = key + (tuple(t_vals), batch)
-        if t_key in cache.scales:
-            scales, made = cache.scales[t_key]
-            _reuse([scales], made, scales.device)
-            return scales
+        if t_key in cache.modulations:
+            modulation, made = cache.modulations[t_key]
+            _reuse([m for m in modulation if m is not None], made, modulation[0].device)
+            return modulation
         with torch.no_grad():
             cond = heads.cond(t, batch=batch)
         if cond.shape[0] != batch:
             raise ValueError(f"got {cond.shape[0]} timesteps for a batch of {batch}")
     with torch.no_grad():
-        weight = torch.stack([layer.norm.linear.weight for layer in heads.adapters[tap].layers]).float()
-        scales = (1 + torch.einsum("bc,ldc->lbd", cond.float().to(weight.device), weight)).contiguous()
+        layers = heads.adapters[tap].layers
+        cond = cond.float().to(layers[0].up_proj.weight.device)  # fp32 whatever the heads' dtype
+        per_layer = [layer.modulation(cond) for layer in layers]
+        scales = torch.stack([scale for scale, _ in per_layer]).contiguous()
+        shifts = torch.stack([shift for _, shift in per_layer]).contiguous() if heads.conditioning == "film" else None
+    modulation = (scales, shifts)
     if t_key is not None:
-        if len(cache.scales) >= _SCALE_CACHE_SIZE:
-            cache.scales.pop(next(iter(cache.scales)))
-        cache.scales[t_key] = (scales, _made_here(scales.device))
-    return scales
+        if len(cache.modulations) >= _SCALE_CACHE_SIZE:
+            cache.modulations.pop(next(iter(cache.modulations)))
+        cache.modulations[t_key] = (modulation, _made_here(scales.device))
+    return modulation
 
 
 def _check_finite(features: torch.Tensor) -> None:
@@ -151,7 +158,7 @@ def project(features: torch.Tensor, t, heads: ProjectionHeads, tap: str, *, prec
         cache = _caches.setdefault(heads, _HeadCache())
     key = _params_key(heads, tap, dev, compute)
     with cache.lock:
-        scales = _scales(heads, tap, t, b, cache, key).to(dev)
+        scales, shifts = (None if m is None else m.to(dev) for m in _modulation(heads, tap, t, b, cache, key))
         if key not in cache.packed:
             for old in [k for k in cache.packed if k[:3] == key[:3]]:  # stale packing of changed weights
                 del cache.packed[old]
@@ -168,7 +175,8 @@ def project(features: torch.Tensor, t, heads: ProjectionHeads, tap: str, *, prec
         out = torch.empty_like(features, memory_format=torch.contiguous_format)
         out_rows = out.flatten(2).transpose(1, 2)
         as_np = (lambda x: x.view(torch.int16).numpy()) if features.dtype == torch.bfloat16 else (lambda x: x.numpy())
-        native().project_cpu(packed, as_np(rows), as_np(out_rows), dtype, scales.numpy())
+        native().project_cpu(packed, as_np(rows), as_np(out_rows), dtype, scales.numpy(), heads.conditioning,
+                             None if shifts is None else shifts.numpy())
         return out
     if not native().build_info()["cuda_compiled"]:
         raise RuntimeError("project got CUDA tensors but this build of cleandift_rt has no CUDA kernels")
@@ -177,6 +185,7 @@ def project(features: torch.Tensor, t, heads: ProjectionHeads, tap: str, *, prec
     up, down = packed
     with torch.cuda.device(dev):
         native().project_cuda(rows.data_ptr(), out_rows.data_ptr(), b, h * w, c, dtype, up.data_ptr(),
-                              down.data_ptr(), scales.data_ptr(), torch.cuda.current_stream().cuda_stream)
+                              down.data_ptr(), scales.data_ptr(), torch.cuda.current_stream().cuda_stream,
+                              heads.conditioning, 0 if shifts is None else shifts.data_ptr())
     return out_rows.transpose(1, 2).reshape(b, c, h, w)
 

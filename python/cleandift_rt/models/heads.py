@@ -1,9 +1,13 @@
 """Projection heads and time mapping of the CleanDIFT release (SPEC section 4).
 
 ``cond(t) = out_norm(blocks(in_norm(time_in_proj(fourier(t / 999)))))`` and, per tap, three
-AdaRMSNorm + SwiGLU residual layers conditioned on it. ``down_proj`` and the AdaRMS linear are
-zero-initialised, so every head is exactly the identity until trained. Parameter names match the
-release's aligner state dict (``time_emb.weight``, ``mapping.*``, ``adapters.{tap}.layers.{j}.*``).
+modulated SwiGLU residual layers conditioned on it. The modulation is the release's AdaRMS
+(RMS-normalise, scale by ``1 + linear(cond)``; the default) or the paper's FiLM (no normalisation,
+``x * (1 + scale(cond)) + shift(cond)``, scale and shift from one ``Linear(256 -> 2D)``).
+``down_proj`` and the modulation's linear are zero-initialised, so every head is exactly the
+identity until trained. Parameter names match the release's aligner state dict (``time_emb.weight``,
+``mapping.*``, ``adapters.{tap}.layers.{j}.*``); a FiLM layer keeps its linear under ``film.linear``
+instead of AdaRMS's ``norm.linear``, so the keys alone say which a file holds.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..conditioning import DEFAULT_HEAD_CONDITIONING, check_head_conditioning
 from ..taps import TAPS, resolve_taps
 from ..timesteps import check_timestep
 
@@ -26,6 +31,8 @@ HEAD_LAYERS = 3
 EPS = 1e-6
 T_SCALE = 999.0
 HEAD_PREFIXES = ("time_emb.", "time_in_proj.", "mapping.", "adapters.")
+# the key of each head layer's conditioning linear, per head conditioning (module path under the layer)
+MODULATION_KEYS = {"adarms": "norm.linear.weight", "film": "film.linear.weight"}
 
 
 def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float = EPS) -> torch.Tensor:
@@ -54,6 +61,22 @@ class AdaRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.linear(cond)[:, None, :] + 1)
+
+
+class FiLM(nn.Module):
+    """``x * (1 + scale(cond)) + shift(cond)`` with no normalisation (Perez et al. 2018).
+
+    One linear gives both: output rows ``[:D]`` the scale, ``[D:]`` the shift. Zero-init: identity.
+    """
+
+    def __init__(self, features: int, cond_features: int = COND_DIM):
+        super().__init__()
+        self.linear = nn.Linear(cond_features, 2 * features, bias=False)
+        nn.init.zeros_(self.linear.weight)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.linear(cond)[:, None, :].chunk(2, dim=-1)
+        return x * (1 + scale) + shift
 
 
 def swiglu(y: torch.Tensor) -> torch.Tensor:
@@ -99,23 +122,52 @@ class MappingNetwork(nn.Module):
 
 
 class HeadLayer(nn.Module):
-    def __init__(self, dim: int, cond_features: int = COND_DIM):
+    """``x + down(swiglu(up(modulate(x, cond))))`` with the AdaRMS or FiLM modulation."""
+
+    def __init__(self, dim: int, cond_features: int = COND_DIM, conditioning: str = DEFAULT_HEAD_CONDITIONING):
         super().__init__()
-        self.norm = AdaRMSNorm(dim, cond_features)
+        self.conditioning = check_head_conditioning(conditioning)
+        if conditioning == "adarms":
+            self.norm = AdaRMSNorm(dim, cond_features)
+        else:
+            self.film = FiLM(dim, cond_features)
         self.up_proj = nn.Linear(dim, 2 * dim, bias=False)  # rows [:dim] value, [dim:] gate
         self.down_proj = nn.Linear(dim, dim, bias=False)
         nn.init.zeros_(self.down_proj.weight)
 
+    def modulation(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(1 + scale, shift)`` for ``cond [B, 256]``, each ``[B, D]`` in ``cond``'s dtype; the shift
+        is None for AdaRMS.
+
+        They depend on the timestep only, so callers that see one timestep many times (the fused
+        kernel, an export) compute them once."""
+        linear = self.norm.linear if self.conditioning == "adarms" else self.film.linear
+        out = F.linear(cond, linear.weight.to(cond.dtype))
+        if self.conditioning == "adarms":
+            return out + 1, None
+        scale, shift = out.chunk(2, dim=-1)
+        return scale + 1, shift
+
+    def modulate(self, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
+        """``x [B, N, D]`` modulated by :meth:`modulation`'s output (computed in ``x``'s dtype)."""
+        if self.conditioning == "adarms":
+            return rms_norm(x, scale[:, None, :])
+        return x * scale[:, None, :].to(x.dtype) + shift[:, None, :].to(x.dtype)
+
+    def residual(self, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
+        return x + self.down_proj(swiglu(self.up_proj(self.modulate(x, scale, shift))))
+
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        return x + self.down_proj(swiglu(self.up_proj(self.norm(x, cond))))
+        return self.residual(x, *self.modulation(cond))
 
 
 class ProjectionHead(nn.Module):
-    """One tap's head: ``HEAD_LAYERS`` AdaRMS + SwiGLU residual layers on (B, H*W, D) tokens."""
+    """One tap's head: ``HEAD_LAYERS`` modulated SwiGLU residual layers on (B, H*W, D) tokens."""
 
-    def __init__(self, dim: int, cond_features: int = COND_DIM, n_layers: int = HEAD_LAYERS):
+    def __init__(self, dim: int, cond_features: int = COND_DIM, n_layers: int = HEAD_LAYERS,
+                 conditioning: str = DEFAULT_HEAD_CONDITIONING):
         super().__init__()
-        self.layers = nn.ModuleList(HeadLayer(dim, cond_features) for _ in range(n_layers))
+        self.layers = nn.ModuleList(HeadLayer(dim, cond_features, conditioning) for _ in range(n_layers))
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
@@ -127,17 +179,20 @@ class ProjectionHeads(nn.Module):
     """The release's aligner minus the U-Nets: time mapping plus one head per tap.
 
     ``heads(tap, features, t)`` maps student features ``B x C x h x w`` to the teacher's features
-    at timestep ``t`` (an int, or a tensor of B timesteps).
+    at timestep ``t`` (an int, or a tensor of B timesteps). ``conditioning``: ``"adarms"`` (the
+    release) or ``"film"`` (the paper's main configuration), see the module docstring.
     """
 
-    def __init__(self, tap_channels: Mapping[str, int]):
+    def __init__(self, tap_channels: Mapping[str, int], conditioning: str = DEFAULT_HEAD_CONDITIONING):
         super().__init__()
         taps = resolve_taps(list(tap_channels))
+        self.conditioning = check_head_conditioning(conditioning)
         self.tap_channels = {t: int(tap_channels[t]) for t in taps}
         self.time_emb = FourierFeatures(COND_DIM)
         self.time_in_proj = nn.Linear(COND_DIM, COND_DIM, bias=False)
         self.mapping = MappingNetwork()
-        self.adapters = nn.ModuleDict({t: ProjectionHead(c) for t, c in self.tap_channels.items()})
+        self.adapters = nn.ModuleDict({t: ProjectionHead(c, conditioning=conditioning)
+                                       for t, c in self.tap_channels.items()})
 
     @property
     def taps(self) -> tuple[str, ...]:
@@ -182,7 +237,10 @@ class ProjectionHeads(nn.Module):
 
     @classmethod
     def from_state_dict(cls, state: Mapping[str, torch.Tensor], source: str = "state dict") -> "ProjectionHeads":
-        """Build heads from a release-style state dict; keys outside the head prefixes are ignored."""
+        """Build heads from a release-style state dict; keys outside the head prefixes are ignored.
+
+        AdaRMS or FiLM is read from the keys (``...layers.{j}.norm.linear.weight`` or
+        ``...layers.{j}.film.linear.weight``): files carry no other record of it."""
         head_state = {k: v for k, v in state.items() if k.startswith(HEAD_PREFIXES)}
         channels: dict[str, int] = {}
         for key, value in head_state.items():
@@ -195,7 +253,7 @@ class ProjectionHeads(nn.Module):
         unknown = sorted(set(channels) - set(TAPS))
         if unknown:
             raise ValueError(f"{source} has heads for unknown taps {unknown}; valid taps are {', '.join(TAPS)}")
-        heads = cls(channels)
+        heads = cls(channels, conditioning=head_conditioning_of(head_state, source))
         from ..checkpoint import load_strict
 
         load_strict(heads, head_state, source)
@@ -212,8 +270,19 @@ class ProjectionHeads(nn.Module):
         return {k: v.detach() for k, v in self.state_dict().items()}
 
 
-def build_heads(block_out_channels: Iterable[int], taps=None) -> ProjectionHeads:
+def head_conditioning_of(keys: Iterable[str], source: str = "state dict") -> str:
+    """``"adarms"`` or ``"film"``: which modulation the head layers of a state dict's keys use."""
+    found = {kind for kind, suffix in MODULATION_KEYS.items() for key in keys
+             if key.startswith("adapters.") and key.endswith("." + suffix)}
+    if len(found) > 1:
+        raise ValueError(f"{source} mixes AdaRMS ('norm.linear') and FiLM ('film.linear') head layers: a head file "
+                         "holds one kind; the file is corrupt or assembled from two runs")
+    return found.pop() if found else DEFAULT_HEAD_CONDITIONING
+
+
+def build_heads(block_out_channels: Iterable[int], taps=None,
+                conditioning: str = DEFAULT_HEAD_CONDITIONING) -> ProjectionHeads:
     from ..taps import tap_channels
 
     channels = tap_channels(list(block_out_channels))
-    return ProjectionHeads({t: channels[t] for t in resolve_taps(taps)})
+    return ProjectionHeads({t: channels[t] for t in resolve_taps(taps)}, conditioning=conditioning)
