@@ -56,10 +56,13 @@ def tiny_student(tiny_base):
 
 @pytest.fixture(scope="session")
 def tiny_student_files(tmp_path_factory, tiny_base, tiny_student):
-    """{'unet': path to the '_unet' file, 'full': path to the '_full' file} of ``tiny_student``."""
+    """{'unet': path to the '_unet' file, 'full': path to the '_full' file} of ``tiny_student``.
+
+    The '_unet' file records a text conditioning (so the exports made from it carry one); the
+    '_full' file records none, as the release's files."""
     out = tmp_path_factory.mktemp("tiny_student")
     paths = {"unet": out / "student_unet.safetensors", "full": out / "student_full.safetensors"}
-    save_student_unet(paths["unet"], tiny_student.unet, tiny_student.timestep)
+    save_student_unet(paths["unet"], tiny_student.unet, tiny_student.timestep, text_conditioning="distill")
     save_student_full(paths["full"], tiny_student.unet, tiny_student.heads, tiny_student.timestep,
                       teacher=tiny_base.unet, vae=tiny_base.vae)
     return paths

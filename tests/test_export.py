@@ -17,6 +17,7 @@ from cleandift_rt.formats.artifact import (
     read_onnx_info,
     size_fields,
 )
+from cleandift_rt.runtime.cli import format_info
 from cleandift_rt.runtime.engine import Engine
 from cleandift_rt.features.extractor import ReferenceExtractor
 from cleandift_rt.export.onnx_export import check_onnx, export_onnx
@@ -74,6 +75,28 @@ def test_metadata_round_trip(tiny_onnx, tiny_base, tiny_student_files):
     props = {p.key: p.value for p in onnx.load(str(tiny_onnx["full"]), load_external_data=False).metadata_props}
     assert json.loads(props["cleandift_rt.timestep"]) == 261.0
     assert json.loads(props["cleandift_rt.package_version"])
+    # the student file's text conditioning travels into the export, and info shows it
+    assert info.text_conditioning == "distill" and json.loads(props["cleandift_rt.text_conditioning"]) == "distill"
+    assert "text conditioning: distill" in format_info(describe(tiny_onnx["full"]))
+
+
+def test_student_files_say_how_they_were_trained(tiny_student_files, tmp_path):
+    from cleandift_rt.checkpoint import read_safetensors, read_safetensors_metadata, write_safetensors
+
+    unet, full = describe(tiny_student_files["unet"]), describe(tiny_student_files["full"])
+    assert unet["text_conditioning"] == "distill" and "head_conditioning" not in unet  # no heads in '_unet'
+    assert full["text_conditioning"] is None and full["head_conditioning"] == "adarms"
+    assert "text conditioning: not recorded" in format_info(full) and "projection heads: adarms" in format_info(full)
+    meta = read_safetensors_metadata(tiny_student_files["unet"])
+    write_safetensors(tmp_path / "bad.safetensors", read_safetensors(tiny_student_files["unet"]),
+                      {**meta, "text_conditioning": "sometimes"})
+    with pytest.raises(ValueError, match="text_conditioning metadata 'sometimes' is not one of captions, none, distill"):
+        describe(tmp_path / "bad.safetensors")
+    from cleandift_rt.models import load_student
+
+    with pytest.raises(ValueError, match="text_conditioning metadata 'sometimes'"):
+        load_student(tmp_path / "bad.safetensors")
+    assert load_student(tiny_student_files["unet"]).text_conditioning == "distill"
 
 
 def test_onnxruntime_matches_pytorch_reference(tiny_onnx, reference, batch):

@@ -375,3 +375,141 @@ def test_safetensors_whose_header_length_starts_with_0x80_is_not_a_pickle(tmp_pa
     path.write_bytes(b"\x80\x04\x95" + bytes(20))
     with pytest.raises(ValueError, match="pickle"):
         read_safetensors(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# the paper's variants: text conditioning (appendix B) and FiLM heads (appendix E)
+
+
+def _tap_outputs(unet, sample, timestep, text):
+    """Every tap from a full forward with plain hooks (independent of unet_taps' early stop)."""
+    got = {}
+    handles = [unet.get_submodule(TAP_TABLE[n].module).register_forward_hook(
+        lambda m, i, o, n=n: got.__setitem__(n, o if torch.is_tensor(o) else o[0])) for n in TAPS]
+    with torch.no_grad():
+        unet(sample, timestep, encoder_hidden_states=text)
+    for h in handles:
+        h.remove()
+    return got
+
+
+@pytest.mark.parametrize("mode", ["captions", "none", "distill"])
+def test_text_conditioning_gives_each_unet_the_text_its_mode_says(mode, tiny_base_dir, data_dir, tmp_path):
+    """What teacher and student see in a real training step, against embeddings computed here; the
+    step's loss equals an independent recomputation from those embeddings (and not from the other mode's)."""
+    import copy
+
+    tr = trainer(config(steps=1, text_conditioning=mode, lr=1e-3, warmup_steps=0), tiny_base_dir, data_dir, tmp_path)
+    seen = {"teacher": [], "student": []}
+    for role, unet in (("teacher", tr.teacher), ("student", tr.student)):
+        unet.register_forward_pre_hook(lambda m, args, kwargs, role=role: seen[role].append(
+            (args[0].detach().clone(), args[1].detach().clone(), kwargs["encoder_hidden_states"].detach().clone())),
+            with_kwargs=True)
+    drawn = []
+    next_batch = tr.sampler.next_batch
+    tr.sampler.next_batch = lambda n: drawn.append(next_batch(n)) or drawn[-1]
+    student_before = copy.deepcopy(tr.student)
+    record = tr.train_step()
+
+    captions = drawn[0][1]
+    with torch.no_grad():
+        caption_text = tr.base.encode_prompt(list(captions) if mode != "none" else [""] * len(captions))
+        empty_text = tr.base.encode_prompt([""] * len(captions))
+    if mode == "none":
+        assert captions == ["", ""]
+    else:
+        assert all(c.startswith(("a pattern number", "stripes")) for c in captions)
+        assert not torch.allclose(caption_text, empty_text)
+    want_student = {"captions": caption_text, "none": empty_text, "distill": empty_text}[mode]
+    (t_sample, t_steps, t_text), = seen["teacher"]
+    (s_sample, s_steps, s_text), = seen["student"]
+    assert torch.equal(t_text, caption_text.repeat_interleave(3, 0))  # the teacher: one row per (image, t)
+    assert torch.equal(s_text, want_student)  # the student: one row per image
+
+    def loss_with(student_text):
+        teacher = _tap_outputs(tr.teacher, t_sample, t_steps, caption_text.repeat_interleave(3, 0))
+        student = _tap_outputs(student_before, s_sample, s_steps, student_text)
+        return -sum(F.cosine_similarity(student[n].repeat_interleave(3, 0), teacher[n], dim=1).mean()
+                    for n in TAPS).item()  # heads are the identity at the first step
+
+    assert record["loss"] == pytest.approx(loss_with(want_student), abs=1e-5)
+    if mode != "none":
+        other = caption_text if mode == "distill" else empty_text
+        assert abs(record["loss"] - loss_with(other)) > 1e-4
+
+
+def test_resume_refuses_a_changed_text_mode_and_reads_old_checkpoints(tiny_base_dir, data_dir, tmp_path):
+    from cleandift_rt.checkpoint import read_safetensors, read_safetensors_metadata, write_safetensors
+
+    cfg = dict(steps=2, checkpoint_every=1, keep_checkpoints=5)
+    trainer(config(text_conditioning="distill", **cfg), tiny_base_dir, data_dir, tmp_path / "d").run()
+    with pytest.raises(ValueError, match=r"objective changed \(text_conditioning: 'distill' -> 'captions'\)"):
+        trainer(config(steps=3, checkpoint_every=1), tiny_base_dir, data_dir, tmp_path / "d", resume=True)
+    with pytest.raises(ValueError, match=r"head_conditioning: 'adarms' -> 'film'"):
+        trainer(config(steps=3, text_conditioning="distill", head_conditioning="film"), tiny_base_dir, data_dir,
+                tmp_path / "d", resume=True)
+    assert trainer(config(steps=3, text_conditioning="distill"), tiny_base_dir, data_dir, tmp_path / "d",
+                   resume=True).step == 2
+
+    # a checkpoint written before text_conditioning existed: the boolean captions (false) and no head kind
+    trainer(config(text_conditioning="none", **cfg), tiny_base_dir, data_dir, tmp_path / "old").run()
+    for path in list_checkpoints(tmp_path / "old" / "checkpoints"):
+        meta = read_safetensors_metadata(path)
+        saved = json.loads(meta["config"])
+        del saved["text_conditioning"], saved["head_conditioning"]
+        saved["captions"] = False
+        write_safetensors(path, read_safetensors(path), {**meta, "config": json.dumps(saved)})
+    assert trainer(config(steps=3, text_conditioning="none"), tiny_base_dir, data_dir, tmp_path / "old",
+                   resume=True).step == 2
+    assert trainer(config(steps=3, captions=False), tiny_base_dir, data_dir, tmp_path / "old", resume=True).step == 2
+    with pytest.raises(ValueError, match=r"text_conditioning: 'none' -> 'distill'"):
+        trainer(config(steps=3, text_conditioning="distill"), tiny_base_dir, data_dir, tmp_path / "old", resume=True)
+
+
+def test_text_conditioning_config_and_flags(tmp_path, capsys):
+    from cleandift_rt.training.cli import entry
+    from cleandift_rt.training.config import TrainConfig
+
+    assert build_config().text_conditioning == "captions" and build_config().head_conditioning == "adarms"
+    assert build_config("release").text_conditioning == "captions"  # presets unchanged
+    assert build_config(overrides={"captions": False}).text_conditioning == "none"
+    assert build_config(overrides={"captions": True}).text_conditioning == "captions"
+    assert TrainConfig(captions=False).text_conditioning == "none" and "captions" not in TrainConfig().to_dict()
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({"captions": False, "lr": 1e-5}))
+    assert build_config(config_file=path).text_conditioning == "none"
+    assert build_config(config_file=path, overrides={"text_conditioning": "distill"}).text_conditioning == "distill"
+    with pytest.raises(ValueError, match="captions=false and text_conditioning='distill' contradict"):
+        build_config(overrides={"captions": False, "text_conditioning": "distill"})
+    with pytest.raises(ValueError, match="text_conditioning 'distil' is not one of captions, none, distill"):
+        build_config(overrides={"text_conditioning": "distil"})
+    with pytest.raises(ValueError, match="head_conditioning 'ada' is not one of adarms, film"):
+        build_config(overrides={"head_conditioning": "ada"})
+    with pytest.raises(SystemExit) as exit_info:
+        entry(["--base", "b", "--data", "d", "--out", str(tmp_path / "o"), "--distill-text", "--no-captions"])
+    assert exit_info.value.code == 2
+    assert "--no-captions: not allowed with argument --distill-text" in capsys.readouterr().err
+
+
+def test_distilled_film_student_through_the_cli(tiny_base_dir, data_dir, tmp_path, capsys):
+    """--distill-text and head_conditioning=film train end to end; the files and info say so."""
+    from cleandift_rt import ProjectionHeads
+    from cleandift_rt.checkpoint import read_safetensors_metadata
+    from cleandift_rt.formats.artifact import describe
+    from cleandift_rt.training.cli import main
+
+    out = tmp_path / "run"
+    main(["--base", str(tiny_base_dir), "--data", str(data_dir), "--out", str(out), "--steps", "3", "--batch-size", "2",
+          "--size", str(SIZE), "--no-progress", "--distill-text", "head_conditioning=film", "lr=1e-3",
+          "warmup_steps=0", "validate_every=3", "val_images=1"])
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert "val" in records[-1]  # validation ran with the student on "" and the teacher on captions
+    heads = ProjectionHeads.from_release(out / "student_full.safetensors")
+    assert heads.conditioning == "film"
+    assert heads.adapters["us6"].layers[0].film.linear.weight.abs().max() > 0  # trained away from zero
+    assert load_student(out / "student_full.safetensors").text_conditioning == "distill"
+    assert read_safetensors_metadata(out / "student_unet.safetensors")["text_conditioning"] == "distill"
+    d = describe(out / "student_full.safetensors")
+    assert (d["text_conditioning"], d["head_conditioning"]) == ("distill", "film")
+    cfg = json.loads(read_safetensors_metadata(out / "checkpoints" / "step-0000003.safetensors")["config"])
+    assert (cfg["text_conditioning"], cfg["head_conditioning"]) == ("distill", "film")

@@ -143,7 +143,7 @@ def export_onnx(student: str | Path | Student, base: str | Path | BaseModel, out
         student=Path(student_model.source).name if student_model.source else "", prompt=prompt,
         timestep=float(student_model.timestep), cross_attention_dim=int(embeds.shape[-1]),
         prompt_tokens=int(embeds.shape[1]), block_out_channels=base_model.block_out_channels,
-        scaling_factor=base_model.scaling_factor, **sizes)
+        scaling_factor=base_model.scaling_factor, text_conditioning=student_model.text_conditioning, **sizes)
     outputs = list(wanted)
     if agg is not None:
         channels = tap_channels(base_model.block_out_channels)

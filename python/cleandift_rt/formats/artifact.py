@@ -2,8 +2,9 @@
 
 One schema for the ONNX graph (``metadata_props``), the TensorRT plan (a JSON header in front of
 the serialized engine, see ``trt_build``) and the CLI's ``info``: taps with channels and strides,
-input size and resize policy, batch range, base model, prompt, timestep and the package version
-that wrote it. ``describe(path)`` reads it without ONNX Runtime, TensorRT or a GPU.
+input size and resize policy, batch range, base model, prompt, timestep, the student's text
+conditioning and the package version that wrote it. ``describe(path)`` reads it without ONNX
+Runtime, TensorRT or a GPU.
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ class ArtifactInfo:
     prompt_tokens: int
     block_out_channels: list[int]
     scaling_factor: float
+    # how the student was trained to take text ("captions", "none", "distill"; conditioning.py), None when
+    # its file did not say (the release's files, and exports from before this field)
+    text_conditioning: str | None = None
     input: dict = field(default_factory=lambda: {
         "name": IMAGE_INPUT, "dtype": "float32", "layout": "NCHW", "range": [-1.0, 1.0], "channels": "RGB"})
     package_version: str = field(default_factory=_package_version)
@@ -278,16 +282,18 @@ def _describe_pytorch(path: Path) -> dict:
         if not config_file.is_file():
             raise ValueError(f"{path} is not a diffusers model folder (no unet/config.json)")
         config = json.loads(config_file.read_text())
-        kind, timestep = "diffusers-folder", None
+        kind, timestep, training = "diffusers-folder", None, {}
     elif path.suffix == ".safetensors":
         from ..checkpoint import read_safetensors_metadata
 
         meta = read_safetensors_metadata(path)
         if "unet_config" not in meta:
             return {"kind": "student", "format": meta.get("format", "release"), "path": str(path),
+                    **_student_conditioning(path, meta),
                     "note": "no U-Net config inside (a public-release file): pass base=... to Engine"}
         config = json.loads(meta["unet_config"])
         kind, timestep = "student", meta.get("timestep")
+        training = _student_conditioning(path, meta)
     else:
         raise ValueError(f"{path}: unknown file type (expected .onnx, .plan, a student .safetensors or a diffusers folder)")
     channels = tap_channels(config["block_out_channels"])
@@ -296,4 +302,21 @@ def _describe_pytorch(path: Path) -> dict:
                      for n in TAPS],
             "timestep": timestep, "native_size": int(config.get("sample_size", 0)) * 8,
             "block_out_channels": list(config["block_out_channels"]),
-            "cross_attention_dim": config.get("cross_attention_dim")}
+            "cross_attention_dim": config.get("cross_attention_dim"), **training}
+
+
+def _student_conditioning(path: Path, meta: dict) -> dict:
+    """What a student file says of its training: text conditioning (metadata; None when not recorded,
+    as in the release's files) and, when it holds heads, their kind (from the key names)."""
+    from ..checkpoint import read_safetensors_shapes
+    from ..conditioning import check_text_conditioning
+    from ..models.heads import head_conditioning_of
+
+    out: dict = {"text_conditioning": None}
+    if "text_conditioning" in meta:
+        out["text_conditioning"] = check_text_conditioning(meta["text_conditioning"],
+                                                           f"{path}: its text_conditioning metadata")
+    keys = read_safetensors_shapes(path)
+    if any(k.startswith("adapters.") for k in keys):
+        out["head_conditioning"] = head_conditioning_of(keys, str(path))
+    return out

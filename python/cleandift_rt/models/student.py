@@ -2,8 +2,10 @@
 
 ``_unet``: the student U-Net alone in diffusers key names (loads strictly into
 ``UNet2DConditionModel``). ``_full``: the aligner state dict with student, heads, mapping,
-``timestep`` (and teacher, VAE). Files we write also carry the U-Net config and timestep in the
-safetensors metadata; the release's own files need the base model to know the architecture.
+``timestep`` (and teacher, VAE). Files we write also carry the U-Net config, the timestep and the
+text conditioning the student was trained with (``conditioning.py``) in the safetensors metadata;
+the release's own files need the base model to know the architecture, and say nothing of their
+text conditioning (the release trained with captions).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import read_safetensors, read_safetensors_metadata, read_safetensors_shapes, write_safetensors
+from ..conditioning import check_text_conditioning
 from ..timesteps import check_timestep
 from .base import BaseModel
 from .config_check import checked_unet, load_into
@@ -30,27 +33,43 @@ VAE_PREFIX = "ae."
 
 @dataclass
 class Student:
-    """A CleanDIFT student: the fine-tuned U-Net, its timestep, and the heads when the file had them."""
+    """A CleanDIFT student: the fine-tuned U-Net, its timestep, and the heads when the file had them.
+
+    ``text_conditioning``: how it was trained ("captions", "none", "distill"), None when the file
+    does not say (the release's files)."""
 
     unet: nn.Module
     timestep: float = DEFAULT_STUDENT_TIMESTEP
     heads: ProjectionHeads | None = None
     source: str = ""
+    text_conditioning: str | None = None
 
 
-def save_student_unet(path: str | Path, unet: nn.Module, timestep: float = DEFAULT_STUDENT_TIMESTEP) -> None:
+def _conditioning_metadata(text_conditioning: str | None) -> dict[str, str]:
+    if text_conditioning is None:
+        return {}
+    return {"text_conditioning": check_text_conditioning(text_conditioning)}
+
+
+def save_student_unet(path: str | Path, unet: nn.Module, timestep: float = DEFAULT_STUDENT_TIMESTEP,
+                      text_conditioning: str | None = None) -> None:
     """The release ``_unet`` format: the student U-Net alone in diffusers key names.
 
-    Loads strictly into ``UNet2DConditionModel``; the U-Net config and the timestep travel in the
-    safetensors metadata so the file is self-describing (the release's own files lack both).
+    Loads strictly into ``UNet2DConditionModel``; the U-Net config, the timestep and the text
+    conditioning travel in the safetensors metadata so the file is self-describing (the release's
+    own files lack them).
     """
     write_safetensors(path, unet.state_dict(), metadata={
-        "format": "cleandift_unet", "unet_config": unet_config_json(unet), "timestep": str(float(timestep))})
+        "format": "cleandift_unet", "unet_config": unet_config_json(unet), "timestep": str(float(timestep)),
+        **_conditioning_metadata(text_conditioning)})
 
 
 def save_student_full(path: str | Path, unet: nn.Module, heads: ProjectionHeads, timestep: float | torch.Tensor,
-                      teacher: nn.Module | None = None, vae: nn.Module | None = None) -> None:
-    """The release ``_full`` format: aligner state dict with student, heads, mapping, timestep (and teacher, VAE)."""
+                      teacher: nn.Module | None = None, vae: nn.Module | None = None,
+                      text_conditioning: str | None = None) -> None:
+    """The release ``_full`` format: aligner state dict with student, heads, mapping, timestep (and teacher, VAE).
+
+    The heads' kind (AdaRMS or FiLM) is in their key names; the metadata repeats it for ``info``."""
     state: dict[str, torch.Tensor] = {}
     state.update({STUDENT_PREFIX + k: v for k, v in unet.state_dict().items()})
     state.update(heads.release_state_dict())
@@ -59,7 +78,9 @@ def save_student_full(path: str | Path, unet: nn.Module, heads: ProjectionHeads,
         state.update({TEACHER_PREFIX + k: v for k, v in teacher.state_dict().items()})
     if vae is not None:
         state.update({VAE_PREFIX + k: v for k, v in vae.state_dict().items()})
-    write_safetensors(path, state, metadata={"format": "cleandift_full", "unet_config": unet_config_json(unet)})
+    write_safetensors(path, state, metadata={"format": "cleandift_full", "unet_config": unet_config_json(unet),
+                                             "head_conditioning": heads.conditioning,
+                                             **_conditioning_metadata(text_conditioning)})
 
 
 def unet_config_json(unet: nn.Module) -> str:
@@ -102,9 +123,17 @@ def load_student(path: str | Path, base: BaseModel | None = None) -> Student:
         except ValueError:
             raise ValueError(f"{path}: the timestep in its metadata, {meta['timestep']!r:.40}, is not a number") from None
     check_timestep(timestep, f"{path}: the student timestep")
+    text_conditioning = read_text_conditioning(meta, path)
     load_into(unet, unet_state, str(path))
     unet.eval().requires_grad_(False)
-    return Student(unet=unet, timestep=timestep, heads=heads, source=str(path))
+    return Student(unet=unet, timestep=timestep, heads=heads, source=str(path), text_conditioning=text_conditioning)
+
+
+def read_text_conditioning(meta: dict, path: str | Path) -> str | None:
+    """The ``text_conditioning`` a student file's metadata records (None when it records none)."""
+    if "text_conditioning" not in meta:
+        return None
+    return check_text_conditioning(meta["text_conditioning"], f"{path}: its text_conditioning metadata")
 
 
 def _student_unet_skeleton(path: Path, meta: dict, base: BaseModel | None, shapes: dict) -> nn.Module:

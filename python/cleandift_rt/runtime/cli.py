@@ -19,10 +19,13 @@ def format_info(d: dict) -> str:
     for key, label in (("default_size", "input size (H, W)"), ("size_range", "dynamic size range"), ("resize", "resize"),
                        ("batch", "batch"), ("base_model", "base model"), ("variant", "variant"), ("student", "student"),
                        ("prompt", "baked prompt"), ("timestep", "timestep"), ("native_size", "native size"),
+                       ("text_conditioning", "text conditioning"), ("head_conditioning", "projection heads"),
                        ("package_version", "written by cleandift-rt"), ("file_bytes", "file bytes"),
                        ("external_data", "external data"), ("tensorrt", "TensorRT"), ("note", "note")):
         if d.get(key) not in (None, [], {}):
             lines.append(f"  {label}: {d[key]!r}" if key == "prompt" else f"  {label}: {d[key]}")
+    if "text_conditioning" in d and d["text_conditioning"] is None:
+        lines.append("  text conditioning: not recorded (the public release's students trained with captions)")
     build = d.get("build") or {}
     if build:  # a TensorRT plan's build summary
         capability = ".".join(map(str, build.get("gpu_capability", []))) or "?"

@@ -6,12 +6,13 @@ import argparse
 import os
 import sys
 
+from ..conditioning import HEAD_CONDITIONINGS
 from .config import LOSSES, PRESETS, build_config, parse_override
 
 # flag -> config field, for the flags that map one to one
 _FLAG_FIELDS = ("steps", "batch_size", "size", "lr", "warmup_steps", "grad_accum", "timesteps_per_image", "loss",
                 "lora_rank", "seed", "device", "val_data", "val_images", "validate_every", "checkpoint_every",
-                "keep_checkpoints", "resize")
+                "keep_checkpoints", "resize", "head_conditioning")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-rank", type=int, help="train LoRA adapters of this rank instead of the full U-Net (e.g. 64)")
     p.add_argument("--bf16", action="store_true", default=None, help="bf16 autocast")
     p.add_argument("--gradient-checkpointing", action="store_true", default=None, help="recompute student activations")
-    p.add_argument("--no-captions", action="store_true", help="train prompt-free: every image uses the \"\" prompt")
+    text = p.add_mutually_exclusive_group()
+    text.add_argument("--no-captions", action="store_true",
+                      help="train prompt-free: teacher and student see the \"\" prompt (text_conditioning=none)")
+    text.add_argument("--distill-text", action="store_true",
+                      help="distil the captions into a prompt-free student: the teacher sees each caption, the "
+                      "student \"\" (text_conditioning=distill; paper appendix B)")
+    p.add_argument("--head-conditioning", choices=HEAD_CONDITIONINGS,
+                   help="projection heads: adarms (the release, default) or film (scale and shift; paper appendix E)")
     p.add_argument("--val-data", help="held-out image folder (default: hold out val_images training images)")
     p.add_argument("--val-images", type=int, help="number of held-out validation images")
     p.add_argument("--validate-every", type=int, help="validate every N steps (0: never)")
@@ -59,7 +67,9 @@ def main(argv: list[str] | None = None) -> dict:
         if getattr(args, name):
             values[name] = True
     if args.no_captions:
-        values["captions"] = False
+        values["text_conditioning"] = "none"
+    if args.distill_text:
+        values["text_conditioning"] = "distill"
     values.update(dict(parse_override(o) for o in args.overrides))
     config = build_config(args.preset, args.config, values)
     from .trainer import Trainer

@@ -3,16 +3,21 @@
 Precedence when the CLI builds a config: defaults < preset < ``--config`` JSON file < explicit flags
 < ``key=value`` overrides. Every value is JSON-serialisable; the whole config is stored in each
 checkpoint so ``--resume`` can refuse a run whose objective would silently change.
+
+Older configs and checkpoints carry the boolean ``captions``; it reads as ``text_conditioning``
+(true: "captions", false: "none"), so their runs resume.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..conditioning import (DEFAULT_HEAD_CONDITIONING, DEFAULT_TEXT_CONDITIONING, check_head_conditioning,
+                            check_text_conditioning, text_conditioning_from_captions)
 from ..models import DEFAULT_STUDENT_TIMESTEP
 from ..features.preprocess import MIN_SIDE, RESIZE_POLICIES
 from ..taps import resolve_taps
@@ -40,7 +45,11 @@ class TrainConfig:
     taps: list[str] | None = None  # None: all 11 taps
     student_timestep: float = DEFAULT_STUDENT_TIMESTEP
     learn_timestep: bool = True
+    # what the U-Nets see as text: "captions" (both the caption), "none" (both ""), "distill" (the teacher
+    # the caption, the student "": paper appendix B)
+    text_conditioning: str = DEFAULT_TEXT_CONDITIONING
     # model
+    head_conditioning: str = DEFAULT_HEAD_CONDITIONING  # "adarms" (the release) or "film" (paper appendix E)
     lora_rank: int = 0  # 0: full fine-tune; >0: LoRA of this rank on attention and feed-forward layers
     bf16: bool = False  # bf16 autocast for U-Nets and heads (weights and optimiser stay fp32)
     gradient_checkpointing: bool = False
@@ -48,7 +57,6 @@ class TrainConfig:
     size: int | None = None  # image side in pixels; None: the base model's resolution
     resize: str = "stretch"  # the inference resize policy (preprocess.prepare_images)
     min_side: int = MIN_SIDE  # smaller images are skipped and counted
-    captions: bool = True  # False: every image trains with the "" prompt (a prompt-free student)
     val_data: str | None = None  # held-out folder; None: hold out val_images from the training folder
     val_images: int = 4
     validate_every: int = 100  # 0 disables validation
@@ -58,6 +66,15 @@ class TrainConfig:
     keep_checkpoints: int = 2
     device: str | None = None  # None: cuda when available, else cpu
     preset: str | None = None
+    captions: InitVar[bool | None] = None  # the old boolean: True -> text_conditioning "captions", False -> "none"
+
+    def __post_init__(self, captions: bool | None) -> None:
+        if captions is not None:
+            mode = text_conditioning_from_captions(captions)
+            if self.text_conditioning not in (DEFAULT_TEXT_CONDITIONING, mode):
+                raise ValueError(f"captions={captions} and text_conditioning={self.text_conditioning!r} contradict "
+                                 "each other: give text_conditioning alone")
+            self.text_conditioning = mode
 
     def check(self) -> "TrainConfig":
         def positive(name):
@@ -78,6 +95,8 @@ class TrainConfig:
             raise ValueError("timesteps_per_image must be at most 998 (one stratum per timestep)")
         if self.taps is not None:
             self.taps = list(resolve_taps(self.taps))
+        check_text_conditioning(self.text_conditioning)
+        check_head_conditioning(self.head_conditioning)
         if self.min_side < MIN_SIDE:
             raise ValueError(f"min_side must be at least {MIN_SIDE} (the smallest image the U-Net accepts)")
         self.adam_betas = tuple(float(b) for b in self.adam_betas)
@@ -96,8 +115,30 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 # Fields whose change makes a checkpoint a different experiment: --resume refuses them.
-OBJECTIVE_FIELDS = ("timesteps_per_image", "loss", "taps", "lora_rank", "learn_timestep", "captions", "size",
-                    "resize", "batch_size", "grad_accum", "seed")
+OBJECTIVE_FIELDS = ("timesteps_per_image", "loss", "taps", "lora_rank", "learn_timestep", "text_conditioning",
+                    "head_conditioning", "size", "resize", "batch_size", "grad_accum", "seed")
+
+
+def upgrade_fields(values: Mapping[str, Any], source: str = "config") -> dict[str, Any]:
+    """``values`` with an old boolean ``captions`` read as ``text_conditioning`` (refused when both
+    are given and disagree)."""
+    values = dict(values)
+    if "captions" in values:
+        mode = text_conditioning_from_captions(values.pop("captions"))
+        given = values.setdefault("text_conditioning", mode)
+        if given != mode:
+            raise ValueError(f"{source}: captions={str(mode == 'captions').lower()} and text_conditioning={given!r} "
+                             "contradict each other: give text_conditioning alone")
+    return values
+
+
+def upgrade_saved_config(saved: Mapping[str, Any], source: str = "checkpoint") -> dict[str, Any]:
+    """A checkpoint's stored config in today's fields: checkpoints from before ``text_conditioning``
+    and ``head_conditioning`` trained with the boolean ``captions`` and AdaRMS heads."""
+    saved = upgrade_fields(saved, source)
+    saved.setdefault("text_conditioning", DEFAULT_TEXT_CONDITIONING)
+    saved.setdefault("head_conditioning", DEFAULT_HEAD_CONDITIONING)
+    return saved
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -127,8 +168,8 @@ def build_config(preset: str | None = None, config_file: str | Path | None = Non
             raise ValueError(f"config file {path} is not valid JSON: {exc}") from None
         if not isinstance(file_values, dict):
             raise ValueError(f"config file {path} must hold a JSON object of config fields")
-        values.update(file_values)
-    values.update(overrides or {})
+        values.update(upgrade_fields(file_values, f"config file {path}"))
+    values.update(upgrade_fields(overrides or {}, "overrides"))
     preset = values.pop("preset", None) or preset
     merged: dict[str, Any] = {}
     if preset is not None:

@@ -80,8 +80,11 @@ def teacher_taps(teacher: nn.Module, x0: torch.Tensor, t: torch.Tensor, cond: to
 def distillation_step(student: nn.Module, teacher: nn.Module, heads: ProjectionHeads, student_timestep: torch.Tensor,
                       x0: torch.Tensor, cond: torch.Tensor, alphas_cumprod: torch.Tensor, per_image: int,
                       generator: torch.Generator | None, loss_kind: str = "cosine", taps=None,
-                      bf16: bool = False) -> StepOutput:
+                      bf16: bool = False, student_cond: torch.Tensor | None = None) -> StepOutput:
     """Loss of one micro-batch of clean latents ``x0`` (B x 4 x h x w) with text embeddings ``cond``.
+
+    ``cond`` is what the teacher sees; the student sees ``student_cond`` (default: the same), which
+    distilled text conditioning sets to the empty prompt's embeddings (paper appendix B).
 
     Draws, from ``generator`` in this order, the timesteps and the noise. Rows of the teacher batch
     are image-major: (image 0, t_0), (image 0, t_1), ..., (image 1, t_0), ...
@@ -95,7 +98,8 @@ def distillation_step(student: nn.Module, teacher: nn.Module, heads: ProjectionH
     noise = torch.randn(x0_rows.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     with autocast(x0.device, bf16):
         target = teacher_taps(teacher, x0_rows, t_rows, cond_rows, alphas_cumprod, noise, taps)
-        feats = unet_taps(student, x0, student_timestep.expand(b), cond, taps)  # once per image
+        student_cond = cond if student_cond is None else student_cond
+        feats = unet_taps(student, x0, student_timestep.expand(b), student_cond, taps)  # once per image
         total = x0.new_zeros((), dtype=torch.float32)
         cosine = {}
         for tap in taps:

@@ -30,7 +30,7 @@ from ..checkpoint import (check_output_folder, check_state_dict, list_checkpoint
 from ..models.heads import build_heads
 from ..models import BaseModel, load_base, save_student_full, save_student_unet
 from ..features.preprocess import check_model_size
-from .config import LORA_TARGETS, OBJECTIVE_FIELDS, VALIDATION_TIMESTEPS, TrainConfig
+from .config import LORA_TARGETS, OBJECTIVE_FIELDS, VALIDATION_TIMESTEPS, TrainConfig, upgrade_saved_config
 from .data import BatchSampler, ImageFolder, SkipLog, load_pixels
 from .objective import distillation_step
 from .validation import ValidationSet, format_validation, mean_over_taps, validate
@@ -98,7 +98,11 @@ class Trainer:
         self.size = check_model_size(config.size or self.base.resolution)[0]  # square, as the release trains
         self.teacher = self.base.unet.eval().requires_grad_(False)
 
-        folder = ImageFolder(data, captions=config.captions, min_side=config.min_side)
+        self.read_captions = config.text_conditioning != "none"
+        # distill: the student's text is the empty prompt whatever the caption (encoded once here)
+        with torch.no_grad():
+            self.student_prompt = self.base.encode_prompt([""]) if config.text_conditioning == "distill" else None
+        folder = ImageFolder(data, captions=self.read_captions, min_side=config.min_side)
         self.scan_skipped = folder.skipped
         train_samples, held_out = self._split(folder)
         self.runtime_skipped = SkipLog()
@@ -111,7 +115,8 @@ class Trainer:
             self.student.requires_grad_(True)
         if config.gradient_checkpointing:
             self.student.enable_gradient_checkpointing()
-        self.heads = build_heads(self.base.block_out_channels, config.taps).to(self.device).train()
+        self.heads = build_heads(self.base.block_out_channels, config.taps,
+                                 config.head_conditioning).to(self.device).train()
         self.timestep = nn.Parameter(torch.tensor(float(config.student_timestep), device=self.device),
                                      requires_grad=config.learn_timestep)
 
@@ -143,7 +148,7 @@ class Trainer:
         if c.validate_every == 0 or c.val_images == 0:
             return folder.samples, []
         if c.val_data is not None:
-            val = ImageFolder(c.val_data, captions=c.captions, min_side=c.min_side)
+            val = ImageFolder(c.val_data, captions=self.read_captions, min_side=c.min_side)
             return folder.samples, val.samples[:c.val_images]
         if len(folder) < 2 * c.val_images:
             self.log(f"note: {len(folder)} usable images are too few to hold out {c.val_images} for validation "
@@ -159,11 +164,19 @@ class Trainer:
         return named
 
     def _encode_text(self, captions: list[str]) -> torch.Tensor:
+        """The teacher's text embeddings of ``captions``."""
         cond = self.base.encode_prompt(captions)
-        if self.config.captions:
+        if self.read_captions:
             # encode_prompt caches per prompt: fine for "", unbounded over a captioned dataset
             self.base._prompt_cache.clear()
         return cond
+
+    def _student_text(self, cond: torch.Tensor) -> torch.Tensor:
+        """The student's text embeddings for a batch whose teacher sees ``cond``: the same, or in
+        distill mode the empty prompt's."""
+        if self.student_prompt is None:
+            return cond
+        return self.student_prompt.to(cond).expand(cond.shape[0], -1, -1)
 
     @torch.no_grad()
     def _validation_set(self, samples) -> ValidationSet | None:
@@ -178,10 +191,10 @@ class Trainer:
         for start in range(0, len(captions), VAE_CHUNK):
             latents.append(self.base.encode_images(pixels[start:start + VAE_CHUNK].to(self.device)))
             conds.append(self._encode_text(captions[start:start + VAE_CHUNK]))
-        latents = torch.cat(latents)
+        latents, conds = torch.cat(latents), torch.cat(conds)
         gen = torch.Generator(self.device).manual_seed(self.config.seed + 1)
         noise = torch.randn(latents.shape, generator=gen, device=self.device)
-        return ValidationSet(latents, torch.cat(conds), noise)
+        return ValidationSet(latents, conds, noise, self._student_text(conds))
 
     # ------------------------------------------------------------------------------------------
     # checkpoints
@@ -225,7 +238,7 @@ class Trainer:
         if meta.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{path} is not a training checkpoint (format {meta.get('format')!r}); "
                              "release student files cannot be resumed from")
-        saved = json.loads(meta["config"])
+        saved = upgrade_saved_config(json.loads(meta["config"]), str(path))
         changed = [f"{k}: {saved.get(k)!r} -> {getattr(self.config, k)!r}" for k in OBJECTIVE_FIELDS
                    if json.dumps(saved.get(k)) != json.dumps(getattr(self.config, k))]
         if changed:
@@ -283,7 +296,7 @@ class Trainer:
                 cond = self._encode_text(captions)
             out = distillation_step(self.student, self.teacher, self.heads, self.timestep, x0, cond,
                                     self.base.alphas_cumprod, c.timesteps_per_image, self.generator, c.loss,
-                                    bf16=c.bf16)
+                                    bf16=c.bf16, student_cond=self._student_text(cond))
             (out.loss / c.grad_accum).backward()
             loss_sum += float(out.loss.detach())
             for tap, v in out.cosine.items():
@@ -353,6 +366,8 @@ class Trainer:
         """The student in the release's ``_unet`` and ``_full`` formats (SPEC section 4)."""
         unet = plain_unet(self.student)
         timestep = float(self.timestep.detach())
-        save_student_unet(self.out / UNET_FILE, unet, timestep)
-        save_student_full(self.out / FULL_FILE, unet, self.heads, timestep, teacher=self.teacher, vae=self.base.vae)
+        mode = self.config.text_conditioning
+        save_student_unet(self.out / UNET_FILE, unet, timestep, text_conditioning=mode)
+        save_student_full(self.out / FULL_FILE, unet, self.heads, timestep, teacher=self.teacher, vae=self.base.vae,
+                          text_conditioning=mode)
 

@@ -21,8 +21,9 @@ from .objective import autocast, cosine_map, teacher_taps
 @dataclass
 class ValidationSet:
     latents: torch.Tensor  # N x 4 x h x w, posterior means
-    cond: torch.Tensor  # N x 77 x D
+    cond: torch.Tensor  # N x 77 x D, the teacher's text
     noise: torch.Tensor  # N x 4 x h x w, fixed
+    student_cond: torch.Tensor | None = None  # the student's text when it differs (distilled text conditioning)
 
 
 def mean_over_taps(per_tap: dict[str, float]) -> float:
@@ -43,10 +44,11 @@ def validate(val: ValidationSet, student: nn.Module, teacher: nn.Module, heads: 
         for start in range(0, n, batch_size):
             x0 = val.latents[start:start + batch_size]
             cond = val.cond[start:start + batch_size]
+            student_cond = cond if val.student_cond is None else val.student_cond[start:start + batch_size]
             noise = val.noise[start:start + batch_size]
             b = x0.shape[0]
             with autocast(x0.device, bf16):
-                feats = unet_taps(student, x0, student_timestep.expand(b), cond, taps)
+                feats = unet_taps(student, x0, student_timestep.expand(b), student_cond, taps)
                 for t in timesteps:
                     t_rows = torch.full((b,), int(t), device=x0.device, dtype=torch.long)
                     target = teacher_taps(teacher, x0, t_rows, cond, alphas_cumprod, noise, taps)
