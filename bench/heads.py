@@ -10,6 +10,7 @@ and which kernel ran; JSON in bench/results/.
 
     python bench/heads.py --quick        # D = 320, 24 x 24 pixels, batch 1
     python bench/heads.py                # D = 1280, 48 x 48 pixels, batch 1 (the issue's target)
+    python bench/heads.py --conditioning film   # FiLM heads (paper appendix E) instead of the release's AdaRMS
 """
 
 from __future__ import annotations
@@ -25,12 +26,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import compare, machine, print_machine, sgemm_fn, sgemm_gflops, write_json  # noqa: E402
 
 from cleandift_rt import project  # noqa: E402
+from cleandift_rt.conditioning import HEAD_CONDITIONINGS  # noqa: E402
 from cleandift_rt.models.heads import HEAD_LAYERS, ProjectionHeads  # noqa: E402
 
 
-def run(dim: int, size: int, batch: int, repeats: int) -> dict:
+def run(dim: int, size: int, batch: int, repeats: int, conditioning: str = "adarms") -> dict:
     torch.manual_seed(0)
-    heads = ProjectionHeads({"us6": dim}).eval()
+    heads = ProjectionHeads({"us6": dim}, conditioning=conditioning).eval()
     with torch.no_grad():
         for p in heads.parameters():
             p.add_(torch.randn_like(p) * 0.02)
@@ -54,7 +56,8 @@ def run(dim: int, size: int, batch: int, repeats: int) -> dict:
                        "torch_bf16": autocast_head, "sgemm": sgemm_fn()}, repeats)
     gemm = sgemm_gflops(res.pop("sgemm")[0])
     ref = res["torch"][2]
-    row = {"D": dim, "pixels": size * size, "B": batch, "gflop": flop / 1e9, "sgemm_gflops": gemm,
+    row = {"D": dim, "pixels": size * size, "B": batch, "conditioning": conditioning, "gflop": flop / 1e9,
+           "sgemm_gflops": gemm,
            "ours_first_call_s": first}
     for name, (seconds, mem, out) in res.items():
         row.update({f"{name}_s": seconds, f"{name}_gflops": flop / seconds / 1e9, f"{name}_mem_mb": mem,
@@ -64,7 +67,7 @@ def run(dim: int, size: int, batch: int, repeats: int) -> dict:
                bf16_speedup_vs_torch_bf16=row["torch_bf16_s"] / row["ours_bf16_s"],
                bf16_features_speedup_vs_torch_bf16=row["torch_bf16_s"] / row["ours_bf16_features_s"])
     print(f"sgemm 2048^3 (torch.mm, same round-robin): {gemm:.1f} GFLOP/s on {torch.get_num_threads()} threads")
-    print(f"D={dim} {size}x{size} B={batch}: ours {row['ours_s'] * 1e3:.1f} ms ({row['ours_gflops']:.1f} GFLOP/s, "
+    print(f"{conditioning} D={dim} {size}x{size} B={batch}: ours {row['ours_s'] * 1e3:.1f} ms ({row['ours_gflops']:.1f} GFLOP/s, "
           f"{row['ours_frac_sgemm']:.2f} of sgemm, {row['ours_mem_mb']:.0f} MB; first call {first * 1e3:.0f} ms) | "
           f"torch eager fp32 {row['torch_s'] * 1e3:.1f} ms ({row['torch_gflops']:.1f} GFLOP/s, {row['torch_mem_mb']:.0f} MB)"
           f" | x{row['speedup_vs_torch']:.2f} | max rel error {row['max_rel_error']:.1e}")
@@ -80,11 +83,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="D = 320, 24 x 24, batch 1")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--conditioning", choices=HEAD_CONDITIONINGS, default="adarms", help="head kind")
     args = parser.parse_args(argv)
     dim, size = (320, 24) if args.quick else (1280, 48)
     info = machine()
     print_machine(info)
-    result = {"rows": [run(dim, size, 1, args.repeats)], "machine": info, "quick": args.quick}
+    result = {"rows": [run(dim, size, 1, args.repeats, args.conditioning)], "machine": info, "quick": args.quick}
     print(f"written {write_json('heads', result)}")
 
 

@@ -255,6 +255,30 @@ def heads_aggregator(tiny_student_files, engine, tmp_path_factory):
     return agg.save(tmp_path_factory.mktemp("heads") / "aggregator.safetensors")
 
 
+def test_film_heads_aggregator_saves_loads_and_both_head_paths_agree(engine, photos, tmp_path, monkeypatch):
+    """cleandift-heads with FiLM heads: the file keeps their kind, and the fused kernel, the PyTorch
+    form an export traces (modulation frozen as constants) and the heads module give one result."""
+    from cleandift_rt.hyper import aggregator as aggregator_module
+
+    stored = EngineTaps(engine, "tiny-student", layers=["us3", "us6", "us9"])
+    heads = ProjectionHeads(dict(zip(stored.layers, stored.channels)), conditioning="film")
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    path = new_aggregator("cleandift-heads", stored, heads.eval(), timesteps=(100.0, 700.0),
+                          projection_dim=128).save(tmp_path / "film.safetensors")
+    agg = Aggregator.from_file(path)
+    assert agg.heads.conditioning == "film"
+    x = torch.from_numpy(engine.extract([photos["cat"]], taps=["us6"])["us6"])
+    with torch.no_grad():
+        want = heads("us6", x, 700.0)
+        torch.testing.assert_close(agg._head("us6", x, 700.0), want, rtol=1e-4, atol=1e-5)
+        monkeypatch.setattr(aggregator_module, "_fused_heads_run_on", lambda device: False)
+        agg.freeze_head_modulation()
+        torch.testing.assert_close(agg._head("us6", x, 700.0), want, rtol=1e-5, atol=1e-6)
+
+
 def test_engine_hyper_tap(engine, heads_aggregator, tiny_student_files, tiny_base_dir, photos):
     hyper = Engine(tiny_student_files["unet"], base=str(tiny_base_dir), size=(SIZE, SIZE), aggregator=heads_aggregator)
     assert hyper.taps == (*TAPS, "hyper")
