@@ -38,6 +38,7 @@ def test_public_surface(onnx_engine, tiny_onnx):
     assert info["size"] == [SIZE, SIZE] and info["threads"] >= 1
     assert [t["name"] for t in info["taps"]] == list(TAPS)
     assert describe(tiny_onnx["full"])["taps"] == info["taps"]
+    assert info["text_conditioning"] == "distill"  # the student file's record, through the export
     assert Engine(tiny_onnx["full"], taps=["us6", "us3"]).taps == ("us3", "us6")
 
 
@@ -45,6 +46,7 @@ def test_public_surface(onnx_engine, tiny_onnx):
 def test_pytorch_backend_is_the_reference(kind, tiny_student_files, tiny_base_dir, reference, batch):
     engine = Engine(tiny_student_files[kind], base=tiny_base_dir, taps="us6", size=SIZE)
     assert engine.info["backend"] == "pytorch" and engine.info["timestep"] == 261.0
+    assert engine.info["text_conditioning"] == {"unet": "distill", "full": None}[kind]  # what each file records
     ours = engine.extract(batch)
     np.testing.assert_allclose(ours["us6"], reference.extract(batch, taps="us6")["us6"].numpy(), rtol=1e-5, atol=1e-6)
 

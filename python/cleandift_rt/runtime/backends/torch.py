@@ -52,7 +52,7 @@ class TorchBackend:
             cross_attention_dim=int(base_model.unet.config.cross_attention_dim),
             prompt_tokens=int(getattr(base_model.tokenizer, "model_max_length", 77) or 77),
             block_out_channels=base_model.block_out_channels, scaling_factor=base_model.scaling_factor,
-            extra={"precision": precision})
+            text_conditioning=student.text_conditioning, extra={"precision": precision})
 
     max_batch = None
     min_batch = 1
