@@ -84,6 +84,18 @@ def test_loss_options():
     assert float(tap_loss(a, b, "l1")) == pytest.approx(float((a - b).abs().mean()), rel=1e-6)
 
 
+def _tap_outputs(unet, sample, timestep, text):
+    """Every tap from a full forward with plain hooks (independent of unet_taps' early stop)."""
+    got = {}
+    handles = [unet.get_submodule(TAP_TABLE[n].module).register_forward_hook(
+        lambda m, i, o, n=n: got.__setitem__(n, o if torch.is_tensor(o) else o[0])) for n in TAPS]
+    with torch.no_grad():
+        unet(sample, timestep, encoder_hidden_states=text)
+    for h in handles:
+        h.remove()
+    return got
+
+
 def test_first_loss_is_minus_sum_of_tap_cosines(tiny_base):
     """Identity heads at init: the loss is -sum_k mean cos(student_k(x0), teacher_k(x_t)), recomputed here
     with plain forward hooks on full forwards, the student run per row (as the release does) and the
@@ -115,18 +127,8 @@ def test_first_loss_is_minus_sum_of_tap_cosines(tiny_base):
     x_t = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                         beta_schedule="scaled_linear").add_noise(x0.repeat_interleave(3, 0), noise, t)
 
-    def hooked(unet, sample, ts, ehs):
-        got = {}
-        handles = [unet.get_submodule(TAP_TABLE[n].module).register_forward_hook(
-            lambda m, i, o, n=n: got.__setitem__(n, o if torch.is_tensor(o) else o[0])) for n in TAPS]
-        with torch.no_grad():
-            unet(sample, ts, encoder_hidden_states=ehs)
-        for h in handles:
-            h.remove()
-        return got
-
-    teacher = hooked(tiny_base.unet, x_t, t, cond.repeat_interleave(3, 0))
-    stud = hooked(student, x0.repeat_interleave(3, 0), torch.full((6,), 261.0), cond.repeat_interleave(3, 0))
+    teacher = _tap_outputs(tiny_base.unet, x_t, t, cond.repeat_interleave(3, 0))
+    stud = _tap_outputs(student, x0.repeat_interleave(3, 0), torch.full((6,), 261.0), cond.repeat_interleave(3, 0))
     expected = -sum(F.cosine_similarity(stud[n], teacher[n], dim=1).mean() for n in TAPS)
     assert float(out.loss.detach()) == pytest.approx(float(expected), abs=1e-5)
     assert out.timesteps.reshape(-1).tolist() == t.tolist()
@@ -379,18 +381,6 @@ def test_safetensors_whose_header_length_starts_with_0x80_is_not_a_pickle(tmp_pa
 
 # ---------------------------------------------------------------------------------------------
 # the paper's variants: text conditioning (appendix B) and FiLM heads (appendix E)
-
-
-def _tap_outputs(unet, sample, timestep, text):
-    """Every tap from a full forward with plain hooks (independent of unet_taps' early stop)."""
-    got = {}
-    handles = [unet.get_submodule(TAP_TABLE[n].module).register_forward_hook(
-        lambda m, i, o, n=n: got.__setitem__(n, o if torch.is_tensor(o) else o[0])) for n in TAPS]
-    with torch.no_grad():
-        unet(sample, timestep, encoder_hidden_states=text)
-    for h in handles:
-        h.remove()
-    return got
 
 
 @pytest.mark.parametrize("mode", ["captions", "none", "distill"])
