@@ -27,7 +27,7 @@ from ..timesteps import check_timestep
 from .precision import NATIVE_COMPUTE, check_precision, kernel_precision
 
 _DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-_SCALE_CACHE_SIZE = 16
+_MODULATION_CACHE_SIZE = 16
 
 
 class _HeadCache:
@@ -104,12 +104,12 @@ def _modulation(heads: ProjectionHeads, tap: str, t, batch: int, cache: _HeadCac
     with torch.no_grad():
         layers = heads.adapters[tap].layers
         cond = cond.float().to(layers[0].up_proj.weight.device)  # fp32 whatever the heads' dtype
-        per_layer = [layer.modulation(cond) for layer in layers]
-        scales = torch.stack([scale for scale, _ in per_layer]).contiguous()
-        shifts = torch.stack([shift for _, shift in per_layer]).contiguous() if heads.conditioning == "film" else None
+        scale_list, shift_list = zip(*(layer.modulation(cond) for layer in layers))
+        scales = torch.stack(scale_list).contiguous()
+        shifts = None if shift_list[0] is None else torch.stack(shift_list).contiguous()  # FiLM only
     modulation = (scales, shifts)
     if t_key is not None:
-        if len(cache.modulations) >= _SCALE_CACHE_SIZE:
+        if len(cache.modulations) >= _MODULATION_CACHE_SIZE:
             cache.modulations.pop(next(iter(cache.modulations)))
         cache.modulations[t_key] = (modulation, _made_here(scales.device))
     return modulation

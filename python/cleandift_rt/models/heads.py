@@ -31,8 +31,6 @@ HEAD_LAYERS = 3
 EPS = 1e-6
 T_SCALE = 999.0
 HEAD_PREFIXES = ("time_emb.", "time_in_proj.", "mapping.", "adapters.")
-# the key of each head layer's conditioning linear, per head conditioning (module path under the layer)
-MODULATION_KEYS = {"adarms": "norm.linear.weight", "film": "film.linear.weight"}
 
 
 def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float = EPS) -> torch.Tensor:
@@ -51,6 +49,12 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.scale)
 
 
+# The two modulations a head layer can apply to its input. Each splits into ``modulation(cond)``,
+# which depends on the timestep only (``(1 + scale, shift or None)``, each [B, D] in cond's dtype:
+# callers that see one timestep many times, the fused kernel and an export, compute it once), and
+# ``modulate(x, scale, shift)`` on the tokens [B, N, D].
+
+
 class AdaRMSNorm(nn.Module):
     """RMS norm whose per-channel scale is ``1 + linear(cond)`` (zero-init: plain RMS norm)."""
 
@@ -59,8 +63,15 @@ class AdaRMSNorm(nn.Module):
         self.linear = nn.Linear(cond_features, features, bias=False)
         nn.init.zeros_(self.linear.weight)
 
+    def modulation(self, cond: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return F.linear(cond, self.linear.weight.to(cond.dtype)) + 1, None
+
+    @staticmethod
+    def modulate(x: torch.Tensor, scale: torch.Tensor, shift: None = None) -> torch.Tensor:
+        return rms_norm(x, scale[:, None, :])
+
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.linear(cond)[:, None, :] + 1)
+        return self.modulate(x, *self.modulation(cond))
 
 
 class FiLM(nn.Module):
@@ -74,9 +85,21 @@ class FiLM(nn.Module):
         self.linear = nn.Linear(cond_features, 2 * features, bias=False)
         nn.init.zeros_(self.linear.weight)
 
+    def modulation(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scale, shift = F.linear(cond, self.linear.weight.to(cond.dtype)).chunk(2, dim=-1)
+        return scale + 1, shift
+
+    @staticmethod
+    def modulate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        return x * scale[:, None, :].to(x.dtype) + shift[:, None, :].to(x.dtype)
+
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        scale, shift = self.linear(cond)[:, None, :].chunk(2, dim=-1)
-        return x * (1 + scale) + shift
+        return self.modulate(x, *self.modulation(cond))
+
+
+# head conditioning -> (the modulation's attribute in a head layer, its module); the attribute names
+# the state-dict keys (``...layers.{j}.norm.linear.weight`` / ``...film.linear.weight``)
+MODULATORS = {"adarms": ("norm", AdaRMSNorm), "film": ("film", FiLM)}
 
 
 def swiglu(y: torch.Tensor) -> torch.Tensor:
@@ -127,35 +150,22 @@ class HeadLayer(nn.Module):
     def __init__(self, dim: int, cond_features: int = COND_DIM, conditioning: str = DEFAULT_HEAD_CONDITIONING):
         super().__init__()
         self.conditioning = check_head_conditioning(conditioning)
-        if conditioning == "adarms":
-            self.norm = AdaRMSNorm(dim, cond_features)
-        else:
-            self.film = FiLM(dim, cond_features)
+        attribute, modulator = MODULATORS[conditioning]
+        self.add_module(attribute, modulator(dim, cond_features))
         self.up_proj = nn.Linear(dim, 2 * dim, bias=False)  # rows [:dim] value, [dim:] gate
         self.down_proj = nn.Linear(dim, dim, bias=False)
         nn.init.zeros_(self.down_proj.weight)
 
+    @property
+    def modulator(self) -> AdaRMSNorm | FiLM:
+        return getattr(self, MODULATORS[self.conditioning][0])
+
     def modulation(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(1 + scale, shift)`` for ``cond [B, 256]``, each ``[B, D]`` in ``cond``'s dtype; the shift
-        is None for AdaRMS.
-
-        They depend on the timestep only, so callers that see one timestep many times (the fused
-        kernel, an export) compute them once."""
-        linear = self.norm.linear if self.conditioning == "adarms" else self.film.linear
-        out = F.linear(cond, linear.weight.to(cond.dtype))
-        if self.conditioning == "adarms":
-            return out + 1, None
-        scale, shift = out.chunk(2, dim=-1)
-        return scale + 1, shift
-
-    def modulate(self, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
-        """``x [B, N, D]`` modulated by :meth:`modulation`'s output (computed in ``x``'s dtype)."""
-        if self.conditioning == "adarms":
-            return rms_norm(x, scale[:, None, :])
-        return x * scale[:, None, :].to(x.dtype) + shift[:, None, :].to(x.dtype)
+        """``(1 + scale, shift or None)`` of ``cond [B, 256]`` (see the modulators above)."""
+        return self.modulator.modulation(cond)
 
     def residual(self, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
-        return x + self.down_proj(swiglu(self.up_proj(self.modulate(x, scale, shift))))
+        return x + self.down_proj(swiglu(self.up_proj(self.modulator.modulate(x, scale, shift))))
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         return self.residual(x, *self.modulation(cond))
@@ -272,8 +282,8 @@ class ProjectionHeads(nn.Module):
 
 def head_conditioning_of(keys: Iterable[str], source: str = "state dict") -> str:
     """``"adarms"`` or ``"film"``: which modulation the head layers of a state dict's keys use."""
-    found = {kind for kind, suffix in MODULATION_KEYS.items() for key in keys
-             if key.startswith("adapters.") and key.endswith("." + suffix)}
+    found = {kind for kind, (attribute, _) in MODULATORS.items() for key in keys
+             if key.startswith("adapters.") and key.endswith(f".{attribute}.linear.weight")}
     if len(found) > 1:
         raise ValueError(f"{source} mixes AdaRMS ('norm.linear') and FiLM ('film.linear') head layers: a head file "
                          "holds one kind; the file is corrupt or assembled from two runs")
