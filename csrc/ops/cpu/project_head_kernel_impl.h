@@ -140,15 +140,19 @@ void project_head_typed(const PackedHead& head, const FeatureView& x, const Head
       for (int layer = 0; layer < kHeadLayers; ++layer) {
         const int64_t at = (static_cast<int64_t>(layer) * B + b) * D;
         const float* scale = mod.scale + at;
-        if (film) {
-          const float* shift = mod.shift + at;
+        // The modulated rows as A panels; depths D..Dk stay zero (allocated zeroed, never written).
+        auto pack_rows = [&](auto modulate) {
           for (int64_t rp = 0; rp < row_panels; ++rp) {
-            Elem* a = ap.get() + rp * Dk * MR;  // depths D..Dk stay zero (allocated zeroed, never written)
+            Elem* a = ap.get() + rp * Dk * MR;
             for (int64_t d = 0; d < D; ++d)
               for (int r = 0; r < MR; ++r)
                 a[panel_offset<Micro>(d, r, MR)] =
-                    to_panel<Elem>(xs.get()[(rp * MR + r) * D + d] * scale[d] + shift[d]);
+                    to_panel<Elem>(modulate(xs.get()[(rp * MR + r) * D + d], d, rp * MR + r));
           }
+        };
+        if (film) {
+          const float* shift = mod.shift + at;
+          pack_rows([&](float v, int64_t d, int64_t) { return v * scale[d] + shift[d]; });
         } else {
           for (int64_t r = 0; r < row_panels * MR; ++r) {
             const float* row = xs.get() + r * D;
@@ -156,13 +160,7 @@ void project_head_typed(const PackedHead& head, const FeatureView& x, const Head
             for (int64_t d = 0; d < D; ++d) acc += row[d] * row[d];
             rinv[r] = 1.f / std::sqrt(acc / static_cast<float>(D) + kHeadEps);
           }
-          for (int64_t rp = 0; rp < row_panels; ++rp) {
-            Elem* a = ap.get() + rp * Dk * MR;
-            for (int64_t d = 0; d < D; ++d)
-              for (int r = 0; r < MR; ++r)
-                a[panel_offset<Micro>(d, r, MR)] =
-                    to_panel<Elem>(xs.get()[(rp * MR + r) * D + d] * (scale[d] * rinv[rp * MR + r]));
-          }
+          pack_rows([&](float v, int64_t d, int64_t r) { return v * (scale[d] * rinv[r]); });
         }
         const Elem* up = static_cast<const Elem*>(head.up[layer].get());
         for (int64_t q = 0; q < panels; ++q) {
