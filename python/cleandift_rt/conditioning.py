@@ -32,9 +32,14 @@ def check_head_conditioning(value, what: str = "head_conditioning") -> str:
     return value
 
 
-def text_conditioning_from_captions(captions) -> str:
-    """The mode an old config's boolean ``captions`` meant: True -> "captions", False -> "none"."""
+def text_conditioning_from_captions(captions, given: str | None = None, source: str = "config") -> str:
+    """The mode an old config's boolean ``captions`` meant: True -> "captions", False -> "none";
+    ``given``: a ``text_conditioning`` set beside it, refused when it says otherwise."""
     if not isinstance(captions, bool):
         raise ValueError(f"captions must be true or false, got {captions!r:.40} (or use text_conditioning="
                          f"{'|'.join(TEXT_CONDITIONINGS)})")
-    return "captions" if captions else "none"
+    mode = "captions" if captions else "none"
+    if given not in (None, mode):
+        raise ValueError(f"{source}: captions={str(captions).lower()} and text_conditioning={given!r} contradict "
+                         "each other: give text_conditioning alone")
+    return mode

@@ -309,13 +309,10 @@ def _student_conditioning(path: Path, meta: dict) -> dict:
     """What a student file says of its training: text conditioning (metadata; None when not recorded,
     as in the release's files) and, when it holds heads, their kind (from the key names)."""
     from ..checkpoint import read_safetensors_shapes
-    from ..conditioning import check_text_conditioning
     from ..models.heads import head_conditioning_of
+    from ..models.student import read_text_conditioning
 
-    out: dict = {"text_conditioning": None}
-    if "text_conditioning" in meta:
-        out["text_conditioning"] = check_text_conditioning(meta["text_conditioning"],
-                                                           f"{path}: its text_conditioning metadata")
+    out: dict = {"text_conditioning": read_text_conditioning(meta, path)}
     keys = read_safetensors_shapes(path)
     if any(k.startswith("adapters.") for k in keys):
         out["head_conditioning"] = head_conditioning_of(keys, str(path))

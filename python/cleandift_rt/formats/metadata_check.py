@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-from ..conditioning import TEXT_CONDITIONINGS
+from ..conditioning import check_text_conditioning
 from ..features.preprocess import RESIZE_POLICIES, SIZE_MULTIPLE
 from ..taps import TAP_TABLE, TAPS
 from ..timesteps import check_timestep
@@ -104,9 +104,8 @@ def check_artifact_fields(info, source: str) -> None:
         value = getattr(info, field)
         if not isinstance(value, str) or len(value) > MAX_TEXT:
             raise ValueError(f"{source}: metadata field {field} must be a string of at most {MAX_TEXT} characters")
-    if info.text_conditioning is not None and info.text_conditioning not in TEXT_CONDITIONINGS:
-        raise ValueError(f"{source}: metadata text_conditioning {info.text_conditioning!r:.40} is not one of "
-                         f"{', '.join(TEXT_CONDITIONINGS)} (or absent)")
+    if info.text_conditioning is not None:
+        check_text_conditioning(info.text_conditioning, f"{source}: metadata text_conditioning")
     if not isinstance(info.extra, dict):
         raise ValueError(f"{source}: metadata field extra must be an object")
     if "hyper" in info.extra:

@@ -69,12 +69,9 @@ class TrainConfig:
     captions: InitVar[bool | None] = None  # the old boolean: True -> text_conditioning "captions", False -> "none"
 
     def __post_init__(self, captions: bool | None) -> None:
-        if captions is not None:
-            mode = text_conditioning_from_captions(captions)
-            if self.text_conditioning not in (DEFAULT_TEXT_CONDITIONING, mode):
-                raise ValueError(f"captions={captions} and text_conditioning={self.text_conditioning!r} contradict "
-                                 "each other: give text_conditioning alone")
-            self.text_conditioning = mode
+        if captions is not None:  # a text_conditioning left at its default is not "given"
+            given = None if self.text_conditioning == DEFAULT_TEXT_CONDITIONING else self.text_conditioning
+            self.text_conditioning = text_conditioning_from_captions(captions, given, "TrainConfig")
 
     def check(self) -> "TrainConfig":
         def positive(name):
@@ -124,11 +121,8 @@ def upgrade_fields(values: Mapping[str, Any], source: str = "config") -> dict[st
     are given and disagree)."""
     values = dict(values)
     if "captions" in values:
-        mode = text_conditioning_from_captions(values.pop("captions"))
-        given = values.setdefault("text_conditioning", mode)
-        if given != mode:
-            raise ValueError(f"{source}: captions={str(mode == 'captions').lower()} and text_conditioning={given!r} "
-                             "contradict each other: give text_conditioning alone")
+        values["text_conditioning"] = text_conditioning_from_captions(values.pop("captions"),
+                                                                      values.get("text_conditioning"), source)
     return values
 
 
