@@ -15,17 +15,7 @@ from hypothesis import strategies as st
 import cleandift_rt
 from cleandift_rt import project
 from cleandift_rt.models.heads import ProjectionHeads
-
-
-def make_heads(channels: dict[str, int], seed: int = 0, scale: float = 0.05,
-               conditioning: str = "adarms") -> ProjectionHeads:
-    """Heads with every parameter perturbed (the zero-init ones too), so every term matters."""
-    torch.manual_seed(seed)
-    heads = ProjectionHeads(channels, conditioning=conditioning)
-    with torch.no_grad():
-        for p in heads.parameters():
-            p.add_(torch.randn_like(p) * scale)
-    return heads.eval()
+from random_heads import random_heads
 
 
 def rel_close(out: torch.Tensor, ref: torch.Tensor, tol: float):
@@ -41,7 +31,7 @@ def rel_close(out: torch.Tensor, ref: torch.Tensor, tol: float):
     ("us9", 40, (1, 64, 64), 500),  # the largest pixel tiles (32 register tiles), the last one partial
 ])
 def test_fp32_parity(tap, dim, shape, t):
-    heads = make_heads({tap: dim})
+    heads = random_heads({tap: dim})
     b, h, w = shape
     x = torch.randn(b, dim, h, w)
     with torch.no_grad():
@@ -53,7 +43,7 @@ def test_fp32_parity(tap, dim, shape, t):
 
 def test_fp32_parity_release_width():
     """D = 320 (us9 of SD 2.1) on a 16 x 12 map, batch 2."""
-    heads = make_heads({"us9": 320}, seed=1)
+    heads = random_heads({"us9": 320}, seed=1)
     x = torch.randn(2, 320, 16, 12) * 3
     with torch.no_grad():
         ref = heads("us9", x, 261)
@@ -69,7 +59,7 @@ def test_film_heads_parity(precision, dtype, tol):
 
     if precision == "bf16" and not native_bf16():
         pytest.skip("bf16 compute needs AVX512_BF16, which this CPU lacks")
-    heads = make_heads({"us9": 320, "us6": 40}, seed=4, scale=0.02, conditioning="film")
+    heads = random_heads({"us9": 320, "us6": 40}, seed=4, scale=0.02, conditioning="film")
     pair = torch.tensor([5.0, 700.0])
     with torch.no_grad():
         pair_cond = heads.cond(pair)
@@ -91,7 +81,7 @@ def test_film_identity_at_init():
 
 
 def test_cond_tensor_and_per_sample_t():
-    heads = make_heads({"us6": 48})
+    heads = random_heads({"us6": 48})
     x = torch.randn(2, 48, 5, 6)
     t = torch.tensor([100.0, 500.0])
     with torch.no_grad():
@@ -109,7 +99,7 @@ def test_cond_tensor_and_per_sample_t():
 def test_half_precision_parity(dtype):
     """Half-precision features with fp32 heads: the PyTorch head under autocast (every op rounded to
     dtype) within 1e-2, and the fp32 head on the same (upcast) values within 1e-5."""
-    heads = make_heads({"us6": 64}, seed=2)
+    heads = random_heads({"us6": 64}, seed=2)
     x = torch.randn(2, 64, 6, 7).to(dtype)
     with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
         ref = heads("us6", x, 261)
@@ -122,7 +112,7 @@ def test_half_precision_parity(dtype):
 
 
 def test_half_output_is_rounded_to_nearest_even():
-    heads = make_heads({"us6": 40}, seed=3)
+    heads = random_heads({"us6": 40}, seed=3)
     x = torch.randn(1, 40, 5, 5).half()
     fp32 = project(x.float(), 261, heads, "us6")
     assert torch.equal(project(x, 261, heads, "us6"), fp32.half())
@@ -135,7 +125,7 @@ def test_identity_at_init_and_layouts():
     heads = ProjectionHeads({"us6": 40})           # zero-init down_proj: the exact identity
     x = torch.randn(2, 40, 4, 6)
     assert torch.equal(project(x, 261, heads, "us6"), x)
-    trained = make_heads({"us6": 40})
+    trained = random_heads({"us6": 40})
     ref = project(x, 261, trained, "us6")
     for layout in (x.to(memory_format=torch.channels_last), x.transpose(2, 3).contiguous().transpose(2, 3)):
         out = project(layout, 261, trained, "us6")
@@ -143,7 +133,7 @@ def test_identity_at_init_and_layouts():
 
 
 def test_weights_repacked_after_change():
-    heads = make_heads({"us6": 40})
+    heads = random_heads({"us6": 40})
     x = torch.randn(1, 40, 3, 3)
     before = project(x, 261, heads, "us6")
     with torch.no_grad():
@@ -155,7 +145,7 @@ def test_weights_repacked_after_change():
 
 
 def test_bad_inputs_rejected_clearly():
-    heads = make_heads({"us6": 40})
+    heads = random_heads({"us6": 40})
     x = torch.randn(1, 40, 3, 3)
     with pytest.raises(ValueError, match="no projection head for tap 'us3'"):
         project(x, 261, heads, "us3")
@@ -198,7 +188,7 @@ def test_native_cpu_entry_point_checks_the_modulation():
 
 
 def test_nonfinite_features_rejected_or_propagated_with_flag():
-    heads = make_heads({"us6": 40})
+    heads = random_heads({"us6": 40})
     x = torch.randn(2, 40, 3, 4)
     x[1, 7, 2, 1] = float("nan")
     with pytest.raises(ValueError, match=r"NaN or Inf \(first at batch 1, channel 7, pixel y=2 x=1\).*allow_nonfinite"):
@@ -214,12 +204,12 @@ def test_nonfinite_features_rejected_or_propagated_with_flag():
 def test_concurrent_calls_equal_serial():
     """The kernel releases the GIL: threads sharing one heads module (its packing and scale caches,
     several taps and timesteps, repacking after a weight change) get the serial results."""
-    heads = make_heads({"us6": 40, "us3": 56})
+    heads = random_heads({"us6": 40, "us3": 56})
     jobs = [(tap, t, torch.randn(1 + i % 2, dim, 4, 5, generator=torch.Generator().manual_seed(i)))
             for i in range(24) for tap, dim, t in [("us6", 40, 17 * i), ("us3", 56, 900 - 13 * i)]]
     serial = [project(x, t, heads, tap) for tap, t, x in jobs]
     for _ in range(3):
-        heads_fresh = make_heads({"us6": 40, "us3": 56})  # same weights, empty caches
+        heads_fresh = random_heads({"us6": 40, "us3": 56})  # same weights, empty caches
         with ThreadPoolExecutor(max_workers=4) as pool:
             parallel = list(pool.map(lambda job: project(job[2], job[1], heads_fresh, job[0]), jobs))
         assert all(torch.equal(a, b) for a, b in zip(serial, parallel))
@@ -232,7 +222,7 @@ def test_concurrent_calls_equal_serial():
        conditioning=st.sampled_from(["adarms", "film"]), seed=st.integers(0, 2**31 - 1))
 def test_property_against_pytorch_head(b, dim, h, w, dtype, layout, conditioning, seed):
     """Any D (not only SIMD-width multiples), map size, batch, dtype, memory layout and head kind."""
-    heads = make_heads({"us6": dim}, seed=seed % 1000, conditioning=conditioning)
+    heads = random_heads({"us6": dim}, seed=seed % 1000, conditioning=conditioning)
     gen = torch.Generator().manual_seed(seed)
     if layout == "sliced":      # a view into a larger map: strides that no contiguous layout has
         x = torch.randn(b, dim + 3, h + 2, w + 1, generator=gen)[:, 1:dim + 1, 1:h + 1, :w]

@@ -12,6 +12,7 @@ from cleandift_rt import TAPS, ProjectionHeads
 from cleandift_rt.checkpoint import write_safetensors
 from cleandift_rt.models.heads import build_heads
 from cleandift_rt.taps import tap_channels
+from random_heads import random_heads
 
 SD21 = [320, 640, 1280, 1280]
 
@@ -147,14 +148,6 @@ def test_half_precision_heads(tiny_student):
 # FiLM heads (paper appendix E): scale and shift, no normalisation
 
 
-def _perturbed(heads, seed=0, scale=0.05):
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in heads.parameters():
-            p.add_(torch.randn_like(p) * scale)
-    return heads.eval()
-
-
 def test_film_names_shapes_and_identity_at_init():
     heads = build_heads([32, 64, 64, 64], conditioning="film")
     assert heads.conditioning == "film" and build_heads([32, 64, 64, 64]).conditioning == "adarms"
@@ -172,7 +165,7 @@ def test_film_names_shapes_and_identity_at_init():
 
 
 def test_film_matches_an_independent_transcription():
-    heads = _perturbed(build_heads([32, 64, 64, 64], conditioning="film"))
+    heads = random_heads(tap_channels([32, 64, 64, 64]), conditioning="film")
     state = heads.state_dict()
     t = torch.tensor([0.0, 261.0, 999.0])
     for tap in ("mid", "us6", "us10"):
@@ -189,7 +182,7 @@ def test_film_matches_an_independent_transcription():
 def test_film_round_trips_through_full_files(tmp_path, tiny_base):
     from cleandift_rt.models import load_student, save_student_full
 
-    film = _perturbed(build_heads(tiny_base.block_out_channels, conditioning="film"), seed=3)
+    film = random_heads(tap_channels(tiny_base.block_out_channels), seed=3, conditioning="film")
     save_student_full(tmp_path / "film_full.safetensors", tiny_base.unet, film, 261.0)
     heads = ProjectionHeads.from_release(tmp_path / "film_full.safetensors")
     assert heads.conditioning == "film"
@@ -197,7 +190,7 @@ def test_film_round_trips_through_full_files(tmp_path, tiny_base):
     torch.testing.assert_close(heads("us6", x, 300), film("us6", x, 300), rtol=0, atol=0)
     assert load_student(tmp_path / "film_full.safetensors").heads.conditioning == "film"
 
-    adarms = _perturbed(build_heads(tiny_base.block_out_channels), seed=3)
+    adarms = random_heads(tap_channels(tiny_base.block_out_channels), seed=3)
     write_safetensors(tmp_path / "adarms.safetensors", adarms.state_dict())
     assert ProjectionHeads.from_release(tmp_path / "adarms.safetensors").conditioning == "adarms"
 

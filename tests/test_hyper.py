@@ -23,6 +23,7 @@ from cleandift_rt.hyper.loss import clip_loss, grid_indices
 from cleandift_rt.hyper.network import AggregationConfig
 from cleandift_rt.hyper.picture import heatmap_size
 from cleandift_rt.hyper.sources import EngineTaps, InversionTaps, new_aggregator
+from random_heads import random_heads
 from cleandift_rt.hyper.train import HyperTrainConfig, HyperTrainer
 from cleandift_rt.models.heads import ProjectionHeads
 from cleandift_rt.taps import TAPS
@@ -261,12 +262,8 @@ def test_film_heads_aggregator_saves_loads_and_both_head_paths_agree(engine, pho
     from cleandift_rt.hyper import aggregator as aggregator_module
 
     stored = EngineTaps(engine, "tiny-student", layers=["us3", "us6", "us9"])
-    heads = ProjectionHeads(dict(zip(stored.layers, stored.channels)), conditioning="film")
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for p in heads.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    path = new_aggregator("cleandift-heads", stored, heads.eval(), timesteps=(100.0, 700.0),
+    heads = random_heads(dict(zip(stored.layers, stored.channels)), seed=3, scale=0.02, conditioning="film")
+    path = new_aggregator("cleandift-heads", stored, heads, timesteps=(100.0, 700.0),
                           projection_dim=128).save(tmp_path / "film.safetensors")
     agg = Aggregator.from_file(path)
     assert agg.heads.conditioning == "film"
