@@ -41,6 +41,8 @@ CHECKPOINT_FORMAT = "cleandift_gate_checkpoint"
 GATE_FORMAT = "cleandift_gate"
 GATE_FILE = "gate.safetensors"
 METRICS_FILE = "metrics.jsonl"
+
+
 @dataclass
 class GateTrainConfig:
     """Defaults: a CPU smoke run (4 pairs, 256 px, 2 epochs). ``PRESETS["paper"]``: SPEC section 10."""

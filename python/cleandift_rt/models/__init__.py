@@ -14,6 +14,6 @@ from .student import (DEFAULT_STUDENT_TIMESTEP, STUDENT_PREFIX, TEACHER_PREFIX, 
                       load_student_and_base, save_student_full, save_student_unet, unet_config_json)
 
 __all__ = ["BaseModel", "detect_variant", "move_module", "schedule_alphas_cumprod", "build_models",
-           "build_tiny_tokenizer", "write_tiny_base", "write_random_base", "load_base", "DEFAULT_STUDENT_TIMESTEP", "STUDENT_PREFIX",
-           "TEACHER_PREFIX", "VAE_PREFIX", "Student", "load_student", "load_student_and_base", "save_student_full",
-           "save_student_unet", "unet_config_json"]
+           "build_tiny_tokenizer", "write_tiny_base", "write_random_base", "load_base", "DEFAULT_STUDENT_TIMESTEP",
+           "STUDENT_PREFIX", "TEACHER_PREFIX", "VAE_PREFIX", "Student", "load_student", "load_student_and_base",
+           "save_student_full", "save_student_unet", "unet_config_json"]

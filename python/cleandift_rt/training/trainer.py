@@ -41,6 +41,8 @@ METRICS_FILE = "metrics.jsonl"
 UNET_FILE = "student_unet.safetensors"
 FULL_FILE = "student_full.safetensors"
 VAE_CHUNK = 2  # images per VAE encode: at 768 px its activations would otherwise outgrow the U-Nets'
+
+
 def learning_rate(step: int, config: TrainConfig) -> float:
     """Linear warmup from 0 over ``warmup_steps`` optimiser steps, then constant (paper and release)."""
     if config.warmup_steps and step < config.warmup_steps:
