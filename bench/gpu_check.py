@@ -7,7 +7,7 @@ line when what it needs is missing:
 
  1. native   the extension's CUDA kernels: rebuilt with nvcc (`pip install --no-deps
              --no-build-isolation .`, CLEANDIFT_CUDA=ON, archs of this GPU) when the install has none;
- 2. tests    `pytest -m cuda tests/test_cuda.py`: match and project against PyTorch, every dtype,
+ 2. tests    `pytest -m cuda tests/kernels/test_cuda.py`: match and project against PyTorch, every dtype,
              partial tiles, ties, zero vectors, N*M > 2^31, side streams;
  3. match    N = M in {2304, 9216}, C in {640, 1280}, batch 1 and 8, fp16/bf16: ours vs torch's
              normalize + matmul + argmax, and the fraction of this GPU's measured fp16 GEMM rate;
@@ -136,7 +136,7 @@ def step_native(log) -> dict:
 def step_tests(log) -> dict:
     out = Path(tempfile.mkdtemp()) / "junit.xml"
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider",
-                           f"--junitxml={out}", "tests/test_cuda.py"], cwd=ROOT, capture_output=True, text=True)
+                           f"--junitxml={out}", "tests/kernels/test_cuda.py"], cwd=ROOT, capture_output=True, text=True)
     tail = (proc.stdout + proc.stderr).strip().splitlines()[-1:]
     import xml.etree.ElementTree as ET
 

@@ -114,3 +114,37 @@ def batch(photos):
     import numpy as np
 
     return [np.asarray(photos[name]) for name in sorted(photos)]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The tiny model's tensors are too small to gain from threads; on the shared 2-core CPU a second
+    OpenMP thread spinning against other processes makes these tests 4-10x slower. Restored after
+    the module (modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def subset_engine(tiny_onnx):
+    """The us3+us6 dynamic-size ONNX export opened at 64 x 64 (ONNX Runtime)."""
+    from cleandift_rt import Engine
+
+    return Engine(tiny_onnx["subset"], size=(64, 64))
+
+
+@pytest.fixture(scope="session")
+def student_engine(tiny_student_files, tiny_base_dir):
+    """``student_engine(size)``: the tiny student on the PyTorch backend at size x size, opened once per size."""
+    from cleandift_rt import Engine
+
+    opened = {}
+
+    def open_at(size: int):
+        if size not in opened:
+            opened[size] = Engine(tiny_student_files["unet"], base=str(tiny_base_dir), size=(size, size))
+        return opened[size]
+
+    return open_at

@@ -1,4 +1,4 @@
-"""A Ray worker setup hook for tests/test_distributed.py: arms one actor death.
+"""A Ray worker setup hook for tests/distributed/test_distributed.py: arms one actor death.
 
 Every Ray worker process runs ``setup()`` at start. While the file named by
 ``CLEANDIFT_TEST_KILL_ARM`` exists, the second ``Engine.extract`` call of a process deletes it and

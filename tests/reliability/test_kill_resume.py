@@ -82,7 +82,7 @@ def driver():
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
     from test_train import write_images
 
     return write_images(tmp_path_factory.mktemp("kill_data"), 3, "json")

@@ -25,7 +25,7 @@ from cleandift_rt.taps import TAPS
 from export_fixtures import SIZE, SUBSET
 from export_fixtures import cosine as _cosine
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_graphs_pass_checker_and_shape_inference(tiny_onnx):

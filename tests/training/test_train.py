@@ -19,13 +19,7 @@ from cleandift_rt.training.trainer import list_checkpoints
 SIZE = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The cores are shared: two OpenMP threads spinning against other processes make steps 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_images(folder, count, captions="json", size=(80, 96), start=0):

@@ -24,7 +24,7 @@ from cleandift_rt.export.trt_build import (
     write_plan,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _info(**overrides) -> ArtifactInfo:

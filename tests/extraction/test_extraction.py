@@ -23,8 +23,8 @@ SIZE = ["--size", "64", "64"]
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_onnx):
-    return Engine(tiny_onnx["subset"], size=(64, 64))
+def engine(subset_engine):
+    return subset_engine
 
 
 @pytest.fixture(scope="module")

@@ -56,10 +56,8 @@ def engine_args(tiny_student_files, tiny_base_dir):
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_student_files, tiny_base_dir):
-    from cleandift_rt import Engine
-
-    return Engine(tiny_student_files["unet"], base=tiny_base_dir, size=(64, 64))
+def engine(student_engine):
+    return student_engine(64)
 
 
 def _normalized(canvas):

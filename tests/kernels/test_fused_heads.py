@@ -117,7 +117,7 @@ def test_half_output_is_rounded_to_nearest_even():
     fp32 = project(x.float(), 261, heads, "us6")
     assert torch.equal(project(x, 261, heads, "us6"), fp32.half())
     xb = x.float().bfloat16()
-    # precision="fp32": bf16 features default to the bf16 kernel where the CPU has it (tests/test_bf16.py)
+    # precision="fp32": bf16 features default to the bf16 kernel where the CPU has it (tests/kernels/test_bf16.py)
     assert torch.equal(project(xb, 261, heads, "us6", precision="fp32"), project(xb.float(), 261, heads, "us6").bfloat16())
 
 

@@ -2,7 +2,7 @@
 references that round the same way, bounded agreement with fp32, dispatch and the fallback.
 
 References are tie-exact: each distinct (source, target) vector pair is scored once in float64 and
-broadcast, so duplicated vectors tie exactly, as they do in the kernel (tests/test_match.py)."""
+broadcast, so duplicated vectors tie exactly, as they do in the kernel (tests/kernels/test_match.py)."""
 
 from __future__ import annotations
 

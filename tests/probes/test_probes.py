@@ -615,10 +615,4 @@ def test_commands_explain_bad_arguments(nyu, engine_args, tmp_path, capsys):
         assert hint in capsys.readouterr().err
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The probes' tensors here are tiny: one thread avoids the thread hand-offs that dominate on a busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")

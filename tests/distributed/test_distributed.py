@@ -25,8 +25,8 @@ def quiet(*_):
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_onnx):
-    return Engine(tiny_onnx["subset"], size=(64, 64))
+def engine(subset_engine):
+    return subset_engine
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def ray_cluster(tmp_path_factory):
     arm = tmp_path_factory.mktemp("arm") / "kill-one-actor"
     ray.init(num_cpus=2, object_store_memory=OBJECT_STORE, include_dashboard=False, log_to_driver=False,
              runtime_env={"worker_process_setup_hook": "ray_actor_kill.setup",
-                          "env_vars": {"PYTHONPATH": str(HERE), "CLEANDIFT_TEST_KILL_ARM": str(arm)}},
+                          "env_vars": {"PYTHONPATH": str(HERE.parent), "CLEANDIFT_TEST_KILL_ARM": str(arm)}},
              _system_config={"object_spilling_config": json.dumps(
                  {"type": "filesystem", "params": {"directory_path": str(spill)}})})
     yield {"spill": spill, "arm": arm}

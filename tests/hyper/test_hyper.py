@@ -36,19 +36,12 @@ def cosine(a, b) -> np.ndarray:
     return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny model's tensors are too small to gain from threads; on a shared CPU a second thread
-    makes these tests 4x slower (spinning OpenMP workers). Restored for the modules after this one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_student_files, tiny_base_dir):
-    return Engine(tiny_student_files["unet"], base=str(tiny_base_dir), size=(SIZE, SIZE))
+def engine(student_engine):
+    return student_engine(SIZE)
 
 
 @pytest.fixture(scope="module")
@@ -308,7 +301,7 @@ def test_onnx_export_with_the_aggregator_equals_pytorch(heads_aggregator, tiny_s
     from cleandift_rt.export.onnx_export import write_fp16_onnx
     from cleandift_rt.formats.artifact import read_onnx_info
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "export"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "export"))
     try:
         import export_onnx
     finally:
