@@ -5,7 +5,7 @@ See docs/training.md. All logic lives in ``cleandift_rt.training``.
 
 import sys
 
-from cleandift_rt.training.cli import entry
+from cleandift_rt.cli.train import entry
 
 if __name__ == "__main__":
     sys.exit(entry())

@@ -17,7 +17,7 @@ from cleandift_rt.formats.artifact import (
     read_onnx_info,
     size_fields,
 )
-from cleandift_rt.runtime.cli import format_info
+from cleandift_rt.cli.info import format_info
 from cleandift_rt.runtime.engine import Engine
 from cleandift_rt.features.extractor import ReferenceExtractor
 from cleandift_rt.export.onnx_export import check_onnx, export_onnx

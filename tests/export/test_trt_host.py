@@ -87,7 +87,7 @@ def test_plan_container_round_trip_and_truncation(tmp_path):
     assert d["kind"] == "tensorrt" and d["tensorrt"] == "10.3.0" and d["batch"]["max"] == 8
     assert d["build"]["gpu_capability"] == [8, 6] and d["extra"]["precision"] == "fp16+fp32"
     assert [t["name"] for t in d["taps"]] == ["us6"]
-    from cleandift_rt.runtime.cli import format_info
+    from cleandift_rt.cli.info import format_info
 
     assert "built for: NVIDIA A10 (compute 8.6); fp16; 3 layers; precision fp16 3" in format_info(d)
     assert not [p for p in tmp_path.iterdir() if p.name != "sd21.plan"]  # no temporary left behind

@@ -16,7 +16,7 @@ from cleandift_rt import AggregationNetwork, Aggregator, Engine
 from cleandift_rt.checkpoint import read_safetensors, read_safetensors_metadata
 from cleandift_rt.cli.main import main as cli_main
 from cleandift_rt.evaluation.spair import load_spair
-from cleandift_rt.hyper.cli import spair_validator
+from cleandift_rt.cli.hyper import spair_validator
 from cleandift_rt.hyper.inversion import (InversionExtractor, InversionSettings, ddim_invert, ddim_sample,
                                           saved_calls, schedulers, unet_timesteps)
 from cleandift_rt.hyper.loss import clip_loss, grid_indices
@@ -167,7 +167,7 @@ def test_validator_is_the_spec_pck(trained, pairs, tiny_student_files, tiny_base
 
     from argparse import Namespace
 
-    from cleandift_rt.hyper.cli import hyper_source
+    from cleandift_rt.cli.hyper import hyper_source
 
     # what eval-spair --aggregator builds from its arguments
     source = hyper_source(Namespace(aggregator=str(trained["out"] / "aggregator.safetensors"),
@@ -413,7 +413,7 @@ def test_inversion_and_one_step_sources(tiny_base, tiny_base_dir, photos, pairs,
     agg = Aggregator.from_file(tmp_path / "inv" / "aggregator.safetensors")
     from argparse import Namespace
 
-    from cleandift_rt.hyper.cli import hyper_source
+    from cleandift_rt.cli.hyper import hyper_source
 
     source = hyper_source(Namespace(aggregator=str(tmp_path / "inv" / "aggregator.safetensors"),
                                     base=str(tiny_base_dir), device="cpu"))

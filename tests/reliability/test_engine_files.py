@@ -67,7 +67,7 @@ def test_external_data_outside_the_folder_is_said_first(tiny_onnx, tmp_path):
     shutil.copy(src.with_name(src.name + ".data"), tmp_path / (src.name + ".data"))
     d = describe(inner / "escaping.onnx")
     assert any("outside the model's folder" in w for w in d["warnings"])
-    from cleandift_rt.runtime.cli import format_info
+    from cleandift_rt.cli.info import format_info
 
     assert "WARNING: external data" in format_info(d)
     with pytest.raises(ValueError, match="outside the model's folder"):

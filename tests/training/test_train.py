@@ -221,7 +221,7 @@ def test_cli_writes_release_files_that_load(tiny_base_dir, data_dir, tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from cleandift_rt.training.cli import main
+    from cleandift_rt.cli.train import main
 
     out = tmp_path / "run"
     summary = main(["--base", str(tiny_base_dir), "--data", str(data_dir), "--out", str(out), "--steps", "2",
@@ -283,7 +283,7 @@ def test_gradient_checkpointing_and_bf16_train(tiny_base, data_dir, tmp_path):
 
 
 def test_bad_data_folders_give_clear_messages(tiny_base_dir, tmp_path, capsys):
-    from cleandift_rt.training.cli import entry
+    from cleandift_rt.cli.train import entry
 
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -349,7 +349,7 @@ def test_config_presets_and_overrides(tmp_path):
         build_config(overrides={"taps": ["us11"]})
     with pytest.raises(ValueError, match="key=value"):
         parse_override("lr")
-    from cleandift_rt.training.cli import build_parser
+    from cleandift_rt.cli.train import build_parser
 
     args = build_parser().parse_args(["--base", "b", "--data", "d", "--out", "o", "--resume", "lr=1e-5"])
     assert args.resume is True and args.resume_from is None and args.overrides == ["lr=1e-5"]
@@ -451,7 +451,7 @@ def test_resume_refuses_a_changed_text_mode_and_reads_old_checkpoints(tiny_base_
 
 
 def test_text_conditioning_config_and_flags(tmp_path, capsys):
-    from cleandift_rt.training.cli import entry
+    from cleandift_rt.cli.train import entry
     from cleandift_rt.training.config import TrainConfig
 
     assert build_config().text_conditioning == "captions" and build_config().head_conditioning == "adarms"
@@ -480,7 +480,7 @@ def test_distilled_film_student_through_the_cli(tiny_base_dir, data_dir, tmp_pat
     from cleandift_rt import ProjectionHeads
     from cleandift_rt.checkpoint import read_safetensors_metadata
     from cleandift_rt.formats.artifact import describe
-    from cleandift_rt.training.cli import main
+    from cleandift_rt.cli.train import main
 
     out = tmp_path / "run"
     main(["--base", str(tiny_base_dir), "--data", str(data_dir), "--out", str(out), "--steps", "3", "--batch-size", "2",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..cli.common import UserError, add_engine_args, engine_identity, open_engine, positive_int
+from .common import UserError, add_engine_args, engine_identity, open_engine, positive_int
 
 FUSED_MATCHING = ("tale / tlfr: the keypoint's descriptor-grid cell, cosine argmax over the target grid "
                   "(tlfr: 11 x 11 window soft-argmax, adaptive flip), cell centres mapped back to the image")
@@ -38,7 +38,7 @@ def _nn_source(args, engine, text_model, prompt):
 def _fused_source(args, engine, text_model, prompt, name, dino):
     from ..evaluation.runner import file_identity
     from ..fusion.evaluate import FusedSource
-    from ..fusion.options import prompt_embedder, recipe_from_args
+    from .fusion_options import prompt_embedder, recipe_from_args
     from ..fusion.pipeline import Fusion
 
     recipe = recipe_from_args(name, args)
@@ -51,7 +51,7 @@ def _fused_source(args, engine, text_model, prompt, name, dino):
 def _gate_sources(args):
     """A trained GATE model (``train-gate --out``) as the method, and the DIFT baseline on its base model."""
     from ..evaluation.runner import DiftFeatures, file_identity, short_hash
-    from ..fusion.options import resolve_prompt
+    from .fusion_options import resolve_prompt
     from ..gate.source import GateFeatures
 
     if args.engine or list(args.recipe) != ["nn"]:
@@ -72,14 +72,14 @@ def _gate_sources(args):
 def _method_sources(args):
     """(sources in the order of --recipe, DIFT baseline source or None) from the parsed arguments."""
     from ..evaluation.runner import DiftFeatures, file_identity, short_hash
-    from ..fusion.options import NEAREST_NEIGHBOUR, check_recipe_args, open_dino, resolve_prompt, wants_fusion
+    from .fusion_options import NEAREST_NEIGHBOUR, check_recipe_args, open_dino, resolve_prompt, wants_fusion
 
     if args.gate:
         return _gate_sources(args)
     if args.aggregator:
         if list(args.recipe) != ["nn"] or args.baseline:
             raise UserError("--aggregator evaluates the aggregator's 'hyper' descriptors: drop --recipe / --baseline")
-        from ..hyper.cli import hyper_source
+        from .hyper import hyper_source
 
         return [hyper_source(args)], None
     if not args.engine:
@@ -127,7 +127,7 @@ def _run_eval(args, pairs, skips, benchmark: str, dataset_key: str) -> int:
     from ..evaluation.runner import evaluate, short_hash
     from ..evaluation.pairs import SkipLog
     from ..fusion.evaluate import FusedSource, evaluate_fused
-    from ..fusion.options import wants_fusion
+    from .fusion_options import wants_fusion
     from ..fusion.report import format_methods_table, methods_document, write_methods_results
 
     if not pairs:
@@ -203,7 +203,7 @@ def cmd_eval_pairs(args) -> int:
 def add_eval_args(p: argparse.ArgumentParser) -> None:
     from ..evaluation.pck import ALPHAS, CONVENTIONS
     from ..evaluation.runner import DEFAULT_PROMPT
-    from ..fusion.options import add_recipe_args
+    from .fusion_options import add_recipe_args
     from ..fusion.recipes import DEFAULT_PROMPT as FUSED_PROMPT
 
     add_engine_args(p, engine_required=False)

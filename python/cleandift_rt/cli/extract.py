@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..cli.common import UserError, add_engine_args, open_engine, positive_int
+from .common import UserError, add_engine_args, open_engine, positive_int
 from ..taps import TAPS
-from .inputs import FORMATS, collect_images
-from .pipeline import extract_local
+from ..extraction.inputs import FORMATS, collect_images
+from ..extraction.pipeline import extract_local
 
 LISTED_FAILURES = 20
 
@@ -74,7 +74,7 @@ def cmd_extract(args) -> int:
             print(f"  ... and {len(summary.failed) - LISTED_FAILURES} more (all in {args.out}/manifest-"
                   f"{args.format}.jsonl)")
     if args.summary:
-        from ..cli.common import write_json
+        from .common import write_json
 
         write_json(summary.to_dict(), Path(args.summary))
     return 1 if summary.failed and summary.done == 0 and summary.skipped == 0 else 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 
-from .recipes import DEFAULT_PROMPT, RECIPES, Recipe
+from ..fusion.recipes import DEFAULT_PROMPT, RECIPES, Recipe
 
 NEAREST_NEIGHBOUR = "nn"  # today's protocol: one tap, cosine argmax over the upsampled target
 RECIPE_CHOICES = (NEAREST_NEIGHBOUR, *RECIPES)
@@ -53,7 +53,7 @@ def check_recipe_args(args, names) -> None:
         return
     from pathlib import Path
 
-    from .sd import GRID_MULTIPLE
+    from ..fusion.sd import GRID_MULTIPLE
 
     if args.sd_size <= 0 or args.sd_size % GRID_MULTIPLE or args.sd_crop < 0 or args.sd_crop % GRID_MULTIPLE:
         raise ValueError(f"--sd-size {args.sd_size} and --sd-crop {args.sd_crop} must be multiples of {GRID_MULTIPLE} "
@@ -76,7 +76,7 @@ def open_dino(args):
         return None
     if not args.dino:
         raise ValueError(NEED_DINO)
-    from .dinov2 import Dinov2Features
+    from ..fusion.dinov2 import Dinov2Features
 
     return Dinov2Features(args.dino, size=args.dino_size, device=args.device, allow_pickle=args.allow_pickle)
 

@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from ..cli.common import UserError, positive_int, read_image, save_picture, write_json
+from .common import UserError, positive_int, read_image, save_picture, write_json
 
 SUMMARY_PAIRS = 100  # train-gate reports the mean loss over at most this many training pairs before and after
 

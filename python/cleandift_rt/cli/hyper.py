@@ -15,7 +15,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from ..cli.common import UserError, positive_int, save_picture
+from .common import UserError, positive_int, save_picture
 from ..taps import TAPS
 
 DEFAULT_SIZE = 512  # the recipe's input size (SPEC section 8)
@@ -61,7 +61,7 @@ def spair_validator(items: Iterable, alpha: float = 0.1) -> float:
 
 
 def _open_engine(args, source: str):
-    from ..cli.common import engine_identity, open_engine
+    from .common import engine_identity, open_engine
     from ..hyper.sources import EngineTaps
 
     if not args.engine:
@@ -241,7 +241,7 @@ def hyper_source(args):
     Sources cleandift / cleandift-heads run ``args.engine`` with the aggregator; inversion / one-step
     run the base model ``args.base`` exactly as the aggregator was trained (its recorded settings).
     """
-    from ..cli.common import engine_identity
+    from .common import engine_identity
     from ..hyper.aggregator import ENGINE_SOURCES, Aggregator
     from ..checkpoint import file_identity, short_hash
     from ..hyper.sources import HyperFeatures

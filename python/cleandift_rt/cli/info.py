@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from ..cli.common import add_engine_args, open_engine, positive_int
+from .common import add_engine_args, open_engine, positive_int
 
 
 def format_info(d: dict) -> str:

@@ -11,14 +11,7 @@ import argparse
 import os
 import sys
 
-from ..evaluation import cli as evaluation_cli
-from ..extraction import cli as extraction_cli
-from ..gate import cli as gate_cli
-from ..hyper import cli as hyper_cli
-from ..probes import cli as probes_cli
-from ..runtime import cli as runtime_cli
-from ..viz import cli as viz_cli
-from . import demo
+from . import demo, evaluate, extract, gate, hyper, info, pictures, probes
 from .common import UserError
 
 DESCRIPTION = """\
@@ -40,7 +33,7 @@ the base model folder that provides the VAE and text encoder).
 """
 
 # In the order ``--help`` lists them.
-COMMANDS = (demo, viz_cli, extraction_cli, runtime_cli, evaluation_cli, gate_cli, probes_cli, hyper_cli)
+COMMANDS = (demo, pictures, extract, info, evaluate, gate, probes, hyper)
 
 
 def build_parser() -> argparse.ArgumentParser:

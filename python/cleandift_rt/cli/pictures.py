@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cli.common import UserError, add_engine_args, open_engine, positive_int, read_image, save_picture, tap_maps, write_json
-from ..fusion.options import add_recipe_args
+from .common import UserError, add_engine_args, open_engine, positive_int, read_image, save_picture, tap_maps, write_json
+from .fusion_options import add_recipe_args
 
 
 def _parse_points(text: str) -> np.ndarray:
@@ -43,7 +43,7 @@ def _tap_matches(args, a, b, pts):
     from ..evaluation.transfer import dense_matches, transfer_points
 
     if args.aggregator:  # the aggregator's learned descriptor instead of one tap
-        from ..hyper.cli import hyper_source
+        from .hyper import hyper_source
 
         source = hyper_source(args)
         fa, fb = (source.features(image, args.category or "") for image in (a, b))
@@ -62,7 +62,7 @@ def _tap_matches(args, a, b, pts):
 
 def _recipe_matches(args, a, b, pts):
     """Matches by a fusion recipe; with a mirrored source (adaptive flip) ``a`` is returned mirrored."""
-    from ..fusion.options import check_recipe_args, open_dino, prompt_embedder, recipe_from_args, resolve_prompt
+    from .fusion_options import check_recipe_args, open_dino, prompt_embedder, recipe_from_args, resolve_prompt
     from ..fusion.pipeline import Fusion
 
     check_recipe_args(args, [args.recipe])

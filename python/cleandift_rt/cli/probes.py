@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..cli.common import UserError, add_engine_args, open_engine, positive_int
+from .common import UserError, add_engine_args, open_engine, positive_int
 from ..taps import TAPS
 
 DEFAULT_TIMESTEPS = list(range(0, 1000, 100))
@@ -35,7 +35,7 @@ def _sources(args):
     """The main Engine source, then the baseline and projected sources of the sweep; nothing is opened
     until a feature is missing from the cache."""
     from ..evaluation.runner import file_identity, short_hash
-    from .cache import DiftSource, EngineSource, Lazy, ProjectedSource
+    from ..probes.cache import DiftSource, EngineSource, Lazy, ProjectedSource
 
     size = tuple(args.size) if args.size else None
     precision = getattr(args, "precision", None)  # bf16 / fp16 features are other features
@@ -72,7 +72,7 @@ def _sources(args):
 
 
 def _store(args):
-    from .cache import FeatureStore
+    from ..probes.cache import FeatureStore
 
     return FeatureStore(Path(args.cache) if args.cache else Path(args.out) / "cache", args.cache_dtype)
 
@@ -84,7 +84,7 @@ def _limit(dataset, limit):
 
 
 def _config(args):
-    from .training import TrainConfig
+    from ..probes.training import TrainConfig
 
     return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                        val_fraction=args.val_fraction, patience=args.patience, seed=args.seed)
@@ -109,9 +109,9 @@ def _report(doc: dict, metrics: tuple[str, ...], out: str) -> None:
 
 
 def cmd_probe_depth(args) -> int:
-    from .data import load_depth_data
-    from .depth import DepthProtocol
-    from .run import run_dense
+    from ..probes.data import load_depth_data
+    from ..probes.depth import DepthProtocol
+    from ..probes.run import run_dense
 
     _check_args(args)
     dataset = _limit(load_depth_data(args.data), args.limit)
@@ -128,8 +128,8 @@ def cmd_probe_depth(args) -> int:
 
 
 def cmd_probe_seg(args) -> int:
-    from .data import load_voc
-    from .run import run_dense
+    from ..probes.data import load_voc
+    from ..probes.run import run_dense
 
     _check_args(args)
     dataset = _limit(load_voc(args.data, args.train_split, args.val_split, args.num_classes), args.limit)
@@ -141,8 +141,8 @@ def cmd_probe_seg(args) -> int:
 
 
 def cmd_knn(args) -> int:
-    from .data import load_image_folders
-    from .run import run_knn
+    from ..probes.data import load_image_folders
+    from ..probes.run import run_knn
 
     _check_args(args)
     dataset = _limit(load_image_folders(args.train, args.val), args.limit)

@@ -7,7 +7,7 @@ import os
 import sys
 
 from ..conditioning import HEAD_CONDITIONINGS
-from .config import LOSSES, PRESETS, build_config, parse_override
+from ..training.config import LOSSES, PRESETS, build_config, parse_override
 
 # flag -> config field, for the flags that map one to one
 _FLAG_FIELDS = ("steps", "batch_size", "size", "lr", "warmup_steps", "grad_accum", "timesteps_per_image", "loss",
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
         values["text_conditioning"] = "distill"
     values.update(dict(parse_override(o) for o in args.overrides))
     config = build_config(args.preset, args.config, values)
-    from .trainer import Trainer
+    from ..training.trainer import Trainer
 
     resume = args.resume_from or args.resume or None
     trainer = Trainer(config, args.base, args.data, args.out, resume=resume, progress=not args.no_progress)
