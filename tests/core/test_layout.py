@@ -38,8 +38,7 @@ LAYERS = {
     "fusion": 5.5,  # fusion recipes: above evaluation, whose runner and PCK they reuse; below every cli
     "cli": 6,
 }
-PUBLIC_FACE = 7  # the package's own __init__ and the shims that keep old module paths importable
-SHIMS = {"artifact", "extractor", "preprocess"}
+PUBLIC_FACE = 7  # the package's own __init__
 MAX_LINES = 500
 
 
@@ -118,7 +117,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def layer_of(module: str) -> tuple[str, int]:
     """(group, layer) of a module: the group is its subpackage, or 'cli' for every command module."""
     parts = module.split(".")[1:]
-    if not parts or (len(parts) == 1 and parts[0] in SHIMS):
+    if not parts:
         return "public", PUBLIC_FACE
     if parts[-1] == "cli" or parts[0] == "cli":
         return "cli", LAYERS["cli"]
@@ -166,9 +165,7 @@ def test_each_subpackage_imports_only_layers_below_it(graph):
                 wrong.append(f"{module} imports the package root (import the defining module instead)")
                 continue
             t_group, t_layer = layer_of(target)
-            if t_group == "public" and group != "public":
-                wrong.append(f"{module} imports the shim {target} (import the module it re-exports)")
-            elif t_group != group and t_layer >= layer:
+            if t_group != group and t_layer >= layer:
                 wrong.append(f"{module} (layer {layer}, {group}) imports {target} (layer {t_layer}, {t_group})")
     assert not wrong, "imports against the layer order:\n  " + "\n  ".join(sorted(wrong))
 
@@ -186,14 +183,9 @@ def test_every_module_is_found_statically():
     assert not dynamic
 
 
-def test_package_top_holds_only_shared_modules_and_shims():
+def test_package_top_holds_only_shared_modules():
     top = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"}
-    assert top == {"taps", "timesteps", "conditioning", "build_info", "checkpoint"} | SHIMS
-    for shim in SHIMS:
-        body = [n for n in ast.parse((PACKAGE / f"{shim}.py").read_text()).body
-                if not isinstance(n, (ast.ImportFrom, ast.Assign)) and not (isinstance(n, ast.Expr)
-                                                                            and isinstance(n.value, ast.Constant))]
-        assert not body, f"{shim}.py must stay a thin re-export shim"
+    assert top == {"taps", "timesteps", "conditioning", "build_info", "checkpoint"}
 
 
 def test_every_subpackage_says_what_it_owns():
@@ -213,22 +205,12 @@ def test_no_module_over_500_lines():
 @pytest.mark.parametrize("module, names", [
     ("cleandift_rt", ["Engine", "match", "project", "ProjectionHeads", "TAPS", "unet_taps", "build_info"]),
     ("cleandift_rt.models", ["write_tiny_base", "load_base", "load_student"]),
-    ("cleandift_rt.extractor", ["ReferenceExtractor", "DiftExtractor"]),
-    ("cleandift_rt.preprocess", ["prepare_images"]),
-    ("cleandift_rt.artifact", ["describe"]),
+    ("cleandift_rt.features.extractor", ["ReferenceExtractor", "DiftExtractor"]),
+    ("cleandift_rt.features.preprocess", ["prepare_images"]),
+    ("cleandift_rt.formats", ["describe"]),
     ("cleandift_rt.build_info", ["build_info", "format_build_info"]),
 ])
 def test_public_module_paths_stay_importable(module, names):
     mod = importlib.import_module(module)
     for name in names:
         assert callable(getattr(mod, name)) or getattr(mod, name), f"{module}.{name}"
-
-
-def test_shims_re_export_the_same_objects():
-    from cleandift_rt import artifact, extractor, preprocess
-    from cleandift_rt.features import extractor as real_extractor, preprocess as real_preprocess
-    from cleandift_rt.formats import artifact as real_artifact
-
-    assert extractor.ReferenceExtractor is real_extractor.ReferenceExtractor
-    assert preprocess.prepare_images is real_preprocess.prepare_images
-    assert artifact.describe is real_artifact.describe

@@ -17,7 +17,6 @@ import math
 import torch
 
 HEAD_DIM = 64
-ARCHITECTURES = {384: "ViT-S/14", 768: "ViT-B/14", 1024: "ViT-L/14", 1536: "ViT-g/14"}
 
 
 def is_hub_state_dict(state: dict) -> bool:

@@ -53,9 +53,6 @@ TEXT_ENCODER["tiny-sd15"] = TEXT_ENCODER["tiny"]
 SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                  clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 
-# Native resolution of each variant, in image pixels.
-RESOLUTION = {"sd15": 512, "sd21": 768, "tiny": 128, "tiny-sd15": 128}
-
 
 def unet_config(variant: str) -> dict:
     return copy.deepcopy(UNET[_check(variant)])

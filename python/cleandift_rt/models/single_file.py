@@ -21,8 +21,6 @@ from .offline import diffusers, transformers
 UNET_PREFIX = "model.diffusion_model."
 SD1_TEXT_PREFIX = "cond_stage_model.transformer."
 SD2_TEXT_PREFIX = "cond_stage_model.model."
-# CLIP's vocabulary ends with its two specials; SD 2.x tokenizers pad with "!" (id 0), SD 1.x with EOS.
-CLIP_VOCAB = 49408
 
 
 class EmptyPromptTokenizer:
