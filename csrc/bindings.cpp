@@ -17,21 +17,22 @@ using namespace cleandift;
 
 namespace {
 
-// "float32" | "float16" | "bfloat16" (bf16 arrives as a 16-bit integer view: numpy has no bf16).
-DType parse_dtype(const std::string& name, size_t itemsize) {
-  DType d;
-  size_t expected;
-  if (name == "float32") {
-    d = DType::kFloat32, expected = 4;
-  } else if (name == "float16") {
-    d = DType::kFloat16, expected = 2;
-  } else if (name == "bfloat16") {
-    d = DType::kBFloat16, expected = 2;
-  } else {
-    throw std::invalid_argument("unsupported dtype '" + name + "': use float32, float16 or bfloat16");
-  }
-  if (itemsize != expected)
-    throw std::invalid_argument("buffer item size " + std::to_string(itemsize) + " does not match dtype " + name);
+// "float32" | "float16" | "bfloat16".
+DType parse_dtype(const std::string& name) {
+  if (name == "float32") return DType::kFloat32;
+  if (name == "float16") return DType::kFloat16;
+  if (name == "bfloat16") return DType::kBFloat16;
+  throw std::invalid_argument("unsupported dtype '" + name + "': use float32, float16 or bfloat16");
+}
+
+// The dtype of a host buffer, which must have its item size (bf16 arrives as a 16-bit integer view:
+// numpy has no bf16).
+DType parse_dtype(const std::string& name, const py::array& buffer) {
+  const DType d = parse_dtype(name);
+  const size_t expected = d == DType::kFloat32 ? 4 : 2;
+  if (static_cast<size_t>(buffer.itemsize()) != expected)
+    throw std::invalid_argument("buffer item size " + std::to_string(buffer.itemsize()) + " does not match dtype " +
+                                name);
   return d;
 }
 
@@ -97,9 +98,10 @@ PYBIND11_MODULE(_native, m) {
       devices.append(dd);
     }
     d["cuda_devices"] = devices;
-    d["match_cpu_kernel"] = match_cpu_kernel_name();
-    const std::string bf16_kernel = match_cpu_kernel_name(Compute::kBFloat16);
-    d["cpu_kernel_bf16"] = bf16_kernel.empty() ? py::object(py::none()) : py::object(py::str(bf16_kernel));
+    // Both ops dispatch through cpu_isa, so match's kernel names project's too.
+    d["match_cpu_kernel"] = cpu_isa_name(*cpu_isa(Compute::kFloat32));
+    const auto bf16 = cpu_isa(Compute::kBFloat16);
+    d["cpu_kernel_bf16"] = bf16 ? py::object(py::str(cpu_isa_name(*bf16))) : py::object(py::none());
     return d;
   });
 
@@ -107,12 +109,12 @@ PYBIND11_MODULE(_native, m) {
       "match_cpu",
       [](const py::array& src, const py::array& dst, const std::string& dtype, bool mutual, int k, bool check_finite,
          const std::string& compute) {
-        const DType dt = parse_dtype(dtype, src.itemsize());
+        const DType dt = parse_dtype(dtype, src);
         const Compute cp = parse_compute(compute);
-        parse_dtype(dtype, dst.itemsize());
+        parse_dtype(dtype, dst);
         const FeatureView s = feature_view(src, "src"), t = feature_view(dst, "dst");
         const MatchOptions opt{mutual, k, check_finite};
-        check_match_args(s, t, opt);
+        // Sized from k before match_cpu checks it: cleandift_rt.match has checked 1 <= k <= M.
         py::array_t<int64_t> index({s.batch, s.rows, static_cast<int64_t>(k)});
         py::array_t<float> similarity({s.batch, s.rows, static_cast<int64_t>(k)});
         const MatchOutput out{index.mutable_data(), similarity.mutable_data()};
@@ -133,12 +135,11 @@ PYBIND11_MODULE(_native, m) {
       [](uintptr_t src, int64_t src_batch, int64_t n, int64_t src_channels, uintptr_t dst, int64_t dst_batch,
          int64_t m_rows, int64_t dst_channels, const std::string& dtype, bool mutual, int k, uintptr_t index,
          uintptr_t similarity, uintptr_t stream) {
-        const DType dt = parse_dtype(dtype, dtype == "float32" ? 4 : 2);
-        // Each buffer comes with its own shape so check_match_args sees real mismatches.
+        const DType dt = parse_dtype(dtype);
+        // Each buffer comes with its own shape so the op's argument check sees real mismatches.
         const FeatureView s = device_view(src, src_batch, n, src_channels),
                           t = device_view(dst, dst_batch, m_rows, dst_channels);
         const MatchOptions opt{mutual, k, false};
-        check_match_args(s, t, opt);
         const MatchOutput out{reinterpret_cast<int64_t*>(index), reinterpret_cast<float*>(similarity)};
         py::gil_scoped_release release;
         match_cuda(s, t, dt, opt, out, reinterpret_cast<void*>(stream));
@@ -153,9 +154,9 @@ PYBIND11_MODULE(_native, m) {
   py::class_<PackedHead, std::shared_ptr<PackedHead>>(
       m, "PackedHead", "Projection-head weights packed once for the CPU micro-kernel (see pack_head).")
       .def_readonly("dim", &PackedHead::dim)
-      .def_readonly("kernel", &PackedHead::kernel)
+      .def_property_readonly("kernel", [](const PackedHead& h) { return cpu_isa_name(h.isa); })
       .def("__repr__", [](const PackedHead& h) {
-        return "<PackedHead D=" + std::to_string(h.dim) + " kernel=" + h.kernel + ">";
+        return "<PackedHead D=" + std::to_string(h.dim) + " kernel=" + cpu_isa_name(h.isa) + ">";
       });
 
   m.def(
@@ -180,8 +181,8 @@ PYBIND11_MODULE(_native, m) {
       [](const PackedHead& head, const py::array& x, py::array& out, const std::string& dtype,
          py::array_t<float, py::array::c_style | py::array::forcecast> scales, const std::string& conditioning,
          std::optional<py::array_t<float, py::array::c_style | py::array::forcecast>> shifts) {
-        const DType dt = parse_dtype(dtype, x.itemsize());
-        parse_dtype(dtype, out.itemsize());
+        const DType dt = parse_dtype(dtype, x);
+        parse_dtype(dtype, out);
         const FeatureView xv = feature_view(x, "features"), ov = feature_view(out, "out");
         auto modulation_shape = [&](const py::array& a, const char* what) {
           if (a.ndim() != 3 || a.shape(0) != kHeadLayers || a.shape(1) != xv.batch || a.shape(2) != head.dim)
@@ -204,8 +205,7 @@ PYBIND11_MODULE(_native, m) {
       [](uintptr_t x, uintptr_t out, int64_t batch, int64_t pixels, int64_t dim, const std::string& dtype,
          uintptr_t up, uintptr_t down, uintptr_t scales, uintptr_t stream, const std::string& conditioning,
          uintptr_t shifts) {
-        const DType dt = parse_dtype(dtype, dtype == "float32" ? 4 : 2);
-        if (batch <= 0 || pixels <= 0 || dim <= 0) throw std::invalid_argument("project: empty input");
+        const DType dt = parse_dtype(dtype);
         const HeadModulation mod{parse_conditioning(conditioning), reinterpret_cast<const float*>(scales),
                                  reinterpret_cast<const float*>(shifts)};
         py::gil_scoped_release release;

@@ -2,6 +2,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <stdexcept>
 #if defined(__linux__)
 #include <unistd.h>
 #endif
@@ -87,6 +88,20 @@ CpuFeatures detect() {
   return f;
 }
 
+// The dispatch ladder, best rung first for each compute type.
+struct Rung {
+  CpuIsa isa;
+  const char* name;
+  Compute compute;
+  bool CpuFeatures::*feature;  // null: every CPU
+};
+constexpr Rung kLadder[] = {
+    {CpuIsa::kAvx512Bf16, "avx512_bf16", Compute::kBFloat16, &CpuFeatures::avx512_bf16},
+    {CpuIsa::kAvx512, "avx512", Compute::kFloat32, &CpuFeatures::avx512},
+    {CpuIsa::kAvx2, "avx2", Compute::kFloat32, &CpuFeatures::avx2},
+    {CpuIsa::kPortable, "portable", Compute::kFloat32, nullptr},
+};
+
 }  // namespace
 
 const CpuFeatures& cpu_features() {
@@ -102,6 +117,24 @@ std::vector<std::string> cpu_feature_names() {
   if (f.avx512_bf16) names.push_back("avx512_bf16");
   if (f.amx_bf16) names.push_back("amx_bf16");
   return names;
+}
+
+const char* cpu_isa_name(CpuIsa isa) {
+  for (const Rung& rung : kLadder)
+    if (rung.isa == isa) return rung.name;
+  return "unknown";
+}
+
+std::optional<CpuIsa> cpu_isa(Compute compute) {
+  const CpuFeatures& f = cpu_features();
+  for (const Rung& rung : kLadder)
+    if (rung.compute == compute && (!rung.feature || f.*rung.feature)) return rung.isa;
+  return std::nullopt;
+}
+
+CpuIsa require_cpu_isa(Compute compute, const char* op) {
+  if (const auto isa = cpu_isa(compute)) return *isa;
+  throw std::invalid_argument(std::string(op) + ": bf16 compute needs AVX512_BF16, which this CPU lacks; use fp32");
 }
 
 }  // namespace cleandift

@@ -1,8 +1,11 @@
 // Run-time CPU feature detection: kernels are compiled for several ISAs and the widest one the
 // running CPU *and* operating system support is chosen here, never at build time.
 #pragma once
+#include <optional>
 #include <string>
 #include <vector>
+
+#include "common/tensor_view.h"
 
 namespace cleandift {
 
@@ -19,5 +22,20 @@ struct CpuFeatures {
 const CpuFeatures& cpu_features();
 
 std::vector<std::string> cpu_feature_names();
+
+// The ISAs the CPU kernels are compiled for: one rung each of the dispatch ladder (cpu_features.cpp).
+// A new ISA is one more value here, one more rung there, and one more case in each op's dispatch
+// switch (-Wswitch names an op that lacks it).
+enum class CpuIsa : int { kPortable, kAvx2, kAvx512, kAvx512Bf16 };
+
+// "portable", "avx2", "avx512", "avx512_bf16": the names build_info() and PackedHead.kernel report.
+const char* cpu_isa_name(CpuIsa isa);
+
+// The ISA every op runs `compute` with on this CPU: the ladder's first rung for `compute` whose
+// feature cpu_features() reports. fp32 always has one (portable); bf16 has none without native bf16.
+std::optional<CpuIsa> cpu_isa(Compute compute);
+
+// cpu_isa(compute), or std::invalid_argument "<op>: bf16 compute needs AVX512_BF16, ..." when none.
+CpuIsa require_cpu_isa(Compute compute, const char* op);
 
 }  // namespace cleandift

@@ -32,28 +32,14 @@ void check_match_args(const FeatureView& src, const FeatureView& dst, const Matc
     throw std::invalid_argument("match: mutual=True is defined for k = 1 only");
 }
 
-bool cpu_has_bf16_compute() { return cpu_features().avx512_bf16; }
-
-std::string match_cpu_kernel_name(Compute compute) {
-  const CpuFeatures& f = cpu_features();
-  if (compute == Compute::kBFloat16) return f.avx512_bf16 ? "avx512_bf16" : "";
-  return f.avx512 ? "avx512" : f.avx2 ? "avx2" : "portable";
-}
-
 void match_cpu(const FeatureView& src, const FeatureView& dst, DType dtype, const MatchOptions& opt,
                const MatchOutput& out, Compute compute) {
   check_match_args(src, dst, opt);
-  const CpuFeatures& f = cpu_features();
-  if (compute == Compute::kBFloat16) {
-    if (!f.avx512_bf16)
-      throw std::invalid_argument("match: bf16 compute needs AVX512_BF16, which this CPU lacks; use fp32");
-    match_cpu_avx512bf16(src, dst, dtype, opt, out);
-  } else if (f.avx512) {
-    match_cpu_avx512(src, dst, dtype, opt, out);
-  } else if (f.avx2) {
-    match_cpu_avx2(src, dst, dtype, opt, out);
-  } else {
-    match_cpu_portable(src, dst, dtype, opt, out);
+  switch (require_cpu_isa(compute, "match")) {
+    case CpuIsa::kAvx512Bf16: match_cpu_avx512bf16(src, dst, dtype, opt, out); break;
+    case CpuIsa::kAvx512: match_cpu_avx512(src, dst, dtype, opt, out); break;
+    case CpuIsa::kAvx2: match_cpu_avx2(src, dst, dtype, opt, out); break;
+    case CpuIsa::kPortable: match_cpu_portable(src, dst, dtype, opt, out); break;
   }
 }
 

@@ -11,14 +11,12 @@ namespace cleandift {
 
 std::shared_ptr<PackedHead> pack_head(const float* up, const float* down, int64_t dim, Compute compute) {
   if (dim <= 0) throw std::invalid_argument("project: head width must be > 0");
-  const CpuFeatures& f = cpu_features();
-  if (compute == Compute::kBFloat16) {
-    if (!f.avx512_bf16)
-      throw std::invalid_argument("project: bf16 compute needs AVX512_BF16, which this CPU lacks; use fp32");
-    return pack_head_avx512bf16(up, down, dim);
+  switch (require_cpu_isa(compute, "project")) {
+    case CpuIsa::kAvx512Bf16: return pack_head_avx512bf16(up, down, dim);
+    case CpuIsa::kAvx512: return pack_head_avx512(up, down, dim);
+    case CpuIsa::kAvx2: return pack_head_avx2(up, down, dim);
+    case CpuIsa::kPortable: break;
   }
-  if (f.avx512) return pack_head_avx512(up, down, dim);
-  if (f.avx2) return pack_head_avx2(up, down, dim);
   return pack_head_portable(up, down, dim);
 }
 
@@ -41,14 +39,11 @@ void project_head_cpu(const PackedHead& head, const FeatureView& x, DType dtype,
                                 std::to_string(head.dim));
   if (out.batch != x.batch || out.rows != x.rows || out.channels != x.channels)
     throw std::invalid_argument("project: output shape differs from the input shape");
-  if (head.kernel == "avx512_bf16") {
-    project_head_avx512bf16(head, x, dtype, mod, out, out_data);
-  } else if (head.kernel == "avx512") {
-    project_head_avx512(head, x, dtype, mod, out, out_data);
-  } else if (head.kernel == "avx2") {
-    project_head_avx2(head, x, dtype, mod, out, out_data);
-  } else {
-    project_head_portable(head, x, dtype, mod, out, out_data);
+  switch (head.isa) {
+    case CpuIsa::kAvx512Bf16: project_head_avx512bf16(head, x, dtype, mod, out, out_data); break;
+    case CpuIsa::kAvx512: project_head_avx512(head, x, dtype, mod, out, out_data); break;
+    case CpuIsa::kAvx2: project_head_avx2(head, x, dtype, mod, out, out_data); break;
+    case CpuIsa::kPortable: project_head_portable(head, x, dtype, mod, out, out_data); break;
   }
 }
 

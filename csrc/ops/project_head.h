@@ -5,10 +5,10 @@
 #pragma once
 #include <cstdint>
 #include <memory>
-#include <string>
 #include <vector>
 
-#include "ops/match.h"  // FeatureView, DType
+#include "common/cpu_features.h"
+#include "common/tensor_view.h"
 
 namespace cleandift {
 
@@ -38,18 +38,20 @@ struct PackedHead {
   int64_t dim_padded = 0;   // D rounded up to NR
   int64_t depth = 0;        // D rounded up to the micro-kernel's depth step (bf16: channel pairs)
   int nr = 0;
-  std::string kernel;       // "avx512", "avx2", "portable"; "avx512_bf16" (bf16 weights and activations)
+  CpuIsa isa = CpuIsa::kPortable;  // the micro-kernel packed for; kAvx512Bf16: bf16 weights and activations
   // Per layer: up as 2 * D/NR panels (value, gate interleaved) [panel][depth][NR]; down
   // [panel][Dp][NR]; elements are fp32, or bf16 bits for the bf16 kernel.
   std::vector<std::shared_ptr<void>> up, down;
 };
 
 // up: [3, 2D, D], down: [3, D, D], float32 C-contiguous (rows = outputs, like nn.Linear.weight).
-// Compute::kBFloat16 rounds the weights to bf16 and needs AVX512_BF16 (std::invalid_argument if absent).
+// Packs for cpu_isa(compute); Compute::kBFloat16 rounds the weights to bf16 (std::invalid_argument
+// where this CPU has no bf16 kernel).
 std::shared_ptr<PackedHead> pack_head(const float* up, const float* down, int64_t dim,
                                       Compute compute = Compute::kFloat32);
 
-// x, out: strided [B, P, D] views (out data written through `out_data`, out's strides).
+// x, out: strided [B, P, D] views (out data written through `out_data`, out's strides); runs the
+// micro-kernel the head was packed for.
 void project_head_cpu(const PackedHead& head, const FeatureView& x, DType dtype, const HeadModulation& mod,
                       const FeatureView& out, void* out_data);
 

@@ -29,6 +29,7 @@
 #include "common/cpu_features.h"
 #include "ops/cpu/micro_kernels.h"
 #include "ops/match.h"
+#include "ops/match_common.h"
 
 namespace cleandift {
 namespace {
@@ -51,15 +52,6 @@ AlignedBuffer<T> aligned_buffer(int64_t count) {
   if (!p) throw std::bad_alloc();
   return AlignedBuffer<T>(static_cast<T*>(p));
 }
-
-template <DType D>
-struct Element {
-  static float load(const void* base, int64_t offset) {
-    if constexpr (D == DType::kFloat32) return static_cast<const float*>(base)[offset];
-    if constexpr (D == DType::kFloat16) return fp16_bits_to_float(static_cast<const uint16_t*>(base)[offset]);
-    if constexpr (D == DType::kBFloat16) return bf16_bits_to_float(static_cast<const uint16_t*>(base)[offset]);
-  }
-};
 
 template <class F>
 void with_dtype(DType dtype, F&& f) {
@@ -91,11 +83,11 @@ void inverse_norms(const FeatureView& v, bool check_finite, float* inv, std::ato
         int64_t c = 0;
         for (; c + 8 <= v.channels; c += 8)
           for (int j = 0; j < 8; ++j) {
-            const double x = Element<D>::load(v.data, off + c + j);
+            const double x = load_elem<D>(v.data, off + c + j);
             part[j] += x * x;
           }
         for (; c < v.channels; ++c) {
-          const double x = Element<D>::load(v.data, off + c);
+          const double x = load_elem<D>(v.data, off + c);
           part[0] += x * x;
         }
         acc[r] = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
@@ -103,7 +95,7 @@ void inverse_norms(const FeatureView& v, bool check_finite, float* inv, std::ato
     } else {  // channel-strided ([B, C, h, w]): a block of vectors per channel, whole cache lines
       for (int64_t c = 0; c < v.channels; ++c) {
         for (int64_t r = 0; r < nr; ++r) {
-          const float x = Element<D>::load(v.data, base + r * v.stride_row + c * v.stride_channel);
+          const float x = load_elem<D>(v.data, base + r * v.stride_row + c * v.stride_channel);
           acc[r] += static_cast<double>(x) * x;
         }
       }
@@ -115,7 +107,7 @@ void inverse_norms(const FeatureView& v, bool check_finite, float* inv, std::ato
     if (check_finite && bad) {  // locate the element (rare path, plain scan)
       for (int64_t r = 0; r < nr; ++r) {
         for (int64_t c = 0; c < v.channels; ++c) {
-          const float x = Element<D>::load(v.data, base + r * v.stride_row + c * v.stride_channel);
+          const float x = load_elem<D>(v.data, base + r * v.stride_row + c * v.stride_channel);
           if (!std::isfinite(x)) {
             const int64_t flat = ((b * v.rows) + r0 + r) * v.channels + c;
             int64_t cur = first_bad.load();
@@ -149,7 +141,7 @@ void pack_panel(const FeatureView& v, int64_t b, int64_t first, const float* inv
   for (int64_t c = 0; c < depth; ++c) {
     for (int64_t w = 0; w < Width; ++w) {
       const float x = c < v.channels && w < valid
-          ? Element<D>::load(v.data, base + w * v.stride_row + c * v.stride_channel) * scale[w] : 0.f;
+          ? load_elem<D>(v.data, base + w * v.stride_row + c * v.stride_channel) * scale[w] : 0.f;
       out[panel_offset<Micro>(c, w, Width)] = to_panel<Elem>(x);
     }
   }

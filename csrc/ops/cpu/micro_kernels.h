@@ -12,7 +12,8 @@
 #include <immintrin.h>
 #endif
 
-#include "ops/match_common.h"
+#include "common/cpu_features.h"
+#include "common/elements.h"
 
 namespace cleandift {
 namespace {
@@ -35,7 +36,7 @@ inline Elem to_panel(float v) {
   if constexpr (sizeof(Elem) == 4) {
     return v;
   } else {
-    return match_detail::float_to_bf16_bits(v);
+    return float_to_bf16_bits(v);
   }
 }
 
@@ -48,7 +49,7 @@ constexpr int64_t padded_depth(int64_t depth) {
 struct PortableMicro {
   static constexpr int MR = 4, NR = 8, kDepthStep = 1;
   using Elem = float;
-  static constexpr const char* name = "portable";
+  static constexpr CpuIsa isa = CpuIsa::kPortable;
   static void run(const float* a, const float* b, int64_t kc, float* tile, bool accumulate) {
     float acc[MR][NR];
     for (int r = 0; r < MR; ++r)
@@ -66,7 +67,7 @@ struct PortableMicro {
 struct Avx2Micro {
   static constexpr int MR = 6, NR = 16, kDepthStep = 1;
   using Elem = float;
-  static constexpr const char* name = "avx2";
+  static constexpr CpuIsa isa = CpuIsa::kAvx2;
   static void run(const float* a, const float* b, int64_t kc, float* tile, bool accumulate) {
     __m256 acc[MR][2];
 #pragma GCC unroll 6
@@ -97,7 +98,7 @@ struct Avx2Micro {
 struct Avx512Micro {
   static constexpr int MR = 12, NR = 32, kDepthStep = 1;
   using Elem = float;
-  static constexpr const char* name = "avx512";
+  static constexpr CpuIsa isa = CpuIsa::kAvx512;
   static void run(const float* a, const float* b, int64_t kc, float* tile, bool accumulate) {
     __m512 acc[MR][2];
 #pragma GCC unroll 12
@@ -130,7 +131,7 @@ struct Avx512Micro {
 struct Avx512Bf16Micro {
   static constexpr int MR = 12, NR = 32, kDepthStep = 2;
   using Elem = uint16_t;
-  static constexpr const char* name = "avx512_bf16";
+  static constexpr CpuIsa isa = CpuIsa::kAvx512Bf16;
   static void run(const uint16_t* a, const uint16_t* b, int64_t kc, float* tile, bool accumulate) {
     __m512 acc[MR][2];
 #pragma GCC unroll 12

@@ -18,14 +18,12 @@
 #include <new>
 #include <vector>
 
+#include "common/elements.h"
 #include "ops/cpu/micro_kernels.h"
-#include "ops/match_common.h"
 #include "ops/project_head.h"
 
 namespace cleandift {
 namespace {
-
-using namespace match_detail;
 
 // Zeroed, 64-byte aligned storage for `count` elements of T.
 template <class T = float>
@@ -44,7 +42,7 @@ std::shared_ptr<PackedHead> pack_head_for(const float* up, const float* down, in
   auto head = std::make_shared<PackedHead>();
   head->dim = dim;
   head->nr = NR;
-  head->kernel = Micro::name;
+  head->isa = Micro::isa;
   const int64_t panels = (dim + NR - 1) / NR, dp = panels * NR, dk = padded_depth<Micro>(dim);
   head->dim_padded = dp;
   head->depth = dk;
@@ -86,20 +84,6 @@ inline float exp_poly(float x) {
   p = p * r + 5.0000001201e-1f;
   const float y = p * r * r + r + 1.f;
   return y * bits_to_float(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
-}
-
-template <DType D>
-float load_elem(const void* base, int64_t offset) {
-  if constexpr (D == DType::kFloat32) return static_cast<const float*>(base)[offset];
-  if constexpr (D == DType::kFloat16) return fp16_bits_to_float(static_cast<const uint16_t*>(base)[offset]);
-  if constexpr (D == DType::kBFloat16) return bf16_bits_to_float(static_cast<const uint16_t*>(base)[offset]);
-}
-
-template <DType D>
-void store_elem(void* base, int64_t offset, float v) {
-  if constexpr (D == DType::kFloat32) static_cast<float*>(base)[offset] = v;
-  if constexpr (D == DType::kFloat16) static_cast<uint16_t*>(base)[offset] = float_to_fp16_bits(v);
-  if constexpr (D == DType::kBFloat16) static_cast<uint16_t*>(base)[offset] = float_to_bf16_bits(v);
 }
 
 template <class Micro, DType DT>

@@ -25,6 +25,7 @@
 
 #include "common/cuda_scratch.h"
 #include "ops/match.h"
+#include "ops/match_common.h"
 
 namespace cleandift {
 namespace {

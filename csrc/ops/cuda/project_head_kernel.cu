@@ -13,13 +13,11 @@
 #include <string>
 
 #include "common/cuda_scratch.h"
-#include "ops/match_common.h"
+#include "common/elements.h"
 #include "ops/project_head.h"
 
 namespace cleandift {
 namespace {
-
-using namespace match_detail;
 
 constexpr int kTile = 64, kDepth = 16, kThreads = 256;
 
@@ -130,6 +128,7 @@ __global__ void __launch_bounds__(kThreads) down_residual(const float* __restric
 
 void project_head_cuda(const void* x, void* out, int64_t batch, int64_t pixels, int64_t dim, DType dtype,
                        const float* up, const float* down, const HeadModulation& mod, void* stream_ptr) {
+  if (batch <= 0 || pixels <= 0 || dim <= 0) throw std::invalid_argument("project: empty input");
   check_modulation(mod);
   auto stream = static_cast<cudaStream_t>(stream_ptr);
   const bool film = mod.conditioning == HeadConditioning::kFilm;
