@@ -1,6 +1,7 @@
 """Train a CleanDIFT student: ``python train/train.py --base DIR --data DIR --out DIR --steps N --batch-size B``.
 
-See docs/training.md. All logic lives in ``cleandift_rt.training``.
+The same as ``cleandift-rt train`` (flags in ``cleandift_rt.cli.train``, the training itself in
+``cleandift_rt.training``). See docs/training.md.
 """
 
 import sys

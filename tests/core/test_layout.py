@@ -19,9 +19,8 @@ import cleandift_rt
 PACKAGE = Path(cleandift_rt.__file__).resolve().parent
 ROOT = "cleandift_rt"
 
-# Each stage may import only lower layers (and its own subpackage). Every ``<subpackage>.cli``
-# module belongs to the application layer with ``cli``: commands live beside the code they drive
-# but are assembled by cli.main, and nothing in the library imports them.
+# Each stage may import only lower layers (and its own subpackage). Every command lives in the
+# ``cli`` package, the application layer at the top; nothing in the library imports it.
 LAYERS = {
     "_native": -1,  # the compiled extension (csrc/)
     "taps": 0, "timesteps": 0, "conditioning": 0, "build_info": 0, "checkpoint": 0, "assets": 0, "viz": 0,
@@ -115,12 +114,10 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 def layer_of(module: str) -> tuple[str, int]:
-    """(group, layer) of a module: the group is its subpackage, or 'cli' for every command module."""
+    """(group, layer) of a module: the group is its subpackage (or top-level module)."""
     parts = module.split(".")[1:]
     if not parts:
         return "public", PUBLIC_FACE
-    if parts[-1] == "cli" or parts[0] == "cli":
-        return "cli", LAYERS["cli"]
     if parts[0] not in LAYERS:
         raise AssertionError(f"{module}: subpackage {parts[0]!r} has no layer; add it to LAYERS (and to "
                              "docs/architecture.md)")
@@ -173,6 +170,26 @@ def test_each_subpackage_imports_only_layers_below_it(graph):
 def test_every_module_is_found_statically():
     """No dynamic imports of our own modules: the graph above would not see them."""
     dynamic = []
+def _absolute_imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            names.add(node.module or "")
+    return names
+
+
+def test_commands_live_in_cli_and_the_library_parses_no_arguments():
+    """No ``cli.py`` outside ``cli/`` and no argparse in a library module: every flag and command is
+    declared in the ``cli`` package, so the library folders hold library code only."""
+    stray = sorted(str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("cli.py"))
+    assert not stray, f"commands belong in cli/ (one module per command group): move {stray}"
+    library = [p for p in PACKAGE.rglob("*.py") if p.relative_to(PACKAGE).parts[0] != "cli"]
+    parsing = sorted(str(p.relative_to(PACKAGE)) for p in library if "argparse" in _absolute_imports(p))
+    assert not parsing, f"argument parsing belongs in cli/: {parsing}"
+
+
     for path in PACKAGE.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call):

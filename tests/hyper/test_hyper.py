@@ -16,7 +16,7 @@ from cleandift_rt import AggregationNetwork, Aggregator, Engine
 from cleandift_rt.checkpoint import read_safetensors, read_safetensors_metadata
 from cleandift_rt.cli.main import main as cli_main
 from cleandift_rt.evaluation.spair import load_spair
-from cleandift_rt.cli.hyper import spair_validator
+from cleandift_rt.evaluation.pck import spair_validator
 from cleandift_rt.hyper.inversion import (InversionExtractor, InversionSettings, ddim_invert, ddim_sample,
                                           saved_calls, schedulers, unet_timesteps)
 from cleandift_rt.hyper.loss import clip_loss, grid_indices

@@ -1,4 +1,10 @@
-"""Helpers every command shares: engine options, one-line user errors, reading images, writing outputs."""
+"""Helpers every command shares: the argument groups (engine, output, run), one-line user errors,
+reading images, writing outputs.
+
+One meaning of each shared flag: ``--size H W`` (one number: a square), ``--device`` defaulting to the
+best available device, ``--out`` in the "output" group, ``--seed`` / ``--cache`` / ``--resume`` /
+``--no-progress`` / ``--device`` in the "run" group.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from ..taps import DEFAULT_TAP, TAPS
+
+DEVICE_HELP = "cpu, cuda, cuda:N (default: the best available: cuda when PyTorch sees a GPU, else cpu)"
+SIZE_HELP = "H W, or one number for a square"
 
 
 class UserError(Exception):
@@ -26,15 +35,51 @@ def positive_int(text: str) -> int:
     return value
 
 
-def add_engine_args(p: argparse.ArgumentParser, tap: bool = True, engine_required: bool = True) -> None:
-    g = p.add_argument_group("engine")
+class SizeAction(argparse.Action):
+    """``--size H W``, or ``--size N`` for ``N N``: stored as ``[H, W]``."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if len(values) > 2:
+            parser.error(f"{option_string} takes H W, or one number for a square; got {len(values)} numbers")
+        setattr(namespace, self.dest, [values[0], values[-1]])
+
+
+def add_size_arg(group, help: str, default: int | None = None) -> None:
+    """The one ``--size``: ``H W`` pixels, one number for a square (``--size 512`` is ``--size 512 512``)."""
+    group.add_argument("--size", type=int, nargs="+", action=SizeAction, metavar=("H", "W"),
+                       default=None if default is None else [default, default], help=f"{help} ({SIZE_HELP})")
+
+
+def square_side(size, command: str) -> int | None:
+    """The side of a square ``--size`` for the commands that run square inputs; None when not given."""
+    if size is None:
+        return None
+    height, width = size
+    if height != width:
+        raise UserError(f"--size {height} {width}: {command} runs square inputs; give one number (--size {height})")
+    return height
+
+
+def best_device(requested: str | None) -> str:
+    """``--device`` as given, else the best available device: cuda when PyTorch sees a GPU, else cpu."""
+    if requested:
+        return requested
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def add_engine_args(p: argparse.ArgumentParser, tap: str | None = DEFAULT_TAP, engine_required: bool = True, *,
+                    tap_why: str = "DIFT's choice for correspondence", title: str = "engine",
+                    base_help: str | None = None, size_help: str | None = None):
+    """The engine group: which file runs, on what and at which size (and ``--tap`` unless ``tap`` is None)."""
+    g = p.add_argument_group(title)
     g.add_argument("--engine", required=engine_required, metavar="FILE",
                    help=".onnx, .plan, or a student .safetensors / diffusers folder (PyTorch backend)")
-    g.add_argument("--base", metavar="DIR", help="base SD model (diffusers folder or .safetensors): needed for "
-                   "student files; gives the text encoder for prompts")
-    g.add_argument("--device", help="cpu, cuda, cuda:N (default: the best available)")
-    g.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
-                   help="input size for dynamic-size engines and the PyTorch backend (multiples of 64)")
+    g.add_argument("--base", metavar="DIR", help=base_help or "base SD model (diffusers folder or .safetensors): "
+                   "needed for student files; gives the text encoder for prompts")
+    g.add_argument("--device", help=DEVICE_HELP)
+    add_size_arg(g, size_help or "input size for dynamic-size engines and the PyTorch backend (multiples of 64)")
     g.add_argument("--backend", choices=["onnxruntime", "openvino", "tensorrt", "torch"],
                    help="what runs the engine file (default: chosen from the file; .onnx: ONNX Runtime, or "
                    "OpenVINO for bf16 or when ONNX Runtime is not installed)")
@@ -42,20 +87,51 @@ def add_engine_args(p: argparse.ArgumentParser, tap: bool = True, engine_require
                    help="fp32 (default, the reference); bf16: native bf16 on CPUs with AVX512_BF16 or AMX "
                    "(OpenVINO for .onnx, autocast for the PyTorch backend; fp32 elsewhere, with a warning); "
                    "fp16: PyTorch backend on CUDA")
-    if tap:
-        g.add_argument("--tap", default=DEFAULT_TAP, choices=TAPS,
-                       help=f"feature tap to use (default {DEFAULT_TAP}, DIFT's choice for correspondence)")
+    if tap is not None:
+        g.add_argument("--tap", default=tap, choices=TAPS, help=f"feature tap to use (default {tap}, {tap_why})")
+    return g
 
 
-def open_engine(args, taps=None):
+def add_output_args(p: argparse.ArgumentParser, metavar: str, help: str, required: bool = True):
+    """The output group: ``--out`` (a command adds its other outputs, e.g. ``--json``, to the group returned)."""
+    g = p.add_argument_group("output")
+    g.add_argument("--out", required=required, metavar=metavar, help=help)
+    return g
+
+
+def add_run_args(p: argparse.ArgumentParser, *, seed: str | None = None, seed_default: int | None = 0,
+                 cache: str | None = None, cache_metavar: str = "DIR", resume: bool = False, progress: bool = True,
+                 device: bool = False):
+    """The run group, with the flags a command has: ``--seed`` and ``--cache`` (given their help, which
+    says what they seed and cache), ``--resume``, ``--no-progress``, ``--device`` (commands without an
+    engine group). The command adds its own run flags to the group returned."""
+    g = p.add_argument_group("run")
+    if seed is not None:
+        g.add_argument("--seed", type=int, default=seed_default, help=seed)
+    if cache is not None:
+        g.add_argument("--cache", metavar=cache_metavar, help=cache)
+    if resume:
+        g.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    if progress:
+        g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    if device:
+        g.add_argument("--device", help=DEVICE_HELP)
+    return g
+
+
+def engine_options(args) -> dict:
+    """The ``Engine`` keyword arguments the engine group gives (those set), for this process or a Ray worker."""
+    exported = Path(args.engine).suffix in (".onnx", ".plan")  # --base then serves the text encoder only
+    options = {"base": None if exported else args.base, "device": args.device, "backend": args.backend,
+               "precision": args.precision, "size": tuple(args.size) if args.size else None}
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def open_engine(args, taps=None, aggregator=None):
+    """The ``Engine`` the engine group names; ``aggregator``: an aggregator file whose "hyper" output it adds."""
     from ..runtime.engine import Engine
 
-    exported = Path(args.engine).suffix in (".onnx", ".plan")  # --base then serves the text encoder only
-    kwargs = {"base": None if exported else args.base, "device": args.device, "taps": taps, "backend": args.backend,
-              "precision": args.precision}
-    if args.size:
-        kwargs["size"] = tuple(args.size)
-    return Engine(args.engine, **kwargs)
+    return Engine(args.engine, taps=taps, aggregator=aggregator, **engine_options(args))
 
 
 def engine_identity(args, engine) -> str:

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .common import add_output_args, add_size_arg, square_side
+
 REAL_WEIGHTS = """\
 The demo model is UNTRAINED (random weights): these pictures show that export, engine, extraction
 and matching work end to end on this machine, not what CleanDIFT features look like. With a trained
@@ -138,7 +140,7 @@ def run_demo(out: str | Path, size: int = 256, log=print) -> int:
 
 
 def cmd_demo(args) -> int:
-    return run_demo(args.out, size=args.size)
+    return run_demo(args.out, size=square_side(args.size, "demo"))
 
 
 def register(sub) -> None:
@@ -148,6 +150,6 @@ def register(sub) -> None:
                        description="Build a tiny model (no download), export it to ONNX, run the Engine, match and "
                        "draw.\n\nexample:\n  cleandift-rt demo --out demo/\n\nThe model is UNTRAINED: the pictures "
                        "show that the pipeline works, not what trained CleanDIFT features look like.")
-    p.add_argument("--out", required=True, metavar="DIR", help="where the pictures (and the tiny model) go")
-    p.add_argument("--size", type=int, default=256, help="engine input size in pixels (multiple of 64, default 256)")
+    add_output_args(p, "DIR", "where the pictures (and the tiny model) go")
+    add_size_arg(p, "engine input size in pixels, square, a multiple of 64 (default 256)", default=256)
     p.set_defaults(func=cmd_demo)

@@ -1,5 +1,5 @@
 """``cleandift-rt eval-spair`` and ``cleandift-rt eval-pairs``: PCK of an engine (and the DIFT baseline),
-by today's nearest neighbour or the fusion recipes of SPEC section 9, side by side.
+by today's nearest neighbour or the zero-shot fusion recipes (docs/fusion.md), side by side.
 
 Each method to run is built by one function from the parsed arguments (``_method_sources``); a new
 kind of method is one more builder there, the run loop and the report stay as they are.
@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import UserError, add_engine_args, engine_identity, open_engine, positive_int
+from .common import (UserError, add_engine_args, add_output_args, add_run_args, best_device, engine_identity,
+                     open_engine, positive_int)
 
 FUSED_MATCHING = ("tale / tlfr: the keypoint's descriptor-grid cell, cosine argmax over the target grid "
                   "(tlfr: 11 x 11 window soft-argmax, adaptive flip), cell centres mapped back to the image")
@@ -38,8 +39,8 @@ def _nn_source(args, engine, text_model, prompt):
 def _fused_source(args, engine, text_model, prompt, name, dino):
     from ..evaluation.runner import file_identity
     from ..fusion.evaluate import FusedSource
-    from .fusion_options import prompt_embedder, recipe_from_args
-    from ..fusion.pipeline import Fusion
+    from ..fusion.pipeline import Fusion, prompt_embedder
+    from .fusion_options import recipe_from_args
 
     recipe = recipe_from_args(name, args)
     fusion = Fusion(recipe, engine, dino, prompt_embedder(prompt, text_model))
@@ -56,14 +57,14 @@ def _gate_sources(args):
 
     if args.engine or list(args.recipe) != ["nn"]:
         raise UserError("--gate DIR runs on its own (its recipes name their base model): drop --engine / --recipe")
-    source = GateFeatures.from_dir(args.gate, base=args.base, device=args.device or "cpu")
+    source = GateFeatures.from_dir(args.gate, base=args.base, device=best_device(args.device))
     baseline = None
     if args.baseline:
         from ..features.extractor import DiftExtractor
 
         base = source.extractor.base
         dift = DiftExtractor(base, t=args.t, ensemble=args.ensemble, seed=args.seed, size=source.extractor.size,
-                             device=args.device or "cpu")
+                             device=best_device(args.device))
         baseline = DiftFeatures(dift, args.tap, key=short_hash(file_identity(base.source)),
                                 prompt=resolve_prompt(args, False) or None)
     return [source], baseline
@@ -107,7 +108,7 @@ def _method_sources(args):
         from ..features.extractor import DiftExtractor
 
         dift = DiftExtractor(text_model, t=args.t, ensemble=args.ensemble, seed=args.seed, size=engine.size,
-                             device=args.device or "cpu")
+                             device=best_device(args.device))
         prompt = prompts[NEAREST_NEIGHBOUR] if NEAREST_NEIGHBOUR in prompts else resolve_prompt(args, False)
         baseline = DiftFeatures(dift, args.tap, key=short_hash(file_identity(args.base)), prompt=prompt or None)
     return sources, baseline
@@ -212,15 +213,14 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
                    "docs/hyperfeatures.md)")
     p.add_argument("--gate", metavar="DIR", help="evaluate a trained GATE model (cleandift-rt train-gate --out DIR) "
                    "instead of --engine; --base overrides the base model it recorded (docs/gate.md)")
-    p.add_argument("--out", required=True, metavar="results.json", help="results JSON (a CSV is written beside it)")
-    p.add_argument("--csv", metavar="FILE", help="CSV path (default: --out with .csv)")
+    g = add_output_args(p, "results.json", "results JSON (a CSV is written beside it)")
+    g.add_argument("--csv", metavar="FILE", help="CSV path (default: --out with .csv)")
     p.add_argument("--prompt", default=None,
                    help=f"prompt template, {{category}} filled in (default {DEFAULT_PROMPT!r} for nn, {FUSED_PROMPT!r} "
                    "for tale / tlfr; needs --base); '' = the prompt baked into the engine")
     p.add_argument("--baseline", choices=["dift"], help="also run the noisy DIFT baseline (base U-Net, needs --base)")
     p.add_argument("--t", type=int, default=261, help="DIFT timestep (default 261)")
     p.add_argument("--ensemble", type=positive_int, default=8, help="DIFT noise samples averaged (default 8)")
-    p.add_argument("--seed", type=int, default=0, help="DIFT noise seed (default 0)")
     p.add_argument("--alphas", type=float, nargs="+", default=list(ALPHAS), help="PCK thresholds (default 0.05 0.1 0.15)")
     p.add_argument("--threshold", choices=list(CONVENTIONS), default="dift",
                    help="'dift': correct if distance <= alpha*size (default); 'tlfr': strictly <")
@@ -228,9 +228,9 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
                    help="nn only: 'matcher': upsampled target searched by cleandift_rt.match (default); 'analytic': "
                    "the same cosines in closed form, no upsampled map (float64, much faster on a CPU)")
     p.add_argument("--limit", type=positive_int, help="at most N pairs (per category for SPair): a quick look")
-    p.add_argument("--cache", metavar="DIR", help="feature cache and resume journal (default: OUT_STEM.cache beside --out)")
-    p.add_argument("--restart", action="store_true", help="ignore the journal of an earlier run (features stay cached)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = add_run_args(p, seed="DIFT noise seed (default 0)",
+                     cache="feature cache and resume journal (default: OUT_STEM.cache beside --out)")
+    g.add_argument("--restart", action="store_true", help="ignore the journal of an earlier run (features stay cached)")
     add_recipe_args(p, several=True)
 
 
@@ -241,7 +241,7 @@ def register(sub) -> None:
                        description="PCK@0.05/0.1/0.15 (bbox and img; per point and per image; per category) on "
                        "SPair-71k as in DIFT: images resized to the model size, features upsampled bilinearly to "
                        "the original size, cosine argmax over all target pixels. --recipe tale / tlfr fuse the taps "
-                       "us8, us5, us2 with DINOv2 (SPEC section 9; docs/fusion.md); several recipes and the DIFT "
+                       "us8, us5, us2 with DINOv2 (docs/fusion.md); several recipes and the DIFT "
                        "baseline run side by side. Features are cached per image; an interrupted run resumes.\n\n"
                        "examples:\n"
                        "  cleandift-rt eval-spair --root SPair-71k --engine sd21.onnx --base sd21/ --out results.json "

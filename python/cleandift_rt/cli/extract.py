@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import UserError, add_engine_args, open_engine, positive_int
-from ..taps import TAPS
 from ..extraction.inputs import FORMATS, collect_images
 from ..extraction.pipeline import extract_local
+from ..taps import TAPS
+from .common import (UserError, add_engine_args, add_output_args, add_run_args, engine_options, open_engine,
+                     positive_int, write_json)
 
 LISTED_FAILURES = 20
 
@@ -28,15 +29,6 @@ examples:
 """
 
 
-def _engine_options(args) -> dict:
-    exported = Path(args.engine).suffix in (".onnx", ".plan")  # --base then serves the text encoder only
-    options = {"base": None if exported else args.base, "device": args.device, "backend": args.backend,
-               "precision": args.precision}
-    if args.size:
-        options["size"] = tuple(args.size)
-    return {k: v for k, v in options.items() if v is not None}
-
-
 def _run_on_ray(args, items):
     if args.format != "shards":
         raise UserError(f"--ray writes shards only (many workers, one folder): add --format shards (not "
@@ -48,7 +40,7 @@ def _run_on_ray(args, items):
                         "(or pip install 'ray[data]')") from None
     return run_items(items, args.engine, taps=args.taps, batch_size=args.batch_size,
                      num_gpus_per_worker=args.gpus_per_worker, concurrency=args.concurrency, output=args.out,
-                     address=None if args.ray == "local" else args.ray, engine_options=_engine_options(args),
+                     address=None if args.ray == "local" else args.ray, engine_options=engine_options(args),
                      shard_images=args.shard_images, progress=not args.no_progress)
 
 
@@ -74,8 +66,6 @@ def cmd_extract(args) -> int:
             print(f"  ... and {len(summary.failed) - LISTED_FAILURES} more (all in {args.out}/manifest-"
                   f"{args.format}.jsonl)")
     if args.summary:
-        from .common import write_json
-
         write_json(summary.to_dict(), Path(args.summary))
     return 1 if summary.failed and summary.done == 0 and summary.skipped == 0 else 0
 
@@ -86,16 +76,18 @@ def register(sub) -> None:
                        help="features of many images to files or shards (resumable; --ray for clusters)",
                        description=DESCRIPTION)
     p.add_argument("inputs", nargs="+", metavar="IMAGES_OR_DIR")
-    add_engine_args(p, tap=False)
-    p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--taps", nargs="+", choices=TAPS, help="taps to save (default: all of the engine's)")
-    p.add_argument("--format", choices=FORMATS, default="safetensors",
+    add_engine_args(p, tap=None)
+    g = add_output_args(p, "DIR", "where the feature files (or shards) and the manifest go")
+    g.add_argument("--taps", nargs="+", choices=TAPS, help="taps to save (default: all of the engine's)")
+    g.add_argument("--format", choices=FORMATS, default="safetensors",
                    help="safetensors / npz: one file per image; shards: many images per file (default safetensors)")
-    p.add_argument("--batch-size", type=positive_int, metavar="B",
-                   help="images per engine call (default: a TensorRT plan's optimal batch, else 4)")
-    p.add_argument("--shard-images", type=positive_int, metavar="N",
+    g.add_argument("--shard-images", type=positive_int, metavar="N",
                    help="images per shard (default: 4096, fewer when that would exceed ~1 GiB of features)")
-    p.add_argument("--workers", type=positive_int, metavar="N",
+    g.add_argument("--summary", metavar="FILE.json", help="also write the run's summary as JSON")
+    g = add_run_args(p)
+    g.add_argument("--batch-size", type=positive_int, metavar="B",
+                   help="images per engine call (default: a TensorRT plan's optimal batch, else 4)")
+    g.add_argument("--workers", type=positive_int, metavar="N",
                    help="decoding threads on this machine (default: up to 4, one per usable core)")
     g = p.add_argument_group("Ray Data (pip install 'cleandift-rt[distributed]')")
     g.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
@@ -105,6 +97,4 @@ def register(sub) -> None:
                    help="engine workers (actors), each holding one Engine (default: one per GPU, or 1 on CPUs)")
     g.add_argument("--gpus-per-worker", type=float, default=None, metavar="G",
                    help="GPUs per engine worker (default 1 where the cluster has GPUs, else 0)")
-    p.add_argument("--summary", metavar="FILE.json", help="also write the run's summary as JSON")
-    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_extract)

@@ -1,5 +1,6 @@
 """The fusion options ``eval-spair``, ``eval-pairs`` and ``match`` share: which recipe, the DINOv2
-weights, the canvases, the ablation switches; and what turns them into a ``Fusion``."""
+weights, the canvases, the ablation switches; and what turns them into a recipe, DINOv2 features and
+a prompt (``fusion.pipeline.Fusion`` and ``prompt_embedder`` do the rest)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ NEED_DINO = ("the tale and tlfr recipes fuse DINOv2 features: pass --dino PATH (
 
 
 def add_recipe_args(p: argparse.ArgumentParser, several: bool) -> None:
-    g = p.add_argument_group("fusion recipes (SPEC section 9; docs/fusion.md)")
+    g = p.add_argument_group("fusion recipes (docs/fusion.md)")
     g.add_argument("--recipe", nargs="+" if several else None, choices=RECIPE_CHOICES,
                    default=[NEAREST_NEIGHBOUR] if several else NEAREST_NEIGHBOUR,
                    help="nn: nearest neighbour on the engine's --tap (default); tale: 'A Tale of Two Features' "
@@ -81,20 +82,8 @@ def open_dino(args):
     return Dinov2Features(args.dino, size=args.dino_size, device=args.device, allow_pickle=args.allow_pickle)
 
 
-def prompt_embedder(template: str | None, text_model):
-    """``category -> embeddings`` for the SD side: ``template`` filled in ("" when the category is
-    unknown) through ``text_model``'s encoder; None keeps the engine's baked prompt."""
-    if not template or text_model is None:
-        return None
-
-    def embed(category: str | None):
-        return text_model.encode_prompt(template.format(category=category) if category else "")
-
-    return embed
-
-
 def resolve_prompt(args, fused: bool) -> str:
-    """``--prompt`` as given, else the protocol's: DIFT's for nn, SPEC section 9's for the recipes."""
+    """``--prompt`` as given, else the protocol's: DIFT's for nn, the recipes' own for tale / tlfr."""
     if getattr(args, "prompt", None) is not None:
         return args.prompt
     from ..evaluation.runner import DEFAULT_PROMPT as NN_PROMPT

@@ -6,7 +6,8 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from .common import UserError, positive_int, read_image, save_picture, write_json
+from .common import (UserError, add_output_args, add_run_args, add_size_arg, best_device, positive_int, read_image,
+                     save_picture, square_side, write_json)
 
 SUMMARY_PAIRS = 100  # train-gate reports the mean loss over at most this many training pairs before and after
 
@@ -14,7 +15,7 @@ TRAIN_EXAMPLE = """\
 examples:
   # CPU smoke run (the defaults: the first 4 usable pairs, 256 px, 2 epochs)
   cleandift-rt train-gate --root SPair-71k --base sd15/ --bucket bucket.json --out runs/gate
-  # the paper's recipe (SPEC section 10): 2 x 5000 random training pairs at 512 px, 360 val pairs
+  # the paper's recipe (docs/method.md, GATE): 2 x 5000 random training pairs at 512 px, 360 val pairs
   cleandift-rt train-gate --root SPair-71k --base sd15/ --bucket bucket.json --out runs/gate --preset paper
   # then: cleandift-rt eval-spair --root SPair-71k --gate runs/gate --out gate.json
 The bucket file (docs/gate.md) lists the technique combinations, e.g. the paper's correspondence
@@ -34,8 +35,8 @@ def _train_config(args):
 
     values = dict(PRESETS[args.preset], preset=args.preset)
     flags = {"epochs": args.epochs, "pairs_per_epoch": args.pairs_per_epoch, "max_pairs": args.pairs,
-             "size": args.size, "lr": args.lr, "weight_decay": args.weight_decay, "sparsity": args.sparsity,
-             "val_pairs": args.val_pairs, "validate_every": args.validate_every,
+             "size": square_side(args.size, "train-gate"), "lr": args.lr, "weight_decay": args.weight_decay,
+             "sparsity": args.sparsity, "val_pairs": args.val_pairs, "validate_every": args.validate_every,
              "checkpoint_every": args.checkpoint_every, "seed": args.seed}
     values.update({k: v for k, v in flags.items() if v is not None})
     if args.all_pairs:
@@ -51,7 +52,7 @@ def _open_models(args, bucket=None, controlnets=None, loras=None, size=None):
 
     import torch
 
-    device = args.device or "cpu"
+    device = best_device(args.device)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device}: CUDA is not available here (use --device cpu)")
     base = load_base(args.base)
@@ -152,7 +153,7 @@ def register(sub) -> None:
     p.add_argument("--root", required=True, metavar="DIR", help="SPair-71k folder (PairAnnotation/, JPEGImages/)")
     p.add_argument("--base", required=True, metavar="DIR", help="base SD model (diffusers folder or .safetensors)")
     p.add_argument("--bucket", required=True, metavar="FILE.json", help="the technique combinations (docs/gate.md)")
-    p.add_argument("--out", required=True, metavar="DIR", help="features, checkpoints, metrics and gate.safetensors")
+    add_output_args(p, "DIR", "features, checkpoints, metrics and gate.safetensors")
     p.add_argument("--student", metavar="FILE", help="a CleanDIFT student file: one-pass recipes on its clean latent")
     p.add_argument("--split", default="trn", choices=["trn", "val", "test"], help="pairs to train on (default trn)")
     p.add_argument("--val-split", default="val", choices=["trn", "val", "test"], help="validation pairs (default val)")
@@ -162,7 +163,7 @@ def register(sub) -> None:
     p.add_argument("--all-pairs", action="store_true", help="use every pair of the split")
     p.add_argument("--pairs-per-epoch", type=positive_int, help="random pairs per epoch (paper: 5000)")
     p.add_argument("--epochs", type=positive_int, help="epochs (default 2)")
-    p.add_argument("--size", type=positive_int, help="model input side in px, a multiple of 64 (smoke: 256)")
+    add_size_arg(p, "model input in px, multiples of 64, square (smoke: 256)")
     p.add_argument("--lr", type=float, help="AdamW learning rate (default 5e-4)")
     p.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0.01)")
     p.add_argument("--sparsity", type=float, help="weight of the sparsity term (default 1e-3)")
@@ -170,11 +171,8 @@ def register(sub) -> None:
     p.add_argument("--val-pairs", type=int, help="validation pairs (paper: 360; 0 = none)")
     p.add_argument("--validate-every", type=int, help="steps between validations (paper: 500)")
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (0 = only at the end)")
-    p.add_argument("--seed", type=int, help="model initialisation and pair order (default 0)")
-    p.add_argument("--device", help="cpu, cuda, cuda:N (default cpu)")
-    p.add_argument("--cache", metavar="DIR", help="feature cache shared between runs (default OUT/features)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_run_args(p, seed="model initialisation and pair order (default 0)", seed_default=None,
+                 cache="feature cache shared between runs (default OUT/features)", resume=True, device=True)
     p.set_defaults(func=cmd_train_gate)
 
     p = sub.add_parser("content-shift", formatter_class=fmt, help="score how much a technique suppresses content shift",
@@ -183,7 +181,7 @@ def register(sub) -> None:
                        "the anchor, and the img2img comparison picture for you to judge.\n\n" + SHIFT_EXAMPLE)
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("--base", required=True, metavar="DIR", help="base SD model (needs its VAE decoder and scheduler)")
-    p.add_argument("--out", required=True, metavar="DIR", help="content_shift.json and img2img.png go here")
+    add_output_args(p, "DIR", "content_shift.json and img2img.png go here")
     p.add_argument("--prompt", help="a fine-grained prompt to score (the technique)")
     p.add_argument("--controlnet", metavar="DIR", help="a diffusers ControlNetModel folder (Canny control)")
     p.add_argument("--lora", action="append", metavar="FILE", help="a LoRA .safetensors or merged U-Net folder "
@@ -192,14 +190,13 @@ def register(sub) -> None:
     p.add_argument("--category", default="", help="fills {category} in the prompts")
     p.add_argument("--t", type=int, default=50, help="feature timestep (default 50)")
     p.add_argument("--t-start", type=int, help="ControlNet with multi-step denoising from this timestep (e.g. 60)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     p.add_argument("--controlnet-scale", type=float, default=1.0, help="conditioning scale (default 1)")
     p.add_argument("--lora-scale", type=float, default=1.0, help="LoRA scale (default 1)")
-    p.add_argument("--size", type=positive_int, help="model input side in px (default: the base model's)")
+    add_size_arg(p, "model input in px, multiples of 64 (default: the base model's)")
     p.add_argument("--strength", type=float, default=0.8, help="img2img strength of the picture (default 0.8)")
     p.add_argument("--steps", type=positive_int, default=50, help="img2img scheduler steps (default 50)")
     p.add_argument("--guidance", type=float, default=1.0, help="img2img guidance scale (default 1: no CFG, as the "
                    "features)")
     p.add_argument("--no-picture", action="store_true", help="scores only (the picture needs a VAE decoder pass per panel)")
-    p.add_argument("--device", help="cpu, cuda, cuda:N (default cpu)")
+    add_run_args(p, seed="noise seed (default 0)", progress=False, device=True)
     p.set_defaults(func=cmd_content_shift)

@@ -1,24 +1,22 @@
-"""``cleandift-rt train-aggregator`` and the aggregator case of ``cleandift-rt info``: Diffusion Hyperfeatures.
+"""``cleandift-rt train-aggregator``: Diffusion Hyperfeatures.
 
-Also what the evaluation and match commands need to use a trained aggregator: the SPair
-validator of training (:func:`spair_validator`, PCK@0.1 bbox per point, SPEC section 6) and
-:func:`hyper_source` (``--aggregator FILE`` as a feature source of ``evaluation.runner.evaluate``,
-whose ``features(image)`` also gives ``match`` its descriptor maps).
+Also what the evaluation and match commands need to use a trained aggregator: :func:`hyper_source`
+(``--aggregator FILE`` as a feature source of ``evaluation.runner.evaluate``, whose
+``features(image)`` also gives ``match`` its descriptor maps). ``info`` on an aggregator file is
+``cli.info``'s aggregator kind.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
-from collections.abc import Iterable
 
-import numpy as np
-
-from .common import UserError, positive_int, save_picture
+from ..evaluation.pck import spair_validator
 from ..taps import TAPS
+from .common import (UserError, add_engine_args, add_output_args, add_run_args, best_device, engine_identity,
+                     open_engine, positive_int, square_side)
 
-DEFAULT_SIZE = 512  # the recipe's input size (SPEC section 8)
+DEFAULT_SIZE = 512  # the recipe's input size (docs/method.md, Diffusion Hyperfeatures)
 
 TRAIN_EXAMPLE = """\
 examples:
@@ -36,32 +34,7 @@ The recipe: 5000 random trn pairs, AdamW 1e-3, validation PCK@0.1 (bbox, per poi
 val pairs at step 0, every 1000 steps and at the end; metrics in OUT/metrics.jsonl."""
 
 
-def spair_validator(items: Iterable, alpha: float = 0.1) -> float:
-    """PCK@alpha bbox per point (a fraction) of ``(ValItem, source map, target map)`` triples.
-
-    Each source keypoint goes to the target pixel of highest cosine similarity of the descriptor
-    maps upsampled bilinearly to the image sizes (``evaluation.transfer``, closed form); correct
-    when within ``alpha * max(bbox_w, bbox_h)`` (``evaluation.pck``, DIFT's ``<=``).
-    """
-    from ..evaluation.pck import PairResult, alpha_key, bbox_size, summarize
-    from ..evaluation.transfer import transfer_points
-
-    results = []
-    for item, source, target in items:
-        if item.target_bbox is None:
-            continue
-        pred, _ = transfer_points(source, target, item.source_size, item.target_size, item.source_points,
-                                  method="analytic")
-        distances = np.linalg.norm(pred - item.target_points, axis=1)
-        results.append(PairResult(item.pair_id, item.category, distances, bbox_size(item.target_bbox),
-                                  float(max(item.target_size))))
-    if not results:
-        raise ValueError("no validation pair has a target bounding box: PCK@bbox is undefined")
-    return summarize(results, alphas=(alpha,))["pck"]["bbox"][alpha_key(alpha)]["point"] / 100
-
-
 def _open_engine(args, source: str):
-    from .common import engine_identity, open_engine
     from ..hyper.sources import EngineTaps
 
     if not args.engine:
@@ -106,15 +79,10 @@ def _stored_source(args):
         raise UserError(f"--source {source} runs the base model's own U-Net: pass --base DIR and no --engine / --heads")
     if not args.base:
         raise UserError(f"--source {source} needs --base DIR (the SD base model it inverts)")
-    side = (args.size or [DEFAULT_SIZE])[0]
-    if args.size and args.size[0] != args.size[1]:
-        raise UserError("--source inversion / one-step run square inputs: give --size N N")
+    side = square_side(args.size, f"--source {source}") or DEFAULT_SIZE
     settings = (InversionSettings.one_step(size=side, seed=args.seed) if source == "one-step" else
                 InversionSettings(steps=args.inversion_steps, saved=args.saved_steps, size=side, seed=args.seed))
-    import torch
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    base = load_base(args.base, device=device)
+    base = load_base(args.base, device=best_device(args.device))
     extractor = InversionExtractor(base, settings, args.layers)
     return InversionTaps(extractor, file_identity(args.base)), None, {}
 
@@ -150,98 +118,12 @@ def cmd_train_aggregator(args) -> int:
     return 0
 
 
-def format_aggregator(d: dict) -> str:
-    lines = [f"{d.get('path', '')}  [aggregator, source {d['source']}]",
-             f"  layers: {', '.join(f'{n} ({c} ch)' for n, c in zip(d['layers'], d['channels']))}",
-             f"  timesteps: {', '.join(f'{t:g}' for t in d['timesteps'])}",
-             f"  descriptor: {d['projection_dim']} channels at 1/{d['output_stride']} of the input; "
-             f"{d['parameters']} parameters" + (" (+ the projection heads)" if d["heads"] else "")]
-    for key, label in (("steps", "trained steps"), ("val_pck", "val PCK@0.1 bbox"), ("engine", "engine"),
-                       ("base", "base model"), ("heads_file", "heads from"), ("size", "input size")):
-        if d.get(key) not in (None, "", []):
-            value = f"{100 * d[key]:.2f}%" if key == "val_pck" else d[key]
-            lines.append(f"  {label}: {value}")
-    return "\n".join(lines)
-
-
-def cmd_info_aggregator(args) -> int:
-    """``info`` on an aggregator file: its shape and source, and with ``--out`` the heat map."""
-    from ..hyper.aggregator import Aggregator
-    from ..hyper.picture import mixing_weights_picture
-
-    aggregator = Aggregator.from_file(args.file)
-    d = {"path": str(args.file), **aggregator.describe()}
-    if args.out:
-        picture = mixing_weights_picture(aggregator.mixing_weights(), aggregator.layers, aggregator.timesteps,
-                                         f"{aggregator.source}: mixing weights ({Path(args.file).name})")
-        save_picture(picture, Path(args.out))
-        d["picture"] = str(args.out)
-    d["mixing_weights"] = aggregator.mixing_weights().round(6).tolist()
-    print(json.dumps(d, indent=2) if args.json else format_aggregator(d) +
-          (f"\n  mixing weights picture: {args.out}" if args.out else ""))
-    return 0
-
-
-def _hyper_record(path) -> dict | None:
-    """An export's ``extra["hyper"]`` (the ``--aggregator`` output), or None."""
-    if Path(path).suffix not in (".onnx", ".plan"):
-        return None
-    from ..formats.artifact import read_info
-
-    try:
-        return read_info(path).extra.get("hyper")
-    except (ValueError, OSError):
-        return None
-
-
-def _extend_info(sub) -> None:
-    """Teach ``info`` (runtime/cli.py) about aggregator files: ``--out`` writes their heat map."""
-    info = sub.choices.get("info")
-    if info is None:
-        raise RuntimeError("register the runtime commands before the hyper commands (cli/main.py COMMANDS)")
-    info.add_argument("--out", metavar="weights.png", help="aggregator files: write the mixing weights as a "
-                      "layers x timesteps heat map")
-    info.description += ("\n\nAn aggregator.safetensors (train-aggregator) gives its source, layers, timesteps and "
-                         "mixing weights;\n  cleandift-rt info runs/hyper/aggregator.safetensors --out weights.png")
-    plain = info.get_default("func")
-
-    def cmd_info(args) -> int:
-        from ..hyper.aggregator import is_aggregator_file
-
-        if is_aggregator_file(args.file):
-            return cmd_info_aggregator(args)
-        if args.out:
-            raise UserError(f"--out writes the mixing weights of an aggregator file; {args.file} is not one")
-        status = plain(args)
-        record = _hyper_record(args.file)
-        if status == 0 and record and not args.json:
-            print(f"  hyper: {record['channels']} ch, /{record['stride']}, the {record.get('source', '?')} aggregator "
-                  f"{record.get('aggregator', '')} over {', '.join(record.get('layers', []))} at timesteps "
-                  f"{', '.join(f'{t:g}' for t in record.get('timesteps', []))}")
-        return status
-
-    info.set_defaults(func=cmd_info)
-
-
-def open_hyper_engine(args, aggregator):
-    """``cli.common.open_engine`` with ``aggregator=``: the engine's ``extract`` then returns "hyper" too."""
-    from ..runtime.engine import Engine
-
-    exported = Path(args.engine).suffix in (".onnx", ".plan")  # --base then serves the text encoder only
-    kwargs = {"base": None if exported else args.base, "device": args.device, "backend": args.backend,
-              "precision": args.precision, "aggregator": aggregator}
-    if args.size:
-        kwargs["size"] = tuple(args.size)
-    return Engine(args.engine, **kwargs)
-
-
 def hyper_source(args):
     """``args.aggregator`` as a feature source of ``evaluation.runner.evaluate`` (eval-spair / match --aggregator).
 
     Sources cleandift / cleandift-heads run ``args.engine`` with the aggregator; inversion / one-step
     run the base model ``args.base`` exactly as the aggregator was trained (its recorded settings).
     """
-    from .common import engine_identity
     from ..hyper.aggregator import ENGINE_SOURCES, Aggregator
     from ..checkpoint import file_identity, short_hash
     from ..hyper.sources import HyperFeatures
@@ -251,24 +133,21 @@ def hyper_source(args):
     if aggregator.source in ENGINE_SOURCES:
         if not getattr(args, "engine", None):
             raise UserError(f"{args.aggregator} aggregates {aggregator.source} features: pass --engine FILE")
-        engine = open_hyper_engine(args, args.aggregator)
+        engine = open_engine(args, aggregator=args.aggregator)
         return HyperFeatures.from_engine(engine, short_hash(engine_identity(args, engine), file_identity(args.aggregator)))
     if not getattr(args, "base", None):
         raise UserError(f"{args.aggregator} aggregates the base model's {aggregator.source} features: pass --base DIR")
-    import torch
-
-    device = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
-    return HyperFeatures.from_inversion(aggregator, load_base(args.base, device=device),
+    return HyperFeatures.from_inversion(aggregator, load_base(args.base, device=best_device(getattr(args, "device", None))),
                                         short_hash(file_identity(args.base), file_identity(args.aggregator)))
 
 
 def register(sub) -> None:
-    """Add 'train-aggregator' and teach 'info' about aggregator files."""
+    """Add the 'train-aggregator' command to the cleandift-rt parser."""
     fmt = argparse.RawDescriptionHelpFormatter
     p = sub.add_parser("train-aggregator", formatter_class=fmt,
                        help="train a Diffusion Hyperfeatures aggregator on SPair-71k",
                        description="Learn one descriptor map from every tap (and timestep) of a feature source with "
-                       "the aggregation network of Diffusion Hyperfeatures (SPEC section 8): per-layer bottlenecks, "
+                       "the aggregation network of Diffusion Hyperfeatures (docs/method.md): per-layer bottlenecks, "
                        "softmax mixing weights, CLIP-style loss, AdamW 1e-3. Features are computed once per image "
                        "and cached in fp16; progress bar, atomic checkpoints, --resume continues exactly. Writes "
                        "OUT/aggregator.safetensors, OUT/metrics.jsonl and OUT/mixing_weights.png.\n\n" + TRAIN_EXAMPLE)
@@ -277,17 +156,12 @@ def register(sub) -> None:
                    help="cleandift: the student's taps from one pass; cleandift-heads: the same through the release "
                    "heads at S timesteps; inversion: the base model's DDIM inversion (the original); one-step: one "
                    "base-model call at timestep -1")
-    p.add_argument("--out", required=True, metavar="DIR", help="checkpoints, metrics, aggregator.safetensors")
-    g = p.add_argument_group("models")
-    g.add_argument("--engine", metavar="FILE", help="cleandift sources: .onnx / .plan / student .safetensors")
-    g.add_argument("--base", metavar="DIR", help="base SD model: inverted by inversion / one-step; VAE and text "
-                   "encoder of a student file")
+    add_output_args(p, "DIR", "checkpoints, metrics, aggregator.safetensors")
+    g = add_engine_args(p, tap=None, engine_required=False,
+                        base_help="base SD model: inverted by inversion / one-step; VAE and text encoder of a student "
+                        "file", size_help=f"input size (default {DEFAULT_SIZE} for the PyTorch backend and the "
+                        "inversion sources; an export runs at its own)")
     g.add_argument("--heads", metavar="FILE", help="cleandift-heads: the student's _full file whose heads it uses")
-    g.add_argument("--device", help="cpu, cuda, cuda:N (default: the best available)")
-    g.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help=f"input size (default {DEFAULT_SIZE} for "
-                   "the PyTorch backend and the inversion sources; an export runs at its own)")
-    g.add_argument("--backend", choices=["onnxruntime", "openvino", "tensorrt", "torch"], help="what runs --engine")
-    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="engine precision (default fp32)")
     g = p.add_argument_group("features")
     g.add_argument("--layers", nargs="+", choices=TAPS, help="taps to aggregate (default all 11)")
     g.add_argument("--timesteps", type=positive_int, metavar="S", help="cleandift-heads: S evenly spaced head "
@@ -295,8 +169,6 @@ def register(sub) -> None:
     g.add_argument("--inversion-steps", type=positive_int, default=50, metavar="T", help="inversion: DDIM steps (50)")
     g.add_argument("--saved-steps", type=positive_int, default=11, metavar="S", help="inversion: steps whose taps are "
                    "kept (11: U-Net timesteps -1, 60, 160, ..., 960 for T = 50)")
-    g.add_argument("--cache", metavar="DIR|none", help="feature cache (default OUT/features; share it between runs "
-                   "of one engine); 'none' recomputes every time (for inversion: 50 U-Net calls per image per use)")
     g = p.add_argument_group("training")
     g.add_argument("--split", default="trn", choices=["trn", "val", "test"], help="training pairs (default trn)")
     g.add_argument("--val-split", default="val", choices=["trn", "val", "test"], help="validation pairs (default val)")
@@ -309,8 +181,7 @@ def register(sub) -> None:
     g.add_argument("--projection-dim", type=positive_int, default=384, help="descriptor channels (default 384)")
     g.add_argument("--output-stride", type=positive_int, default=8, help="image pixels per descriptor cell (default "
                    "8: 64 x 64 at 512 px)")
-    g.add_argument("--seed", type=int, default=0, help="initial weights, pair order, posterior samples (default 0)")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_run_args(p, seed="initial weights, pair order, posterior samples (default 0)", resume=True,
+                 cache="feature cache (default OUT/features; share it between runs of one engine); 'none' recomputes "
+                 "every time (for inversion: 50 U-Net calls per image per use)", cache_metavar="DIR|none")
     p.set_defaults(func=cmd_train_aggregator)
-    _extend_info(sub)

@@ -1,18 +1,37 @@
-"""``cleandift-rt info | build-info | bench``: the commands that describe an Engine or time one (``extract``
-lives in ``extraction/cli.py``)."""
+"""``cleandift-rt info | build-info``: what a file holds, and what this installation has.
+
+``info`` asks the kind of the file for its description: each kind in :data:`FILE_KINDS` says which
+files it claims, how it describes one (a plain dict, also the ``--json`` output), how that dict reads
+as text and, where the kind has one, which picture ``--out`` writes. The kinds claim disjoint sets of
+files, so their order does not matter; a new kind of file is one more entry.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
-import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
-import numpy as np
+from .common import UserError, save_picture
 
-from .common import add_engine_args, open_engine, positive_int
+ENGINE_SUFFIXES = (".onnx", ".plan")
+
+
+@dataclass(frozen=True)
+class FileKind:
+    """One kind of file ``info`` reads."""
+
+    name: str
+    claims: Callable[[Path], bool]  # is this file of the kind? (no two kinds claim the same file)
+    describe: Callable[[Path], dict]  # what it holds, JSON-serialisable
+    format: Callable[[dict], str]  # the description as text
+    picture: Callable[[Path, Path], None] | None = None  # write the kind's picture (``--out``) of a file
 
 
 def format_info(d: dict) -> str:
+    """An engine or student file's description (``formats.artifact.describe``) as text."""
     lines = [f"{d.get('path', '')}  [{d.get('kind', '?')}]"]
     if "taps" in d:
         lines.append("  taps: " + ", ".join(f"{t['name']} ({t['channels']} ch, /{t['stride']})" for t in d["taps"]))
@@ -37,16 +56,87 @@ def format_info(d: dict) -> str:
         if "build_seconds" in build:
             parts.append(f"built in {build['build_seconds']:.0f} s")
         lines.append("  built for: " + "; ".join(parts))
+    hyper = (d.get("extra") or {}).get("hyper")
+    if hyper:  # an export with an aggregator's output beside its taps
+        lines.append(f"  hyper: {hyper['channels']} ch, /{hyper['stride']}, the {hyper.get('source', '?')} aggregator "
+                     f"{hyper.get('aggregator', '')} over {', '.join(hyper.get('layers', []))} at timesteps "
+                     f"{', '.join(f'{t:g}' for t in hyper.get('timesteps', []))}")
     lines.extend(f"  WARNING: {w}" for w in d.get("warnings", []))
     return "\n".join(lines)
 
 
-def cmd_info(args) -> int:
+def format_aggregator(d: dict) -> str:
+    """An aggregator file's description (``Aggregator.describe``) as text."""
+    lines = [f"{d.get('path', '')}  [aggregator, source {d['source']}]",
+             f"  layers: {', '.join(f'{n} ({c} ch)' for n, c in zip(d['layers'], d['channels']))}",
+             f"  timesteps: {', '.join(f'{t:g}' for t in d['timesteps'])}",
+             f"  descriptor: {d['projection_dim']} channels at 1/{d['output_stride']} of the input; "
+             f"{d['parameters']} parameters" + (" (+ the projection heads)" if d["heads"] else "")]
+    for key, label in (("steps", "trained steps"), ("val_pck", "val PCK@0.1 bbox"), ("engine", "engine"),
+                       ("base", "base model"), ("heads_file", "heads from"), ("size", "input size")):
+        if d.get(key) not in (None, "", []):
+            value = f"{100 * d[key]:.2f}%" if key == "val_pck" else d[key]
+            lines.append(f"  {label}: {value}")
+    return "\n".join(lines)
+
+
+def _describe_file(path: Path) -> dict:
     from ..formats.artifact import describe
 
-    d = describe(args.file)
+    return describe(path)
+
+
+def _is_aggregator(path: Path) -> bool:
+    from ..hyper.aggregator import is_aggregator_file
+
+    return is_aggregator_file(path)
+
+
+def _describe_aggregator(path: Path) -> dict:
+    from ..hyper.aggregator import Aggregator
+
+    aggregator = Aggregator.from_file(path)
+    return {"path": str(path), **aggregator.describe(), "mixing_weights": aggregator.mixing_weights().round(6).tolist()}
+
+
+def _mixing_weights_picture(path: Path, out: Path) -> None:
+    from ..hyper.aggregator import Aggregator
+    from ..hyper.picture import mixing_weights_picture
+
+    aggregator = Aggregator.from_file(path)
+    save_picture(mixing_weights_picture(aggregator.mixing_weights(), aggregator.layers, aggregator.timesteps,
+                                        f"{aggregator.source}: mixing weights ({path.name})"), out)
+
+
+FILE_KINDS = (
+    FileKind("engine", lambda path: path.suffix in ENGINE_SUFFIXES, _describe_file, format_info),
+    FileKind("aggregator", _is_aggregator, _describe_aggregator, format_aggregator, _mixing_weights_picture),
+    # student .safetensors files and diffusers folders; describe names what it cannot read
+    FileKind("student", lambda path: path.suffix not in ENGINE_SUFFIXES and not _is_aggregator(path), _describe_file,
+             format_info),
+)
+
+
+def kind_of(path: Path) -> FileKind:
+    """The kind that claims ``path`` (the student kind claims whatever the others do not)."""
+    return next(kind for kind in FILE_KINDS if kind.claims(path))
+
+
+def cmd_info(args) -> int:
+    path = Path(args.file)
+    kind = kind_of(path)
+    if args.out and kind.picture is None:
+        raise UserError(f"--out writes the picture of a file that has one (an aggregator file's mixing weights); "
+                        f"{args.file} is not one")
+    d = kind.describe(path)
     d.setdefault("path", str(args.file))
-    print(json.dumps(d, indent=2) if args.json else format_info(d))
+    if args.out:
+        kind.picture(path, Path(args.out))
+        d["picture"] = str(args.out)
+    if args.json:
+        print(json.dumps(d, indent=2))
+    else:
+        print(kind.format(d) + (f"\n  picture: {args.out}" if args.out else ""))
     return 0
 
 
@@ -57,66 +147,21 @@ def cmd_build_info(args) -> int:
     return 0
 
 
-def cmd_bench(args) -> int:
-    """Time extraction and matching on this machine (quick look; `bench/` holds the full comparisons)."""
-    import torch
-
-    from ..assets import load_photo
-    from ..kernels.matching import match
-
-    engine = open_engine(args, taps=[args.tap])
-    photos = [load_photo(n) for n in ("cat", "coffee", "astronaut")]
-    batch = [photos[i % 3] for i in range(args.batch)]
-    engine.extract(batch, taps=[args.tap])  # warm-up: session creation, allocations
-    times = []
-    for _ in range(args.repeat):
-        t0 = time.perf_counter()
-        feats = engine.extract(batch, taps=[args.tap])[args.tap]
-        times.append(time.perf_counter() - t0)
-    f = torch.as_tensor(np.asarray(feats)).float()
-    src, dst = f[:1], f[-1:] if len(f) > 1 else f[:1]
-    ours, ref = [], []
-    for _ in range(args.repeat):
-        t0 = time.perf_counter()
-        match(src, dst, mutual=True)
-        ours.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        a = torch.nn.functional.normalize(src.flatten(2).transpose(1, 2), dim=-1)
-        b = torch.nn.functional.normalize(dst.flatten(2).transpose(1, 2), dim=-1)
-        s = a @ b.transpose(1, 2)
-        s.argmax(-1), s.argmax(-2)
-        ref.append(time.perf_counter() - t0)
-    best, m_ours, m_ref = min(times), min(ours), min(ref)
-    n = f.shape[2] * f.shape[3]
-    print(f"engine {args.engine} ({engine.info.get('backend', '?')}), input {engine.size[0]}x{engine.size[1]}, "
-          f"tap {args.tap} {tuple(f.shape[1:])}")
-    print(f"  extract: batch {args.batch}: best {best * 1000:.1f} ms of {args.repeat} = {args.batch / best:.2f} images/s")
-    print(f"  mutual NN match {n}x{n} vectors: cleandift_rt.match {m_ours * 1000:.2f} ms, torch matmul+argmax "
-          f"{m_ref * 1000:.2f} ms (x{m_ref / m_ours:.2f})")
-    print("  full comparisons against the release extractor, DIFT and faiss: bench/extract.py, bench/match.py")
-    return 0
-
-
 def register(sub) -> None:
-    """Add the 'info', 'build-info', 'bench' commands to the cleandift-rt parser."""
+    """Add the 'info' and 'build-info' commands to the cleandift-rt parser."""
     fmt = argparse.RawDescriptionHelpFormatter
-    p = sub.add_parser("info", formatter_class=fmt, help="what an engine / student file holds",
+    p = sub.add_parser("info", formatter_class=fmt, help="what an engine, student or aggregator file holds",
                        description="Taps, input size, resize policy, prompt, base model and version of an exported "
-                       "engine, or the U-Net facts of a student file. Reads metadata only (fast, no GPU).\n\n"
-                       "example:\n  cleandift-rt info sd21.onnx")
+                       "engine, or the U-Net facts of a student file. Reads metadata only (fast, no GPU). An "
+                       "aggregator.safetensors (train-aggregator) gives its source, layers, timesteps and mixing "
+                       "weights, and --out draws them.\n\nexamples:\n  cleandift-rt info sd21.onnx\n"
+                       "  cleandift-rt info runs/hyper/aggregator.safetensors --out weights.png")
     p.add_argument("file")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--out", metavar="weights.png", help="aggregator files: write the mixing weights as a "
+                   "layers x timesteps heat map")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("build-info", help="native build, SIMD, CUDA, ONNX Runtime, TensorRT of this install")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_build_info)
-
-    p = sub.add_parser("bench", formatter_class=fmt, help="time extraction and matching on this machine",
-                       description="Quick timing of Engine.extract and cleandift_rt.match on the bundled photos.\n"
-                       "The full comparisons (release extractor, DIFT, faiss) are the scripts in bench/.\n\n"
-                       "example:\n  cleandift-rt bench --engine sd21.onnx --batch 4")
-    add_engine_args(p)
-    p.add_argument("--batch", type=positive_int, default=1)
-    p.add_argument("--repeat", type=positive_int, default=3)
-    p.set_defaults(func=cmd_bench)

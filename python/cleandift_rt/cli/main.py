@@ -1,7 +1,7 @@
 """``cleandift-rt``: the command line. Every subcommand's ``--help`` shows a worked example.
 
-Each command lives beside the code it drives and adds itself to the parser with ``register(sub)``;
-this module only assembles them. Errors in what the user passed (missing files, wrong taps, bad
+Each command group is one module of this package that adds its commands to the parser with
+``register(sub)``; this module only assembles them (``COMMANDS``). Errors in what the user passed (missing files, wrong taps, bad
 sizes) end with one ``error:`` line and exit status 2, never a traceback.
 """
 
@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from . import demo, evaluate, extract, gate, hyper, info, pictures, probes
+from . import bench, demo, evaluate, export, extract, gate, hyper, info, pictures, probes, train
 from .common import UserError
 
 DESCRIPTION = """\
@@ -21,7 +21,7 @@ Start here (no weights needed, about a minute on a laptop CPU):
   cleandift-rt demo --out demo/          builds a tiny untrained model, exports it to ONNX,
                                          extracts features and writes match / PCA pictures
 
-With a real model (a CleanDIFT student exported by `python export/export_onnx.py`):
+With a real model (a CleanDIFT student exported by `cleandift-rt export-onnx`):
   cleandift-rt info sd21.onnx                            what the file holds (taps, size, prompt)
   cleandift-rt match a.jpg b.jpg --engine sd21.onnx --out matches.png
   cleandift-rt pca a.jpg b.jpg --engine sd21.onnx --out pca.png
@@ -29,11 +29,15 @@ With a real model (a CleanDIFT student exported by `python export/export_onnx.py
   cleandift-rt eval-spair --root SPair-71k --engine sd21.onnx --base sd21/ --out results.json \\
       --baseline dift
 An engine is an .onnx file, a TensorRT .plan, or a student .safetensors file (then pass --base,
-the base model folder that provides the VAE and text encoder).
+the base model folder that provides the VAE and text encoder). Make one with
+  cleandift-rt train --base sd21/ --data images/ --out runs/sd21
+  cleandift-rt export-onnx --student runs/sd21/student_unet.safetensors --base sd21/ --out sd21.onnx
+  cleandift-rt build-plan --onnx sd21.onnx --out sd21.plan              (TensorRT, NVIDIA GPU)
 """
 
-# In the order ``--help`` lists them.
-COMMANDS = (demo, pictures, extract, info, evaluate, gate, probes, hyper)
+# In the order ``--help`` lists them: start here, use an engine, measure it, make one, then the systems
+# built on the features.
+COMMANDS = (demo, pictures, extract, info, bench, evaluate, train, export, hyper, gate, probes)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,8 +62,9 @@ def main(argv=None) -> int:
         if os.environ.get("CLEANDIFT_RT_DEBUG"):
             raise
         print(f"error: {exc}", file=sys.stderr)
-    except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume", file=sys.stderr)
+    except KeyboardInterrupt:  # commands with --resume continue only when asked to
+        again = "the same command plus --resume" if hasattr(args, "resume") else "the same command"
+        print(f"interrupted; rerun {again} to resume", file=sys.stderr)
         return 130
     return 2
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import UserError, add_engine_args, open_engine, positive_int, read_image, save_picture, tap_maps, write_json
+from .common import (UserError, add_engine_args, add_output_args, open_engine, positive_int, read_image, save_picture,
+                     tap_maps, write_json)
 from .fusion_options import add_recipe_args
 
 
@@ -62,8 +63,8 @@ def _tap_matches(args, a, b, pts):
 
 def _recipe_matches(args, a, b, pts):
     """Matches by a fusion recipe; with a mirrored source (adaptive flip) ``a`` is returned mirrored."""
-    from .fusion_options import check_recipe_args, open_dino, prompt_embedder, recipe_from_args, resolve_prompt
-    from ..fusion.pipeline import Fusion
+    from ..fusion.pipeline import Fusion, prompt_embedder
+    from .fusion_options import check_recipe_args, open_dino, recipe_from_args, resolve_prompt
 
     check_recipe_args(args, [args.recipe])
     engine = open_engine(args)
@@ -149,8 +150,8 @@ def register(sub) -> None:
     p.add_argument("image_a")
     p.add_argument("image_b")
     add_engine_args(p, engine_required=False)
-    p.add_argument("--out", required=True, metavar="matches.png", help="side-by-side picture")
-    p.add_argument("--json", metavar="FILE", help="also write the matches as JSON, most confident first")
+    g = add_output_args(p, "matches.png", "side-by-side picture")
+    g.add_argument("--json", metavar="FILE", help="also write the matches as JSON, most confident first")
     p.add_argument("--points", metavar="'x,y x,y'|FILE.json", help="source keypoints instead of dense matching")
     p.add_argument("--max-lines", type=positive_int, default=60, help="lines drawn, most confident first (default 60)")
     add_recipe_args(p, several=False)
@@ -166,6 +167,6 @@ def register(sub) -> None:
                        "  cleandift-rt pca cat.jpg dog.jpg --engine sd21.onnx --out pca.png")
     p.add_argument("images", nargs="+")
     add_engine_args(p)
-    p.add_argument("--out", required=True, metavar="pca.png")
+    add_output_args(p, "pca.png", "the PCA picture")
     p.add_argument("--height", type=positive_int, default=256, help="picture height per row in pixels (default 256)")
     p.set_defaults(func=cmd_pca)

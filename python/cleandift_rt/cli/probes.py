@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import UserError, add_engine_args, open_engine, positive_int
-from ..taps import TAPS
+from .common import UserError, add_engine_args, add_output_args, add_run_args, best_device, open_engine, positive_int
 
 DEFAULT_TIMESTEPS = list(range(0, 1000, 100))
 
@@ -65,7 +64,7 @@ def _sources(args):
         base_key = file_identity(args.base)
         for t in timesteps:
             dift = Lazy(lambda t=t: DiftExtractor(base.get(), t=t, ensemble=args.ensemble, seed=args.dift_seed,
-                                                  size=engine.get().size, device=args.device or "cpu"))
+                                                  size=engine.get().size, device=best_device(args.device)))
             key = short_hash("dift", base_key, t, args.ensemble, args.dift_seed, size or engine_key, args.tap)
             sources.append(DiftSource(dift, args.tap, key, t))
     return sources
@@ -153,9 +152,8 @@ def cmd_knn(args) -> int:
 
 
 def _common(p: argparse.ArgumentParser, tap: str, trains: bool = True) -> None:
-    add_engine_args(p, tap=False)
-    p.add_argument("--tap", default=tap, choices=TAPS, help=f"feature tap (default {tap}, the paper's choice)")
-    p.add_argument("--out", required=True, metavar="DIR", help="results folder: results.json, sweep.csv, pictures")
+    add_engine_args(p, tap=tap, tap_why="the paper's choice")
+    add_output_args(p, "DIR", "results folder: results.json, sweep.csv, pictures")
     g = p.add_argument_group("timestep sweep (the paper's figures)")
     g.add_argument("--baseline", choices=["dift"], help="also probe the noisy baseline at each --timesteps (needs --base)")
     g.add_argument("--heads", metavar="FULL_FILE", help="also probe CleanDIFT's head-projected features at each "
@@ -164,12 +162,11 @@ def _common(p: argparse.ArgumentParser, tap: str, trains: bool = True) -> None:
                    help="timesteps of the sweep (default 0 100 ... 900)")
     g.add_argument("--ensemble", type=positive_int, default=8, help="noise samples averaged by the baseline (default 8)")
     g.add_argument("--dift-seed", type=int, default=0, help="baseline noise seed (default 0)")
-    g = p.add_argument_group("cache and run")
-    g.add_argument("--cache", metavar="DIR", help="feature cache (default OUT/cache); share it between runs")
+    g = add_run_args(p, seed="seed of initialisation, split and order (default 0)" if trains else None,
+                     cache="feature cache (default OUT/cache); share it between runs")
     g.add_argument("--cache-dtype", choices=["float16", "float32"], default="float16",
                    help="how features are stored (default float16: half the disk; float32 when values exceed it)")
     g.add_argument("--limit", type=positive_int, help="at most N images per split: a quick look")
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
     if trains:
         g = p.add_argument_group("probe training (AdamW, warm-up + cosine, early stopping; docs/probes.md)")
         g.add_argument("--probe", metavar="FILE", help="evaluate this saved probe instead of training (e.g. one "
@@ -181,7 +178,6 @@ def _common(p: argparse.ArgumentParser, tap: str, trains: bool = True) -> None:
         g.add_argument("--val-fraction", type=float, default=0.1,
                        help="share of the training images held out for early stopping (default 0.1)")
         g.add_argument("--patience", type=positive_int, default=4, help="epochs without improvement before stopping")
-        g.add_argument("--seed", type=int, default=0, help="seed of initialisation, split and order (default 0)")
         g.add_argument("--pictures", type=int, default=4, help="test images drawn in the example picture (default 4)")
 
 

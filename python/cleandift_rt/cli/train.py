@@ -1,4 +1,6 @@
-"""``python train/train.py``: command-line front end of :class:`~cleandift_rt.training.Trainer`."""
+"""``cleandift-rt train`` and ``python train/train.py``: the command-line front end of
+:class:`~cleandift_rt.training.Trainer`. Both take the same flags; the script keeps its own error
+prefix (``train.py: error:``) and exit statuses (2: bad input, 130: interrupted)."""
 
 from __future__ import annotations
 
@@ -8,27 +10,36 @@ import sys
 
 from ..conditioning import HEAD_CONDITIONINGS
 from ..training.config import LOSSES, PRESETS, build_config, parse_override
+from .common import UserError, add_output_args, add_run_args, add_size_arg, square_side
 
 # flag -> config field, for the flags that map one to one
-_FLAG_FIELDS = ("steps", "batch_size", "size", "lr", "warmup_steps", "grad_accum", "timesteps_per_image", "loss",
+_FLAG_FIELDS = ("steps", "batch_size", "lr", "warmup_steps", "grad_accum", "timesteps_per_image", "loss",
                 "lora_rank", "seed", "device", "val_data", "val_images", "validate_every", "checkpoint_every",
                 "keep_checkpoints", "resize", "head_conditioning")
 
+DESCRIPTION = "Train a CleanDIFT student from a local SD 1.5 / 2.1 base model."
+EPILOG = ("Extra key=value arguments override any config field, e.g. lr=1e-5 taps='[\"us6\"]' bf16=true. "
+          "Precedence: defaults < --preset < --config < flags < key=value.")
+EXAMPLES = """\
+examples (docs/training.md):
+  cleandift-rt train --base ./stable-diffusion-2-1 --data ./coyo-3k --out runs/sd21 --steps 400 --batch-size 8 \\
+      --bf16                                                 # the paper's setting (defaults)
+  cleandift-rt train --base ./sd21 --data ./imgs --out runs/a --preset release --steps 4000
+  cleandift-rt train --base ./sd21 --data ./imgs --out runs/a --preset release --steps 4000 --resume  # after a stop
+python train/train.py takes the same flags."""
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="train.py", description="Train a CleanDIFT student from a local SD 1.5 / 2.1 base model.",
-        epilog="Extra key=value arguments override any config field, e.g. lr=1e-5 taps='[\"us6\"]' bf16=true. "
-               "Precedence: defaults < --preset < --config < flags < key=value.")
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    """The training flags, shared by ``cleandift-rt train`` and ``train/train.py``."""
     p.add_argument("--base", required=True, help="base model: diffusers folder or single .safetensors file")
     p.add_argument("--data", required=True, help="folder of name.jpg|png|webp images with name.json/name.txt captions")
-    p.add_argument("--out", required=True, help="output folder (metrics, checkpoints, student files)")
+    add_output_args(p, "DIR", "output folder (metrics, checkpoints, student files)")
     p.add_argument("--config", help="JSON file of config fields")
     p.add_argument("--preset", choices=sorted(PRESETS), help="paper (default values) or release (lr 1e-5, 2000 warmup)")
     p.add_argument("--steps", type=int, help="optimiser steps (paper: 400)")
     p.add_argument("--batch-size", type=int, help="images per micro-batch (paper: 8)")
     p.add_argument("--grad-accum", type=int, help="micro-batches per optimiser step")
-    p.add_argument("--size", type=int, help="image side in pixels (default: the base model's resolution)")
+    add_size_arg(p, "image size in pixels, square (default: the base model's resolution)")
     p.add_argument("--resize", choices=("stretch", "pad"), help="resize policy, as at inference (default stretch)")
     p.add_argument("--lr", type=float, help="peak learning rate (paper: 2e-6)")
     p.add_argument("--warmup-steps", type=int, help="linear warmup steps")
@@ -50,19 +61,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--validate-every", type=int, help="validate every N steps (0: never)")
     p.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps (0: only at the end)")
     p.add_argument("--keep-checkpoints", type=int, help="keep the newest K checkpoints")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT/checkpoints")
-    p.add_argument("--resume-from", metavar="CHECKPOINT", help="continue from this checkpoint file (or folder)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = add_run_args(p, seed="seed of the initialisation, data order and noise (default 0)", seed_default=None,
+                     resume=True, device=True)
+    g.add_argument("--resume-from", metavar="CHECKPOINT", help="continue from this checkpoint file (or folder)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config field overrides")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``python train/train.py``."""
+    p = argparse.ArgumentParser(prog="train.py", description=DESCRIPTION, epilog=EPILOG)
+    add_train_args(p)
     return p
 
 
-def main(argv: list[str] | None = None) -> dict:
+def run(args) -> dict:
+    """Train from parsed flags; the run's summary."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    args = build_parser().parse_args(argv)
     values = {name: getattr(args, name) for name in _FLAG_FIELDS if getattr(args, name) is not None}
+    side = square_side(args.size, "train")
+    if side is not None:
+        values["size"] = side
     for name in ("bf16", "gradient_checkpointing"):
         if getattr(args, name):
             values[name] = True
@@ -79,11 +97,16 @@ def main(argv: list[str] | None = None) -> dict:
     return trainer.run()
 
 
+def main(argv: list[str] | None = None) -> dict:
+    """``train/train.py``'s flags in, the run's summary out."""
+    return run(build_parser().parse_args(argv))
+
+
 def entry(argv: list[str] | None = None) -> int:
     """Run :func:`main`, turning bad input into a one-line message and exit status 2."""
     try:
         main(argv)
-    except (ValueError, TypeError, FileNotFoundError) as exc:
+    except (UserError, ValueError, TypeError, FileNotFoundError) as exc:
         print(f"train.py: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -91,3 +114,17 @@ def entry(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 130
     return 0
+
+
+def cmd_train(args) -> int:
+    run(args)
+    return 0
+
+
+def register(sub) -> None:
+    """Add the 'train' command to the cleandift-rt parser."""
+    p = sub.add_parser("train", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       help="train a CleanDIFT student (the same as python train/train.py)",
+                       description=DESCRIPTION + "\n\n" + EXAMPLES, epilog=EPILOG)
+    add_train_args(p)
+    p.set_defaults(func=cmd_train)

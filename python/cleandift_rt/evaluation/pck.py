@@ -130,3 +130,29 @@ def summarize(results: list[PairResult], alphas=ALPHAS, inclusive: bool = True) 
     return {"pck": _table(results, alphas, inclusive), "per_category": per_category, "category_mean": category_mean,
             "counts": {"pairs": len(results), "keypoints": int(sum(len(r.distances) for r in results))},
             "comparison": COMPARISON[inclusive]}
+
+
+def spair_validator(items, alpha: float = 0.1) -> float:
+    """PCK@alpha bbox per point (a fraction) of ``(pair, source map, target map)`` triples: the
+    validator training runs pass around (``hyper.train.HyperTrainer(validator=...)``).
+
+    Each ``pair`` gives ``pair_id``, ``category``, ``source_size`` / ``target_size`` (W, H),
+    ``source_points`` / ``target_points`` and ``target_bbox`` (pairs without one are left out).
+    Each source keypoint goes to the target pixel of highest cosine similarity of the descriptor
+    maps upsampled bilinearly to the image sizes (``transfer.transfer_points``, closed form);
+    correct when within ``alpha * max(bbox_w, bbox_h)`` (DIFT's ``<=``).
+    """
+    from .transfer import transfer_points
+
+    results = []
+    for item, source, target in items:
+        if item.target_bbox is None:
+            continue
+        pred, _ = transfer_points(source, target, item.source_size, item.target_size, item.source_points,
+                                  method="analytic")
+        distances = np.linalg.norm(pred - item.target_points, axis=1)
+        results.append(PairResult(item.pair_id, item.category, distances, bbox_size(item.target_bbox),
+                                  float(max(item.target_size))))
+    if not results:
+        raise ValueError("no validation pair has a target bounding box: PCK@bbox is undefined")
+    return summarize(results, alphas=(alpha,))["pck"]["bbox"][alpha_key(alpha)]["point"] / 100

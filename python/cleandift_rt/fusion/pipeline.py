@@ -218,3 +218,15 @@ class Fusion:
         if self.dino is not None:
             d["dino_weights"] = {"path": str(self.dino.path), "size": self.dino.size, "channels": self.dino.channels}
         return d
+
+
+def prompt_embedder(template: str | None, text_model):
+    """``category -> embeddings`` for the SD side (``Fusion(prompts=...)``): ``template`` filled in ("" when
+    the category is unknown) through ``text_model``'s encoder; None keeps the engine's baked prompt."""
+    if not template or text_model is None:
+        return None
+
+    def embed(category: str | None):
+        return text_model.encode_prompt(template.format(category=category) if category else "")
+
+    return embed

@@ -1,0 +1,179 @@
+"""``cleandift-rt export-onnx`` and ``cleandift-rt build-plan``: a student to one ONNX graph, the graph to
+a TensorRT plan.
+
+``export/export_onnx.py`` and ``export/build_engine.py`` are thin entry points over the same flags
+and code (:func:`export_onnx_main`, :func:`build_plan_main`); they keep their error prefixes
+(``export_onnx:``, ``build_engine:``) and exit statuses: 2 for arguments and files, and for
+build-plan 3 when TensorRT or the GPU is missing and 4 when the plan fails verification (kept as
+``OUT.unverified.plan``). The subcommands exit with the same statuses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .common import add_output_args, add_size_arg
+
+EXPORT_DESCRIPTION = """\
+Export a CleanDIFT student to one ONNX graph: image -> VAE encoder -> student U-Net -> named taps.
+
+Input `images`: float32 N x 3 x H x W RGB in [-1, 1] (cleandift_rt.Engine prepares it from
+PIL/uint8/float input); the optional input `prompt_embeds` replaces the baked prompt's embedding.
+See docs/engine.md."""
+
+EXPORT_EXAMPLES = """\
+examples:
+  cleandift-rt export-onnx --student student_unet.safetensors --base sd21/ --out sd21.onnx --size 768
+  cleandift-rt export-onnx ... --taps us6 --dynamic-size 512 1024 --batch 1:4:8 --prompt ""
+  cleandift-rt export-onnx ... --precision fp16    # for TensorRT: fp16 with fp32 islands, and OUT.fp32.onnx
+  cleandift-rt export-onnx ... --aggregator runs/hyper/aggregator.safetensors   # + the 'hyper' output
+python export/export_onnx.py takes the same flags."""
+
+BUILD_DESCRIPTION = """\
+Build a TensorRT fp16 plan from an exported ONNX feature graph (strongly typed, TensorRT 10.12 to 11.x).
+
+Precision comes from the ONNX graph (TensorRT 11 has no fp16 builder flag): the fp16 export builds
+an fp16 plan; --fp16 on an fp32 graph converts it first. The plan is checked per tap against the
+fp32 reference before it is written (--no-verify skips that). Needs TensorRT and an NVIDIA GPU;
+without them it says which is missing and exits with status 3 (argument and file errors: 2; a plan
+that fails verification: 4, kept as OUT.unverified.plan). See docs/engine.md."""
+
+BUILD_EXAMPLES = """\
+example:
+  cleandift-rt export-onnx --student s.safetensors --base sd21/ --out sd21.onnx --size 768 --precision fp16
+  cleandift-rt build-plan --onnx sd21.onnx --out sd21.plan --batch 1:4:8 --timing-cache sd21.cache
+python export/build_engine.py takes the same flags."""
+
+UNAVAILABLE, UNVERIFIED = 3, 4  # build-plan's exit statuses beyond 2 (bad arguments or files)
+
+
+def add_export_onnx_args(p: argparse.ArgumentParser) -> None:
+    from ..taps import TAPS
+
+    p.add_argument("--student", required=True, help="student _unet/_full .safetensors file, or a diffusers folder")
+    p.add_argument("--base", required=True, help="base model folder (VAE, text encoder) the student was trained from")
+    add_output_args(p, "OUT.onnx", "output .onnx path (weights go to OUT.data when > 2 GB)")
+    size = p.add_mutually_exclusive_group()
+    add_size_arg(size, "fixed input size, multiples of 64 (default: the base model's native size)")
+    size.add_argument("--dynamic-size", type=int, nargs=2, metavar=("MIN", "MAX"),
+                      help="dynamic H and W within [MIN, MAX] (multiples of 64)")
+    p.add_argument("--taps", nargs="+", choices=TAPS, default=None, help="taps to output (default: all 11)")
+    p.add_argument("--batch", default=None, metavar="MIN:OPT:MAX",
+                   help="batch range recorded for TensorRT profiles (the ONNX batch axis is always dynamic)")
+    p.add_argument("--prompt", default="", help='prompt whose embedding is baked in (default "")')
+    p.add_argument("--resize", default="stretch", choices=("stretch", "pad"), help="size policy the Engine applies")
+    p.add_argument("--external-data", action="store_true", help="always keep weights in OUT.data (default: > 2 GB)")
+    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
+                   help="fp16: weights and activations in fp16 with fp32 islands (attention scores, norms, "
+                   "image-independent paths, tensors measured beyond the fp16 range on the bundled photos), fp32 "
+                   "inputs and outputs; the fp32 graph is kept as OUT.fp32.onnx (the reference build-plan "
+                   "--verify compares against). Needed for TensorRT's strongly typed fp16 engines")
+    p.add_argument("--aggregator", metavar="FILE", help="an aggregator.safetensors (cleandift-rt train-aggregator, "
+                   "source cleandift or cleandift-heads): the graph also computes its Diffusion Hyperfeatures "
+                   "descriptor, output 'hyper' (heads included)")
+
+
+def run_export_onnx(args) -> None:
+    """Export from parsed flags; bad arguments and files raise ValueError / OSError before any model loads."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local files only, before diffusers is imported
+    from pathlib import Path
+
+    from ..export.onnx_export import check_export_args, export_onnx
+    from ..models import load_base, load_student_and_base
+
+    check_export_args(args.out, args.size, args.dynamic_size, args.taps, args.batch, args.resize, args.precision,
+                      aggregator=args.aggregator)
+    student, base = load_student_and_base(Path(args.student), load_base(args.base))
+    size = args.size
+    if size is None and args.dynamic_size is None:
+        size = [base.resolution] * 2  # the base model's native size
+    export_onnx(student, base, args.out, size=size, dynamic_size=args.dynamic_size, taps=args.taps, batch=args.batch,
+                prompt=args.prompt, resize=args.resize, external_data=True if args.external_data else None,
+                precision=args.precision, aggregator=args.aggregator)
+
+
+def export_onnx_main(argv=None) -> int:
+    """``python export/export_onnx.py``: bad arguments, unreadable inputs, unwritable output: one line, status 2."""
+    p = argparse.ArgumentParser(prog="export_onnx.py", description=EXPORT_DESCRIPTION.splitlines()[0])
+    add_export_onnx_args(p)
+    args = p.parse_args(argv)
+    try:
+        run_export_onnx(args)
+    except (ValueError, OSError) as exc:
+        print(f"export_onnx: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def add_build_plan_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--onnx", required=True, help="model exported by export-onnx (export/export_onnx.py)")
+    add_output_args(p, "OUT.plan", "output .plan path")
+    p.add_argument("--fp16", action="store_true", help="an fp16 plan also from an fp32 graph (converted first to "
+                   "NAME.fp16.onnx with fp32 islands); an fp16 export is fp16 without it")
+    p.add_argument("--batch", default=None, metavar="MIN:OPT:MAX",
+                   help="optimisation profile batch range (default: the export's, else 1:4:8)")
+    p.add_argument("--timing-cache", default=None, metavar="FILE", help="read and update this TensorRT timing cache")
+    p.add_argument("--workspace", type=float, default=8.0, metavar="GB", help="builder workspace limit in GiB")
+    p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
+                   help="compare the plan with the fp32 graph per tap on the bundled photos and record the cosines "
+                   "in its header as verified_cosine (default on; the build needs the GPU it runs on)")
+    p.add_argument("--reference", metavar="FILE", help="fp32 ONNX to verify against (default: the fp32 export the "
+                   "fp16 file's metadata names, or the graph itself when it is fp32)")
+    p.add_argument("--min-cosine", type=float, metavar="C", help="per-tap cosine a plan must reach (default 0.995 "
+                   "for fp16 plans, 0.999 for fp32)")
+
+
+def build_plan(args, prefix: str) -> int:
+    """Build from parsed flags; TensorRT or the GPU missing, or a plan that fails verification, is one line
+    starting with ``prefix`` and its own exit status. Other errors (arguments, files) propagate."""
+    from ..export.trt_build import BuildUnavailable, build_engine
+    from ..export.verify import VerificationFailed
+
+    try:
+        build_engine(args.onnx, args.out, fp16=args.fp16, batch=args.batch, timing_cache=args.timing_cache,
+                     workspace_gb=args.workspace, verify=args.verify, reference=args.reference,
+                     min_cosine=args.min_cosine)
+    except BuildUnavailable as exc:
+        print(f"{prefix}{exc}", file=sys.stderr)
+        return UNAVAILABLE
+    except VerificationFailed as exc:
+        print(f"{prefix}{exc}", file=sys.stderr)
+        return UNVERIFIED
+    return 0
+
+
+def build_plan_main(argv=None) -> int:
+    """``python export/build_engine.py``: statuses 2 (arguments, files), 3 (no TensorRT / GPU), 4 (unverified)."""
+    p = argparse.ArgumentParser(prog="build_engine.py", description=BUILD_DESCRIPTION.splitlines()[0])
+    add_build_plan_args(p)
+    args = p.parse_args(argv)
+    try:
+        return build_plan(args, "build_engine: ")
+    except (ValueError, OSError) as exc:  # bad arguments, unreadable inputs, unwritable output
+        print(f"build_engine: {exc}", file=sys.stderr)
+        return 2
+
+
+def cmd_export_onnx(args) -> int:
+    run_export_onnx(args)
+    return 0
+
+
+def cmd_build_plan(args) -> int:
+    return build_plan(args, "error: ")
+
+
+def register(sub) -> None:
+    """Add the 'export-onnx' and 'build-plan' commands to the cleandift-rt parser."""
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = sub.add_parser("export-onnx", formatter_class=fmt, help="export a student to one ONNX graph (image -> taps)",
+                       description=EXPORT_DESCRIPTION + "\n\n" + EXPORT_EXAMPLES)
+    add_export_onnx_args(p)
+    p.set_defaults(func=cmd_export_onnx)
+
+    p = sub.add_parser("build-plan", formatter_class=fmt, help="build a TensorRT plan from an ONNX export (GPU)",
+                       description=BUILD_DESCRIPTION + "\n\n" + BUILD_EXAMPLES)
+    add_build_plan_args(p)
+    p.set_defaults(func=cmd_build_plan)
