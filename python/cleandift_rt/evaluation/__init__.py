@@ -4,7 +4,7 @@ Owns the dataset loaders (annotations checked, bad files counted and skipped), t
 protocol of SPEC section 6 (upsample, cosine argmax through ``kernels.match``), cached and
 resumable runs over any feature source (an Engine, the DIFT baseline), and the JSON / CSV / table
 reports. It may import ``runtime``, ``kernels``, ``features``, ``models`` and the top-level shared
-modules; its commands are in ``evaluation/cli.py``.
+modules; its commands are in ``cli/evaluate.py``.
 """
 
 from .pairs import Pair, SkipLog, load_pairs, load_pairs_json, load_pf_csv

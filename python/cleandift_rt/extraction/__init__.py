@@ -7,7 +7,7 @@ format and its reader (``shards``: ``read_shards``), the start of a run shared w
 pipeline (``resume``) and the pipelined local extractor that overlaps decoding, inference and
 writing (``pipeline.extract_local``). It may import ``runtime`` (an Engine is passed in),
 ``features``, ``formats`` and the top-level shared modules; its command is ``extract`` in
-``runtime/cli.py``.
+``cli/extract.py``.
 """
 
 from .inputs import (

@@ -6,7 +6,7 @@ student on the PyTorch backend, the conv and cross-attention feature kinds, buck
 combinations and their learned amalgamation (weight assigner, CLIP loss plus sparsity, cached
 fp16 features, resumable training), the content-shift score and the img2img comparison picture,
 and a feature source for ``evaluation.runner.evaluate``. It may import ``features``, ``models``
-and the top-level shared modules (``taps``, ``checkpoint``); its commands are in ``gate/cli.py``.
+and the top-level shared modules (``taps``, ``checkpoint``); its commands are in ``cli/gate.py``.
 """
 
 from .extract import GateExtractor

@@ -6,7 +6,7 @@ segmentation (:class:`SegmentationProbe`, PASCAL VOC 2012) and kNN classificatio
 by every engine, the noisy baseline and the head-projected features at each t, probe training
 (AdamW, schedule, early stopping, atomic checkpoints), the timestep sweeps with their results, CSV
 and Pillow plots. It may import ``kernels`` (``match``, ``project``), ``features``, ``models``,
-``viz`` and the shared top-level modules; its commands are in ``probes/cli.py``.
+``viz`` and the shared top-level modules; its commands are in ``cli/probes.py``.
 """
 
 from .cache import DiftSource, EngineSource, FeatureStore, Lazy, ProjectedSource

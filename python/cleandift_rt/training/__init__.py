@@ -2,8 +2,8 @@
 
 Owns the training configuration and presets, the captioned-image data, the distillation objective
 (student taps once per image, heads at three stratified timesteps, teacher stopped after the last
-tap), validation, atomic checkpoints and exact resume. Entry point: ``python train/train.py``
-(``training/cli.py``; docs/training.md). It may import ``features``, ``models`` and the top-level
+tap), validation, atomic checkpoints and exact resume. Entry points: ``cleandift-rt train`` and
+``python train/train.py`` (``cli/train.py``; docs/training.md). It may import ``features``, ``models`` and the top-level
 shared modules.
 """
 
