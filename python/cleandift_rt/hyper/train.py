@@ -15,7 +15,7 @@ parameters, of a resumed run equal those of an uninterrupted one. Pairs are anyt
 ``target_points`` ([N, 2] x, y) and optional ``source_size`` / ``target_size`` ((W, H)) and
 ``target_bbox``, e.g. ``evaluation.spair.load_spair``'s. Validation (step 0, every
 ``validate_every`` steps and at the end) hands each validation pair with its two descriptor maps to
-``validator`` (``cli.spair_validator``: PCK@0.1 bbox per point as SPEC section 6), which returns a
+``validator`` (``evaluation.pck.spair_validator``: PCK@0.1 bbox per point), which returns a
 fraction.
 """
 
