@@ -165,30 +165,57 @@ def test_cli_without_tensorrt_prints_one_line(tiny_onnx, tmp_path):
     assert bad.returncode == 2 and "--workspace" in bad.stderr and "Traceback" not in bad.stderr
 
 
-# -- the build against a fake of TensorRT 11's API (tests/fake_tensorrt.py) ------------------------
+# -- the build against a fake of TensorRT's API (tests/fake_tensorrt.py), 11.4 unless a test asks for 10.12 --
 
 
 @pytest.fixture()
-def fake_trt(monkeypatch):
+def fake_trt(monkeypatch, request):
     import fake_tensorrt
     from cleandift_rt.export import trt_build
 
-    fake_tensorrt.events.clear()
-    monkeypatch.setattr(trt_build, "check_build_environment", lambda: (fake_tensorrt, (9, 0), "Fake H200"))
-    return fake_tensorrt
+    fake = fake_tensorrt.load(getattr(request, "param", "11.4.0.106"))
+    monkeypatch.setattr(trt_build, "check_build_environment", lambda: (fake, (9, 0), "Fake H200"))
+    return fake
 
 
+@pytest.mark.parametrize("fake_trt", ["11.4.0.106", "10.12.0.36"], indirect=True)
 def test_strongly_typed_build_of_the_fp16_graph(fake_trt, tiny_fp16_onnx, tmp_path):
     plan, cache = tmp_path / "tiny.plan", tmp_path / "tiny.cache"
     summary = build_engine(tiny_fp16_onnx, plan, batch="1:2:4", timing_cache=cache, verify=False, log=lambda *_: None)
     assert fake_trt.Builder.last_network.flags & (1 << fake_trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     header, _, _ = read_plan_header(plan)
     assert header["build"]["fp16"] is True and header["info"]["extra"]["precision"] == "fp16+fp32"
-    assert "precision_policy" not in header["info"]["extra"] and header["tensorrt"] == "11.4.0"
+    assert "precision_policy" not in header["info"]["extra"] and header["tensorrt"] == fake_trt.__version__
     assert summary["precision_mix"]["fp16"] > 0 and summary["precision_mix"]["fp32"] > 0  # islands reach the engine
     assert fake_trt.events == ["built", "cache serialized"] and cache.read_bytes() == b"CACHE:1"
     build_engine(tiny_fp16_onnx, plan, batch="1:2:4", timing_cache=cache, verify=False, log=lambda *_: None)
     assert cache.read_bytes() == b"CACHE:2"  # read back and extended, not replaced
+
+
+def test_only_tensorrt_10_needs_the_strongly_typed_flag(tiny_fp16_onnx, tmp_path):
+    """What makes the 10.12 case above meaningful: without the flag, 10.12 drops the graph's types."""
+    import fake_tensorrt
+
+    def mix(version, flags, builder_flags=()):
+        trt = fake_tensorrt.load(version)
+        builder = trt.Builder(trt.Logger())
+        network = builder.create_network(flags)
+        stripped, _ = split_default_embeds(tiny_fp16_onnx, tmp_path)
+        assert trt.OnnxParser(network, trt.Logger()).parse_from_file(str(stripped))
+        config = builder.create_builder_config()
+        for name in builder_flags:
+            config.set_flag(getattr(trt.BuilderFlag, name))
+        engine = trt.Runtime(trt.Logger()).deserialize_cuda_engine(builder.build_serialized_network(network, config))
+        info = engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON)
+        return set(precision_mix(info)) - {"other"}  # integer shape arithmetic
+
+    typed = 1 << fake_tensorrt.load("10.12.0.36").NetworkDefinitionCreationFlag.STRONGLY_TYPED
+    assert mix("10.12.0.36", typed) >= {"fp16", "fp32"}  # the islands reach the engine
+    assert mix("10.12.0.36", 0) == {"fp32"}  # weakly typed: the fp16 graph runs in fp32
+    assert mix("10.12.0.36", 0, ["FP16"]) == {"fp16"}  # weakly typed with FP16: the islands are lost
+    assert mix("11.4.0.106", 0) >= {"fp16", "fp32"}  # 11.x: always strongly typed
+    with pytest.raises(AttributeError):
+        fake_tensorrt.load("11.4.0.106").BuilderFlag.FP16
 
 
 def test_fp16_flag_on_an_fp32_graph_converts_first_and_says_so(fake_trt, tiny_onnx, tmp_path):

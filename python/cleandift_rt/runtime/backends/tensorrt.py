@@ -1,4 +1,4 @@
-"""TensorRT backend for ``.plan`` files written by ``export/build_engine.py`` (TensorRT 10 API).
+"""TensorRT backend for ``.plan`` files written by ``export/build_engine.py`` (TensorRT 10.12 to 11.x).
 
 Memory: every I/O tensor has one device buffer sized for the profile's largest batch and the
 largest image size; a call binds views at the start of those buffers (``set_tensor_address``),
@@ -35,7 +35,7 @@ def import_tensorrt():
     try:
         import tensorrt
     except ImportError:
-        raise ImportError("TensorRT is not installed: `pip install tensorrt` (>= 10) on a machine with an NVIDIA "
+        raise ImportError("TensorRT is not installed: `pip install 'tensorrt>=10.12,<12'` on a machine with an NVIDIA "
                           "GPU, or use the .onnx file with ONNX Runtime instead") from None
     return tensorrt
 
@@ -57,11 +57,10 @@ def check_plan_runtime(header: dict, trt_version: str, capability: tuple[int, in
 
 
 def _torch_dtype(trt, dtype) -> torch.dtype:
-    table = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16, trt.DataType.INT32: torch.int32,
-             trt.DataType.INT8: torch.int8, trt.DataType.BOOL: torch.bool}
-    for name, torch_dtype in (("BF16", torch.bfloat16), ("INT64", torch.int64)):
-        if hasattr(trt.DataType, name):
-            table[getattr(trt.DataType, name)] = torch_dtype
+    # every member here exists from 10.12 on (tests/export/test_trt_real_bindings.py checks the real bindings)
+    table = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16, trt.DataType.BF16: torch.bfloat16,
+             trt.DataType.INT32: torch.int32, trt.DataType.INT64: torch.int64, trt.DataType.INT8: torch.int8,
+             trt.DataType.BOOL: torch.bool}
     if dtype not in table:
         raise ValueError(f"unsupported TensorRT tensor type {dtype}")
     return table[dtype]
