@@ -1,23 +1,27 @@
 """Build a TensorRT plan from an exported ``.onnx`` feature graph: strongly typed, TensorRT 10.12 to 11.x.
 
 TensorRT 11 removed weak typing (``BuilderFlag.FP16``, precision constraints, per-layer precision
-hints; SPEC section 12): every tensor's type comes from the ONNX graph, so precision is decided
-at export. An fp16 plan is built from the fp16 graph with fp32 islands that
-``export_onnx.py --precision fp16`` writes (``export.mixed_precision``); ``--fp16`` on an fp32
-graph converts it first (beside it, as ``NAME.fp16.onnx``) and says so. The network is created
-with ``NetworkDefinitionCreationFlag.STRONGLY_TYPED`` (required on 10.12-10.x, accepted on 11.x).
+hints): every tensor's type comes from the ONNX graph, so precision is decided at export. An fp16
+plan is built from the fp16 graph with fp32 islands that ``export_onnx.py --precision fp16`` writes
+(``export.mixed_precision``); ``--fp16`` on an fp32 graph converts it first (beside it, as
+``NAME.fp16.onnx``) and says so. The network is created with
+``NetworkDefinitionCreationFlag.STRONGLY_TYPED`` (required on 10.12-10.x; deprecated and ignored on
+11.x, where strong typing is always on).
 
-Fusions may still drop an island (SPEC section 12), so the only proof that a plan is right is its
-outputs: ``export.verify`` compares them per tap with the fp32 graph on real inputs where the plan
-is built and writes the cosines into the header (``verified_cosine``).
+Fusions may still compute an island otherwise (a fused region picks its own internal precision), so
+the only proof that a plan is right is its outputs: ``export.verify`` compares them per tap with the
+fp32 graph on real inputs where the plan is built and writes the cosines into the header
+(``verified_cosine``).
 
 The plan file is ``formats.plan.PLAN_MAGIC`` + a JSON header (the export metadata, the TensorRT
 version, GPU architecture, profile, build summary and the baked prompt embedding, which becomes a
 plain input because TensorRT treats initializers as weights) + the serialized engine.
 
 Everything that does not need TensorRT (argument checks, profiles, the summary, the container) is
-a plain function tested on the CPU; the build itself is tested against a fake of TensorRT 11's
-Python API (tests/fake_tensorrt.py).
+a plain function tested on the CPU; the build itself is tested against a fake of TensorRT's Python
+API in its 11.4 and 10.12 forms (tests/fake_tensorrt.py). The fake and every TensorRT name this
+module and the runtime backend use are checked against the real bindings of 10.12 and 11.4
+(tests/export/test_trt_real_bindings.py): the supported range ``TENSORRT_RANGE`` is what was checked.
 """
 
 from __future__ import annotations

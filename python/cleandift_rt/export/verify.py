@@ -1,10 +1,10 @@
 """Build-time check of a TensorRT plan: its taps against the fp32 graph, per tap, on real photos.
 
 Strong typing keeps the fp32 islands in the graph, but TensorRT's fused regions may still compute
-them otherwise (SPEC section 12): the plan's outputs are the only proof. ``verify_plan`` runs the
-plan and the fp32 reference (ONNX Runtime, on the GPU when its build offers it) on the bundled
-photos and returns the smallest cosine per tap; ``build_engine`` writes them into the plan header
-as ``verified_cosine`` and refuses a plan below the threshold.
+them otherwise (a fused region picks its own internal precision): the plan's outputs are the only
+proof. ``verify_plan`` runs the plan and the fp32 reference (ONNX Runtime, on the GPU when its build
+offers it) on the bundled photos and returns the smallest cosine per tap; ``build_engine`` writes
+them into the plan header as ``verified_cosine`` and refuses a plan below the threshold.
 """
 
 from __future__ import annotations
