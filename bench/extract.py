@@ -164,7 +164,7 @@ def worker(args) -> dict:
         run = lambda x: ref.extract(prepare_images(x, args.size).pixels, taps)  # noqa: E731
         detail = {"precision": name.rsplit("-", 1)[1], "threads": torch.get_num_threads()}
     elif name.startswith("openvino-full"):
-        from cleandift_rt.runtime.backends.onnxruntime import available_cpus
+        from cleandift_rt.runtime.backends.common import available_cpus
 
         full = OpenVINOFullModel(full_export_dir(model_dir, cache, args.size), name.rsplit("-", 1)[1], available_cpus())
         run = lambda x: full.extract(prepare_images(x, args.size).pixels, taps)  # noqa: E731

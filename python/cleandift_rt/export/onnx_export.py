@@ -10,10 +10,13 @@ Graph contract (recorded in the file's ``metadata_props``, see ``artifact.Artifa
 - outputs: one ``B x C x h x w`` float32 tensor per requested tap, named after the tap. The graph
   ends at the last requested tap (the tracer only records what ran: ``capture.unet_taps`` stops
   the forward there), so later decoder blocks, ``conv_out`` and the VAE decoder are absent;
-- with ``aggregator=`` (an ``aggregator.safetensors`` of the ``cleandift`` / ``cleandift-heads``
-  source): one more output ``hyper``, the Diffusion Hyperfeatures descriptor ``B x D x H/s x W/s``
-  computed in the graph from the taps the aggregator needs (heads included), recorded in the
-  metadata as ``extra["hyper"]`` (channels, stride, source, layers, timesteps, file name).
+- then one output per derived output (``derived=[...]``, ``formats.derived``), ``B x C x H/s x W/s``
+  computed in the graph from the taps it reads through the module its export hook gives,
+  listed in the metadata's ``derived`` (name, channels, stride, taps read) and described by its
+  ``extra[name]``. ``aggregator=`` (an ``aggregator.safetensors`` of the ``cleandift`` /
+  ``cleandift-heads`` source, the option that ``hyper`` registers) is the Diffusion Hyperfeatures
+  descriptor ``hyper``, heads included; its ``extra["hyper"]`` holds channels, stride, source,
+  layers, timesteps and the file name.
 
 The posterior mean is used (deterministic), times the VAE scaling factor; the student's timestep
 is a constant, so its embedding MLP folds away.
@@ -35,7 +38,7 @@ from torch import nn
 from ..formats.artifact import (EMBEDS_INPUT, IMAGE_INPUT, SIZE_MULTIPLE, ArtifactInfo, parse_batch, read_onnx_info,
                                 size_fields, tap_records)
 from ..features.capture import unet_taps
-from ..hyper.aggregator import ENGINE_SOURCES, HYPER, Aggregator, hyper_output
+from ..formats.derived import DerivedOutput, open_derived, record
 from ..models import BaseModel, Student, load_base, load_student
 from ..features.preprocess import check_policy
 from ..taps import resolve_taps, tap_channels
@@ -47,27 +50,30 @@ PROTOBUF_LIMIT = 2**31 - 1  # ONNX files above 2 GB must keep their weights in e
 
 class FeatureGraph(nn.Module):
     """The traced forward: pixels in [-1, 1] and prompt embeddings -> tuple of taps (in table order),
-    then the aggregator's ``hyper`` descriptor when there is one."""
+    then the derived outputs (``formats.derived.DerivedOutput``), each from the module of its export hook."""
 
-    def __init__(self, base: BaseModel, student: Student, taps: Sequence[str], aggregator: Aggregator | None = None):
+    def __init__(self, base: BaseModel, student: Student, taps: Sequence[str], derived=()):
         super().__init__()
         self.vae = base.vae
         self.unet = student.unet
         self.timestep = float(student.timestep)
         self.scaling_factor = base.scaling_factor
         self.taps = tuple(taps)
-        self.aggregator = aggregator
-        if aggregator is not None:
-            aggregator.freeze_head_modulation()  # image-independent: constants in the graph
-        self.computed = resolve_taps([*self.taps, *(aggregator.layers if aggregator is not None else ())])
+        derived = [derived] if isinstance(derived, DerivedOutput) else list(derived)
+        channels = tap_channels(base.block_out_channels)
+        exports = [d.for_export(channels) for d in derived]  # raises when one does not fit this model
+        self.descriptions = {d.name: e.description for d, e in zip(derived, exports)}
+        self.derived = nn.ModuleList(e.module for e in exports)
+        self.derived_reads = [tuple(d.reads) for d in derived]
+        self.computed = resolve_taps([*self.taps, *(t for reads in self.derived_reads for t in reads)])
 
     def forward(self, images: torch.Tensor, prompt_embeds: torch.Tensor):
         latents = self.vae.encode(images).latent_dist.mean * self.scaling_factor
         embeds = prompt_embeds.expand(images.shape[0], -1, -1)
         feats = unet_taps(self.unet, latents, self.timestep, embeds, self.computed)
         outputs = tuple(feats[t] for t in self.taps)
-        if self.aggregator is not None:
-            outputs += (self.aggregator({t: feats[t] for t in self.aggregator.layers}),)
+        for reads, module in zip(self.derived_reads, self.derived):
+            outputs += (module({t: feats[t] for t in reads}),)
         return outputs
 
 
@@ -82,13 +88,12 @@ def fp32_reference_path(out: str | Path) -> Path:
 
 def check_export_args(out: str | Path, size: Sequence[int] | None, dynamic_size: Sequence[int] | None,
                       taps=None, batch: str | None = None, resize: str = "stretch",
-                      precision: str = "fp32", aggregator=None) -> tuple[list[str], dict]:
+                      precision: str = "fp32", aggregator=None, derived=()) -> tuple[list[str], dict]:
     """Everything about an export request that can be wrong before the (multi-GB) models load.
 
     Returns the resolved taps and batch range; raises ``ValueError`` naming the problem.
     """
-    if aggregator is not None:
-        open_aggregator(aggregator)
+    open_derived(derived, aggregator=aggregator)
     if Path(out).suffix != ".onnx":
         raise ValueError(f"output {out} must end in .onnx")
     if precision not in PRECISIONS:
@@ -101,21 +106,11 @@ def check_export_args(out: str | Path, size: Sequence[int] | None, dynamic_size:
     return wanted, batch_range
 
 
-def open_aggregator(aggregator) -> Aggregator:
-    """The aggregator to put into the graph: a file (or an Aggregator) over an engine's taps."""
-    agg = aggregator if isinstance(aggregator, Aggregator) else Aggregator.from_file(aggregator)
-    if agg.source not in ENGINE_SOURCES:
-        raise ValueError(f"the aggregator aggregates the base model's {agg.source} features (DDIM inversion): an "
-                         "exported student graph cannot compute them; export aggregators of the cleandift or "
-                         "cleandift-heads source")
-    return agg
-
-
 def export_onnx(student: str | Path | Student, base: str | Path | BaseModel, out: str | Path, *,
                 size: Sequence[int] | None = None, dynamic_size: Sequence[int] | None = None,
                 taps=None, batch: str | None = None, prompt: str = "", resize: str = "stretch",
                 external_data: bool | None = None, precision: str = "fp32", policy: PrecisionPolicy | None = None,
-                aggregator=None, log=print) -> ArtifactInfo:
+                aggregator=None, derived=(), log=print) -> ArtifactInfo:
     """Write ``out`` (and ``out`` + ``.data`` when the weights go outside) and return its metadata.
 
     ``size`` (H, W) fixes the input size; ``dynamic_size`` (MIN, MAX) makes H and W dynamic within
@@ -123,13 +118,14 @@ def export_onnx(student: str | Path | Student, base: str | Path | BaseModel, out
     ONNX batch axis is always dynamic. ``external_data`` None = only when the model exceeds 2 GB.
     ``precision="fp16"`` writes the fp32 graph to ``fp32_reference_path(out)`` first and ``out`` as
     its fp16 conversion with fp32 islands (``write_fp16_onnx``; strongly typed TensorRT needs it).
-    ``aggregator`` (a path or an ``Aggregator``) adds the ``hyper`` output (module docstring).
+    ``derived`` (``formats.derived.DerivedOutput``s) and ``aggregator`` (a path or an ``Aggregator``: the
+    ``hyper`` output) add outputs computed from taps (module docstring).
     """
     import onnx
 
     out = Path(out)
     wanted, batch_range = check_export_args(out, size, dynamic_size, taps, batch, resize, precision)
-    agg = open_aggregator(aggregator).to("cpu").eval() if aggregator is not None else None
+    outputs_derived = [given.output for given in open_derived(derived, aggregator=aggregator)]
     t0 = time.perf_counter()
     base_model = base if isinstance(base, BaseModel) else load_base(base)
     student_model = student if isinstance(student, Student) else load_student(student, base_model)
@@ -144,18 +140,12 @@ def export_onnx(student: str | Path | Student, base: str | Path | BaseModel, out
         timestep=float(student_model.timestep), cross_attention_dim=int(embeds.shape[-1]),
         prompt_tokens=int(embeds.shape[1]), block_out_channels=base_model.block_out_channels,
         scaling_factor=base_model.scaling_factor, text_conditioning=student_model.text_conditioning, **sizes)
-    outputs = list(wanted)
-    if agg is not None:
-        channels = tap_channels(base_model.block_out_channels)
-        wrong = [f"{t}: {c} vs {channels[t]}" for t, c in zip(agg.layers, agg.config.channels) if channels[t] != c]
-        if wrong:
-            raise ValueError(f"the aggregator was trained on another model's taps (channels {', '.join(wrong)}): "
-                             "export it with the student it was trained on")
-        info.extra[HYPER] = hyper_output(agg, Path(aggregator).name if isinstance(aggregator, (str, Path)) else "")
-        outputs.append(HYPER)
+    graph = FeatureGraph(base_model, student_model, wanted, outputs_derived).eval()
+    info.derived = [record(d) for d in outputs_derived]
+    info.extra.update(graph.descriptions)  # each derived output describes itself under its name
+    outputs = [*wanted, *(d.name for d in outputs_derived)]
     log(f"loaded models in {time.perf_counter() - t0:.1f} s; exporting {', '.join(outputs)}")
 
-    graph = FeatureGraph(base_model, student_model, wanted, agg).eval()
     h, w = sizes["default_size"]
     example = (torch.zeros(2, 3, h, w), embeds)  # batch 2: nothing gets specialised to 1
     dynamic_axes = {IMAGE_INPUT: {0: "batch"}, EMBEDS_INPUT: {0: "prompt_batch", 1: "tokens"}}
@@ -255,20 +245,16 @@ def set_metadata(model, info: ArtifactInfo) -> None:
         entry = model.metadata_props.add()
         entry.key, entry.value = k, v
     precision = info.extra.get("precision", "fp32")
-    hyper = f" and the {info.extra[HYPER]['source']} aggregator's '{HYPER}' descriptor" if HYPER in info.extra else ""
+    derived = "".join(f", then {d['name']} from {', '.join(d['reads']) or 'taps'}" for d in info.derived_outputs)
     model.doc_string = (f"cleandift-rt feature extractor ({precision}): images (float32 NCHW RGB in [-1, 1]) -> "
-                        f"taps {', '.join(info.tap_names)}{hyper}")
+                        f"taps {', '.join(info.tap_names)}{derived}")
 
 
 def _set_output_shape(output, info: ArtifactInfo) -> None:
-    tap = output.name
-    if tap == HYPER:
-        record = info.extra[HYPER]
-        channels, stride = record["channels"], record["stride"]
-        spatial = [f"{tap}_h", f"{tap}_w"] if info.dynamic_size else [info.height // stride, info.width // stride]
-    else:
-        channels = next(t["channels"] for t in info.taps if t["name"] == tap)
-        spatial = [f"{tap}_h", f"{tap}_w"] if info.dynamic_size else list(info.tap_shape(tap, info.height, info.width)[1:])
+    name = output.name  # a tap or a derived output
+    channels, *spatial = info.output_shape(name, *info.default_size)
+    if info.dynamic_size:
+        spatial = [f"{name}_h", f"{name}_w"]
     dims = output.type.tensor_type.shape.dim
     for dim, value in zip(dims, ["batch", channels, *spatial]):
         dim.Clear()

@@ -45,12 +45,17 @@ class _TapExtractor:
         self.dtype = dtype
         base.to(device=self.device, dtype=dtype)
 
-    def _embeds(self, batch: int, prompt_embeds) -> torch.Tensor:
-        dim = int(self.base.unet.config.cross_attention_dim)
+    def _check_embeds(self, prompt_embeds, batch: int) -> torch.Tensor | None:
         if prompt_embeds is None:
-            e = self.base.encode_prompt(self.prompt).expand(batch, -1, -1)
-        else:
-            e = check_prompt_embeds(prompt_embeds, batch, dim)
+            return None
+        return check_prompt_embeds(prompt_embeds, batch, int(self.base.unet.config.cross_attention_dim))
+
+    def _embeds(self, batch: int, prompt_embeds) -> torch.Tensor:
+        return self._text(batch, self._check_embeds(prompt_embeds, batch))
+
+    def _text(self, batch: int, embeds: torch.Tensor | None) -> torch.Tensor:
+        """The U-Net's text input: checked ``[B, L, D]`` embeddings, or the default prompt's."""
+        e = self.base.encode_prompt(self.prompt).expand(batch, -1, -1) if embeds is None else embeds
         return e.to(device=self.device, dtype=self.dtype)
 
     def _pixels(self, images) -> torch.Tensor:
@@ -78,11 +83,18 @@ class ReferenceExtractor(_TapExtractor):
     def extract(self, images, taps=None, prompt_embeds=None) -> dict[str, torch.Tensor]:
         wanted = resolve_taps(taps)
         pixels = self._pixels(images)
-        latents = self.base.encode_images(pixels, sample=self.sample_posterior)
-        embeds = self._embeds(pixels.shape[0], prompt_embeds)
-        return unet_taps(self.student.unet, latents, self.student.timestep, embeds, wanted)
+        return self.features(pixels, self._check_embeds(prompt_embeds, pixels.shape[0]), wanted)
 
     __call__ = extract
+
+    @torch.no_grad()
+    def features(self, pixels: torch.Tensor, embeds: torch.Tensor | None, taps=None) -> dict[str, torch.Tensor]:
+        """``extract`` on what was checked already: prepared pixels (``B x 3 x H x W`` in [-1, 1],
+        ``prepare_images``) and checked ``[B, L, D]`` embeddings, or None for the default prompt. The
+        Engine's PyTorch backend runs this, so each image and embedding is checked once on its way."""
+        pixels = pixels.to(device=self.device, dtype=self.dtype)
+        latents = self.base.encode_images(pixels, sample=self.sample_posterior)
+        return unet_taps(self.student.unet, latents, self.student.timestep, self._text(pixels.shape[0], embeds), taps)
 
     @torch.no_grad()
     def project(self, features: dict[str, torch.Tensor], t) -> dict[str, torch.Tensor]:

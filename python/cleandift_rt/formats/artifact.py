@@ -3,7 +3,8 @@
 One schema for the ONNX graph (``metadata_props``), the TensorRT plan (a JSON header in front of
 the serialized engine, see ``trt_build``) and the CLI's ``info``: taps with channels and strides,
 input size and resize policy, batch range, base model, prompt, timestep, the student's text
-conditioning and the package version that wrote it. ``describe(path)`` reads it without ONNX
+conditioning, the outputs derived from taps in the graph (``formats.derived``) and the package
+version that wrote it. ``describe(path)`` reads it without ONNX
 Runtime, TensorRT or a GPU.
 """
 
@@ -17,15 +18,14 @@ from typing import Sequence
 from ..build_info import _package_version
 from ..features.preprocess import SIZE_MULTIPLE, check_model_size
 from ..taps import TAP_TABLE, TAPS, resolve_taps
+from .derived import GRAPH_INPUTS, check_records, records_in
 from .metadata_check import check_artifact_fields
 from .plan import read_plan_header
 
 SCHEMA = 1
 FORMAT = "cleandift-rt-features"
 META_PREFIX = "cleandift_rt."
-IMAGE_INPUT = "images"
-EMBEDS_INPUT = "prompt_embeds"
-HYPER = "hyper"  # the Diffusion Hyperfeatures descriptor an export may carry beside its taps (extra["hyper"])
+IMAGE_INPUT, EMBEDS_INPUT = GRAPH_INPUTS  # "images", "prompt_embeds"
 
 
 @dataclass
@@ -57,6 +57,9 @@ class ArtifactInfo:
     schema: int = SCHEMA
     format: str = FORMAT
     extra: dict = field(default_factory=dict)  # backend-specific facts (TensorRT version, GPU arch, ...)
+    # outputs the graph computes from taps, after them ({name, channels, stride, reads}; formats.derived),
+    # each described by its own extra[name]
+    derived: list = field(default_factory=list)
 
     @property
     def tap_names(self) -> tuple[str, ...]:
@@ -85,6 +88,7 @@ class ArtifactInfo:
         except TypeError as exc:
             raise ValueError(f"{source} has incomplete cleandift-rt metadata ({exc})") from None
         check_artifact_fields(info, source)
+        check_records(info.derived, info.extra, source)
         return info
 
     @classmethod
@@ -131,15 +135,20 @@ class ArtifactInfo:
         return t["channels"], height // t["stride"], width // t["stride"]
 
     @property
+    def derived_outputs(self) -> list[dict]:
+        """The graph's derived outputs, files from before the ``derived`` list included (formats.derived)."""
+        return records_in(self.derived, self.extra)
+
+    @property
     def output_names(self) -> tuple[str, ...]:
-        """Every output of the graph: the taps, then ``hyper`` when an aggregator was exported with them."""
-        return self.tap_names + ((HYPER,) if HYPER in self.extra else ())
+        """Every output of the graph: the taps, then its derived outputs."""
+        return self.tap_names + tuple(d["name"] for d in self.derived_outputs)
 
     def output_shape(self, name: str, height: int, width: int) -> tuple[int, int, int]:
-        """(C, h, w) of one output (a tap or ``hyper``) for an input of ``height`` x ``width`` pixels."""
-        if name == HYPER:
-            record = self.extra[HYPER]
-            return int(record["channels"]), height // int(record["stride"]), width // int(record["stride"])
+        """(C, h, w) of one output (a tap or a derived output) for an input of ``height`` x ``width`` pixels."""
+        for d in self.derived_outputs:
+            if d["name"] == name:
+                return int(d["channels"]), height // int(d["stride"]), width // int(d["stride"])
         return self.tap_shape(name, height, width)
 
 

@@ -108,20 +108,3 @@ def check_artifact_fields(info, source: str) -> None:
         check_text_conditioning(info.text_conditioning, f"{source}: metadata text_conditioning")
     if not isinstance(info.extra, dict):
         raise ValueError(f"{source}: metadata field extra must be an object")
-    if "hyper" in info.extra:
-        check_hyper_record(info.extra["hyper"], source)
-
-
-def check_hyper_record(record, source: str) -> dict:
-    """An engine file's ``extra["hyper"]`` (the aggregator's output), typed and bounded before a runtime
-    sizes a buffer from it."""
-    if not isinstance(record, dict):
-        raise ValueError(f"{source}: metadata extra.hyper must be an object (corrupt file: re-export it)")
-    for key, hi in (("channels", MAX_CHANNELS), ("stride", 64)):
-        value = record.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= hi:
-            raise ValueError(f"{source}: metadata extra.hyper.{key} = {value!r:.40} must be an integer in [1, {hi}] "
-                             "(corrupt file: re-export it)")
-    if 64 % record["stride"]:
-        raise ValueError(f"{source}: metadata extra.hyper.stride {record['stride']} must divide 64")
-    return record

@@ -4,7 +4,9 @@
 the CleanDIFT projection heads it was trained with (``heads.*``, release key names), and in its
 metadata ``format``, ``config`` (the network's shape, :class:`AggregationConfig`) and ``source``
 (which features it aggregates and how they were made). An engine file plus this file are all
-that ``Engine(..., aggregator=FILE)`` and the ONNX export need.
+that ``Engine(..., aggregator=FILE)`` and the ONNX export need: an ``Aggregator`` is a derived
+output (``formats.derived.DerivedOutput``) named ``"hyper"``, and importing this module registers
+the ``aggregator=`` option that opens one from its file.
 
 Sources (the feature grid the network mixes, SPEC section 8):
 
@@ -29,12 +31,13 @@ from torch import nn
 
 from ..build_info import _package_version
 from ..checkpoint import load_strict, read_safetensors, read_safetensors_metadata, write_safetensors
-from ..formats.artifact import HYPER  # noqa: F401  (re-exported: the descriptor's name beside the taps)
+from ..formats.derived import DerivedExport, DerivedOption, register_option
 from ..models.heads import ProjectionHeads
 from ..taps import TAP_TABLE, resolve_taps
 from ..timesteps import check_timestep
 from .network import AggregationConfig, AggregationNetwork
 
+HYPER = "hyper"  # the descriptor's name beside the taps (Engine.extract, the ONNX output)
 FORMAT = "cleandift_rt_aggregator"
 SOURCES = ("cleandift", "cleandift-heads", "inversion", "one-step")
 ENGINE_SOURCES = ("cleandift", "cleandift-heads")  # computed from an engine's taps
@@ -52,7 +55,13 @@ def _fused_heads_run_on(device: torch.device) -> bool:
 
 
 class Aggregator(nn.Module):
-    """A trained (or fresh) aggregation network over one feature source; see the module docstring."""
+    """A trained (or fresh) aggregation network over one feature source; see the module docstring.
+
+    Over the ``cleandift`` / ``cleandift-heads`` sources it is the derived output ``"hyper"`` of an
+    Engine or an export (``name``, ``reads``, ``channels``, ``stride``, ``for_export``).
+    """
+
+    name = HYPER
 
     def __init__(self, network: AggregationNetwork, source: str, heads: ProjectionHeads | None = None,
                  info: Mapping | None = None):
@@ -81,6 +90,7 @@ class Aggregator(nn.Module):
             raise ValueError("the cleandift source has one map per layer: give exactly one timestep label")
         self.network, self.source, self.heads = network, source, heads
         self.info = dict(info or {})
+        self.path: Path | None = None  # the file it was read from (from_file)
         self._frozen_modulation: dict[tuple[str, float], list[tuple]] = {}
 
     # -- description ---------------------------------------------------------------------------
@@ -98,12 +108,18 @@ class Aggregator(nn.Module):
         return self.config.timesteps
 
     @property
+    def reads(self) -> tuple[str, ...]:
+        return self.config.layers
+
+    @property
     def channels(self) -> int:
         return self.config.projection_dim
 
     @property
     def output_stride(self) -> int:
         return self.config.output_stride
+
+    stride = output_stride
 
     def mixing_weights(self) -> np.ndarray:
         """``[L, S]`` softmax-normalised mixing weights (rows: layers, columns: timesteps)."""
@@ -175,6 +191,17 @@ class Aggregator(nn.Module):
         device = next(self.network.parameters()).device
         return self.network([m.to(device) for m in maps])
 
+    def for_export(self, tap_channels: Mapping[str, int]) -> DerivedExport:
+        """The ONNX export's hook: checked against the model's tap widths, on the CPU, head modulation frozen."""
+        wrong = [f"{t}: {c} vs {tap_channels[t]}" for t, c in zip(self.layers, self.config.channels)
+                 if tap_channels[t] != c]
+        if wrong:
+            raise ValueError(f"the aggregator was trained on another model's taps (channels {', '.join(wrong)}): "
+                             "export it with the student it was trained on")
+        self.to("cpu").eval()
+        self.freeze_head_modulation()  # image-independent: constants in the graph
+        return DerivedExport(self, hyper_output(self, self.path.name if self.path is not None else ""))
+
     # -- files ---------------------------------------------------------------------------------
 
     def save(self, path: str | Path, **metadata) -> Path:
@@ -214,7 +241,9 @@ class Aggregator(nn.Module):
         for key in ("steps", "val_pck"):
             if key in meta:
                 info.setdefault(key, json.loads(meta[key]))
-        return cls(network.eval(), source["name"], heads, info)
+        aggregator = cls(network.eval(), source["name"], heads, info)
+        aggregator.path = path
+        return aggregator
 
 
 def is_aggregator_file(path: str | Path) -> bool:
@@ -234,3 +263,20 @@ def hyper_output(aggregator: Aggregator, file_name: str = "") -> dict:
             "layers": list(aggregator.layers), "timesteps": list(aggregator.timesteps), "aggregator": file_name}
 
 
+def open_for_engine(aggregator) -> Aggregator:
+    """The aggregator of ``Engine(aggregator=)`` and ``export_onnx(aggregator=)``: a file (or an Aggregator)
+    over an engine's taps."""
+    agg = aggregator if isinstance(aggregator, Aggregator) else Aggregator.from_file(aggregator)
+    if agg.source not in ENGINE_SOURCES:
+        where = agg.path or "the aggregator"
+        raise ValueError(f"{where} aggregates the base model's {agg.source} features (DDIM inversion), which no "
+                         "engine or exported graph computes: use an aggregator of the cleandift or cleandift-heads "
+                         "source, or cleandift_rt.hyper.HyperFeatures.from_inversion with the base model "
+                         "(eval-spair --aggregator with --base)")
+    return agg.eval()
+
+
+register_option(DerivedOption(
+    "aggregator", HYPER, open_for_engine,
+    "the Diffusion Hyperfeatures descriptor: open the engine with aggregator=FILE (cleandift-rt train-aggregator), "
+    "or export it with --aggregator"))

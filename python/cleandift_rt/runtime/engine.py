@@ -6,11 +6,17 @@ Runtime or OpenVINO (``choose_onnx_backend``), ``.plan`` -> TensorRT, a student 
 (``preprocess.prepare_images``: same pixels everywhere), the tap checks, batch splitting to the
 engine's profile and the output convention (torch in -> torch out, else numpy).
 
-Diffusion Hyperfeatures: ``Engine(..., aggregator=FILE)`` (an ``aggregator.safetensors`` of the
-``cleandift`` or ``cleandift-heads`` source) runs the aggregator, and its heads, in PyTorch on the
-backend's taps; an export made with ``--aggregator`` has them in its graph. Either way ``"hyper"``
-is listed in ``Engine.taps`` and ``extract`` returns the descriptor map under that key beside the
-requested taps (``taps=["hyper"]`` asks for it alone).
+Outputs derived from taps (``formats.derived``): ``Engine(..., derived=[...])`` computes them in
+PyTorch on the backend's taps, and a file exported with them has them in its graph. Either way
+their names are listed in ``Engine.taps`` and ``extract`` returns them beside the requested taps
+(``taps=["hyper"]`` asks for one alone). ``aggregator=FILE`` is the Diffusion Hyperfeatures
+descriptor ``"hyper"`` (an ``aggregator.safetensors`` of the ``cleandift`` or ``cleandift-heads``
+source, aggregator and heads run in PyTorch): an option that ``hyper`` registers with
+``formats.derived``, so the runtime never imports it.
+
+The way of an image: ``extract`` checks and prepares each image once (``prepare_images``: pixels
+``B x 3 x H x W`` in [-1, 1]) and each prompt embedding once (``check_prompt_embeds``); the
+backend (``backends.Backend``) runs on those prepared tensors and checks nothing again.
 """
 
 from __future__ import annotations
@@ -27,12 +33,12 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from ..formats.artifact import ArtifactInfo, describe, read_info
 from ..features.extractor import check_prompt_embeds
 from ..features.preprocess import check_policy, load_image, prepare_images
-from ..formats.metadata_check import check_hyper_record
-from ..hyper.aggregator import ENGINE_SOURCES, HYPER, Aggregator
+from ..formats.artifact import ArtifactInfo, read_info
+from ..formats.derived import missing_hint, open_derived, record
 from ..kernels.precision import check_precision, cpu_precision
+from .backends.common import Backend
 
 
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?")  # the device strings every backend understands
@@ -127,13 +133,16 @@ class Engine:
         backend: ``"onnxruntime"`` or ``"openvino"`` (``.onnx``), ``"tensorrt"`` (``.plan``), ``"torch"``
             (student files, diffusers folders); None chooses from the file (``choose_onnx_backend``).
         aggregator: an ``aggregator.safetensors`` (``cleandift-rt train-aggregator``, source ``cleandift`` or
-            ``cleandift-heads``): adds ``"hyper"`` to ``taps`` (beside the default taps, whatever ``taps`` says),
-            its descriptors computed from the engine's taps; ``extract(taps=[...])`` still returns exactly those.
+            ``cleandift-heads``): the derived output ``"hyper"``, the Diffusion Hyperfeatures descriptor.
+        derived: outputs computed from taps (``formats.derived.DerivedOutput``, e.g. a ``hyper.Aggregator``),
+            run in PyTorch on the backend's taps. Each is added to ``taps`` (beside the default taps, whatever
+            ``taps`` says); ``extract(taps=[...])`` still returns exactly those asked for.
     """
 
     def __init__(self, path, base=None, device: str | None = None, taps=None, *, size=None, resize: str | None = None,
                  precision: str | None = None, threads: int | None = None, max_batch: int | None = None,
-                 cuda_graph: bool = False, prompt: str = "", backend: str | None = None, aggregator=None):
+                 cuda_graph: bool = False, prompt: str = "", backend: str | None = None, aggregator=None,
+                 derived=()):
         self.path = Path(path)
         if not self.path.exists():
             raise FileNotFoundError(f"{self.path} does not exist")
@@ -159,11 +168,13 @@ class Engine:
         device = None if device is None else str(device)  # a torch.device works too
         _check_options_apply(kind, self.path, base=base, prompt=prompt, cuda_graph=cuda_graph, threads=threads,
                              device=device)
-        self.aggregator = _open_aggregator(aggregator)  # small: read before the big models load
-        self.aggregator_path = None if aggregator is None else Path(aggregator)
+        # small files, read before the big models load; computed here, in PyTorch, on the backend's taps
+        self._given = {g.output.name: g for g in open_derived(derived, aggregator=aggregator)}
+        self.derived = {name: g.output for name, g in self._given.items()}
         if suffix in (".onnx", ".plan"):  # check the options against the metadata before loading anything big
             self._configure(read_info(self.path), size, resize, taps)
         self.requested_precision = precision
+        self.backend: Backend
         if suffix == ".onnx":
             backend, precision = choose_onnx_backend(backend, device, precision)
             if backend == "openvino":
@@ -192,34 +203,32 @@ class Engine:
     def _configure(self, meta: ArtifactInfo, size, resize, taps) -> None:
         self.size = meta.check_size(size)
         self.resize = check_policy(resize or meta.resize)
-        self._hyper_in_graph = HYPER in meta.extra
-        if self._hyper_in_graph:
-            check_hyper_record(meta.extra[HYPER], str(self.path))
-            if self.aggregator is not None:
-                raise ValueError(f"{self.path.name} already computes 'hyper' in its graph (exported with "
-                                 "--aggregator): open it without aggregator=")
-        if self.aggregator is not None:
+        self._in_graph = tuple(d["name"] for d in meta.derived_outputs)
+        for name, given in self._given.items():
+            if name in self._in_graph:
+                raise ValueError(f"{self.path.name} already computes {name!r} in its graph (exported with it): open "
+                                 f"it without {given.keyword}=")
             try:
-                meta.check_taps(self.aggregator.layers)
+                meta.check_taps(given.output.reads)
             except ValueError as exc:
-                raise ValueError(f"the aggregator needs taps the engine lacks: {exc}") from None
+                raise ValueError(f"the {given.keyword}= output {name!r} needs taps the engine lacks: {exc}") from None
         self._taps = self._check_taps(meta, taps)
-        if self.aggregator is not None and HYPER not in self._taps:
-            self._taps += (HYPER,)  # asked for with aggregator=: returned beside the default taps
+        # outputs given to this Engine: returned beside the default taps, whatever ``taps`` says
+        self._taps += tuple(name for name in self.derived if name not in self._taps)
 
     def _check_taps(self, meta: ArtifactInfo, taps) -> tuple[str, ...]:
-        """The requested taps in table order, ``"hyper"`` last (default: all the file's, and "hyper" when there)."""
-        has_hyper = self.aggregator is not None or self._hyper_in_graph
+        """The requested taps in table order, then the derived outputs asked for (default: all the file's
+        taps and derived outputs, and those given to this Engine)."""
+        derived = (*self._in_graph, *self.derived)
         if taps is None:
-            return meta.check_taps(None) + ((HYPER,) if has_hyper else ())
+            return meta.check_taps(None) + derived
         requested = [taps] if isinstance(taps, str) else list(taps)
-        if HYPER not in requested:
-            return meta.check_taps(requested)
-        if not has_hyper:
-            raise ValueError(f"tap {HYPER!r} is the Diffusion Hyperfeatures descriptor: open the engine with "
-                             "aggregator=FILE (cleandift-rt train-aggregator), or export it with --aggregator")
-        rest = [t for t in requested if t != HYPER]
-        return (meta.check_taps(rest) if rest else ()) + (HYPER,)
+        for name in requested:
+            hint = missing_hint(name) if name not in derived else None
+            if hint is not None:
+                raise ValueError(f"tap {name!r} is {hint}")
+        rest = [t for t in requested if t not in derived]
+        return (meta.check_taps(rest) if rest or not requested else ()) + tuple(d for d in derived if d in requested)
 
     # -- description ---------------------------------------------------------------------------
 
@@ -238,8 +247,11 @@ class Engine:
             d["precision_requested"] = self.requested_precision  # not honoured here (see the warning)
         d.update(path=str(self.path), size=list(self.size), resize=self.resize, max_batch=self.max_batch,
                  default_taps=list(self._taps))
-        if self.aggregator is not None:
-            d["aggregator"] = {**self.aggregator.describe(), "path": str(self.aggregator_path)}
+        d["derived"] = [{**entry, "computed": "in the graph"} for entry in self.backend.info.derived_outputs]
+        d["derived"] += [{**record(g.output), "computed": "pytorch", "given": g.keyword} for g in self._given.values()]
+        for g in self._given.values():
+            if g.keyword != "derived":  # the option's file, e.g. d["aggregator"]
+                d[g.keyword] = {**g.output.describe(), "path": str(g.value)}
         return d
 
     def __repr__(self) -> str:
@@ -275,21 +287,27 @@ class Engine:
         parts = []
         for start in range(0, n, step):
             stop = min(n, start + step)
-            parts.append(self._run_with_hyper(pixels[start:stop], None if embeds is None else embeds[start:stop], taps))
+            parts.append(self._run_derived(pixels[start:stop], None if embeds is None else embeds[start:stop], taps))
         if len(parts) == 1:
             return parts[0]
         return {t: torch.cat([p[t] for p in parts]) for t in taps}
 
-    def _run_with_hyper(self, pixels, embeds, taps) -> dict[str, torch.Tensor]:
-        """A chunk's taps; "hyper" from the graph, or from the aggregator on the taps it needs."""
-        if HYPER not in taps or self._hyper_in_graph:
+    def _run_derived(self, pixels, embeds, taps) -> dict[str, torch.Tensor]:
+        """A chunk's outputs: the backend's, then the derived outputs given to this Engine, computed on the
+        taps they read."""
+        here = [name for name in taps if name in self.derived]
+        if not here:
             return self._run_padded(pixels, embeds, taps)
-        needed = [t for t in self.backend.info.tap_names if t in taps or t in self.aggregator.layers]
+        reads = {t for name in here for t in self.derived[name].reads}
+        needed = [t for t in self.backend.info.output_names if (t in taps and t not in here) or t in reads]
         out = self._run_padded(pixels, embeds, needed)
         device = out[needed[0]].device
         with torch.no_grad():
-            self.aggregator.to(device)
-            out[HYPER] = self.aggregator({t: out[t] for t in self.aggregator.layers}).float()
+            for name in here:
+                output = self.derived[name]
+                if isinstance(output, torch.nn.Module):
+                    output.to(device)
+                out[name] = output({t: out[t] for t in output.reads}).float()
         return {t: out[t] for t in taps}
 
     def _run_padded(self, pixels, embeds, taps) -> dict[str, torch.Tensor]:
@@ -371,18 +389,6 @@ class Engine:
             stop.set()
 
 
-def _open_aggregator(path) -> Aggregator | None:
-    """The aggregator file of ``Engine(..., aggregator=)``, checked to aggregate an engine's taps."""
-    if path is None:
-        return None
-    aggregator = Aggregator.from_file(path)
-    if aggregator.source not in ENGINE_SOURCES:
-        raise ValueError(f"{path} aggregates the base model's {aggregator.source} features (DDIM inversion), which no "
-                         "engine computes: use cleandift_rt.hyper.HyperFeatures.from_inversion with the base model, "
-                         "or eval-spair --aggregator with --base")
-    return aggregator.eval()
-
-
 def _ran_precision(d: dict) -> str:
     """Precision of backends that do not report their own: ONNX Runtime's TensorRT provider runs
     fp16 with fp32 islands, its other providers fp32; a plan records how it was built."""
@@ -439,4 +445,4 @@ def _to_caller(feats: dict[str, torch.Tensor], images) -> dict:
     return _as_output(feats, images.device if isinstance(images, torch.Tensor) else None)
 
 
-__all__ = ["Engine", "StreamResult", "describe"]
+__all__ = ["Engine", "StreamResult"]

@@ -12,14 +12,13 @@ export for fp16), never ``trt_fp16_enable`` on an fp32 graph, which would drop t
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ...formats.artifact import (EMBEDS_INPUT, IMAGE_INPUT, ArtifactInfo, external_data, read_onnx_info,
-                                unsafe_location)
+from ...formats.artifact import EMBEDS_INPUT, IMAGE_INPUT, ArtifactInfo, read_onnx_info
+from .common import Backend, available_cpus, check_external_data, check_outputs, host_float32
 
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 
@@ -32,13 +31,6 @@ def import_onnxruntime():
                           "'cleandift-rt[cpu]' (the CPU build) or 'cleandift-rt[gpu]' (onnxruntime-gpu, CUDA and "
                           "TensorRT providers); never both") from None
     return onnxruntime
-
-
-def available_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 DEFAULT_PROFILE_MAX_BATCH = 8  # ONNX exports take any batch; the TensorRT provider needs a range
@@ -81,22 +73,8 @@ def choose_providers(device: str | None, available: list[str], path: Path, devic
     return wanted + ["CPUExecutionProvider"]
 
 
-def check_external_data(path: Path) -> None:
-    """Every external weight file is inside the model's folder, exists and is long enough (a
-    truncated copy fails here, by name, instead of deep in ONNX Runtime)."""
-    for name, end in external_data(path).items():
-        why = unsafe_location(name)
-        if why:
-            raise ValueError(f"{path} keeps its weights in {name!r}, {why}")
-        data = path.parent / name
-        if not data.is_file():
-            raise ValueError(f"{path} keeps its weights in {name}, which is missing: copy it beside the .onnx file")
-        if data.stat().st_size < end:
-            raise ValueError(f"{data} is truncated: {data.stat().st_size} bytes, the model needs {end}")
-
-
-class OnnxRuntimeBackend:
-    name = "onnxruntime"
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"  # takes any batch (min_batch 1, max_batch None): the Engine may still split
 
     def __init__(self, path: str | Path, device: str | None = None, threads: int | None = None):
         ort = import_onnxruntime()
@@ -132,13 +110,7 @@ class OnnxRuntimeBackend:
         missing = {IMAGE_INPUT, EMBEDS_INPUT} - names
         if missing:
             raise ValueError(f"{self.path} lacks the input(s) {sorted(missing)}: not a cleandift-rt feature graph")
-        outputs = {o.name for o in self.session.get_outputs()}
-        absent = [t for t in self.info.output_names if t not in outputs]
-        if absent:
-            raise ValueError(f"{self.path} declares taps {absent} in its metadata but has no such outputs (corrupt file)")
-
-    max_batch = None  # ONNX Runtime takes any batch; the Engine may still split (Engine(max_batch=...))
-    min_batch = 1
+        check_outputs(self.path, self.info, {o.name for o in self.session.get_outputs()})
 
     def describe(self) -> dict:
         return {"backend": self.name, "providers": self.providers, "threads": self.threads,
@@ -147,9 +119,9 @@ class OnnxRuntimeBackend:
     def run(self, pixels: torch.Tensor, embeds: torch.Tensor | None, taps) -> dict[str, torch.Tensor]:
         if self.on_gpu:
             return self._run_bound(pixels, embeds, taps)
-        feeds = {IMAGE_INPUT: np.ascontiguousarray(pixels.detach().cpu().numpy(), dtype=np.float32)}
+        feeds = {IMAGE_INPUT: host_float32(pixels)}
         if embeds is not None:
-            feeds[EMBEDS_INPUT] = np.ascontiguousarray(embeds.detach().cpu().numpy(), dtype=np.float32)
+            feeds[EMBEDS_INPUT] = host_float32(embeds)
         outputs = self.session.run(list(taps), feeds)  # session.run is thread-safe
         return {t: torch.from_numpy(o) for t, o in zip(taps, outputs)}  # zero-copy
 

@@ -34,7 +34,7 @@ import torch
 
 from ...formats.artifact import EMBEDS_INPUT, IMAGE_INPUT, ArtifactInfo, read_onnx_info
 from ...kernels.precision import cpu_feature_names
-from .onnxruntime import available_cpus, check_external_data
+from .common import Backend, available_cpus, check_external_data, check_outputs, host_float32
 
 HINTS = {"fp32": "f32", "bf16": "bf16"}  # our precision names -> OpenVINO's
 COMPUTE_LAYERS = ("Convolution", "MatMul", "FullyConnected", "GroupConvolution", "Deconvolution")
@@ -141,8 +141,8 @@ def compute_precisions(compiled) -> dict[str, int]:
     return dict(counts)
 
 
-class OpenVINOBackend:
-    name = "openvino"
+class OpenVINOBackend(Backend):
+    name = "openvino"  # the graph's batch axis is dynamic (min_batch 1, max_batch None): the Engine may still split
 
     def __init__(self, path: str | Path, device: str | None = None, threads: int | None = None,
                  precision: str = "fp32"):
@@ -157,9 +157,7 @@ class OpenVINOBackend:
         check_external_data(self.path)
         self.threads = int(threads) if threads else available_cpus()
         self._entry = compile_onnx(self.path, precision, self.threads)
-        absent = [t for t in self.info.tap_names if t not in self._entry.outputs]
-        if absent:
-            raise ValueError(f"{self.path} declares taps {absent} in its metadata but has no such outputs (corrupt file)")
+        check_outputs(self.path, self.info, self._entry.outputs)
         compiled = self._entry.model
         hint = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # "f32" / "bf16"
         self.precision = {v: k for k, v in HINTS.items()}.get(hint, hint)
@@ -176,16 +174,12 @@ class OpenVINOBackend:
             "timestep_embedding": "folded to an fp32 constant" if self._entry.folded else "computed at run time"}
         self._idle: queue.SimpleQueue = queue.SimpleQueue()
 
-    max_batch = None  # the graph's batch axis is dynamic; the Engine may still split (Engine(max_batch=...))
-    min_batch = 1
-
     def describe(self) -> dict:
         return dict(self._described)
 
     def run(self, pixels: torch.Tensor, embeds: torch.Tensor | None, taps) -> dict[str, torch.Tensor]:
-        feeds = {IMAGE_INPUT: np.ascontiguousarray(pixels.detach().cpu().numpy(), dtype=np.float32),
-                 EMBEDS_INPUT: (self._entry.default_embeds if embeds is None else
-                                np.ascontiguousarray(embeds.detach().cpu().numpy(), dtype=np.float32))}
+        feeds = {IMAGE_INPUT: host_float32(pixels),
+                 EMBEDS_INPUT: self._entry.default_embeds if embeds is None else host_float32(embeds)}
         try:
             request = self._idle.get_nowait()
         except queue.Empty:

@@ -1,6 +1,7 @@
 """PyTorch backend: a student ``_unet`` / ``_full`` file or a diffusers folder, run by ``ReferenceExtractor``.
 
-This is the reference itself (eager PyTorch, forward stopped after the last requested tap), with
+This is the reference itself (eager PyTorch, forward stopped after the last requested tap) on the
+pixels and prompt embeddings the Engine prepared and checked (``ReferenceExtractor.features``), with
 a speed option that changes numerics slightly and is therefore opt-in: ``precision="bf16"``
 (autocast: convolutions and matmuls in bfloat16, norms and softmax in fp32) or ``"fp16"`` (CUDA
 autocast). On the CPU, bf16 runs only where it is native (AVX512_BF16 or AMX): elsewhere autocast
@@ -22,13 +23,14 @@ from ...models import load_student_and_base
 from ...features.preprocess import SIZE_MULTIPLE
 from ...kernels.precision import cpu_precision
 from ...taps import TAPS
+from .common import Backend
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 ANY_SIZE = [SIZE_MULTIPLE, 4096]  # the eager model takes any multiple of 64
 
 
-class TorchBackend:
-    name = "pytorch"
+class TorchBackend(Backend):
+    name = "pytorch"  # any batch (min_batch 1, max_batch None)
 
     def __init__(self, path: str | Path, base=None, device: str | None = None, precision: str | None = None,
                  size=None, resize: str = "stretch", prompt: str = ""):
@@ -54,9 +56,6 @@ class TorchBackend:
             block_out_channels=base_model.block_out_channels, scaling_factor=base_model.scaling_factor,
             text_conditioning=student.text_conditioning, extra={"precision": precision})
 
-    max_batch = None
-    min_batch = 1
-
     def describe(self) -> dict:
         return {"backend": self.name, "device": str(self.device), "precision": self.precision,
                 "threads": torch.get_num_threads()}
@@ -70,5 +69,5 @@ class TorchBackend:
     @torch.no_grad()
     def run(self, pixels: torch.Tensor, embeds: torch.Tensor | None, taps) -> dict[str, torch.Tensor]:
         with self._autocast():
-            feats = self.ref.extract(pixels, taps, prompt_embeds=embeds)
+            feats = self.ref.features(pixels, embeds, taps)
         return {t: f.float().contiguous() for t, f in feats.items()}

@@ -1,0 +1,70 @@
+"""What every engine backend offers (``Backend``) and the helpers more than one of them needs.
+
+The Engine hands a backend prepared tensors only: pixels ``B x 3 x H x W`` float32 in [-1, 1] at
+one of the sizes its ``info`` allows (``prepare_images`` did the decoding, size policy and
+checks), a batch within ``[min_batch, max_batch]`` (the Engine splits and pads), prompt
+embeddings ``[B, L, D]`` already checked (``check_prompt_embeds``) or None for the baked prompt,
+and outputs its ``info`` lists. A backend checks none of that again.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Protocol, Sequence, runtime_checkable
+
+import numpy as np
+import torch
+
+from ...formats.artifact import ArtifactInfo, external_data, unsafe_location
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """One way of running a feature graph: ONNX Runtime, OpenVINO, TensorRT or PyTorch."""
+
+    name: str  # what Engine.info["backend"] says: "onnxruntime", "openvino", "tensorrt", "pytorch"
+    info: ArtifactInfo  # the taps and derived outputs it computes, its input sizes and batch range
+    device: torch.device  # where ``run`` leaves its outputs
+    min_batch: int = 1  # the smallest batch one ``run`` takes (a TensorRT profile may start above 1)
+    max_batch: int | None = None  # the largest (None: any; the Engine may still split, Engine(max_batch=))
+
+    def run(self, pixels: torch.Tensor, embeds: torch.Tensor | None, taps: Sequence[str]) -> dict[str, torch.Tensor]:
+        """``{name: B x C x h x w float32}`` for each of ``taps`` (names from ``info.output_names``)."""
+
+    def describe(self) -> dict:
+        """What actually runs (backend, device, providers, precision, threads, versions) for ``Engine.info``."""
+
+
+def available_cpus() -> int:
+    """CPU cores this process may use (its affinity mask on Linux)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def check_external_data(path: Path) -> None:
+    """Every external weight file of an ``.onnx`` graph is inside the model's folder, exists and is long
+    enough (a truncated copy fails here, by name, instead of deep in ONNX Runtime or OpenVINO)."""
+    for name, end in external_data(path).items():
+        why = unsafe_location(name)
+        if why:
+            raise ValueError(f"{path} keeps its weights in {name!r}, {why}")
+        data = path.parent / name
+        if not data.is_file():
+            raise ValueError(f"{path} keeps its weights in {name}, which is missing: copy it beside the .onnx file")
+        if data.stat().st_size < end:
+            raise ValueError(f"{data} is truncated: {data.stat().st_size} bytes, the model needs {end}")
+
+
+def check_outputs(path: Path, info: ArtifactInfo, outputs) -> None:
+    """The graph has an output for every tap and derived output its metadata declares."""
+    absent = [name for name in info.output_names if name not in outputs]
+    if absent:
+        raise ValueError(f"{path} declares taps {absent} in its metadata but has no such outputs (corrupt file)")
+
+
+def host_float32(tensor: torch.Tensor) -> np.ndarray:
+    """A C-contiguous float32 numpy view (a copy only when needed) of a tensor, for the CPU runtimes."""
+    return np.ascontiguousarray(tensor.detach().cpu().numpy(), dtype=np.float32)
