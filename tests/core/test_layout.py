@@ -27,17 +27,18 @@ LAYERS = {
     "models": 1,
     "features": 2,
     "kernels": 3, "formats": 3,
-    "hyper": 3.5,  # hyperfeature aggregation: above the heads kernel it runs, below runtime (Engine(aggregator=))
     "runtime": 4,
     "export": 5, "evaluation": 5, "training": 5,
     "gate": 5,
     "probes": 5,
     "extraction": 5,  # the local pipelined extractor, manifest, per-image files and shards (an Engine passed in)
-    "distributed": 5.5,  # Ray Data extraction: above extraction, whose manifest and shards it shares
-    "fusion": 5.5,  # fusion recipes: above evaluation, whose runner and PCK they reuse; below every cli
-    "cli": 6,
+    # systems built on the stages: Diffusion Hyperfeatures (above runtime and export: trained on an Engine's
+    # taps, its aggregator a derived output they run), Ray Data extraction (above extraction, whose manifest
+    # and shards it shares), fusion recipes (above evaluation, whose runner and PCK they reuse)
+    "hyper": 6, "distributed": 6, "fusion": 6,
+    "cli": 7,
 }
-PUBLIC_FACE = 7  # the package's own __init__
+PUBLIC_FACE = max(LAYERS.values()) + 1  # the package's own __init__
 MAX_LINES = 500
 
 
