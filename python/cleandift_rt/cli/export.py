@@ -94,11 +94,16 @@ def run_export_onnx(args) -> None:
                 precision=args.precision, aggregator=args.aggregator)
 
 
-def export_onnx_main(argv=None) -> int:
-    """``python export/export_onnx.py``: bad arguments, unreadable inputs, unwritable output: one line, status 2."""
+def export_onnx_parser() -> argparse.ArgumentParser:
+    """The parser of ``python export/export_onnx.py``."""
     p = argparse.ArgumentParser(prog="export_onnx.py", description=EXPORT_DESCRIPTION.splitlines()[0])
     add_export_onnx_args(p)
-    args = p.parse_args(argv)
+    return p
+
+
+def export_onnx_main(argv=None) -> int:
+    """``python export/export_onnx.py``: bad arguments, unreadable inputs, unwritable output: one line, status 2."""
+    args = export_onnx_parser().parse_args(argv)
     try:
         run_export_onnx(args)
     except (ValueError, OSError) as exc:
@@ -144,11 +149,16 @@ def build_plan(args, prefix: str) -> int:
     return 0
 
 
-def build_plan_main(argv=None) -> int:
-    """``python export/build_engine.py``: statuses 2 (arguments, files), 3 (no TensorRT / GPU), 4 (unverified)."""
+def build_plan_parser() -> argparse.ArgumentParser:
+    """The parser of ``python export/build_engine.py``."""
     p = argparse.ArgumentParser(prog="build_engine.py", description=BUILD_DESCRIPTION.splitlines()[0])
     add_build_plan_args(p)
-    args = p.parse_args(argv)
+    return p
+
+
+def build_plan_main(argv=None) -> int:
+    """``python export/build_engine.py``: statuses 2 (arguments, files), 3 (no TensorRT / GPU), 4 (unverified)."""
+    args = build_plan_parser().parse_args(argv)
     try:
         return build_plan(args, "build_engine: ")
     except (ValueError, OSError) as exc:  # bad arguments, unreadable inputs, unwritable output
