@@ -1,4 +1,8 @@
-"""Safe checkpoint I/O: safetensors only, strict key checks with readable errors, atomic writes."""
+"""Safe file I/O: safetensors only (pickles refused), strict key checks with readable errors, atomic
+writes, and file identities (``short_hash``, ``file_identity``) that name caches and journals.
+
+Training checkpoints (rotating files, optimiser and RNG state) are ``runs.checkpoints``'.
+"""
 
 from __future__ import annotations
 
@@ -140,36 +144,6 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     return stale
 
 
-def trim_jsonl(path: str | Path, keep, log=print) -> None:
-    """Rewrite a JSON-lines log keeping the records ``keep(record)`` accepts, atomically.
-
-    Resumed runs use it to drop records written after their checkpoint. A last line cut short by a
-    kill is dropped (with a note); a malformed line anywhere else is an error naming the line.
-    """
-    path = Path(path)
-    if not path.is_file():
-        return
-    lines = path.read_text().splitlines()
-    kept = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            if number == len(lines):  # the write a kill interrupted
-                log(f"note: dropped the cut-short last line of {path}")
-                continue
-            raise ValueError(f"{path} line {number} is not JSON (edited or corrupted?): fix or remove that line, "
-                             "then resume") from None
-        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-            raise ValueError(f"{path} line {number} is not a metrics record (no integer 'step')")
-        if keep(record):
-            kept.append(line)
-    payload = "".join(line + "\n" for line in kept).encode()
-    atomic_write_bytes(path, lambda tmp: Path(tmp).write_bytes(payload))
-
-
 def check_output_folder(path: str | Path, what: str = "--out") -> Path:
     """``path`` can be (or become) a folder: neither it nor any of its parents is a file."""
     path = Path(path)
@@ -210,72 +184,3 @@ def check_state_dict(expected: Mapping[str, torch.Tensor], got: Mapping[str, tor
 def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
     check_state_dict(module.state_dict(), state, source)
     module.load_state_dict(dict(state), strict=True)
-
-
-# -- rotating training checkpoints (train.py, train-gate, train-aggregator) -------------------------
-
-_CHECKPOINT_NAME = re.compile(r"^step-(\d+)\.safetensors$")
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step-{step:07d}.safetensors"
-
-
-def list_checkpoints(folder: str | Path) -> list[Path]:
-    """Complete checkpoints in ``folder``, oldest first (temporary files of interrupted writes excluded)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _CHECKPOINT_NAME.match(p.name))]
-    return [p for _, p in sorted(found)]
-
-
-def write_rotating_checkpoint(folder: Path, step: int, tensors: Mapping[str, torch.Tensor],
-                              metadata: Mapping[str, str], keep: int) -> Path:
-    """Write step ``step`` atomically, then delete all but the newest ``keep`` (a kill between the two
-    leaves one checkpoint too many, never one too few)."""
-    path = Path(folder) / checkpoint_name(step)
-    write_safetensors(path, tensors, metadata)
-    for old in list_checkpoints(folder)[:-keep]:
-        old.unlink(missing_ok=True)
-    return path
-
-
-def readable_checkpoints(candidates: list[Path], log=print, strict_single: bool = False):
-    """Yield ``(path, tensors, metadata)`` newest first, skipping (with a warning) files that cannot be read.
-
-    ``strict_single``: a single named candidate that cannot be read raises instead (the user asked for it)."""
-    for path in reversed(candidates):
-        try:
-            yield path, read_safetensors(path), read_safetensors_metadata(path)
-        except (ValueError, FileNotFoundError) as exc:
-            if strict_single and len(candidates) == 1:
-                raise
-            log(f"warning: skipping unreadable checkpoint {path.name}: {exc}")
-
-
-def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], str]:
-    """The optimiser's per-parameter state as flat tensors (``optim.<index>.<name>``) and its parameter
-    groups without the parameters, as JSON: what a safetensors checkpoint can hold."""
-    opt = optimizer.state_dict()
-    tensors = {f"optim.{index}.{key}": torch.as_tensor(value)
-               for index, state in opt["state"].items() for key, value in state.items()}
-    groups = [{k: v for k, v in g.items() if k != "params"} for g in opt["param_groups"]]
-    return tensors, json.dumps(groups)
-
-
-def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor], groups_json: str,
-                           device: torch.device | None = None) -> None:
-    """Inverse of :func:`optimizer_tensors` for a single-group optimiser (Adam/AdamW: ``betas`` back to a
-    tuple); ``device`` moves the moment tensors (``step`` stays where torch keeps it)."""
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, index, name = key.split(".", 2)
-            state.setdefault(int(index), {})[name] = value.to(device) if device is not None and name != "step" \
-                else value
-    groups = json.loads(groups_json)
-    groups[0]["params"] = list(range(sum(len(g["params"]) for g in optimizer.param_groups)))
-    if "betas" in groups[0]:
-        groups[0]["betas"] = tuple(groups[0]["betas"])
-    optimizer.load_state_dict({"state": state, "param_groups": groups})

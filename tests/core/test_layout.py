@@ -25,6 +25,7 @@ LAYERS = {
     "_native": -1,  # the compiled extension (csrc/)
     "taps": 0, "timesteps": 0, "conditioning": 0, "build_info": 0, "checkpoint": 0, "assets": 0, "viz": 0,
     "models": 1,
+    "runs": 1,  # the resumable run loop, training checkpoints, the skip log: below every trainer and loader
     "features": 2,
     "kernels": 3, "formats": 3,
     "runtime": 4,

@@ -492,7 +492,7 @@ def _cached_raw(cache_dir, path, category, flipped):
     """The raw maps the run cached for an image (SD part and DINO part are two folders)."""
     from safetensors.torch import load_file
 
-    from cleandift_rt.evaluation.runner import file_identity, short_hash
+    from cleandift_rt.checkpoint import file_identity, short_hash
 
     key = short_hash(file_identity(path), category) + ("-flip" if flipped else "")
     maps = {}

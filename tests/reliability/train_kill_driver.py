@@ -34,13 +34,13 @@ def run(argv: list[str]) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from cleandift_rt import checkpoint
+    from cleandift_rt.runs import checkpoints
     from cleandift_rt.training import Trainer, build_config
 
     config = build_config(overrides=dict(steps=6, batch_size=1, grad_accum=1, size=64, validate_every=0,
                                          checkpoint_every=2, keep_checkpoints=2, lr=1e-4, warmup_steps=2))
-    real_save, real_write, real_atomic = (safetensors.torch.save_file, checkpoint.write_safetensors,
-                                          checkpoint.atomic_write_bytes)
+    real_save, real_write, real_atomic = (safetensors.torch.save_file, checkpoints.write_safetensors,
+                                          checkpoints.atomic_write_bytes)
 
     def save_then_cut(tensors, filename, metadata=None):
         real_save(tensors, filename, metadata=metadata)
@@ -72,8 +72,8 @@ def run(argv: list[str]) -> None:
             die()
 
     safetensors.torch.save_file = save_then_cut
-    checkpoint.write_safetensors = write_then_die  # what write_rotating_checkpoint calls before pruning
-    checkpoint.atomic_write_bytes = trim_and_die  # what checkpoint.trim_jsonl (the resume's log rewrite) calls
+    checkpoints.write_safetensors = write_then_die  # what write_rotating_checkpoint calls before pruning
+    checkpoints.atomic_write_bytes = trim_and_die  # what checkpoints.trim_jsonl (the resume's log rewrite) calls
     trainer = Trainer(config, base, data, out, resume=True if resume else None, progress=False, on_step=on_step,
                       log=lambda msg: None)
     trainer.run()

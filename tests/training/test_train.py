@@ -14,7 +14,7 @@ from cleandift_rt.taps import TAP_TABLE, TAPS
 from cleandift_rt.training import Trainer, build_config, distillation_step, stratified_timesteps
 from cleandift_rt.training.config import PRESETS, parse_override
 from cleandift_rt.training.data import ImageFolder
-from cleandift_rt.training.trainer import list_checkpoints
+from cleandift_rt.runs.checkpoints import list_checkpoints
 
 SIZE = 64
 

@@ -135,7 +135,7 @@ def open_engine(args, taps=None, aggregator=None):
 
 
 def engine_identity(args, engine) -> str:
-    from ..evaluation.runner import file_identity, short_hash
+    from ..checkpoint import file_identity, short_hash
 
     parts = [file_identity(args.engine), engine.size, engine.resize]
     if args.base:

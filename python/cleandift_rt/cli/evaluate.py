@@ -37,7 +37,7 @@ def _nn_source(args, engine, text_model, prompt):
 
 
 def _fused_source(args, engine, text_model, prompt, name, dino):
-    from ..evaluation.runner import file_identity
+    from ..checkpoint import file_identity
     from ..fusion.evaluate import FusedSource
     from ..fusion.pipeline import Fusion, prompt_embedder
     from .fusion_options import recipe_from_args
@@ -51,7 +51,8 @@ def _fused_source(args, engine, text_model, prompt, name, dino):
 
 def _gate_sources(args):
     """A trained GATE model (``train-gate --out``) as the method, and the DIFT baseline on its base model."""
-    from ..evaluation.runner import DiftFeatures, file_identity, short_hash
+    from ..checkpoint import file_identity, short_hash
+    from ..evaluation.runner import DiftFeatures
     from .fusion_options import resolve_prompt
     from ..gate.source import GateFeatures
 
@@ -72,7 +73,8 @@ def _gate_sources(args):
 
 def _method_sources(args):
     """(sources in the order of --recipe, DIFT baseline source or None) from the parsed arguments."""
-    from ..evaluation.runner import DiftFeatures, file_identity, short_hash
+    from ..checkpoint import file_identity, short_hash
+    from ..evaluation.runner import DiftFeatures
     from .fusion_options import NEAREST_NEIGHBOUR, check_recipe_args, open_dino, resolve_prompt, wants_fusion
 
     if args.gate:
@@ -125,8 +127,9 @@ def _note_engine_size(args, engine) -> None:
 def _run_eval(args, pairs, skips, benchmark: str, dataset_key: str) -> int:
     from ..evaluation.pck import CONVENTIONS
     from ..evaluation.report import format_table, results_document, write_results
-    from ..evaluation.runner import evaluate, short_hash
-    from ..evaluation.pairs import SkipLog
+    from ..checkpoint import short_hash
+    from ..evaluation.runner import evaluate
+    from ..runs.skips import SkipLog
     from ..fusion.evaluate import FusedSource, evaluate_fused
     from .fusion_options import wants_fusion
     from ..fusion.report import format_methods_table, methods_document, write_methods_results
@@ -147,7 +150,7 @@ def _run_eval(args, pairs, skips, benchmark: str, dataset_key: str) -> int:
         journal = cache / name
         if args.restart and journal.exists():
             journal.unlink()
-        run_skips = SkipLog()
+        run_skips = SkipLog("pair")
         run_skips.merge(skips)
         if fused:
             runs.append(evaluate_fused(pairs, source, cache_dir=cache / "fusion", journal=journal, skips=run_skips,
@@ -193,7 +196,7 @@ def cmd_eval_spair(args) -> int:
 
 def cmd_eval_pairs(args) -> int:
     from ..evaluation.pairs import load_pairs
-    from ..evaluation.runner import file_identity
+    from ..checkpoint import file_identity
 
     pairs, skips = load_pairs(args.pairs, args.images)
     if args.limit:
@@ -205,7 +208,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     from ..evaluation.pck import ALPHAS, CONVENTIONS
     from ..evaluation.runner import DEFAULT_PROMPT
     from .fusion_options import add_recipe_args
-    from ..fusion.recipes import DEFAULT_PROMPT as FUSED_PROMPT
+    from ..fusion.recipes import FUSION_PROMPT
 
     add_engine_args(p, engine_required=False)
     p.add_argument("--aggregator", metavar="FILE", help="evaluate a Diffusion Hyperfeatures aggregator.safetensors "
@@ -216,7 +219,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     g = add_output_args(p, "results.json", "results JSON (a CSV is written beside it)")
     g.add_argument("--csv", metavar="FILE", help="CSV path (default: --out with .csv)")
     p.add_argument("--prompt", default=None,
-                   help=f"prompt template, {{category}} filled in (default {DEFAULT_PROMPT!r} for nn, {FUSED_PROMPT!r} "
+                   help=f"prompt template, {{category}} filled in (default {DEFAULT_PROMPT!r} for nn, {FUSION_PROMPT!r} "
                    "for tale / tlfr; needs --base); '' = the prompt baked into the engine")
     p.add_argument("--baseline", choices=["dift"], help="also run the noisy DIFT baseline (base U-Net, needs --base)")
     p.add_argument("--t", type=int, default=261, help="DIFT timestep (default 261)")

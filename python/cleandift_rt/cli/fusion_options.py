@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 
-from ..fusion.recipes import DEFAULT_PROMPT, RECIPES, Recipe
+from ..fusion.recipes import FUSION_PROMPT, RECIPES, Recipe
 
 NEAREST_NEIGHBOUR = "nn"  # today's protocol: one tap, cosine argmax over the upsampled target
 RECIPE_CHOICES = (NEAREST_NEIGHBOUR, *RECIPES)
@@ -88,4 +88,4 @@ def resolve_prompt(args, fused: bool) -> str:
         return args.prompt
     from ..evaluation.runner import DEFAULT_PROMPT as NN_PROMPT
 
-    return DEFAULT_PROMPT if fused else NN_PROMPT
+    return FUSION_PROMPT if fused else NN_PROMPT

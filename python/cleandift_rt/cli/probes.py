@@ -33,7 +33,7 @@ def _check_args(args) -> None:
 def _sources(args):
     """The main Engine source, then the baseline and projected sources of the sweep; nothing is opened
     until a feature is missing from the cache."""
-    from ..evaluation.runner import file_identity, short_hash
+    from ..checkpoint import file_identity, short_hash
     from ..probes.cache import DiftSource, EngineSource, Lazy, ProjectedSource
 
     size = tuple(args.size) if args.size else None
@@ -83,10 +83,10 @@ def _limit(dataset, limit):
 
 
 def _config(args):
-    from ..probes.training import TrainConfig
+    from ..probes.training import ProbeTrainConfig
 
-    return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-                       val_fraction=args.val_fraction, patience=args.patience, seed=args.seed)
+    return ProbeTrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                            val_fraction=args.val_fraction, patience=args.patience, seed=args.seed)
 
 
 def _report(doc: dict, metrics: tuple[str, ...], out: str) -> None:

@@ -15,18 +15,19 @@
     }
 
 A bare list of pair objects is accepted too. Loaders never raise on one bad pair: they skip it,
-log why in a :class:`SkipLog`, and go on; only an unreadable file as a whole is an error.
+log why in a :class:`runs.skips.SkipLog`, and go on; only an unreadable file as a whole is an error.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from ..runs.skips import SkipLog
 
 PASCAL_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                   "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
@@ -48,48 +49,6 @@ class Pair:
     target_size: tuple[int, int] | None = None
     keypoint_ids: tuple[int, ...] | None = None  # SPair-71k's kps_ids: which part each keypoint is
     source_bbox: tuple[float, float, float, float] | None = None
-
-
-class SkipLog:
-    """What a run skipped and why: counts per reason plus a few examples for the report."""
-
-    MAX_EXAMPLES = 5
-
-    def __init__(self):
-        self.pairs: Counter = Counter()
-        self.keypoints: Counter = Counter()
-        self.examples: dict[str, list[str]] = {}
-
-    def skip_pair(self, reason: str, where: str) -> None:
-        self.pairs[reason] += 1
-        self._example(reason, where)
-
-    def skip_keypoints(self, reason: str, n: int, where: str) -> None:
-        if n:
-            self.keypoints[reason] += n
-            self._example(reason, where)
-
-    def _example(self, reason: str, where: str) -> None:
-        ex = self.examples.setdefault(reason, [])
-        if len(ex) < self.MAX_EXAMPLES:
-            ex.append(where)
-
-    def merge(self, other: "SkipLog") -> None:
-        self.pairs.update(other.pairs)
-        self.keypoints.update(other.keypoints)
-        for reason, ex in other.examples.items():
-            for w in ex:
-                self._example(reason, w)
-
-    def to_json(self) -> dict:
-        return {"pairs": dict(self.pairs), "keypoints": dict(self.keypoints), "examples": self.examples}
-
-    def lines(self) -> list[str]:
-        out = [f"skipped {n} pair(s): {reason} (e.g. {', '.join(self.examples.get(reason, [])[:3])})"
-               for reason, n in self.pairs.most_common()]
-        out += [f"skipped {n} keypoint(s): {reason} (e.g. {', '.join(self.examples.get(reason, [])[:3])})"
-                for reason, n in self.keypoints.most_common()]
-        return out
 
 
 def points_array(value, what: str) -> np.ndarray:
@@ -182,7 +141,7 @@ def _size(value, what: str):
 def load_pairs_json(path: str | Path, images_root: str | Path | None = None, skips: SkipLog | None = None) -> tuple[list[Pair], SkipLog]:
     """Read a ``pairs.json`` file (format in this module's docstring)."""
     path = Path(path)
-    skips = skips if skips is not None else SkipLog()
+    skips = skips if skips is not None else SkipLog("pair")
     try:
         doc = json.loads(path.read_text())
     except FileNotFoundError:
@@ -208,7 +167,7 @@ def load_pairs_json(path: str | Path, images_root: str | Path | None = None, ski
             pairs.append(make_pair(e.get("id", str(i)), e.get("category", "all"), root / e["source"], root / e["target"],
                                    e["source_points"], e["target_points"], e.get("target_bbox")))
         except ValueError as exc:
-            skips.skip_pair("malformed pair", f"{where}: {exc}")
+            skips.add("malformed pair", f"{where}: {exc}")
     return pairs, skips
 
 
@@ -221,7 +180,7 @@ def load_pf_csv(path: str | Path, images_root: str | Path | None = None, skips: 
     object boxes in these files: PCK@bbox uses the extent of the target keypoints, as ProposalFlow does.
     """
     path = Path(path)
-    skips = skips if skips is not None else SkipLog()
+    skips = skips if skips is not None else SkipLog("pair")
     if not path.is_file():
         raise FileNotFoundError(f"pairs file {path} does not exist")
     with open(path, newline="") as f:
@@ -255,7 +214,7 @@ def load_pf_csv(path: str | Path, images_root: str | Path | None = None, skips: 
             pairs.append(make_pair(f"{i:05d}", category, _resolve(src_name, roots), _resolve(trg_name, roots),
                                    src_pts, trg_pts, trg_box))
         except (ValueError, IndexError) as exc:
-            skips.skip_pair("malformed CSV row", f"{where}: {exc}")
+            skips.add("malformed CSV row", f"{where}: {exc}")
     return pairs, skips
 
 

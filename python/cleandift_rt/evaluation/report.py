@@ -20,14 +20,24 @@ import json
 from pathlib import Path
 
 from ..checkpoint import atomic_write_bytes
+from ..runs.skips import SkipLog
 from .pck import AVERAGES, KINDS, alpha_key, summarize
 from .runner import EvalRun
+
+
+COLUMN = 21  # characters per method column of the table
+
+
+def skipped_json(skips: SkipLog) -> dict:
+    """The report's ``counts.skipped``: pairs and keypoints left out by reason, a few examples of each."""
+    return {"pairs": dict(skips.pairs), "keypoints": dict(skips.keypoints),
+            "examples": {reason: list(shown) for reason, shown in skips.examples.items()}}
 
 
 def method_block(run: EvalRun, alphas, inclusive: bool) -> dict:
     block = summarize(run.results, alphas, inclusive)
     block["counts"].update(images_extracted=run.images_extracted, images_cached=run.images_cached,
-                           resumed_pairs=run.resumed_pairs, skipped=run.skips.to_json())
+                           resumed_pairs=run.resumed_pairs, skipped=skipped_json(run.skips))
     block["method"] = run.source
     block["seconds"] = round(run.seconds, 3)
     block["extract_seconds"] = round(run.extract_seconds, 3)
@@ -55,31 +65,37 @@ def _fmt(v) -> str:
 
 
 def format_table(doc: dict) -> str:
-    """PCK per kind and alpha (per point / per image), methods side by side, then per category."""
-    methods = _methods(doc)
+    """The main method and its baseline side by side (:func:`format_methods`)."""
+    return format_methods(doc, [block for _, block in _methods(doc)])
+
+
+def format_methods(doc: dict, blocks: list[dict]) -> str:
+    """PCK per kind and alpha (per point / per image) with one column per method block, then PCK@0.1
+    bbox per category, then each method's counts, flip decisions (fusion) and skips."""
+    names = [b["method"]["method"] for b in blocks]
     alphas = list(doc["pck"]["bbox"])
     proto = doc["protocol"]
     lines = [f"PCK (%) on {doc['benchmark']}: correct if distance {proto['comparison']} alpha * max(bbox w, h) "
              f"[bbox] or alpha * max(image W, H) [img]",
              "  per point = all keypoints pooled (DIFT / CleanDIFT tables); per image = mean of pair accuracies"]
-    head = "kind  alpha " + "".join(f"| {name[:19]:<19}" for name, _ in methods)
-    sub = " " * 12 + "".join("| point   image      " for _ in methods)
+    head = "kind  alpha " + "".join(f"| {n[:COLUMN - 2]:<{COLUMN - 2}}" for n in names)
+    sub = " " * 12 + "".join(f"| {'point   image':<{COLUMN - 2}}" for _ in names)
     lines += [head, sub, "-" * len(sub)]
     for kind in KINDS:
         for a in alphas:
             row = f"{kind:<5} {a:<6}"
-            for _, m in methods:
-                cell = m["pck"][kind][a]
+            for b in blocks:
+                cell = b["pck"][kind][a]
                 row += f"| {_fmt(cell['point'])}  {_fmt(cell['image'])}     "
             lines.append(row.rstrip())
     a_mid = alpha_key(0.1) if alpha_key(0.1) in alphas else alphas[0]
-    cats = sorted(set().union(*(m["per_category"] for _, m in methods)))
+    cats = sorted(set().union(*(b["per_category"] for b in blocks)))
     if len(cats) > 1:
         lines += ["", f"per category, PCK@{a_mid} bbox (point / image), pairs:"]
         for cat in cats:
             row = f"  {cat[:14]:<14}"
-            for _, m in methods:
-                c = m["per_category"].get(cat)
+            for b in blocks:
+                c = b["per_category"].get(cat)
                 if c is None:
                     row += "|     -         -        "
                     continue
@@ -87,15 +103,19 @@ def format_table(doc: dict) -> str:
                 row += f"| {_fmt(cell['point'])}  {_fmt(cell['image'])}  {c['pairs']:>6} "
             lines.append(row)
         row = f"  {'category mean':<14}"
-        for _, m in methods:
-            cell = m["category_mean"]["bbox"][a_mid]
+        for b in blocks:
+            cell = b["category_mean"]["bbox"][a_mid]
             row += f"| {_fmt(cell['point'])}  {_fmt(cell['image'])}         "
         lines.append(row.rstrip())
     lines.append("")
-    for name, m in methods:
-        c = m["counts"]
+    for name, b in zip(names, blocks):
+        c = b["counts"]
         lines.append(f"{name}: {c['pairs']} pairs, {c['keypoints']} keypoints; {c['images_extracted']} images "
-                     f"extracted, {c['images_cached']} from cache, {c['resumed_pairs']} pairs resumed; {m['seconds']:.1f} s")
+                     f"extracted, {c['images_cached']} from cache, {c['resumed_pairs']} pairs resumed; {b['seconds']:.1f} s")
+        flips = b["method"].get("flip_decisions")
+        if flips is not None:
+            lines.append(f"  adaptive flip: {flips.get('flipped', 0)} pair(s) flipped, {flips.get('kept', 0)} kept, "
+                         f"{flips.get('not applicable', 0)} without keypoint ids / left-right table")
         sk = c["skipped"]
         for reason, n in sk["pairs"].items():
             lines.append(f"  skipped {n} pair(s): {reason} (e.g. {', '.join(sk['examples'].get(reason, [])[:2])})")

@@ -21,8 +21,9 @@ import torch
 
 from ..checkpoint import atomic_write_bytes, file_identity, short_hash
 from ..features.preprocess import load_image
+from ..runs.skips import SkipLog
 from ..taps import resolve_taps
-from .pairs import Pair, SkipLog
+from .pairs import Pair
 from .pck import PairResult, bbox_size
 from .transfer import transfer_points
 
@@ -250,14 +251,10 @@ def evaluate(pairs: list[Pair], source, *, cache_dir: str | Path | None = None, 
     ``"matcher"`` (the native matcher on the upsampled target) or ``"analytic"`` (the same cosines
     in closed form), see :func:`transfer.transfer_points`.
     """
-    from tqdm.auto import tqdm
-
-    skips = skips if skips is not None else SkipLog()
+    skips = skips if skips is not None else SkipLog("pair")
     cache = FeatureCache(cache_dir, source.key)
     log = Journal(journal, short_hash(source.key, PROTOCOL_VERSION, method), resume)
     broken: dict[Path, ImageFailure] = {}
-    results: list[PairResult] = []
-    resumed = 0
     extract_seconds = 0.0
     start = time.perf_counter()
 
@@ -283,27 +280,54 @@ def evaluate(pairs: list[Pair], source, *, cache_dir: str | Path | None = None, 
             broken[path] = exc
             raise
 
-    bar = tqdm(pairs, desc=f"PCK {source.name}", unit="pair", disable=not progress, dynamic_ncols=True)
-    for pair in bar:
-        rec = log.done.get(pair.pair_id)
-        if rec is None:
-            rec = _evaluate_pair(pair, features, matcher, method)
-            log.add(rec)
-        else:
-            resumed += 1
-        if "skip" in rec:
-            skips.skip_pair(rec["skip"], rec.get("where", pair.pair_id))
-            continue
-        for reason, n in rec.get("dropped", {}).items():
-            skips.skip_keypoints(reason, n, pair.pair_id)
-        results.append(PairResult.from_json(rec["result"]))
-    bar.close()
+    def score(pair: Pair) -> dict:
+        def prepare(sizes, keep):
+            src_feat, trg_feat = features(pair.source, pair.category), features(pair.target, pair.category)
+            return lambda: (transfer_points(src_feat, trg_feat, sizes[0], sizes[1], pair.source_points[keep], matcher,
+                                            method=method)[0], {})
+
+        return score_pair(pair, prepare)
+
+    results, resumed = run_pairs(pairs, log, skips, score, f"PCK {source.name}", progress)
     return EvalRun(source=source.describe(), results=results, skips=skips, seconds=time.perf_counter() - start,
                    images_extracted=cache.misses, images_cached=cache.hits, resumed_pairs=resumed,
                    extract_seconds=extract_seconds)
 
 
-def _evaluate_pair(pair: Pair, features, matcher, method: str) -> dict:
+def run_pairs(pairs: list[Pair], journal: Journal, skips: SkipLog, score: Callable[[Pair], dict], desc: str,
+              progress: bool, on_record: Callable[[dict], None] | None = None) -> tuple[list[PairResult], int]:
+    """The PCK pair loop: each pair's record from ``journal`` (a resumed run) or from ``score(pair)``
+    (then journaled), its skips and dropped keypoints counted in ``skips``, ``on_record`` called on
+    every scored record. Returns the per-pair results and how many came from the journal."""
+    from tqdm.auto import tqdm
+
+    results: list[PairResult] = []
+    resumed = 0
+    bar = tqdm(pairs, desc=desc, unit="pair", disable=not progress, dynamic_ncols=True)
+    for pair in bar:
+        rec = journal.done.get(pair.pair_id)
+        if rec is None:
+            rec = score(pair)
+            journal.add(rec)
+        else:
+            resumed += 1
+        if "skip" in rec:
+            skips.add(rec["skip"], rec.get("where", pair.pair_id))
+            continue
+        for reason, n in rec.get("dropped", {}).items():
+            skips.drop(reason, n, pair.pair_id)
+        if on_record is not None:
+            on_record(rec)
+        results.append(PairResult.from_json(rec["result"]))
+    bar.close()
+    return results, resumed
+
+
+def score_pair(pair: Pair, prepare) -> dict:
+    """One pair's journal record: image sizes checked against the annotation, keypoints outside
+    either image dropped, then ``prepare(sizes, keep)`` fetches what the transfer needs (raising
+    :class:`ImageFailure` skips the pair) and returns ``transfer() -> (predicted target points,
+    extra record fields)``; the distances and the PCK box follow the same rules for every method."""
     try:
         sizes = []
         for path, annotated in ((pair.source, pair.source_size), (pair.target, pair.target_size)):
@@ -315,17 +339,16 @@ def _evaluate_pair(pair: Pair, features, matcher, method: str) -> dict:
         dropped = {"keypoint outside its image": int((~keep).sum())} if not keep.all() else {}
         if not keep.any():
             raise ImageFailure("no keypoint inside both images", pair.pair_id)
-        src_pts, trg_pts = pair.source_points[keep], pair.target_points[keep]
-        src_feat = features(pair.source, pair.category)
-        trg_feat = features(pair.target, pair.category)
+        transfer = prepare(sizes, keep)
     except ImageFailure as exc:
         return {"pair_id": pair.pair_id, "skip": exc.reason, "where": exc.where or pair.pair_id}
-    pred, _ = transfer_points(src_feat, trg_feat, sizes[0], sizes[1], src_pts, matcher, method=method)
-    distances = np.linalg.norm(pred - trg_pts, axis=1)
+    predicted, extra = transfer()
+    trg_pts = pair.target_points[keep]
+    distances = np.linalg.norm(predicted - trg_pts, axis=1)
     if pair.target_bbox is not None:
         box_size = bbox_size(pair.target_bbox)
     else:  # no annotated box: the extent of the target keypoints (ProposalFlow's PCK@bbox)
         extent = float((trg_pts.max(0) - trg_pts.min(0)).max()) if len(trg_pts) > 1 else 0.0
         box_size = extent if extent > 0 else None
-    result = PairResult(pair.pair_id, pair.category, distances, box_size, float(max(sizes[1])), pred)
-    return {"pair_id": pair.pair_id, "result": result.to_json(), "dropped": dropped}
+    result = PairResult(pair.pair_id, pair.category, distances, box_size, float(max(sizes[1])), predicted)
+    return {"pair_id": pair.pair_id, "result": result.to_json(), "dropped": dropped, **extra}

@@ -19,7 +19,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .pairs import Pair, SkipLog, make_pair
+from ..runs.skips import SkipLog
+from .pairs import Pair, make_pair
 
 SPLITS = {"test": "test", "val": "val", "trn": "trn", "train": "trn"}
 REQUIRED_FIELDS = ("src_imname", "trg_imname", "src_kps", "trg_kps", "trg_bndbox", "category")
@@ -46,7 +47,7 @@ def load_spair(root: str | Path, split: str = "test", categories=None, limit: in
     which keeps the feature cache warm). ``limit`` keeps the first N pairs of each category."""
     ann_dir = split_dir(root, split)
     root = Path(root)
-    skips = skips if skips is not None else SkipLog()
+    skips = skips if skips is not None else SkipLog("pair")
     wanted = set(categories) if categories else None
     per_category: dict[str, int] = {}
     pairs: list[Pair] = []
@@ -71,10 +72,10 @@ def load_spair(root: str | Path, split: str = "test", categories=None, limit: in
                              ann["src_kps"], ann["trg_kps"], ann["trg_bndbox"], ann.get("src_imsize"), ann.get("trg_imsize"),
                              ann.get("kps_ids"), ann.get("src_bndbox"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            skips.skip_pair("malformed annotation", f"{f.name}: invalid JSON ({exc})")
+            skips.add("malformed annotation", f"{f.name}: invalid JSON ({exc})")
             continue
         except ValueError as exc:
-            skips.skip_pair("malformed annotation", f"{f.name}: {exc}")
+            skips.add("malformed annotation", f"{f.name}: {exc}")
             continue
         pair.pair_id = f.stem  # unique and stable across runs (the resume journal keys on it)
         per_category[category] = per_category.get(category, 0) + 1

@@ -14,12 +14,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
-
-from ..evaluation.pairs import Pair, SkipLog
-from ..evaluation.pck import PairResult, bbox_size
-from ..evaluation.runner import (EvalRun, FeatureCache, ImageFailure, Journal, image_size, inside_image,
-                                 load_pair_image, short_hash)
+from ..checkpoint import short_hash
+from ..evaluation.pairs import Pair
+from ..evaluation.runner import EvalRun, FeatureCache, ImageFailure, Journal, load_pair_image, run_pairs, score_pair
+from ..runs.skips import SkipLog
 from .canvas import flip_images
 from .pipeline import Fusion
 
@@ -54,9 +52,7 @@ def evaluate_fused(pairs: list[Pair], source: FusedSource, *, cache_dir: str | P
     The run's ``source`` dict also counts the flip decisions (``flipped``, ``kept``, ``not
     applicable``: no keypoint ids or no left/right table for the category).
     """
-    from tqdm.auto import tqdm
-
-    skips = skips if skips is not None else SkipLog()
+    skips = skips if skips is not None else SkipLog("pair")
     fusion = source.fusion
     sd_cache = FeatureCache(cache_dir, source.sd_key, memory_items=6)
     dino_cache = FeatureCache(cache_dir, source.dino_key, memory_items=6) if source.dino_key else None
@@ -64,8 +60,6 @@ def evaluate_fused(pairs: list[Pair], source: FusedSource, *, cache_dir: str | P
     broken: dict[Path, ImageFailure] = {}
     timing = {"extract": 0.0}
     decisions: Counter = Counter()
-    results: list[PairResult] = []
-    resumed = 0
     start = time.perf_counter()
 
     def raw(path: Path, category: str, flipped: bool) -> dict:
@@ -102,22 +96,11 @@ def evaluate_fused(pairs: list[Pair], source: FusedSource, *, cache_dir: str | P
             broken[path] = exc
             raise
 
-    bar = tqdm(pairs, desc=f"PCK {source.name}", unit="pair", disable=not progress, dynamic_ncols=True)
-    for pair in bar:
-        rec = log.done.get(pair.pair_id)
-        if rec is None:
-            rec = _evaluate_pair(pair, fusion, raw)
-            log.add(rec)
-        else:
-            resumed += 1
-        if "skip" in rec:
-            skips.skip_pair(rec["skip"], rec.get("where", pair.pair_id))
-            continue
-        for reason, n in rec.get("dropped", {}).items():
-            skips.skip_keypoints(reason, n, pair.pair_id)
+    def count_decision(rec: dict) -> None:
         decisions[{True: "flipped", False: "kept", None: "not applicable"}[rec.get("flipped")]] += 1
-        results.append(PairResult.from_json(rec["result"]))
-    bar.close()
+
+    results, resumed = run_pairs(pairs, log, skips, lambda pair: _score(pair, fusion, raw), f"PCK {source.name}",
+                                 progress, on_record=count_decision)
     described = source.describe()
     if source.recipe.flip:
         described["flip_decisions"] = dict(decisions)
@@ -127,34 +110,20 @@ def evaluate_fused(pairs: list[Pair], source: FusedSource, *, cache_dir: str | P
                    resumed_pairs=resumed, extract_seconds=timing["extract"])
 
 
-def _evaluate_pair(pair: Pair, fusion: Fusion, raw) -> dict:
-    try:
-        sizes = []
-        for path, annotated in ((pair.source, pair.source_size), (pair.target, pair.target_size)):
-            size = image_size(path)
-            if annotated is not None and tuple(annotated) != size:
-                raise ImageFailure("image size differs from its annotation", f"{path}: {size} vs {tuple(annotated)}")
-            sizes.append(size)
-        keep = inside_image(pair.source_points, sizes[0]) & inside_image(pair.target_points, sizes[1])
-        dropped = {"keypoint outside its image": int((~keep).sum())} if not keep.all() else {}
-        if not keep.any():
-            raise ImageFailure("no keypoint inside both images", pair.pair_id)
-        src_pts, trg_pts = pair.source_points[keep], pair.target_points[keep]
+def _score(pair: Pair, fusion: Fusion, raw) -> dict:
+    def prepare(sizes, keep):
         ids = None if pair.keypoint_ids is None else [i for i, k in zip(pair.keypoint_ids, keep) if k]
         raw_src = raw(pair.source, pair.category, False)
         raw_trg = raw(pair.target, pair.category, False)
         raw_flip = raw(pair.source, pair.category, True) if fusion.recipe.flip else None
-    except ImageFailure as exc:
-        return {"pair_id": pair.pair_id, "skip": exc.reason, "where": exc.where or pair.pair_id}
-    transfer = fusion.transfer_raw(raw_src, raw_trg, sizes[0], sizes[1], src_pts, raw_flipped=raw_flip,
-                                   category=pair.category, keypoint_ids=ids, source_bbox=pair.source_bbox,
-                                   target_bbox=pair.target_bbox)
-    distances = np.linalg.norm(transfer.points - trg_pts, axis=1)
-    if pair.target_bbox is not None:
-        box_size = bbox_size(pair.target_bbox)
-    else:  # no annotated box: the extent of the target keypoints (ProposalFlow's PCK@bbox)
-        extent = float((trg_pts.max(0) - trg_pts.min(0)).max()) if len(trg_pts) > 1 else 0.0
-        box_size = extent if extent > 0 else None
-    result = PairResult(pair.pair_id, pair.category, distances, box_size, float(max(sizes[1])), transfer.points)
-    return {"pair_id": pair.pair_id, "result": result.to_json(), "dropped": dropped, "flipped": transfer.flipped,
-            "fit": None if transfer.fit is None else [round(v, 6) for v in transfer.fit], "masks": transfer.masks}
+
+        def transfer():
+            t = fusion.transfer_raw(raw_src, raw_trg, sizes[0], sizes[1], pair.source_points[keep],
+                                    raw_flipped=raw_flip, category=pair.category, keypoint_ids=ids,
+                                    source_bbox=pair.source_bbox, target_bbox=pair.target_bbox)
+            return t.points, {"flipped": t.flipped, "fit": None if t.fit is None else [round(v, 6) for v in t.fit],
+                              "masks": t.masks}
+
+        return transfer
+
+    return score_pair(pair, prepare)

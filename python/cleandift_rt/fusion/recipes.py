@@ -23,7 +23,11 @@ import torch.nn.functional as F
 
 from .sd import SD_TAPS
 
-DEFAULT_PROMPT = "A photo of a {category}"  # SPEC section 9 (the CleanDIFT geoaware-sc-eval branch)
+# The fusion recipes' prompt, capitalised as in the CleanDIFT geoaware-sc-eval branch whose fused
+# SPair-71k numbers the recipes reproduce. The package's default prompt (DIFT-style evaluation,
+# evaluation.runner.DEFAULT_PROMPT) is "a photo of a {category}": each pipeline keeps the prompt
+# its published numbers were measured with, so the two differ in case on purpose.
+FUSION_PROMPT = "A photo of a {category}"
 
 
 @dataclass(frozen=True)
@@ -41,7 +45,7 @@ class Recipe:
     sd_size: int = 960  # SD canvas, long side; zero-padded square
     sd_crop: int | None = 512  # 2 x 2 overlapping crops of this side; None: one pass
     dino_size: int = 840  # DINOv2 canvas (60 x 60 patches of 14 px)
-    prompt: str = DEFAULT_PROMPT
+    prompt: str = FUSION_PROMPT
 
     def label(self) -> str:
         """The recipe's name plus the parts switched off relative to its published form."""

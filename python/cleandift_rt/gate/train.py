@@ -28,10 +28,11 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ..checkpoint import (check_output_folder, check_state_dict, list_checkpoints, load_optimizer_tensors,
-                          optimizer_tensors, readable_checkpoints, remove_stale_temporaries, trim_jsonl,
-                          write_rotating_checkpoint, write_safetensors)
+from ..checkpoint import check_state_dict, write_safetensors
 from ..features.preprocess import load_image
+from ..runs.checkpoints import restore_rng, rng_tensors
+from ..runs.loop import ResumableRun
+from ..runs.skips import SkipLog
 from .amalgam import Amalgamator, clip_loss, grid_indices, sparsity_term
 from .extract import GateExtractor
 from .recipe import Bucket
@@ -40,7 +41,6 @@ from .store import FeatureStore, bytes_per_image
 CHECKPOINT_FORMAT = "cleandift_gate_checkpoint"
 GATE_FORMAT = "cleandift_gate"
 GATE_FILE = "gate.safetensors"
-METRICS_FILE = "metrics.jsonl"
 
 
 @dataclass
@@ -112,12 +112,20 @@ class _Usable:
     target_index: torch.Tensor
 
 
-class GateTrainer:
-    """Build with an extractor, a bucket and pairs; :meth:`run` trains and writes ``OUT/gate.safetensors``.
+class GateTrainer(ResumableRun):
+    """Build with an extractor, a bucket and pairs; :meth:`run` trains and writes ``OUT/gate.safetensors``
+    (the loop, resume and checkpoints are ``runs.loop.ResumableRun``'s).
 
     Building extracts (or finds in the cache) the features of the first ``max_pairs`` usable pairs;
     ``features_dir`` shares one feature cache between runs (default ``OUT/features``).
     """
+
+    kind = "GATE"
+    checkpoint_format = CHECKPOINT_FORMAT
+    objective_fields = OBJECTIVE_FIELDS
+    free_fields = ("epochs",)  # a resumed run may train longer
+    progress_desc = "train-gate"
+    progress_unit = "pair"
 
     def __init__(self, extractor: GateExtractor, bucket: Bucket, pairs: Sequence, out: str | Path,
                  config: GateTrainConfig | None = None, val_pairs: Sequence = (), resume: bool = False,
@@ -126,46 +134,35 @@ class GateTrainer:
         if self.config.size is not None and extractor.size != (self.config.size, self.config.size):
             raise ValueError(f"config size {self.config.size} differs from the extractor's {extractor.size}: build the "
                              "extractor with size=config.size")
-        self.extractor, self.bucket, self.out = extractor, bucket, check_output_folder(out)
-        self.progress, self.log = progress, log
+        self.extractor, self.bucket = extractor, bucket
+        self.open_run(out, resume=resume, keep_checkpoints=self.config.keep_checkpoints, progress=progress, log=log)
         self.store = FeatureStore(features_dir if features_dir is not None else self.out / "features", bucket, extractor)
-        self.skipped: dict[str, int] = {}
-        self._examples: dict[str, str] = {}
+        self.skips = SkipLog("pair")
         self._broken: dict[Path, _Broken] = {}
         torch.manual_seed(self.config.seed)  # the model's initial weights
         self.model = Amalgamator(extractor.conv_channels, extractor.attention_channels if bucket.attention else 0,
                                  len(bucket.conv), self.config.output_conv, self.config.dropout).to(extractor.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.config.lr,
                                            weight_decay=self.config.weight_decay)
-        self.checkpoint_dir = self.out / "checkpoints"
-        for folder in (self.out, self.checkpoint_dir):
-            for stale in remove_stale_temporaries(folder):
-                self.log(f"removed {stale}, left by an interrupted write")
-        if not resume and list_checkpoints(self.checkpoint_dir):
-            raise ValueError(f"{self.out} already holds GATE checkpoints: pass --resume to continue that run or choose "
-                             "another --out")
         per_image = bytes_per_image(bucket, extractor.unet.config.block_out_channels, extractor.size,
                                     extractor.attention_channels // 2)
         self.log(f"bucket: {len(bucket.conv)} conv feature(s){' + attention' if bucket.attention else ''} at "
                  f"{extractor.size[0]}x{extractor.size[1]} px; fp16 cache {per_image / 1e6:.2f} MB per image")
         self.pool = self._usable_pairs(pairs, self.config.max_pairs, "train")
         if not self.pool:
-            raise ValueError(f"no usable training pairs ({self._skip_summary()})")
+            raise ValueError(f"no usable training pairs ({self.skips.summary()})")
         self.val_pool = self._usable_pairs(val_pairs, self.config.val_pairs, "val", shuffle=True) \
             if self.config.val_pairs else []
         self.per_epoch = min(self.config.pairs_per_epoch or len(self.pool), len(self.pool))
         self.total_steps = self.config.epochs * self.per_epoch
-        self.step = self._resume() if resume else 0
+        self.resume(resume)
 
     # -- data -----------------------------------------------------------------------------------
 
-    def _skip(self, reason: str, example: str) -> None:
-        self.skipped[reason] = self.skipped.get(reason, 0) + 1
-        self._examples.setdefault(reason, example)
-
-    def _skip_summary(self) -> str:
-        return "; ".join(f"{n} skipped: {r} (e.g. {self._examples[r]})" for r, n in sorted(self.skipped.items())) \
-            or "nothing skipped"
+    @property
+    def skipped(self) -> dict[str, int]:
+        """Pairs left out, by reason."""
+        return dict(self.skips.counts)
 
     def _image(self, path: Path, annotated, category: str) -> tuple[int, int]:
         """Size of the image, its features extracted into the store first (raises _Broken with the reason)."""
@@ -204,12 +201,12 @@ class GateTrainer:
                 src_size = self._image(Path(pair.source), getattr(pair, "source_size", None), pair.category)
                 trg_size = self._image(Path(pair.target), getattr(pair, "target_size", None), pair.category)
             except _Broken as exc:
-                self._skip(exc.reason, exc.where)
+                self.skips.add(exc.reason, exc.where)
                 continue
             src, trg = np.asarray(pair.source_points, float), np.asarray(pair.target_points, float)
             keep = _inside(src, src_size) & _inside(trg, trg_size)
             if not keep.any():
-                self._skip("no keypoint inside both images", str(pair.pair_id))
+                self.skips.add("no keypoint inside both images", pair.pair_id)
                 continue
             grid, device = self.extractor.grid, self.extractor.device
             usable.append(_Usable(str(pair.pair_id), (Path(pair.source), pair.category), (Path(pair.target), pair.category),
@@ -260,90 +257,42 @@ class GateTrainer:
         pairs = self.pool if pairs is None else pairs
         return float(np.mean([float(self._losses(p)[0]) for p in pairs]))
 
-    # -- checkpoints ----------------------------------------------------------------------------
+    def validation(self) -> tuple[dict, str] | None:
+        if not self.val_pool:
+            return None
+        loss = self.mean_loss(self.val_pool)
+        return {"val_loss": loss}, f"step {self.step}: validation loss {loss:.4f}"
 
-    def save_checkpoint(self) -> Path:
-        optim, groups = optimizer_tensors(self.optimizer)
-        tensors = {**{f"model.{k}": v for k, v in self.model.state_dict().items()}, **optim,
-                   "rng.torch": torch.get_rng_state()}
-        if self.extractor.device.type == "cuda":
-            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.extractor.device)
-        metadata = {"format": CHECKPOINT_FORMAT, "step": str(self.step), "config": json.dumps(self.config.to_dict()),
-                    "bucket": json.dumps(self.bucket.to_dict()), "pool": json.dumps([p.pair_id for p in self.pool]),
-                    "optim_groups": groups}
-        return write_rotating_checkpoint(self.checkpoint_dir, self.step, tensors, metadata,
-                                         self.config.keep_checkpoints)
+    # -- checkpoints (what runs.loop adds: format, step, config, the AdamW moments) ----------------
 
-    def _resume(self) -> int:
-        candidates = list_checkpoints(self.checkpoint_dir)
-        if not candidates:  # killed before its first checkpoint: a requeue that always passes --resume starts over
-            self.log(f"note: --resume found no checkpoint in {self.checkpoint_dir}: starting at step 0")
-            return 0
-        for path, state, meta in readable_checkpoints(candidates, self.log):
-            self._load_state(path, state, meta)
-            self.log(f"resumed from {path} at step {meta['step']}")
-            self._truncate_metrics(int(meta["step"]))
-            return int(meta["step"])
-        raise ValueError(f"--resume: none of the checkpoints in {self.checkpoint_dir} is readable")
+    def checkpoint_state(self) -> tuple[dict, dict]:
+        tensors = {**{f"model.{k}": v for k, v in self.model.state_dict().items()}, **rng_tensors(self.extractor.device)}
+        metadata = {"bucket": json.dumps(self.bucket.to_dict()), "pool": json.dumps([p.pair_id for p in self.pool])}
+        return tensors, metadata
 
-    def _load_state(self, path: Path, state: dict, meta: dict) -> None:
-        if meta.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{path} is not a GATE training checkpoint (format {meta.get('format')!r})")
-        saved = json.loads(meta["config"])
-        changed = [f"{k}: {saved.get(k)!r} -> {getattr(self.config, k)!r}" for k in OBJECTIVE_FIELDS
-                   if saved.get(k) != getattr(self.config, k)]
+    def other_changes(self, meta: dict) -> list[str]:
+        changed = []
         if json.loads(meta["bucket"]) != self.bucket.to_dict():
             changed.append("the bucket")
         if json.loads(meta["pool"]) != [p.pair_id for p in self.pool]:
             changed.append("the training pairs")
-        if changed:
-            raise ValueError(f"cannot resume {path}: the run changed ({'; '.join(changed)}); use the original settings "
-                             "or start a new run in another --out")
+        return changed
+
+    def load_checkpoint_state(self, path: Path, state: dict, meta: dict) -> None:
         model_state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
         check_state_dict(self.model.state_dict(), model_state, f"amalgamator in {path}")
         self.model.load_state_dict(model_state)
-        load_optimizer_tensors(self.optimizer, state, meta["optim_groups"])
-        torch.set_rng_state(state["rng.torch"])
-        if "rng.cuda" in state and self.extractor.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng.cuda"], self.extractor.device)
-
-    def _truncate_metrics(self, step: int) -> None:
-        """Drop log records of steps after the checkpoint (a cut-short last line too), atomically."""
-        trim_jsonl(self.out / METRICS_FILE, lambda record: record["step"] <= step, self.log)
+        restore_rng(state, self.extractor.device)
 
     # -- the loop -------------------------------------------------------------------------------
 
     def run(self) -> dict:
-        from tqdm.auto import tqdm
-
         c = self.config
-        self.out.mkdir(parents=True, exist_ok=True)
-        metrics_path = self.out / METRICS_FILE
-        if self.step == 0:
-            metrics_path.write_text("")
-        record = None
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="train-gate", unit="pair", dynamic_ncols=True,
-                   disable=not self.progress)
-        try:
-            with open(metrics_path, "a") as metrics:
-                while self.step < self.total_steps:
-                    record = self.train_step()
-                    last = self.step == self.total_steps
-                    if self.val_pool and (last or (c.validate_every and self.step % c.validate_every == 0)):
-                        record["val_loss"] = self.mean_loss(self.val_pool)
-                        bar.write(f"step {self.step}: validation loss {record['val_loss']:.4f}")
-                    metrics.write(json.dumps(record) + "\n")
-                    metrics.flush()
-                    bar.set_postfix(loss=f"{record['loss']:.4f}")
-                    bar.update(1)
-                    if last or (c.checkpoint_every and self.step % c.checkpoint_every == 0):
-                        self.save_checkpoint()
-        finally:
-            bar.close()
+        record = self.run_steps(self.total_steps, c.validate_every, c.checkpoint_every)
         path = self.save_gate()
-        self.log(f"done: {self.step} steps over {len(self.pool)} pairs ({self._skip_summary()}); wrote {path}")
+        self.log(f"done: {self.step} steps over {len(self.pool)} pairs ({self.skips.summary()}); wrote {path}")
         return {"steps": self.step, "pairs": len(self.pool), "final_loss": record["loss"] if record else None,
-                "skipped": dict(self.skipped), "file": str(path)}
+                "skipped": self.skipped, "file": str(path)}
 
     def save_gate(self) -> Path:
         """The trained amalgamator with everything needed to extract its features again (eval-spair --gate)."""

@@ -32,10 +32,11 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from ..checkpoint import (atomic_write_bytes, check_output_folder, check_state_dict, list_checkpoints,
-                          load_optimizer_tensors, optimizer_tensors, readable_checkpoints, remove_stale_temporaries,
-                          short_hash, trim_jsonl, write_rotating_checkpoint)
+from ..checkpoint import atomic_write_bytes, check_state_dict, short_hash
 from ..features.preprocess import load_image
+from ..runs.checkpoints import restore_rng, rng_tensors
+from ..runs.loop import ResumableRun
+from ..runs.skips import SkipLog
 from .aggregator import Aggregator
 from .cache import FeatureCache
 from .loss import clip_loss, grid_indices
@@ -44,7 +45,6 @@ from .picture import mixing_weights_picture
 CHECKPOINT_FORMAT = "cleandift_rt_aggregator_checkpoint"
 AGGREGATOR_FILE = "aggregator.safetensors"
 WEIGHTS_PICTURE = "mixing_weights.png"
-METRICS_FILE = "metrics.jsonl"
 RECIPE_VAL_PAIRS = 360
 AUTO = "auto"  # cache_dir: OUT/features
 
@@ -114,9 +114,10 @@ def _inside(points: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return (points[:, 0] >= 0) & (points[:, 0] < w) & (points[:, 1] >= 0) & (points[:, 1] < h)
 
 
-class HyperTrainer:
+class HyperTrainer(ResumableRun):
     """Build with a fresh :class:`Aggregator`, its stored source (``sources.EngineTaps`` /
-    ``InversionTaps``) and pairs; :meth:`run` trains and writes ``OUT/aggregator.safetensors``.
+    ``InversionTaps``) and pairs; :meth:`run` trains and writes ``OUT/aggregator.safetensors`` (the
+    loop, resume and checkpoints are ``runs.loop.ResumableRun``'s).
 
     ``cache_dir``: ``"auto"`` (``OUT/features``), a folder (shared between runs: cleandift and
     cleandift-heads of one engine share it), or None (recompute every time: ``--cache none``).
@@ -124,15 +125,24 @@ class HyperTrainer:
     before its first checkpoint starts over).
     """
 
+    kind = "aggregator"
+    checkpoint_format = CHECKPOINT_FORMAT
+    objective_fields = OBJECTIVE_FIELDS
+    free_fields = ("steps",)  # a resumed run may train longer
+    progress_desc = "train-aggregator"
+    progress_unit = "pair"
+    validation_record = "own"  # {"step", "val_pck"} lines of their own
+    validate_first = True  # the untrained network's PCK is the first point of the curve
+
     def __init__(self, aggregator: Aggregator, stored, pairs: Sequence, out: str | Path,
                  config: HyperTrainConfig | None = None, val_pairs: Sequence = (),
                  validator: Callable[[Iterable], float] | None = None, cache_dir: str | Path | None = AUTO,
                  resume: bool = False, progress: bool = True, log: Callable[[str], None] = print,
                  device: str | torch.device | None = None):
         self.config = (config or HyperTrainConfig()).check()
-        self.out = check_output_folder(out)
+        self.open_run(out, resume=resume, keep_checkpoints=self.config.keep_checkpoints, progress=progress, log=log)
         self.aggregator, self.stored, self.pairs = aggregator, stored, list(pairs)
-        self.validator, self.progress, self.log = validator, progress, log
+        self.validator = validator
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {self.device} asked for, but CUDA is not available here: use --device cpu")
@@ -143,35 +153,21 @@ class HyperTrainer:
         self.cache = FeatureCache(cache_root, stored.key)
         self.optimizer = torch.optim.AdamW(self.aggregator.network.parameters(), lr=self.config.lr,
                                            weight_decay=self.config.weight_decay)
-        self.skipped: dict[str, int] = {}
-        self._examples: dict[str, str] = {}
+        self.skips = SkipLog("pair")
         self._broken: dict[Path, _Broken] = {}
-        self.step, self.epoch, self.index = 0, 0, 0  # the cursor: pass `epoch`, position `index` in its order
+        self.epoch, self.index = 0, 0  # the cursor: pass `epoch`, position `index` in its order
         self.last = {"loss": None, "val_pck": None}  # the latest of each in the metrics (kept over a resume)
-        self.checkpoint_dir = self.out / "checkpoints"
-        for folder in (self.out, self.checkpoint_dir):
-            for stale in remove_stale_temporaries(folder):
-                self.log(f"removed {stale}, left by an interrupted write")
-        if resume and list_checkpoints(self.checkpoint_dir):
-            self._resume()
-        elif resume:
-            self.log(f"note: --resume found no checkpoint in {self.checkpoint_dir}: starting at step 0")
-        elif list_checkpoints(self.checkpoint_dir):
-            raise ValueError(f"{self.out} already holds aggregator checkpoints: pass --resume to continue that run "
-                             "or choose another --out")
         self.val_items = self._validation_items(val_pairs, self.config.validation_pairs)
         if self.config.validation_pairs and validator is not None and not self.val_items:
             self.log("note: no usable validation pairs: validation is off")
+        self.resume(resume)  # after the validation pairs: the checkpoint's skip log counts theirs already
 
     # -- data -----------------------------------------------------------------------------------
 
-    def _skip(self, reason: str, example: str) -> None:
-        self.skipped[reason] = self.skipped.get(reason, 0) + 1
-        self._examples.setdefault(reason, example)
-
-    def skip_summary(self) -> str:
-        return "; ".join(f"{n} pair(s) skipped: {r} (e.g. {self._examples.get(r, '?')})"
-                         for r, n in sorted(self.skipped.items())) or "nothing skipped"
+    @property
+    def skipped(self) -> dict[str, int]:
+        """Pairs left out, by reason."""
+        return dict(self.skips.counts)
 
     def _image_size(self, path: Path, annotated) -> tuple[int, int]:
         from PIL import Image, UnidentifiedImageError
@@ -242,7 +238,7 @@ class HyperTrainer:
                 item = self._item(pairs[index])
                 self.features(item.source), self.features(item.target)
             except _Broken as exc:
-                self._skip(f"validation: {exc.reason}", exc.where)
+                self.skips.add(f"validation: {exc.reason}", exc.where)
                 continue
             items.append(item)
             bar.update(1)
@@ -266,10 +262,10 @@ class HyperTrainer:
                 item = self._item(pair)
                 return item, self.features(item.source), self.features(item.target)
             except _Broken as exc:
-                self._skip(exc.reason, exc.where)
+                self.skips.add(exc.reason, exc.where)
                 tried += 1
                 if tried >= len(order):
-                    raise ValueError(f"no usable training pair ({self.skip_summary()})") from None
+                    raise ValueError(f"no usable training pair ({self.skips.summary()})") from None
 
     # -- the objective --------------------------------------------------------------------------
 
@@ -292,6 +288,7 @@ class HyperTrainer:
         loss.backward()
         self.optimizer.step()
         self.step += 1
+        self.last["loss"] = loss.item()
         return {"step": self.step, "loss": loss.item(), "pair": item.pair_id, "seconds": time.perf_counter() - started}
 
     @torch.no_grad()
@@ -318,105 +315,55 @@ class HyperTrainer:
 
         return float(self.validator(descriptors()))
 
-    # -- checkpoints ----------------------------------------------------------------------------
+    def validation(self) -> tuple[dict, str] | None:
+        val_pck = self.validate()
+        if val_pck is None:
+            return None
+        self.last["val_pck"] = val_pck
+        return {"val_pck": val_pck}, f"step {self.step}: val PCK@0.1 bbox {100 * val_pck:.2f}% ({len(self.val_items)} pairs)"
+
+    # -- checkpoints (what runs.loop adds: format, step, config, the AdamW moments) ----------------
 
     def _identity(self) -> dict:
         return {"config": self.aggregator.config.to_dict(), "source": self.aggregator.source,
                 "stored": self.stored.key, "pairs": short_hash(*(p.pair_id for p in self.pairs))}
 
-    def save_checkpoint(self) -> Path:
-        optim, groups = optimizer_tensors(self.optimizer)
-        tensors = {**{f"model.{k}": v for k, v in self.aggregator.network.state_dict().items()}, **optim,
-                   "rng.torch": torch.get_rng_state()}
-        metadata = {"format": CHECKPOINT_FORMAT, "step": str(self.step), "epoch": str(self.epoch),
-                    "index": str(self.index), "config": json.dumps(self.config.to_dict()),
-                    "identity": json.dumps(self._identity()), "optim_groups": groups,
-                    "skipped": json.dumps([self.skipped, self._examples])}
-        return write_rotating_checkpoint(self.checkpoint_dir, self.step, tensors, metadata,
-                                         self.config.keep_checkpoints)
+    def checkpoint_state(self) -> tuple[dict, dict]:
+        tensors = {**{f"model.{k}": v for k, v in self.aggregator.network.state_dict().items()},
+                   **rng_tensors(self.device)}
+        metadata = {"epoch": str(self.epoch), "index": str(self.index), "identity": json.dumps(self._identity()),
+                    "skipped": json.dumps(self.skips.to_json())}
+        return tensors, metadata
 
-    def _resume(self) -> None:
-        for path, state, meta in readable_checkpoints(list_checkpoints(self.checkpoint_dir), self.log):
-            self._load_state(path, state, meta)
-            self.log(f"resumed from {path} at step {self.step}")
-            self._truncate_metrics(self.step)
-            return
-        raise ValueError(f"--resume: none of the checkpoints in {self.checkpoint_dir} is readable")
-
-    def _load_state(self, path: Path, state: dict, meta: dict) -> None:
-        if meta.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{path} is not an aggregator training checkpoint (format {meta.get('format')!r})")
-        saved = json.loads(meta["config"])
-        changed = [f"{k}: {saved.get(k)!r} -> {getattr(self.config, k)!r}" for k in OBJECTIVE_FIELDS
-                   if saved.get(k) != getattr(self.config, k)]
+    def other_changes(self, meta: dict) -> list[str]:
         theirs, ours = json.loads(meta["identity"]), json.loads(json.dumps(self._identity()))
-        changed += [f"the {k}" for k in ours if theirs.get(k) != ours[k]]
-        if changed:
-            raise ValueError(f"cannot resume {path}: the run changed ({'; '.join(changed)}); use the original settings "
-                             "or start a new run in another --out")
+        return [f"the {k}" for k in ours if theirs.get(k) != ours[k]]
+
+    def load_checkpoint_state(self, path: Path, state: dict, meta: dict) -> None:
         model_state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
         check_state_dict(self.aggregator.network.state_dict(), model_state, f"aggregation network in {path}")
         self.aggregator.network.load_state_dict(model_state)
-        load_optimizer_tensors(self.optimizer, state, meta["optim_groups"], self.device)
-        torch.set_rng_state(state["rng.torch"])
-        self.step, self.epoch, self.index = int(meta["step"]), int(meta["epoch"]), int(meta["index"])
-        self.skipped, self._examples = (dict(d) for d in json.loads(meta["skipped"]))
+        restore_rng(state, self.device)
+        self.epoch, self.index = int(meta["epoch"]), int(meta["index"])
+        skipped = json.loads(meta["skipped"])
+        if isinstance(skipped, list):  # checkpoints before the shared skip log: [counts, {reason: example}]
+            skipped = {"counts": skipped[0], "examples": {r: [e] for r, e in skipped[1].items()}}
+        self.skips = SkipLog.from_json(skipped, "pair")
 
-    def _truncate_metrics(self, step: int) -> None:
-        """Records after the checkpoint's step go (the resumed run writes them again), as does a last line
-        cut short by a kill; rewritten atomically. The kept records restore ``self.last``."""
-        def keep(record: dict) -> bool:
-            if record["step"] > step:
-                return False
-            self.last.update({k: record[k] for k in self.last if k in record})
-            return True
-
-        trim_jsonl(self.out / METRICS_FILE, keep, self.log)
+    def keep_metric(self, record: dict) -> None:
+        """The kept records restore the latest loss and validation PCK."""
+        self.last.update({k: record[k] for k in self.last if k in record})
 
     # -- the loop -------------------------------------------------------------------------------
 
     def run(self) -> dict:
-        from tqdm.auto import tqdm
-
         c = self.config
-        self.out.mkdir(parents=True, exist_ok=True)
-        metrics_path = self.out / METRICS_FILE
-        if self.step == 0:
-            metrics_path.write_text("")
-        bar = tqdm(total=c.steps, initial=min(self.step, c.steps), desc="train-aggregator", unit="pair",
-                   dynamic_ncols=True, disable=not self.progress)
-        try:
-            with open(metrics_path, "a") as metrics:
-                def log_validation():
-                    val_pck = self.validate()
-                    if val_pck is not None:
-                        self.last["val_pck"] = val_pck
-                        metrics.write(json.dumps({"step": self.step, "val_pck": val_pck}) + "\n")
-                        metrics.flush()
-                        bar.write(f"step {self.step}: val PCK@0.1 bbox {100 * val_pck:.2f}% "
-                                  f"({len(self.val_items)} pairs)")
-
-                if self.step == 0:
-                    log_validation()  # the untrained network
-                while self.step < c.steps:
-                    record = self.train_step()
-                    self.last["loss"] = record["loss"]
-                    metrics.write(json.dumps(record) + "\n")
-                    metrics.flush()
-                    last = self.step == c.steps
-                    if last or (c.validate_every and self.step % c.validate_every == 0):
-                        log_validation()
-                    bar.set_postfix(loss=f"{record['loss']:.4f}")
-                    bar.update(1)
-                    if last or (c.checkpoint_every and self.step % c.checkpoint_every == 0):
-                        self.save_checkpoint()
-        finally:
-            bar.close()
+        self.run_steps(c.steps, c.validate_every, c.checkpoint_every)
         path = self.save_aggregator(self.last["val_pck"])
-        self.log(f"done: {self.step} steps ({self.skip_summary()}); features computed {self.cache.computed}, reused "
+        self.log(f"done: {self.step} steps ({self.skips.summary()}); features computed {self.cache.computed}, reused "
                  f"{self.cache.reused}; wrote {path} and {self.out / WEIGHTS_PICTURE}")
         return {"steps": self.step, "final_loss": self.last["loss"], "val_pck": self.last["val_pck"],
-                "skipped": dict(self.skipped), "file": str(path)}
+                "skipped": self.skipped, "file": str(path)}
 
     def save_aggregator(self, val_pck: float | None = None) -> Path:
         """``OUT/aggregator.safetensors`` and the mixing-weights picture beside it."""

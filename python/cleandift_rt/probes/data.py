@@ -3,19 +3,20 @@
 Every loader returns a :class:`Dataset` of :class:`Sample` records whose image and target are read
 only when asked (``read_image()`` / ``read_target()``). A bad file never stops a run: a sample whose
 files are missing is left out when the dataset is listed, one whose files cannot be decoded raises
-:class:`SampleError` when read, and both are counted by reason in :class:`Skips`. Images are read in
+:class:`SampleError` when read, and both are counted by reason in a ``runs.skips.SkipLog``. Images are read in
 their stored pixel layout (no EXIF rotation: the depth maps and label maps refer to it).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from ..runs.skips import SkipLog
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 NYU_FILE, NYU_SPLITS = "nyu_depth_v2_labeled.mat", "splits.mat"
@@ -32,33 +33,6 @@ class SampleError(Exception):
     def __init__(self, reason: str, where: str):
         super().__init__(f"{reason}: {where}")
         self.reason, self.where = reason, where
-
-
-class Skips:
-    """What a run left out and why: counts per reason plus a few examples for the report."""
-
-    MAX_EXAMPLES = 5
-
-    def __init__(self):
-        self.counts: Counter = Counter()
-        self.examples: dict[str, list[str]] = {}
-
-    def add(self, reason: str, where: str) -> None:
-        self.counts[reason] += 1
-        ex = self.examples.setdefault(reason, [])
-        if len(ex) < self.MAX_EXAMPLES:
-            ex.append(str(where))
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
-
-    def to_json(self) -> dict:
-        return {"total": self.total, "by_reason": dict(self.counts), "examples": self.examples}
-
-    def lines(self) -> list[str]:
-        return [f"skipped {n}: {reason} (e.g. {', '.join(self.examples[reason][:2])})"
-                for reason, n in self.counts.most_common()]
 
 
 @dataclass(frozen=True)
@@ -80,7 +54,7 @@ class Dataset:
     root: str
     train: list[Sample]
     test: list[Sample]
-    skips: Skips = field(default_factory=Skips)
+    skips: SkipLog = field(default_factory=lambda: SkipLog("image"))
     classes: tuple[str, ...] = ()
 
     def describe(self) -> dict:
@@ -236,7 +210,7 @@ def _by_stem(folder: Path, suffixes) -> dict[str, list[Path]]:
 def load_depth_folder(root: str | Path) -> Dataset:
     """``ROOT/{train,test}/rgb/NAME.png|jpg`` with ``ROOT/{train,test}/depth/NAME.png`` (16-bit mm) or ``.npy`` (m)."""
     root = Path(root)
-    skips, parts = Skips(), {}
+    skips, parts = SkipLog("image"), {}
     for split in ("train", "test"):
         rgb_dir, depth_dir = root / split / "rgb", root / split / "depth"
         if not rgb_dir.is_dir() or not depth_dir.is_dir():
@@ -304,7 +278,7 @@ def load_voc(root: str | Path, train_split: str = "train", test_split: str = "va
         raise FileNotFoundError(f"--data {root} does not exist")
     if not (root / "ImageSets").is_dir() and (root / "VOC2012" / "ImageSets").is_dir():
         root = root / "VOC2012"
-    skips, parts = Skips(), {}
+    skips, parts = SkipLog("image"), {}
     for split, name in (("train", train_split), ("test", test_split)):
         listing = root / "ImageSets" / "Segmentation" / f"{name}.txt"
         if not listing.is_file():
@@ -339,7 +313,7 @@ def load_image_folders(train: str | Path, val: str | Path) -> Dataset:
     if not classes:
         raise ValueError(f"{train} has no class sub-folders (ImageFolder layout: {train}/CLASS/IMAGE.jpg)")
     index = {c: i for i, c in enumerate(classes)}
-    skips, parts = Skips(), {}
+    skips, parts = SkipLog("image"), {}
     for split, folder in (("train", train), ("test", val)):
         samples = []
         for d in sorted(p for p in folder.iterdir() if p.is_dir()):

@@ -23,13 +23,14 @@ import numpy as np
 import torch
 
 from ..checkpoint import atomic_write_bytes
+from ..runs.skips import SkipLog
 from .cache import FeatureStore
-from .data import Dataset, Sample, SampleError, Skips
+from .data import Dataset, Sample, SampleError
 from .depth import DepthProbe, DepthProtocol
 from .knn import knn_classify
 from .plot import depth_colours, line_plot, overlay, panel
 from .segmentation import SegmentationProbe
-from .training import TrainConfig, load_probe
+from .training import ProbeTrainConfig, load_probe
 
 PRIMARY = {"depth": ("rmse", "RMSE (m), lower is better"), "segmentation": ("miou", "mIoU, higher is better"),
            "knn": ("top1", "top-1 accuracy, higher is better")}
@@ -53,7 +54,7 @@ def _once(read):
 
 
 def gather(samples: Sequence[Sample], sources, store: FeatureStore, view: str, target_kind: str | None,
-           skips: Skips, progress: bool, desc: str) -> list[Sample]:
+           skips: SkipLog, progress: bool, desc: str) -> list[Sample]:
     """Cache the target and every source's features of each sample; the samples all of them could use."""
     from tqdm.auto import tqdm
 
@@ -70,6 +71,12 @@ def gather(samples: Sequence[Sample], sources, store: FeatureStore, view: str, t
             continue
         usable.append(sample)
     return usable
+
+
+def skipped_json(skips: SkipLog) -> dict:
+    """The results' ``data.skipped``: samples left out in all, by reason, a few examples of each."""
+    return {"total": skips.total, "by_reason": dict(skips.counts),
+            "examples": {reason: list(shown) for reason, shown in skips.examples.items()}}
 
 
 def _fingerprint(*parts) -> str:
@@ -117,7 +124,7 @@ def write_results(doc: dict, out: Path, rows: list[dict], task: str) -> dict:
     return doc
 
 
-def _probe_for(task: str, source, train_feats, train_targets, make_probe, config: TrainConfig, out: Path,
+def _probe_for(task: str, source, train_feats, train_targets, make_probe, config: ProbeTrainConfig, out: Path,
                fingerprint: str, progress: bool):
     """(probe, training report or None when an earlier run's probe was reused, probe path)."""
     path = out / "probes" / f"{slug(source)}.safetensors"
@@ -138,7 +145,7 @@ def _probe_for(task: str, source, train_feats, train_targets, make_probe, config
     return probe, report, path
 
 
-def run_dense(task: str, dataset: Dataset, sources, store: FeatureStore, out: str | Path, *, config: TrainConfig,
+def run_dense(task: str, dataset: Dataset, sources, store: FeatureStore, out: str | Path, *, config: ProbeTrainConfig,
               protocol: DepthProtocol | None = None, num_classes: int = 21, probe_file: str | Path | None = None,
               pictures: int = 4, progress: bool = True, extra: dict | None = None) -> dict:
     """Depth (``task="depth"``) or segmentation (``"segmentation"``) probes for every source; the
@@ -148,9 +155,7 @@ def run_dense(task: str, dataset: Dataset, sources, store: FeatureStore, out: st
         raise ValueError(f"task must be 'depth' or 'segmentation', got {task!r}")
     out = Path(out)
     kind = "depth" if task == "depth" else "label"
-    skips = Skips()
-    skips.counts.update(dataset.skips.counts)
-    skips.examples.update(dataset.skips.examples)
+    skips = SkipLog("image").merge(dataset.skips)
     loaded = None
     if probe_file is not None:
         loaded, loaded_info = load_probe(probe_file)
@@ -209,7 +214,7 @@ def run_dense(task: str, dataset: Dataset, sources, store: FeatureStore, out: st
     doc = {"task": task, "method": main["method"], "tap": sources[0].tap,
            **{k: v for k, v in main.items() if k not in ("method", "t", "probe")},
            "sweep": [r for r in rows[1:] if r["t"] is not None],
-           "data": {**dataset.describe(), "train_used": len(train), "test_used": len(test), "skipped": skips.to_json()},
+           "data": {**dataset.describe(), "train_used": len(train), "test_used": len(test), "skipped": skipped_json(skips)},
            "probes": probes, "training": training,
            "cache": {"dir": str(store.root), "dtype": store.dtype, "computed": dict(store.computed),
                      "reused": dict(store.reused)},
@@ -252,9 +257,7 @@ def run_knn(dataset: Dataset, sources, store: FeatureStore, out: str | Path, *, 
             extra: dict | None = None) -> dict:
     """kNN top-1 / top-5 on globally pooled features for every source."""
     out = Path(out)
-    skips = Skips()
-    skips.counts.update(dataset.skips.counts)
-    skips.examples.update(dataset.skips.examples)
+    skips = SkipLog("image").merge(dataset.skips)
     train = gather(dataset.train, sources, store, "gap", None, skips, progress, "kNN train features")
     test = gather(dataset.test, sources, store, "gap", None, skips, progress, "kNN query features")
     if len(train) < k or not test:
@@ -274,7 +277,7 @@ def run_knn(dataset: Dataset, sources, store: FeatureStore, out: str | Path, *, 
            "k": k, "images": len(test), "sweep": [r for r in rows[1:] if r["t"] is not None],
            "protocol": {"pooling": "global average over the tap's grid", "similarity": "cosine (cleandift_rt.match)",
                         "vote": "one vote per neighbour; ties to the class whose best neighbour is nearer"},
-           "data": {**dataset.describe(), "train_used": len(train), "test_used": len(test), "skipped": skips.to_json()},
+           "data": {**dataset.describe(), "train_used": len(train), "test_used": len(test), "skipped": skipped_json(skips)},
            "classes": list(dataset.classes),
            "cache": {"dir": str(store.root), "dtype": store.dtype, "computed": dict(store.computed),
                      "reused": dict(store.reused)},

@@ -13,7 +13,8 @@ independent of each tap's scale). Training, the same for every probe:
   held-out loss (the training loss, per image, averaged) decides: the best epoch's weights are kept
   and training stops after ``patience`` epochs without improvement;
 * after every epoch the whole state (weights, best weights, optimiser moments, history) is written
-  atomically to the checkpoint; a rerun with the same data and settings resumes from it.
+  atomically to the checkpoint; a rerun with the same data and settings resumes from it (the epochs
+  are steps of ``runs.loop.ResumableRun``; a checkpoint of other data or settings is trained over).
 """
 
 from __future__ import annotations
@@ -30,13 +31,17 @@ import torch
 from torch import nn
 
 from ..checkpoint import load_strict, read_safetensors, read_safetensors_metadata, write_safetensors
+from ..runs.loop import ResumableRun
 
 META_KEY = "cleandift_rt_probe"
+CHECKPOINT_FORMAT = "cleandift_rt_probe_checkpoint"
 _KINDS: dict[str, type] = {}
 
 
 @dataclass
-class TrainConfig:
+class ProbeTrainConfig:
+    """How every probe is trained (the module docstring); ``probes.TrainConfig`` is its old name."""
+
     epochs: int = 20
     batch_size: int = 8
     lr: float = 1e-3
@@ -54,7 +59,7 @@ class TrainConfig:
                              f"{self.weight_decay}, {self.val_fraction}")
 
 
-def learning_rate(config: TrainConfig, step: int, steps_per_epoch: int) -> float:
+def learning_rate(config: ProbeTrainConfig, step: int, steps_per_epoch: int) -> float:
     """Linear warm-up over the first epoch, then cosine decay to 0 at the end of the last epoch."""
     total = config.epochs * steps_per_epoch
     warm = min(1.0, (step + 1) / steps_per_epoch)
@@ -139,7 +144,7 @@ class LinearProbe(nn.Module):
         with torch.no_grad():
             return float(np.mean([self._loss(as_batch(features, [i]), [prepared(i)]).item() for i in index]))
 
-    def fit(self, features: Sequence, targets: Sequence, config: TrainConfig | None = None, *,
+    def fit(self, features: Sequence, targets: Sequence, config: ProbeTrainConfig | None = None, *,
             checkpoint: str | Path | None = None, fingerprint: str = "", progress: bool = False,
             on_epoch: Callable[[int], None] | None = None) -> dict:
         """Train on ``features[i]`` (``[C, h, w]`` arrays, memory maps welcome) and ``targets[i]``.
@@ -148,75 +153,20 @@ class LinearProbe(nn.Module):
         ``fingerprint`` and the settings match). ``on_epoch(epoch)`` is called after each epoch's
         checkpoint. Returns a report (epochs run, best epoch, losses per epoch).
         """
-        from tqdm.auto import tqdm
-
-        config = config or TrainConfig()
+        config = config or ProbeTrainConfig()
         n = len(features)
         if n == 0 or len(targets) != n:
             raise ValueError(f"fit needs one target per feature map and at least one of each, got {n} and {len(targets)}")
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed)).tolist()
-        n_val = min(round(n * config.val_fraction), n - 1)  # at least one image to fit
-        val_idx, fit_idx = sorted(order[:n_val]), sorted(order[n_val:])
-        self._standardise_from(features, fit_idx)
-        self._reset(config.seed)
-        opt = torch.optim.AdamW(self.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        steps = math.ceil(len(fit_idx) / config.batch_size)
-        key = json.dumps({"config": asdict(config), "probe": self.meta(), "n": n, "data": fingerprint}, sort_keys=True)
-        state = {"epoch": 0, "best_epoch": -1, "best_loss": math.inf, "bad_epochs": 0, "history": []}
-        best = {k: v.clone() for k, v in self.state_dict().items()}
-        if checkpoint is not None and Path(checkpoint).is_file():
-            resumed = _read_state(Path(checkpoint), key, self, opt)
-            if resumed is not None:
-                state, best = resumed
-        resumed_at = state["epoch"]
-        grid = tuple(np.asarray(features[0]).shape[-2:])
-        ready: dict[int, object] = {}
-
-        def prepared(i: int):
-            if i not in ready:
-                ready[i] = self.prepare(targets[i], grid)
-            return ready[i]
-
+        run = _ProbeFit(self, features, targets, config, checkpoint, fingerprint, progress, on_epoch)
+        resumed_at = run.step
         start = time.perf_counter()
-        bar = tqdm(range(state["epoch"], config.epochs), desc=f"train {self.kind} probe", unit="epoch",
-                   disable=not progress, dynamic_ncols=True)
-        for epoch in bar:
-            if state["bad_epochs"] >= config.patience:
-                break
-            self.train()
-            perm = torch.randperm(len(fit_idx), generator=torch.Generator().manual_seed(config.seed + 1 + epoch)).tolist()
-            losses = []
-            for s in range(steps):
-                batch = [fit_idx[j] for j in perm[s * config.batch_size:(s + 1) * config.batch_size]]
-                lr = learning_rate(config, epoch * steps + s, steps)
-                for group in opt.param_groups:
-                    group["lr"] = lr
-                loss = self._loss(as_batch(features, batch), [prepared(i) for i in batch])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                losses.append(loss.item())
-            self.eval()
-            train_loss = float(np.mean(losses))
-            val_loss = self._mean_loss(features, prepared, val_idx) if val_idx else train_loss
-            if val_loss < state["best_loss"]:
-                state.update(best_loss=val_loss, best_epoch=epoch, bad_epochs=0)
-                best = {k: v.clone() for k, v in self.state_dict().items()}
-            else:
-                state["bad_epochs"] += 1
-            state["epoch"] = epoch + 1
-            state["history"].append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "lr": lr})
-            bar.set_postfix(train=f"{train_loss:.4f}", held_out=f"{val_loss:.4f}")
-            if checkpoint is not None:
-                _write_state(Path(checkpoint), key, self, best, opt, state)
-            if on_epoch is not None:
-                on_epoch(epoch)
-        bar.close()
-        self.load_state_dict(best)
+        run.run_steps(config.epochs, checkpoint_every=1)
+        self.load_state_dict(run.best)
         self.eval()
-        return {"fit_images": len(fit_idx), "held_out_images": len(val_idx), "epochs_run": state["epoch"],
+        state = run.state
+        return {"fit_images": len(run.fit_idx), "held_out_images": len(run.val_idx), "epochs_run": run.step,
                 "best_epoch": state["best_epoch"], "best_held_out_loss": state["best_loss"],
-                "stopped_early": state["epoch"] < config.epochs, "resumed_at_epoch": resumed_at,
+                "stopped_early": run.step < config.epochs, "resumed_at_epoch": resumed_at,
                 "seconds": time.perf_counter() - start, "config": asdict(config), "history": state["history"]}
 
     # -- files ---------------------------------------------------------------------------------
@@ -244,29 +194,86 @@ def load_probe(path: str | Path) -> tuple[LinearProbe, dict]:
     return probe.eval(), json.loads(meta.get("info", "{}"))
 
 
-def _write_state(path: Path, key: str, probe: LinearProbe, best: dict, opt: torch.optim.Optimizer, state: dict) -> None:
-    tensors = {f"model.{k}": v for k, v in probe.state_dict().items()}
-    tensors.update({f"best.{k}": v for k, v in best.items()})
-    for i, s in opt.state_dict()["state"].items():
-        tensors.update({f"opt.{i}.{name}": torch.as_tensor(v) for name, v in s.items()})
-    write_safetensors(path, tensors, {"key": key, "state": state})
+class _ProbeFit(ResumableRun):
+    """One probe's training as steps of the run loop: a step is an epoch, the held-out loss decides
+    the best weights and the early stop, the single checkpoint file is rewritten after every epoch."""
 
+    kind = "probe"
+    checkpoint_format = CHECKPOINT_FORMAT
+    progress_unit = "epoch"
 
-def _read_state(path: Path, key: str, probe: LinearProbe, opt: torch.optim.Optimizer):
-    """(state, best weights) from a checkpoint of this very training, or None (another run's or unreadable)."""
-    try:
-        meta = read_safetensors_metadata(path)
-        if meta.get("key") != key:
-            return None
-        tensors = read_safetensors(path)
-    except ValueError:
-        return None
-    probe.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
-    opt_state: dict[int, dict] = {}
-    for k, v in tensors.items():
-        if k.startswith("opt."):
-            _, i, name = k.split(".", 2)
-            opt_state.setdefault(int(i), {})[name] = v
-    opt.load_state_dict({"state": opt_state, "param_groups": opt.state_dict()["param_groups"]})
-    return json.loads(meta["state"]), best
+    def __init__(self, probe: LinearProbe, features: Sequence, targets: Sequence, config: ProbeTrainConfig,
+                 checkpoint: str | Path | None, fingerprint: str, progress: bool, on_epoch):
+        self.probe, self.features, self.targets, self.config = probe, features, targets, config
+        n = len(features)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed)).tolist()
+        n_val = min(round(n * config.val_fraction), n - 1)  # at least one image to fit
+        self.val_idx, self.fit_idx = sorted(order[:n_val]), sorted(order[n_val:])
+        probe._standardise_from(features, self.fit_idx)
+        probe._reset(config.seed)
+        self.optimizer = torch.optim.AdamW(probe.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.steps_per_epoch = math.ceil(len(self.fit_idx) / config.batch_size)
+        # everything the weights depend on: a checkpoint with another key is another run's
+        self.key = json.dumps({"config": asdict(config), "probe": probe.meta(), "n": n, "data": fingerprint},
+                              sort_keys=True)
+        self.state = {"best_epoch": -1, "best_loss": math.inf, "bad_epochs": 0, "history": []}
+        self.best = {k: v.clone() for k, v in probe.state_dict().items()}
+        self.grid = tuple(np.asarray(features[0]).shape[-2:])
+        self.ready: dict[int, object] = {}
+        self.progress_desc = f"train {probe.kind} probe"
+        self.open_run(None, resume=True, progress=progress, log=lambda message: None, checkpoint_file=checkpoint,
+                      on_step=None if on_epoch is None else lambda step, record: on_epoch(step - 1))
+        if checkpoint is not None:
+            self.resume(True)
+
+    def prepared(self, i: int):
+        if i not in self.ready:
+            self.ready[i] = self.probe.prepare(self.targets[i], self.grid)
+        return self.ready[i]
+
+    def finished(self) -> bool:
+        return self.state["bad_epochs"] >= self.config.patience
+
+    def train_step(self) -> dict:
+        c, probe, epoch = self.config, self.probe, self.step
+        probe.train()
+        perm = torch.randperm(len(self.fit_idx), generator=torch.Generator().manual_seed(c.seed + 1 + epoch)).tolist()
+        losses = []
+        for s in range(self.steps_per_epoch):
+            batch = [self.fit_idx[j] for j in perm[s * c.batch_size:(s + 1) * c.batch_size]]
+            lr = learning_rate(c, epoch * self.steps_per_epoch + s, self.steps_per_epoch)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            loss = probe._loss(as_batch(self.features, batch), [self.prepared(i) for i in batch])
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            losses.append(loss.item())
+        probe.eval()
+        train_loss = float(np.mean(losses))
+        val_loss = probe._mean_loss(self.features, self.prepared, self.val_idx) if self.val_idx else train_loss
+        if val_loss < self.state["best_loss"]:
+            self.state.update(best_loss=val_loss, best_epoch=epoch, bad_epochs=0)
+            self.best = {k: v.clone() for k, v in probe.state_dict().items()}
+        else:
+            self.state["bad_epochs"] += 1
+        self.step += 1
+        record = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "lr": lr}
+        self.state["history"].append(record)
+        return record
+
+    def postfix(self, record: dict) -> dict:
+        return {"train": f"{record['train_loss']:.4f}", "held_out": f"{record['val_loss']:.4f}"}
+
+    def checkpoint_state(self) -> tuple[dict, dict]:
+        tensors = {f"model.{k}": v for k, v in self.probe.state_dict().items()}
+        tensors.update({f"best.{k}": v for k, v in self.best.items()})
+        return tensors, {"key": self.key, "state": json.dumps(self.state)}
+
+    def other_changes(self, metadata: dict) -> list[str]:
+        return [] if metadata.get("key") == self.key else ["the data, the probe or its settings"]
+
+    def load_checkpoint_state(self, path: Path, tensors: dict, metadata: dict) -> None:
+        self.probe.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        self.best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
+        self.state = json.loads(metadata["state"])

@@ -2,20 +2,20 @@
 
 Images are decoded with Pillow, converted to RGB and resized by ``preprocess.prepare_images`` with
 the inference resize policy, so training sees exactly the pixels inference sees. Unreadable and
-too-small images are skipped and counted, never fatal. The order is a seeded permutation per epoch
+too-small images are skipped and counted (``runs.skips.SkipLog``), never fatal. The order is a seeded permutation per epoch
 and the sampler's position is part of a checkpoint, so a resumed run sees the same batches.
 """
 
 from __future__ import annotations
 
 import json
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..features.preprocess import load_image, prepare_images
+from ..runs.skips import SkipLog
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 _SHOWN = 5
@@ -25,46 +25,6 @@ _SHOWN = 5
 class Sample:
     path: Path
     caption: str
-
-
-@dataclass
-class SkipLog:
-    """Images left out, by reason (``unreadable``, ``too small``), with the first few paths of each."""
-
-    counts: Counter = field(default_factory=Counter)
-    examples: dict[str, list[str]] = field(default_factory=dict)
-
-    def add(self, reason: str, path: Path, detail: str = "") -> None:
-        self.counts[reason] += 1
-        shown = self.examples.setdefault(reason, [])
-        if len(shown) < _SHOWN:
-            shown.append(f"{path.name}{f' ({detail})' if detail else ''}")
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
-
-    def summary(self) -> str:
-        if not self.total:
-            return "no images skipped"
-        parts = [f"{n} {reason} (e.g. {', '.join(self.examples[reason])})" for reason, n in sorted(self.counts.items())]
-        return f"{self.total} images skipped: " + "; ".join(parts)
-
-    def to_dict(self) -> dict:
-        return {"counts": dict(self.counts), "examples": self.examples}
-
-    @classmethod
-    def combined(cls, *logs: "SkipLog") -> "SkipLog":
-        out = cls()
-        for log in logs:
-            out.counts.update(log.counts)
-            for reason, shown in log.examples.items():
-                out.examples[reason] = (out.examples.get(reason, []) + shown)[:_SHOWN]
-        return out
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "SkipLog":
-        return cls(Counter(d.get("counts", {})), {k: list(v) for k, v in d.get("examples", {}).items()})
 
 
 def read_caption(image: Path) -> str | None:
@@ -114,16 +74,16 @@ class ImageFolder:
                 raise ValueError(f"{len(missing)} of {len(files)} images in {self.root} have no caption ({shown}): "
                                  "add name.json with a \"caption\" field or name.txt beside each image, "
                                  "or train prompt-free with --no-captions")
-        self.skipped = SkipLog()
+        self.skipped = SkipLog("image")
         self.samples: list[Sample] = []
         for path in files:
             try:
                 w, h = _header_size(path)
             except Exception as exc:  # Pillow raises many types for corrupt files
-                self.skipped.add("unreadable", path, type(exc).__name__)
+                self.skipped.add("unreadable", f"{path.name} ({type(exc).__name__})")
                 continue
             if min(w, h) < min_side:
-                self.skipped.add("too small", path, f"{w}x{h} < {min_side} px")
+                self.skipped.add("too small", f"{path.name} ({w}x{h} < {min_side} px)")
                 continue
             self.samples.append(Sample(path, (read_caption(path) or "") if captions else ""))
         if not self.samples:
@@ -147,7 +107,7 @@ def load_pixels(samples: list[Sample], size: int, policy: str, skipped: SkipLog)
         try:
             images.append(decode(s.path))
         except Exception as exc:
-            skipped.add("unreadable", s.path, type(exc).__name__)
+            skipped.add("unreadable", f"{s.path.name} ({type(exc).__name__})")
             continue
         captions.append(s.caption)
     if not images:

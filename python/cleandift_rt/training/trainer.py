@@ -24,20 +24,19 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..checkpoint import (check_output_folder, check_state_dict, list_checkpoints, load_optimizer_tensors,
-                          optimizer_tensors, readable_checkpoints, remove_stale_temporaries, trim_jsonl,
-                          write_rotating_checkpoint)
-from ..models.heads import build_heads
-from ..models import BaseModel, load_base, save_student_full, save_student_unet
+from ..checkpoint import check_state_dict
 from ..features.preprocess import check_model_size
+from ..models import BaseModel, load_base, save_student_full, save_student_unet
+from ..models.heads import build_heads
+from ..runs.checkpoints import restore_rng, rng_tensors
+from ..runs.loop import ResumableRun
+from ..runs.skips import SkipLog
 from .config import LORA_TARGETS, OBJECTIVE_FIELDS, VALIDATION_TIMESTEPS, TrainConfig, upgrade_saved_config
-from .data import BatchSampler, ImageFolder, SkipLog, load_pixels
+from .data import BatchSampler, ImageFolder, load_pixels
 from .objective import distillation_step
 from .validation import ValidationSet, format_validation, mean_over_taps, validate
 
 CHECKPOINT_FORMAT = "cleandift_train_checkpoint"
-CHECKPOINT_DIR = "checkpoints"
-METRICS_FILE = "metrics.jsonl"
 UNET_FILE = "student_unet.safetensors"
 FULL_FILE = "student_full.safetensors"
 VAE_CHUNK = 2  # images per VAE encode: at 768 px its activations would otherwise outgrow the U-Nets'
@@ -77,8 +76,9 @@ def plain_unet(unet: nn.Module) -> nn.Module:
     return merged
 
 
-class Trainer:
-    """Build everything from a config, then :meth:`run`.
+class Trainer(ResumableRun):
+    """Build everything from a config, then :meth:`run` (the loop, resume and checkpoints are
+    ``runs.loop.ResumableRun``'s).
 
     ``resume``: ``None`` starts fresh (refusing an ``out`` that already holds checkpoints), ``True``
     continues from the newest readable checkpoint in ``out/checkpoints``, a path continues from that
@@ -86,12 +86,17 @@ class Trainer:
     every optimiser step (after checkpointing), e.g. to stop a run early.
     """
 
+    kind = "training"
+    checkpoint_format = CHECKPOINT_FORMAT
+    objective_fields = OBJECTIVE_FIELDS
+    free_fields = ("steps", "device")  # a resumed run may train longer, or on another device
+
     def __init__(self, config: TrainConfig, base: str | Path | BaseModel, data: str | Path, out: str | Path,
                  resume: bool | str | Path | None = None, progress: bool = True,
                  on_step: Callable[[int, dict], None] | None = None, log: Callable[[str], None] = print):
         self.config = config.check()
-        self.out = check_output_folder(out)
-        self.progress, self.on_step, self.log = progress, on_step, log
+        self.open_run(out, resume=resume, keep_checkpoints=config.keep_checkpoints, progress=progress, log=log,
+                      on_step=on_step)
         self.device = pick_device(config.device)
         torch.manual_seed(config.seed)  # head init (Fourier buffer) and LoRA init draw from the global RNG
 
@@ -107,7 +112,7 @@ class Trainer:
         folder = ImageFolder(data, captions=self.read_captions, min_side=config.min_side)
         self.scan_skipped = folder.skipped
         train_samples, held_out = self._split(folder)
-        self.runtime_skipped = SkipLog()
+        self.runtime_skipped = SkipLog("image")
         self.sampler = BatchSampler(train_samples, config.seed, self.size, config.resize, self.runtime_skipped)
 
         self.student = copy.deepcopy(self.teacher).train()
@@ -128,19 +133,7 @@ class Trainer:
                                           fused=True)  # one kernel for all tensors: 30x faster than the loop on CPU
         self.generator = torch.Generator(self.device).manual_seed(config.seed)
         self.val_set = self._validation_set(held_out) if held_out else None
-        self.step = 0
-        self.checkpoint_dir = self.out / CHECKPOINT_DIR
-        for folder in (self.out, self.checkpoint_dir):
-            for stale in remove_stale_temporaries(folder):
-                self.log(f"removed {stale}, left by an interrupted write")
-        if resume is True and not list_checkpoints(self.checkpoint_dir):
-            # killed before its first checkpoint: a requeue that always passes --resume starts over
-            self.log(f"note: --resume found no checkpoint in {self.checkpoint_dir}: starting at step 0")
-        elif resume:
-            self.step = self._resume(resume)
-        elif list_checkpoints(self.checkpoint_dir):
-            raise ValueError(f"{self.out} already holds training checkpoints: pass --resume to continue that run "
-                             "or choose another --out")
+        self.resume(resume)
 
     # ------------------------------------------------------------------------------------------
     # setup helpers
@@ -182,7 +175,7 @@ class Trainer:
 
     @torch.no_grad()
     def _validation_set(self, samples) -> ValidationSet | None:
-        skipped = SkipLog()
+        skipped = SkipLog("image")
         pixels, captions = load_pixels(samples, self.size, self.config.resize, skipped)
         if skipped.total:
             self.log(f"validation: {skipped.summary()}")
@@ -199,59 +192,23 @@ class Trainer:
         return ValidationSet(latents, conds, noise, self._student_text(conds))
 
     # ------------------------------------------------------------------------------------------
-    # checkpoints
+    # checkpoints (what runs.loop adds: format, step, config, the Adam moments)
 
-    def save_checkpoint(self) -> Path:
-        """Write the full training state atomically, then delete all but the newest ``keep_checkpoints``."""
+    def checkpoint_state(self) -> tuple[dict, dict]:
         tensors: dict[str, torch.Tensor] = {name: p for name, p in self.named_params}
         tensors.update({f"heads_buffer.{n}": b for n, b in self.heads.named_buffers()})
         tensors["student_timestep"] = self.timestep.detach()
-        optim, groups = optimizer_tensors(self.optimizer)
-        tensors.update(optim)
         tensors["rng.generator"] = self.generator.get_state()
-        tensors["rng.torch"] = torch.get_rng_state()
-        if self.device.type == "cuda":
-            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
-        metadata = {
-            "format": CHECKPOINT_FORMAT, "step": str(self.step), "config": json.dumps(self.config.to_dict()),
-            "param_names": json.dumps([n for n, _ in self.named_params]), "optim_groups": groups,
-            "sampler": json.dumps(self.sampler.state()), "skipped": json.dumps(self.runtime_skipped.to_dict()),
-        }
-        return write_rotating_checkpoint(self.checkpoint_dir, self.step, tensors, metadata,
-                                         self.config.keep_checkpoints)
+        tensors.update(rng_tensors(self.device))
+        metadata = {"param_names": json.dumps([n for n, _ in self.named_params]),
+                    "sampler": json.dumps(self.sampler.state()),
+                    "skipped": json.dumps(self.runtime_skipped.to_json())}
+        return tensors, metadata
 
-    def _resume(self, resume: bool | str | Path) -> int:
-        if resume is True:
-            candidates = list_checkpoints(self.checkpoint_dir)
-            where = self.checkpoint_dir
-        else:
-            where = Path(resume)
-            candidates = list_checkpoints(where) if where.is_dir() else [where]
-        if not candidates:
-            raise ValueError(f"--resume: no checkpoints (step-*.safetensors) in {where}")
-        for path, state, meta in readable_checkpoints(candidates, self.log, strict_single=True):
-            step = self._load_state(path, state, meta)
-            self.log(f"resumed from {path} at step {step}")
-            self._truncate_metrics(step)
-            return step
-        raise ValueError(f"--resume: none of the checkpoints in {where} is readable")
+    def saved_config(self, metadata: dict, path: Path) -> dict:
+        return upgrade_saved_config(json.loads(metadata["config"]), str(path))
 
-    def _load_state(self, path: Path, state: dict, meta: dict) -> int:
-        if meta.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{path} is not a training checkpoint (format {meta.get('format')!r}); "
-                             "release student files cannot be resumed from")
-        saved = upgrade_saved_config(json.loads(meta["config"]), str(path))
-        changed = [f"{k}: {saved.get(k)!r} -> {getattr(self.config, k)!r}" for k in OBJECTIVE_FIELDS
-                   if json.dumps(saved.get(k)) != json.dumps(getattr(self.config, k))]
-        if changed:
-            raise ValueError(f"cannot resume {path}: the run's objective changed ({'; '.join(changed)}); "
-                             "use the original settings or start a new run")
-        current = self.config.to_dict()
-        retuned = [f"{k}: {saved[k]!r} -> {current[k]!r}" for k in saved
-                   if k not in OBJECTIVE_FIELDS and k not in ("steps", "device") and k in current
-                   and json.dumps(saved[k]) != json.dumps(current[k])]
-        if retuned:
-            self.log(f"note: resuming with changed settings ({'; '.join(retuned)})")
+    def load_checkpoint_state(self, path: Path, state: dict, meta: dict) -> None:
         names = [n for n, _ in self.named_params]
         if json.loads(meta["param_names"]) != names:
             raise ValueError(f"{path} holds a different set of trainable parameters (other base model, taps or LoRA "
@@ -265,19 +222,11 @@ class Trainer:
         buffers = {n: state[f"heads_buffer.{n}"] for n, _ in self.heads.named_buffers()}
         for n, b in self.heads.named_buffers():
             b.copy_(buffers[n])
-        load_optimizer_tensors(self.optimizer, state, meta["optim_groups"])
         self.generator.set_state(state["rng.generator"])
-        torch.set_rng_state(state["rng.torch"])
-        if "rng.cuda" in state and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng.cuda"], self.device)
+        restore_rng(state, self.device)
         self.sampler.load_state(json.loads(meta["sampler"]))
-        restored = SkipLog.from_dict(json.loads(meta["skipped"]))
+        restored = SkipLog.from_json(json.loads(meta["skipped"]))  # in place: the sampler counts into it
         self.runtime_skipped.counts, self.runtime_skipped.examples = restored.counts, restored.examples
-        return int(meta["step"])
-
-    def _truncate_metrics(self, step: int) -> None:
-        """Drop log records of steps after the checkpoint: the resumed run writes them again."""
-        trim_jsonl(self.out / METRICS_FILE, lambda record: record["step"] <= step, self.log)
 
     # ------------------------------------------------------------------------------------------
     # the loop
@@ -322,41 +271,22 @@ class Trainer:
         return validate(self.val_set, self.student, self.teacher, self.heads, self.timestep,
                         self.base.alphas_cumprod, VALIDATION_TIMESTEPS, self.config.batch_size, self.config.bf16)
 
+    def validation(self) -> tuple[dict, str] | None:
+        val = self.run_validation()
+        return None if val is None else ({"val": val}, format_validation(self.step, val))
+
+    def postfix(self, record: dict) -> dict:
+        return {"loss": f"{record['loss']:.4f}", "cos": f"{record['cosine']:.4f}", "lr": f"{record['lr']:.2e}"}
+
     def run(self) -> dict:
         """Train up to ``config.steps`` optimiser steps, then write the student in both release formats."""
-        from tqdm.auto import tqdm
-
         c = self.config
-        self.out.mkdir(parents=True, exist_ok=True)
-        metrics_path = self.out / METRICS_FILE
-        if self.step == 0:
-            metrics_path.write_text("")
-        record = None
-        bar = tqdm(total=c.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
-                   disable=not self.progress)
-        try:
-            with open(metrics_path, "a") as metrics:
-                while self.step < c.steps:
-                    record = self.train_step()
-                    last = self.step == c.steps
-                    if self.val_set is not None and (self.step % c.validate_every == 0 or last):
-                        record["val"] = self.run_validation()
-                        bar.write(format_validation(self.step, record["val"]))
-                    metrics.write(json.dumps(record) + "\n")
-                    metrics.flush()
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", cos=f"{record['cosine']:.4f}", lr=f"{record['lr']:.2e}")
-                    bar.update(1)
-                    if last or (c.checkpoint_every and self.step % c.checkpoint_every == 0):
-                        self.save_checkpoint()
-                    if self.on_step is not None:
-                        self.on_step(self.step, record)
-        finally:
-            bar.close()
+        record = self.run_steps(c.steps, c.validate_every, c.checkpoint_every)
         self.save_release_files()
-        skipped = SkipLog.combined(self.scan_skipped, self.runtime_skipped)
+        skipped = SkipLog("image").merge(self.scan_skipped, self.runtime_skipped)
         summary = {"steps": self.step, "final_loss": record["loss"] if record else None,
                    "final_cosine": record["cosine"] if record else None, "timestep": float(self.timestep.detach()),
-                   "images": len(self.sampler.samples), "skipped": skipped.to_dict(),
+                   "images": len(self.sampler.samples), "skipped": skipped.to_json(),
                    "files": [str(self.out / UNET_FILE), str(self.out / FULL_FILE)]}
         self.log(f"done: {self.step} steps"
                  + (f", loss {record['loss']:.4f}, mean cosine {record['cosine']:.4f}" if record else "")
