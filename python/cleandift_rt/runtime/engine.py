@@ -38,7 +38,9 @@ from ..features.preprocess import check_policy, load_image, prepare_images
 from ..formats.artifact import ArtifactInfo, read_info
 from ..formats.derived import missing_hint, open_derived, record
 from ..kernels.precision import check_precision, cpu_precision
+from ..models.robot_dift import is_robot_dift_package
 from .backends.common import Backend
+from .latest import check_policy as check_stream_policy, frames as policy_frames
 
 
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?")  # the device strings every backend understands
@@ -111,6 +113,8 @@ class StreamResult:
     features: dict
     latency: float  # seconds from reading the item off the iterable to its features being ready
     inference: float  # seconds of the backend call that produced it (shared by a batch)
+    capture_time: float = 0.0  # time.perf_counter() when the item was read off the iterable
+    dropped: int = 0  # items dropped since the previous result (policy="latest")
 
 
 class Engine:
@@ -137,12 +141,14 @@ class Engine:
         derived: outputs computed from taps (``formats.derived.DerivedOutput``, e.g. a ``hyper.Aggregator``),
             run in PyTorch on the backend's taps. Each is added to ``taps`` (beside the default taps, whatever
             ``taps`` says); ``extract(taps=[...])`` still returns exactly those asked for.
+        allow_pickle, latent, seed: Robot-DIFT package folders only (``models.robot_dift``): read ``.bin``
+            weights; how a ``"sample"`` package encodes (``latent="sample", seed=N`` or ``latent="mode"``).
     """
 
     def __init__(self, path, base=None, device: str | None = None, taps=None, *, size=None, resize: str | None = None,
                  precision: str | None = None, threads: int | None = None, max_batch: int | None = None,
                  cuda_graph: bool = False, prompt: str = "", backend: str | None = None, aggregator=None,
-                 derived=()):
+                 derived=(), allow_pickle: bool = False, latent: str | None = None, seed: int | None = None):
         self.path = Path(path)
         if not self.path.exists():
             raise FileNotFoundError(f"{self.path} does not exist")
@@ -168,6 +174,9 @@ class Engine:
         device = None if device is None else str(device)  # a torch.device works too
         _check_options_apply(kind, self.path, base=base, prompt=prompt, cuda_graph=cuda_graph, threads=threads,
                              device=device)
+        if (allow_pickle or latent is not None or seed is not None) and not is_robot_dift_package(self.path):
+            raise ValueError(f"allow_pickle=, latent= and seed= apply to Robot-DIFT package folders; {self.path.name} "
+                             "is not one (no metadata.json)")
         # small files, read before the big models load; computed here, in PyTorch, on the backend's taps
         self._given = {g.output.name: g for g in open_derived(derived, aggregator=aggregator)}
         self.derived = {name: g.output for name, g in self._given.items()}
@@ -189,6 +198,12 @@ class Engine:
             from .backends.tensorrt import TensorRTBackend
 
             self.backend = TensorRTBackend(self.path, device=device, cuda_graph=cuda_graph)
+        elif is_robot_dift_package(self.path):
+            from .backends.robot_dift import RobotDiftBackend
+
+            self.backend = RobotDiftBackend(self.path, base=base, device=device, precision=precision, size=size,
+                                            resize=resize or "stretch", prompt=prompt, allow_pickle=allow_pickle,
+                                            latent=latent, seed=seed)
         else:
             from .backends.torch import TorchBackend
 
@@ -260,21 +275,38 @@ class Engine:
 
     # -- extraction ----------------------------------------------------------------------------
 
-    def extract(self, images, taps=None, prompt_embeds=None) -> dict:
+    def extract(self, images, taps=None, prompt_embeds=None, prompt=None) -> dict:
         """Features ``{tap: B x C x h x w}`` for a batch of images.
 
         ``images``: a list of PIL images or uint8 H x W x 3 arrays, a uint8 N x H x W x 3 array, or a
         float N x 3 x H x W numpy array / torch tensor in [-1, 1]. Torch tensors in -> torch tensors
         out (on the input's device); anything else -> numpy arrays. ``prompt_embeds``: ``[L, D]`` or
-        ``[B, L, D]`` text embeddings replacing the baked prompt.
+        ``[B, L, D]`` text embeddings replacing the baked prompt. ``prompt``: Robot-DIFT packages: the
+        instruction, one text for the batch or one per image (encoded once per distinct text).
         """
         wanted = self._check_taps(self.backend.info, taps) if taps is not None else self._taps
         pixels = prepare_images(images, self.size, self.resize).pixels
+        if prompt is not None:
+            prompt_embeds = self._encode_prompt(prompt, pixels.shape[0], prompt_embeds)
         embeds = self._embeds(prompt_embeds, pixels.shape[0])
         feats = self._run_chunked(pixels, embeds, wanted)
         return _to_caller(feats, images)
 
     __call__ = extract
+
+    def _encode_prompt(self, prompt, batch: int, prompt_embeds) -> torch.Tensor:
+        """``[B, L, D]`` embeddings of one instruction for the batch or one per image, by the package's base."""
+        encode = getattr(self.backend, "encode_prompt", None)
+        if prompt_embeds is not None:
+            raise ValueError("pass prompt= or prompt_embeds=, not both")
+        if encode is None:
+            raise ValueError(f"prompt= is for Robot-DIFT packages (Engine(folder, base=...)); for {self.path.name} "
+                             "encode the text with its base model, cleandift_rt.models.load_base(DIR).encode_prompt("
+                             "text), and pass prompt_embeds=")
+        prompts = [prompt] * batch if isinstance(prompt, str) else list(prompt)
+        if len(prompts) != batch or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"prompt must be one text or a list of {batch} texts (one per image), got {prompt!r:.80}")
+        return encode(prompts)
 
     def _embeds(self, prompt_embeds, batch: int) -> torch.Tensor | None:
         if prompt_embeds is None:
@@ -323,17 +355,27 @@ class Engine:
 
     # -- streaming -----------------------------------------------------------------------------
 
-    def stream(self, items: Iterable, taps=None, batch_size: int = 1, prefetch: int = 4) -> Iterator[StreamResult]:
+    def stream(self, items: Iterable, taps=None, batch_size: int = 1, prefetch: int = 4,
+               policy: str = "all") -> Iterator[StreamResult]:
         """Features for a stream of single images, in order, with per-item latency.
 
         A background thread reads the iterable, decodes (PIL image, uint8 H x W x 3 array, float
         3 x H x W array/tensor in [-1, 1], or an image file path) and preprocesses up to
         ``prefetch`` items ahead while the backend runs; up to ``batch_size`` ready items are run
         together. Each result's features follow ``extract``'s convention for that item.
+
+        ``policy="latest"`` (live cameras): only the item in flight and the newest waiting one are
+        held; older waiting items are dropped, unread, and counted in the next result's ``dropped``,
+        so latency stays bounded when the source outruns the engine (``runtime.latest``; batch 1).
         """
         if batch_size < 1 or prefetch < 1:
             raise ValueError(f"batch_size and prefetch must be >= 1, got {batch_size} and {prefetch}")
         wanted = self._check_taps(self.backend.info, taps) if taps is not None else self._taps
+        if check_stream_policy(policy) == "latest":
+            if batch_size != 1:
+                raise ValueError("policy='latest' runs one item at a time (the newest): use batch_size=1")
+            yield from self._stream_latest(items, wanted)
+            return
         ready: queue.Queue = queue.Queue(maxsize=prefetch)
         stop = threading.Event()
         done = object()
@@ -380,13 +422,23 @@ class Engine:
                     t2 = time.perf_counter()
                     for j, (index, t0, _, torch_device) in enumerate(batch):
                         one = _as_output({t: f[j : j + 1] for t, f in feats.items()}, torch_device)
-                        yield StreamResult(index, one, t2 - t0, t2 - t1)
+                        yield StreamResult(index, one, t2 - t0, t2 - t1, t0)
             if end is not done:
                 raise end
         finally:
             # Never wait for the producer: it may be blocked inside the caller's iterable (a camera,
             # a socket). It sees `stop` and ends when the iterable next yields or raises.
             stop.set()
+
+    def _stream_latest(self, items: Iterable, wanted) -> Iterator[StreamResult]:
+        for frame in policy_frames(items, "latest"):
+            image, torch_device = _stream_item(frame.item, frame.index)
+            pixels = prepare_images(image, self.size, self.resize).pixels
+            t1 = time.perf_counter()
+            feats = self._run_chunked(pixels, None, wanted)
+            t2 = time.perf_counter()
+            yield StreamResult(frame.index, _as_output(feats, torch_device), t2 - frame.capture_time, t2 - t1,
+                               frame.capture_time, frame.dropped)
 
 
 def _ran_precision(d: dict) -> str:
