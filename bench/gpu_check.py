@@ -1,9 +1,10 @@
-"""The prepared GPU check: build, CUDA parity tests, kernel timings, the PyTorch backend on CUDA, TensorRT.
+"""The prepared GPU check: build, CUDA parity tests, kernel timings, the PyTorch backend on CUDA, TensorRT, latency.
 
-    python bench/gpu_check.py [--dry-run] [--out FILE.json]
+    python bench/gpu_check.py [--dry-run] [--out FILE.json] [--only STEP ...] [--budget SECONDS]
 
-Run once on a CUDA machine (under 5 minutes on an H100/H200-class GPU). Steps, each skipped with one
-line when what it needs is missing:
+Run once on a CUDA machine (under 5 minutes on an H100/H200-class GPU: ``--budget``, default 300 s, is
+the deadline the latency step plans against). Steps, each skipped with one line when what it needs is
+missing:
 
  1. native   the extension's CUDA kernels: rebuilt with nvcc (`pip install --no-deps
              --no-build-isolation .`, CLEANDIFT_CUDA=ON, archs of this GPU) when the install has none;
@@ -16,7 +17,12 @@ line when what it needs is missing:
              Engine(..., precision="fp16") runs it) with SD2.1-size random weights at 512 and 768 px,
              tap us6 and all taps: latency, images/s, peak memory;
  6. trt      where TensorRT is installed: tiny model -> fp16 ONNX -> plan (built and verified) ->
-             Engine(plan).extract; where onnxruntime-gpu is: its providers and a CUDA-provider run.
+             Engine(plan).extract; where onnxruntime-gpu is: its providers and a CUDA-provider run;
+             TensorRT's absence is reported with how to carry its wheels, never a crash;
+ 7. latency  the real-time table (bench/_gpu_latency.py): 256 and 512 px, taps us3+us6+us8 and all,
+             batch 1 and 2, p50 / p99 per frame for the TensorRT plan with and without CUDA graphs,
+             the PyTorch fp16 path and ONNX Runtime's CUDA provider, SD 2.1 size; groups that do not
+             fit the time left are listed as skipped (``--dry-run`` lists every row).
 
 One JSON result (GPU, driver, versions, every step) goes to --out (default
 bench/results/gpu_check-*.json). ``--dry-run`` lists what would run and what would be skipped, on
@@ -38,9 +44,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import _gpu_latency
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-STEPS = ("native", "tests", "match", "project", "torch", "trt")
+STEPS = ("native", "tests", "match", "project", "torch", "trt", "latency")
+DEFAULT_BUDGET_S = 300
 
 
 def have(module: str) -> bool:
@@ -70,9 +79,11 @@ def plan(args) -> dict[str, str | None]:
     if not have("diffusers"):
         skip["torch"] = skip["torch"] or "diffusers is not installed (carry its wheel: bench/gpu_wheels.sh)"
     if not (have("tensorrt") or have("onnxruntime")):
-        skip["trt"] = skip["trt"] or "neither TensorRT nor onnxruntime-gpu is installed"
+        skip["trt"] = skip["trt"] or f"neither onnxruntime-gpu nor TensorRT is installed ({_gpu_latency.TENSORRT_MISSING})"
     if not have("diffusers"):
         skip["trt"] = skip["trt"] or "diffusers is needed to build the tiny model"
+    if ok and all(_gpu_latency.blockers(None).values()):
+        skip["latency"] = "no latency row can run here (--dry-run lists each row and why)"
     return skip
 
 
@@ -259,7 +270,9 @@ def step_trt(log) -> dict:
             engine = Engine(work / "tiny.onnx", device="cuda")
             engine.extract(photos)
             result["onnxruntime_gpu"] = {"providers_in_use": engine.info["providers"]}
-    if have("tensorrt"):
+    if not have("tensorrt"):
+        result["tensorrt"] = {"skipped": _gpu_latency.TENSORRT_MISSING}
+    else:
         from cleandift_rt.export.trt_build import build_engine
 
         summary = build_engine(work / "tiny.onnx", work / "tiny.plan", timing_cache=work / "tiny.cache", log=log)
@@ -298,13 +311,25 @@ def main(argv=None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="list the steps and what would be skipped; run nothing")
     parser.add_argument("--out", metavar="FILE.json", help="result file (default bench/results/gpu_check-*.json)")
     parser.add_argument("--only", nargs="+", choices=STEPS, help="run only these steps")
+    parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S, metavar="SECONDS",
+                        help="the whole check's time budget; latency groups that no longer fit are skipped "
+                             f"(default {DEFAULT_BUDGET_S})")
     args = parser.parse_args(argv)
+    if args.budget <= 0:
+        parser.error(f"--budget must be a positive number of seconds, got {args.budget}")
     skip = plan(args)
     steps = [s for s in STEPS if not args.only or s in args.only]
     if args.dry_run:
-        print(f"gpu_check on {platform.node()}: {cuda_ready()[1]}")
+        ok, why = cuda_ready()
+        print(f"gpu_check on {platform.node()}: {why}")
         for step in steps:
             print(f"  {step:<8} {'would run' if skip[step] is None else 'skipped: ' + skip[step]}")
+            if step == "latency":  # the table's rows, each with what keeps it from running here
+                blocked = _gpu_latency.blockers(None if ok else why)
+                for row in _gpu_latency.rows():
+                    reason = blocked[row["path"]]
+                    print(f"    {_gpu_latency.label(row)}  p50/p99 per frame: "
+                          f"{'would run (budget permitting)' if reason is None else 'skipped: ' + reason}")
         return 0
 
     def log(msg):
@@ -313,8 +338,9 @@ def main(argv=None) -> int:
     t_all = time.perf_counter()
     result = {"script": "bench/gpu_check.py", "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(),
               "steps": {}}
+    deadline = t_all + args.budget
     functions = {"native": step_native, "tests": step_tests, "match": step_match, "project": step_project,
-                 "torch": step_torch, "trt": step_trt}
+                 "torch": step_torch, "trt": step_trt, "latency": lambda log: _gpu_latency.run(log, deadline)}
     for step in steps:
         if skip[step] is not None:
             log(f"{step}: skipped ({skip[step]})")
@@ -325,6 +351,9 @@ def main(argv=None) -> int:
             out = functions[step](log)
             out["seconds"] = round(time.perf_counter() - t0, 1)
             log(f"{step}: done in {out['seconds']} s: {json.dumps(out)[:400]}")
+            if step == "latency":
+                for line in _gpu_latency.format_table(out):
+                    log(line)
         except Exception as exc:  # one failing step must not cost the others' numbers
             out = {"error": f"{type(exc).__name__}: {exc}"[:2000], "seconds": round(time.perf_counter() - t0, 1)}
             log(f"{step}: FAILED: {out['error'][:400]}")

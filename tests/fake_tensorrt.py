@@ -229,9 +229,32 @@ class EngineInspector:
         return json.dumps({"Layers": self.layers})
 
 
+class IExecutionContext:
+    """What the runtime backend asks of a context: ``shapes`` are the output shapes TensorRT would compute."""
+
+    def __init__(self, shapes: dict, accept: bool = True):
+        self.shapes, self.accept, self.addresses, self.inputs, self.launches = shapes, accept, {}, {}, []
+        self.runs = True  # whether an enqueue succeeds
+
+    def set_input_shape(self, name, shape):
+        self.inputs[name] = tuple(shape)
+        return self.accept
+
+    def get_tensor_shape(self, name):
+        return self.shapes[name]
+
+    def set_tensor_address(self, name, memory):
+        self.addresses[name] = memory
+        return name in self.inputs or name in self.shapes  # TensorRT refuses names it does not know
+
+    def execute_async_v3(self, stream_handle):
+        self.launches.append(stream_handle)
+        return self.runs
+
+
 class ICudaEngine:
     def __init__(self, doc):
-        self.doc = doc
+        self.doc = doc  # the fake build's JSON: layers, profile; runtime tests add the tap shapes
 
     @property
     def num_layers(self) -> int:
@@ -239,6 +262,9 @@ class ICudaEngine:
 
     def create_engine_inspector(self):
         return EngineInspector(self.doc["layers"])
+
+    def create_execution_context(self):
+        return IExecutionContext(self.doc.get("tap_shapes", {}))
 
 
 class Runtime:

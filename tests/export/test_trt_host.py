@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import fake_tensorrt
 import numpy as np
 import onnx
 import pytest
@@ -170,7 +171,6 @@ def test_cli_without_tensorrt_prints_one_line(tiny_onnx, tmp_path):
 
 @pytest.fixture()
 def fake_trt(monkeypatch, request):
-    import fake_tensorrt
     from cleandift_rt.export import trt_build
 
     fake = fake_tensorrt.load(getattr(request, "param", "11.4.0.106"))
@@ -194,7 +194,6 @@ def test_strongly_typed_build_of_the_fp16_graph(fake_trt, tiny_fp16_onnx, tmp_pa
 
 def test_only_tensorrt_10_needs_the_strongly_typed_flag(tiny_fp16_onnx, tmp_path):
     """What makes the 10.12 case above meaningful: without the flag, 10.12 drops the graph's types."""
-    import fake_tensorrt
 
     def mix(version, flags, builder_flags=()):
         trt = fake_tensorrt.load(version)
@@ -321,23 +320,6 @@ def test_no_api_that_tensorrt_11_removed():
     assert not found
 
 
-class _FakeContext:
-    """What TensorRTBackend._bind asks of an execution context."""
-
-    def __init__(self, shapes: dict, accept: bool = True):
-        self.shapes, self.accept, self.addresses, self.inputs = shapes, accept, {}, {}
-
-    def set_input_shape(self, name, shape):
-        self.inputs[name] = shape
-        return self.accept
-
-    def get_tensor_shape(self, name):
-        return self.shapes[name]
-
-    def set_tensor_address(self, name, ptr):
-        self.addresses[name] = ptr
-
-
 def test_binding_checks_every_tap_shape_against_the_metadata():
     import torch
     from cleandift_rt.runtime.backends.tensorrt import TensorRTBackend
@@ -346,13 +328,15 @@ def test_binding_checks_every_tap_shape_against_the_metadata():
     backend.info, backend.path = _info(), Path("sd21.plan")
     views = {IMAGE_INPUT: torch.zeros(2, 3, 768, 768), EMBEDS_INPUT: torch.zeros(2, 77, 1024),
              "us6": torch.zeros(2, 1280, 48, 48)}
-    good = _FakeContext({"us6": (2, 1280, 48, 48)})
+    good = fake_tensorrt.IExecutionContext({"us6": (2, 1280, 48, 48)})
     backend._bind(good, views)
     assert good.inputs[IMAGE_INPUT] == (2, 3, 768, 768) and set(good.addresses) == set(views)
     with pytest.raises(RuntimeError, match=r"computes tap 'us6' as \(2, 1280, 24, 24\).*rebuild"):
-        backend._bind(_FakeContext({"us6": (2, 1280, 24, 24)}), views)
+        backend._bind(fake_tensorrt.IExecutionContext({"us6": (2, 1280, 24, 24)}), views)
     with pytest.raises(ValueError, match="rejected input shape"):
-        backend._bind(_FakeContext({"us6": (2, 1280, 48, 48)}, accept=False), views)
+        backend._bind(fake_tensorrt.IExecutionContext({"us6": (2, 1280, 48, 48)}, accept=False), views)
+    with pytest.raises(RuntimeError, match="refused the buffer of 'extra'"):  # set_tensor_address's False
+        backend._bind(fake_tensorrt.IExecutionContext({"us6": (2, 1280, 48, 48)}), {**views, "extra": views["us6"]})
 
 
 def test_onnxruntime_tensorrt_provider_gets_the_profile_and_no_fp16_flag():
@@ -384,8 +368,58 @@ def test_a_plan_with_the_aggregators_output_binds_it_too():
     backend.info, backend.path = info, Path("sd21.plan")
     views = {IMAGE_INPUT: torch.zeros(1, 3, 768, 768), EMBEDS_INPUT: torch.zeros(1, 77, 1024),
              "us6": torch.zeros(1, 1280, 48, 48), "hyper": torch.zeros(1, 384, 96, 96)}
-    backend._bind(_FakeContext({"us6": (1, 1280, 48, 48), "hyper": (1, 384, 96, 96)}), views)
+    backend._bind(fake_tensorrt.IExecutionContext({"us6": (1, 1280, 48, 48), "hyper": (1, 384, 96, 96)}), views)
     with pytest.raises(RuntimeError, match="computes tap 'hyper'"):
-        backend._bind(_FakeContext({"us6": (1, 1280, 48, 48), "hyper": (1, 384, 48, 48)}), views)
+        backend._bind(fake_tensorrt.IExecutionContext({"us6": (1, 1280, 48, 48), "hyper": (1, 384, 48, 48)}), views)
     with pytest.raises(ValueError, match="extra.hyper.stride"):
         ArtifactInfo.from_dict({**info.to_dict(), "extra": {"hyper": {"channels": 384, "stride": 7}}}, "x")
+
+
+def test_cuda_graphs_capture_once_per_shape_and_keep_the_latest(monkeypatch):
+    """TensorRTBackend._execute's graph bookkeeping, with CUDA graphs faked (no GPU here)."""
+    import contextlib
+    import types
+    from collections import OrderedDict
+
+    import torch
+    from cleandift_rt.runtime.backends.tensorrt import MAX_GRAPHS, TensorRTBackend
+
+    class Graph:
+        def __init__(self):
+            self.replays = 0
+
+        def replay(self):
+            self.replays += 1
+
+    captures = []
+
+    @contextlib.contextmanager
+    def capture(graph, stream=None, capture_error_mode=None):
+        captures.append((graph, stream, capture_error_mode))
+        yield
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", capture)
+    backend = object.__new__(TensorRTBackend)
+    backend.info, backend.path, backend.cuda_graph, backend._graphs = _info(), Path("sd21.plan"), True, OrderedDict()
+    backend.stream = types.SimpleNamespace(cuda_stream=7)
+    backend.engine = fake_tensorrt.ICudaEngine({"layers": [], "tap_shapes": {"us6": (1, 1280, 48, 48)}})
+    views = {IMAGE_INPUT: torch.zeros(1, 3, 768, 768), EMBEDS_INPUT: torch.zeros(1, 77, 1024),
+             "us6": torch.zeros(1, 1280, 48, 48)}
+
+    backend._execute((1, 768, 768), views)
+    context, graph = backend._graphs[(1, 768, 768)]
+    assert context.launches == [7, 7]  # an ordinary launch (this call's outputs), then the captured one
+    assert captures == [(graph, backend.stream, "thread_local")] and set(context.addresses) == set(views)
+    backend._execute((1, 768, 768), views)
+    assert graph.replays == 1 and context.launches == [7, 7]  # replayed, not enqueued again
+    for batch in range(2, 2 + MAX_GRAPHS):  # the same views stand in for other shapes' keys
+        backend._execute((batch, 768, 768), views)
+    assert len(backend._graphs) == MAX_GRAPHS and (1, 768, 768) not in backend._graphs  # least recently used out
+
+    backend.cuda_graph, backend.context = False, fake_tensorrt.IExecutionContext({"us6": (1, 1280, 48, 48)})
+    backend._execute((1, 768, 768), views)
+    assert backend.context.launches == [7] and len(captures) == 1 + MAX_GRAPHS
+    backend.context.runs = False
+    with pytest.raises(RuntimeError, match="TensorRT execution failed"):
+        backend._execute((1, 768, 768), views)

@@ -114,6 +114,7 @@ def test_each_kind_of_misuse_is_flagged(real):
                 context.execute_async_v4(0)
                 context.execute_async_v3()
                 context.set_input_shape(name="images", dims=(1, 3, 64, 64))
+                context.set_tensor_address("images", 0)  # returns False on failure: ignored here
 
         def configure(builder, trt):
             config = builder.create_builder_config()
@@ -132,7 +133,8 @@ def test_each_kind_of_misuse_is_flagged(real):
     assert "IExecutionContext.set_input_shape called with 0 positional and keywords ['name', 'dims']" in said
     assert "IBuilderConfig.set_timing_cache called with 1 positional and keywords ['ignore']" in said
     assert said.count("IBuilderConfig.set_memory_pool_limit called with 2 positional") == 2  # an enum of the wrong kind; a plain int
-    assert len(found) == 7, said
+    assert "IExecutionContext.set_tensor_address returns whether it succeeded (bool) and the code ignores it" in said
+    assert len(found) == 8, said
 
 
 def test_the_fake_offers_only_what_the_real_module_has(real):

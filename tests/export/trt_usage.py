@@ -2,9 +2,10 @@
 
 ``uses(sources, surface)`` walks the modules and records each attribute read, attribute write and
 call on something known to be TensorRT; ``problems(uses, surface)`` says which the real module
-lacks, which writes hit read-only properties and which calls no overload of the real pybind11
+lacks, which writes hit read-only properties, which calls no overload of the real pybind11
 signature accepts (argument count, keyword names, and TensorRT-typed arguments against the
-parameter's TensorRT type). ``surface`` is ``trt_surface.surface(version)``'s JSON.
+parameter's TensorRT type) and which calls throw away the ``bool`` by which TensorRT reports a
+failure. ``surface`` is ``trt_surface.surface(version)``'s JSON.
 
 What is known to be TensorRT (a small, flow-insensitive inference, iterated to a fixed point):
 - the module: a name bound by ``import tensorrt [as X]``; what a project function returns when it
@@ -40,6 +41,7 @@ class Use:
     positional: tuple = ()  # argument types of a call (None where unknown)
     keywords: tuple = ()  # ((name, type), ...)
     unpacked: bool = False  # *args or **kwargs: the count cannot be checked
+    discarded: bool = False  # a call whose result the code throws away (a statement of its own)
 
     @property
     def label(self) -> str:
@@ -247,6 +249,8 @@ class _Analysis:
                 t = self.expr(node.value, scope)
                 for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
                     self.assign(target, t, scope)
+        elif isinstance(node, ast.Expr) and isinstance(node.value, ast.Call):
+            self.call(node.value, scope, discarded=True)
         elif isinstance(node, ast.Return):
             if node.value is not None:
                 self._set(self.returns, scope.key, self.expr(node.value, scope))
@@ -311,7 +315,7 @@ class _Analysis:
         """The type of one element of a typed list (``[network.get_layer(i) for i in ...]``), else None."""
         return container[1] if container is not None and container[0] == "list" else None
 
-    def call(self, node: ast.Call, scope: _Scope):
+    def call(self, node: ast.Call, scope: _Scope, discarded: bool = False):
         f = self.expr(node.func, scope)
         positional = tuple(self.expr(a.value if isinstance(a, ast.Starred) else a, scope) for a in node.args)
         keywords = tuple((k.arg, self.expr(k.value, scope)) for k in node.keywords)
@@ -323,7 +327,7 @@ class _Analysis:
             self.record(scope, node, f[1], "__init__", "call", **shape)
             return ("inst", f[1])
         if f[0] == "method":
-            self.record(scope, node, f[1], f[2], "call", **shape)
+            self.record(scope, node, f[1], f[2], "call", discarded=discarded, **shape)
             return self.s.call_result(f[1], f[2], Use("", f[1], f[2], "call", **shape))
         if f[0] == "project":
             self.pass_arguments(f[1], positional, keywords, bound=len(f) > 2)
@@ -365,10 +369,13 @@ def problems(found: list[Use], surface: Surface) -> list[str]:
             out.append(f"{use.where}: {use.label} cannot be assigned (not a writable property)")
         elif use.kind == "call":
             sigs = entry.get("signatures", [])
-            if not any(surface.accepts(sig, use) for sig in sigs):
+            accepted = [sig for sig in sigs if surface.accepts(sig, use)]
+            if not accepted:
                 real = " | ".join("(" + ", ".join(p["name"] for p in s["params"]) + ")" for s in sigs) or "none"
                 out.append(f"{use.where}: {use.label} called with {len(use.positional)} positional and keywords "
                            f"{[k for k, _ in use.keywords]}; the real signatures take {real}")
+            elif use.discarded and accepted[0]["returns"] == "bool":
+                out.append(f"{use.where}: {use.label} returns whether it succeeded (bool) and the code ignores it")
     return sorted(set(out))
 
 

@@ -176,7 +176,8 @@ class TensorRTBackend:
                 raise RuntimeError(f"{self.path}: TensorRT computes tap {tap!r} as {planned}, the metadata says "
                                    f"{tuple(views[tap].shape)} (corrupt or mismatched plan): rebuild it")
         for name, view in views.items():
-            context.set_tensor_address(name, view.data_ptr())
+            if not context.set_tensor_address(name, view.data_ptr()):  # unknown name or misaligned address
+                raise RuntimeError(f"TensorRT refused the buffer of {name!r} for {self.path} (see its log above)")
 
     def _execute(self, key: tuple, views: dict[str, torch.Tensor]) -> None:
         handle = self.stream.cuda_stream
