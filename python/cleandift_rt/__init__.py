@@ -14,11 +14,13 @@ from .hyper.aggregator import Aggregator
 from .hyper.network import AggregationNetwork
 from .kernels.fused_heads import project
 from .kernels.matching import match
+from .kernels.points import match_points
 from .models.heads import ProjectionHeads
 from .runtime.engine import Engine
 from .taps import DEFAULT_TAP, TAP_TABLE, TAPS
+from .tracking.tracker import Tracker, TrackResult
 
 __version__ = _package_version()
 
 __all__ = ["Engine", "TAPS", "TAP_TABLE", "DEFAULT_TAP", "unet_taps", "ProjectionHeads", "build_info", "format_build_info", "match", "project",
-           "Dinov2Features", "AggregationNetwork", "Aggregator", "read_shards"]
+           "Dinov2Features", "AggregationNetwork", "Aggregator", "read_shards", "match_points", "Tracker", "TrackResult"]

@@ -52,7 +52,8 @@ UNAVAILABLE, UNVERIFIED = 3, 4  # build-plan's exit statuses beyond 2 (bad argum
 def add_export_onnx_args(p: argparse.ArgumentParser) -> None:
     from ..taps import TAPS
 
-    p.add_argument("--student", required=True, help="student _unet/_full .safetensors file, or a diffusers folder")
+    p.add_argument("--student", required=True, help="student _unet/_full .safetensors file, a diffusers folder, or a "
+                   "Robot-DIFT package folder (metadata.json, timestep.bin, unet/)")
     p.add_argument("--base", required=True, help="base model folder (VAE, text encoder) the student was trained from")
     add_output_args(p, "OUT.onnx", "output .onnx path (weights go to OUT.data when > 2 GB)")
     size = p.add_mutually_exclusive_group()
@@ -73,6 +74,10 @@ def add_export_onnx_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--aggregator", metavar="FILE", help="an aggregator.safetensors (cleandift-rt train-aggregator, "
                    "source cleandift or cleandift-heads): the graph also computes its Diffusion Hyperfeatures "
                    "descriptor, output 'hyper' (heads included)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="Robot-DIFT packages: read pickled .bin U-Net weights (only from a source you trust)")
+    p.add_argument("--latent", choices=("mode",), default=None,
+                   help="Robot-DIFT 'sample' packages: export with the VAE posterior mode (a graph cannot sample)")
 
 
 def run_export_onnx(args) -> None:
@@ -82,16 +87,20 @@ def run_export_onnx(args) -> None:
 
     from ..export.onnx_export import check_export_args, export_onnx
     from ..models import load_base, load_student_and_base
+    from ..models.robot_dift import is_robot_dift_package
 
     check_export_args(args.out, args.size, args.dynamic_size, args.taps, args.batch, args.resize, args.precision,
                       aggregator=args.aggregator)
-    student, base = load_student_and_base(Path(args.student), load_base(args.base))
+    if is_robot_dift_package(args.student):  # opened by export_onnx, with its own options
+        student, base = args.student, load_base(args.base)
+    else:
+        student, base = load_student_and_base(Path(args.student), load_base(args.base))
     size = args.size
     if size is None and args.dynamic_size is None:
         size = [base.resolution] * 2  # the base model's native size
     export_onnx(student, base, args.out, size=size, dynamic_size=args.dynamic_size, taps=args.taps, batch=args.batch,
                 prompt=args.prompt, resize=args.resize, external_data=True if args.external_data else None,
-                precision=args.precision, aggregator=args.aggregator)
+                precision=args.precision, aggregator=args.aggregator, allow_pickle=args.allow_pickle, latent=args.latent)
 
 
 def export_onnx_parser() -> argparse.ArgumentParser:

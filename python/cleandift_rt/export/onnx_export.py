@@ -40,6 +40,7 @@ from ..formats.artifact import (EMBEDS_INPUT, IMAGE_INPUT, SIZE_MULTIPLE, Artifa
 from ..features.capture import unet_taps
 from ..formats.derived import DerivedOutput, open_derived, record
 from ..models import BaseModel, Student, load_base, load_student
+from ..models.robot_dift import export_latent, is_robot_dift_package, load_robot_dift
 from ..features.preprocess import check_policy
 from ..taps import resolve_taps, tap_channels
 from .mixed_precision import PrecisionPolicy, calibration_feeds, convert_to_fp16, measure_ranges
@@ -110,7 +111,8 @@ def export_onnx(student: str | Path | Student, base: str | Path | BaseModel, out
                 size: Sequence[int] | None = None, dynamic_size: Sequence[int] | None = None,
                 taps=None, batch: str | None = None, prompt: str = "", resize: str = "stretch",
                 external_data: bool | None = None, precision: str = "fp32", policy: PrecisionPolicy | None = None,
-                aggregator=None, derived=(), log=print) -> ArtifactInfo:
+                aggregator=None, derived=(), allow_pickle: bool = False, latent: str | None = None,
+                log=print) -> ArtifactInfo:
     """Write ``out`` (and ``out`` + ``.data`` when the weights go outside) and return its metadata.
 
     ``size`` (H, W) fixes the input size; ``dynamic_size`` (MIN, MAX) makes H and W dynamic within
@@ -119,7 +121,9 @@ def export_onnx(student: str | Path | Student, base: str | Path | BaseModel, out
     ``precision="fp16"`` writes the fp32 graph to ``fp32_reference_path(out)`` first and ``out`` as
     its fp16 conversion with fp32 islands (``write_fp16_onnx``; strongly typed TensorRT needs it).
     ``derived`` (``formats.derived.DerivedOutput``s) and ``aggregator`` (a path or an ``Aggregator``: the
-    ``hyper`` output) add outputs computed from taps (module docstring).
+    ``hyper`` output) add outputs computed from taps (module docstring). ``student`` may be a
+    Robot-DIFT package folder (``models.robot_dift``; ``allow_pickle`` for ``.bin`` weights, ``latent="mode"``
+    for ``"sample"`` packages): instructions then go in through the ``prompt_embeds`` input.
     """
     import onnx
 
@@ -128,7 +132,15 @@ def export_onnx(student: str | Path | Student, base: str | Path | BaseModel, out
     outputs_derived = [given.output for given in open_derived(derived, aggregator=aggregator)]
     t0 = time.perf_counter()
     base_model = base if isinstance(base, BaseModel) else load_base(base)
-    student_model = student if isinstance(student, Student) else load_student(student, base_model)
+    package = None
+    if not isinstance(student, Student) and is_robot_dift_package(student):
+        package = load_robot_dift(student, base_model, allow_pickle=allow_pickle)
+        latent = export_latent(package, latent, base_model.vae)
+        student_model = package.student
+    elif allow_pickle or latent is not None:
+        raise ValueError("allow_pickle= and latent= apply to Robot-DIFT package folders (with metadata.json)")
+    else:
+        student_model = student if isinstance(student, Student) else load_student(student, base_model)
     base_model.to(device="cpu", dtype=torch.float32)
     student_model.unet.to(device="cpu", dtype=torch.float32)
     sizes = size_fields(size, dynamic_size, base_model.resolution)
@@ -140,6 +152,8 @@ def export_onnx(student: str | Path | Student, base: str | Path | BaseModel, out
         timestep=float(student_model.timestep), cross_attention_dim=int(embeds.shape[-1]),
         prompt_tokens=int(embeds.shape[1]), block_out_channels=base_model.block_out_channels,
         scaling_factor=base_model.scaling_factor, text_conditioning=student_model.text_conditioning, **sizes)
+    if package is not None:
+        info.extra["robot_dift"] = package.record(latent)
     graph = FeatureGraph(base_model, student_model, wanted, outputs_derived).eval()
     info.derived = [record(d) for d in outputs_derived]
     info.extra.update(graph.descriptions)  # each derived output describes itself under its name

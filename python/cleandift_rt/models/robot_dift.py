@@ -216,6 +216,19 @@ def choose_latent(package: RobotDiftPackage, latent: str | None, seed) -> tuple[
     return latent, seed
 
 
+def export_latent(package: RobotDiftPackage, latent: str | None, vae) -> str:
+    """The latent an exported graph computes: always the posterior mode (a graph has no seeded sampling),
+    so a ``"sample"`` package exports only when ``latent="mode"`` is asked for."""
+    if latent == "sample":
+        raise ValueError(f"an ONNX graph computes the posterior mode only: export {package.path.name} with latent="
+                         "'mode' (--latent mode), or run it on the PyTorch backend with latent='sample', seed=N")
+    mode, _ = choose_latent(package, latent, None)
+    if getattr(vae.config, "shift_factor", None):
+        raise ValueError(f"the base VAE has shift_factor {vae.config.shift_factor}; the exported graph computes "
+                         "mode * scale (SD 2.1's VAE has no shift): export with an SD 2.1 base")
+    return mode
+
+
 def robot_dift_latents(vae, pixels: torch.Tensor, scaling_factor: float, latent: str = "mode",
                        seed: int | None = None) -> torch.Tensor:
     """Pixels in [-1, 1] -> ``(mode - shift) * scale``, or ``(mean + std * eps(seed) - shift) * scale``."""
@@ -230,5 +243,6 @@ def robot_dift_latents(vae, pixels: torch.Tensor, scaling_factor: float, latent:
     return (z - shift) * scaling_factor
 
 
-__all__ = ["RobotDiftPackage", "is_robot_dift_package", "load_robot_dift", "choose_latent", "robot_dift_latents",
+__all__ = ["RobotDiftPackage", "is_robot_dift_package", "load_robot_dift", "choose_latent", "export_latent",
+           "robot_dift_latents",
            "read_metadata", "read_timestep", "LATENT_MODES", "WEIGHT_FILES"]
