@@ -134,7 +134,7 @@ class _Scope:
 
 class _Analysis:
     def __init__(self, surface: Surface):
-        self.s = surface
+        self.surface = surface
         self.vars: dict[str, dict] = {}  # scope key -> {name: type}
         self.params: dict[str, dict] = {}  # function key -> {parameter: type from call sites}
         self.returns: dict[str, object] = {}  # function key -> type
@@ -190,7 +190,7 @@ class _Analysis:
         else:
             return None
         self.record(scope, node, qual, name, kind)
-        return self.s.type_of(self.s.attr(qual, name), qual, name)
+        return self.surface.type_of(self.surface.attr(qual, name), qual, name)
 
     # -- the walk --
 
@@ -328,7 +328,7 @@ class _Analysis:
             return ("inst", f[1])
         if f[0] == "method":
             self.record(scope, node, f[1], f[2], "call", discarded=discarded, **shape)
-            return self.s.call_result(f[1], f[2], Use("", f[1], f[2], "call", **shape))
+            return self.surface.call_result(f[1], f[2], Use("", f[1], f[2], "call", **shape))
         if f[0] == "project":
             self.pass_arguments(f[1], positional, keywords, bound=len(f) > 2)
             return self.returns.get(f[1])
