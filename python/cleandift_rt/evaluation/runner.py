@@ -3,15 +3,15 @@ bar, a journal that makes an interrupted run resume where it stopped, and skips 
 
 A *feature source* is anything with ``name``, ``key`` (identifies the model and every setting that
 changes its features: it names the cache folder and the journal) and ``features(image, category)
--> [C, h, w]``. :class:`EngineFeatures` wraps a ``cleandift_rt.Engine`` (or any object with its
-``extract``), :class:`DiftFeatures` the noisy DIFT baseline.
+-> [C, h, w]``: a ``features.source.DescriptorSource``, or any object with these. :class:`EngineFeatures`
+wraps a ``cleandift_rt.Engine`` (or any object with its ``extract``), :class:`DiftFeatures` the noisy
+DIFT baseline. The features are kept in a ``features.store.FeatureStore`` (:class:`FeatureCache`).
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -19,8 +19,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..checkpoint import atomic_write_bytes, file_identity, short_hash
+from ..checkpoint import file_identity, short_hash  # file_identity: the commands import it from here too
 from ..features.preprocess import load_image
+from ..features.source import DescriptorSource, tap_map
+from ..features.store import FeatureStore, image_key
 from ..runs.skips import SkipLog
 from ..taps import resolve_taps
 from .pairs import Pair
@@ -29,13 +31,6 @@ from .transfer import transfer_points
 
 PROTOCOL_VERSION = 1  # bump when a change alters per-pair results (invalidates journals, not features)
 DEFAULT_PROMPT = "a photo of a {category}"
-
-
-def _to_chw(value, tap: str) -> torch.Tensor:
-    t = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(value))
-    if t.ndim != 4 or t.shape[0] != 1:
-        raise ValueError(f"tap {tap}: expected a 1 x C x h x w feature map, got shape {tuple(t.shape)}")
-    return t[0].detach().to("cpu", torch.float32)
 
 
 class _PromptEmbeddings:
@@ -57,7 +52,7 @@ class _PromptEmbeddings:
         return "<baked into the model>" if self.prompt is None else self.prompt
 
 
-class EngineFeatures:
+class EngineFeatures(DescriptorSource):
     """CleanDIFT features from an Engine: one pass per image at the engine's size and resize policy."""
 
     def __init__(self, engine, tap: str, key: str, prompt: str | None = None, text_model=None, name: str = "cleandift"):
@@ -70,17 +65,17 @@ class EngineFeatures:
         self.prompts = _PromptEmbeddings(prompt, text_model)
         self.key = short_hash(name, key, tap, self.prompts.describe())
 
-    def features(self, image, category: str) -> torch.Tensor:
+    def compute(self, image, category: str = "") -> dict[str, np.ndarray]:
         embeds = self.prompts(category)
         kwargs = {} if embeds is None else {"prompt_embeds": embeds}
         out = self.engine.extract([image], taps=[self.tap], **kwargs)
-        return _to_chw(out[self.tap], self.tap)
+        return {self.tap: tap_map(out[self.tap], self.tap)}
 
     def describe(self) -> dict:
         return {"method": self.name, "tap": self.tap, "prompt": self.prompts.describe()}
 
 
-class DiftFeatures:
+class DiftFeatures(DescriptorSource):
     """The noisy DIFT baseline (SPEC section 7) through ``extractor.DiftExtractor``."""
 
     def __init__(self, extractor, tap: str, key: str, prompt: str | None = DEFAULT_PROMPT, name: str = "dift"):
@@ -90,10 +85,10 @@ class DiftFeatures:
         self.key = short_hash(name, key, tap, extractor.t, extractor.ensemble, extractor.seed, extractor.size,
                               self.prompts.describe())
 
-    def features(self, image, category: str) -> torch.Tensor:
+    def compute(self, image, category: str = "") -> dict[str, np.ndarray]:
         embeds = self.prompts(category)
         out = self.extractor.extract([image], taps=[self.tap], prompt_embeds=embeds)
-        return _to_chw(out[self.tap], self.tap)
+        return {self.tap: tap_map(out[self.tap], self.tap)}
 
     def describe(self) -> dict:
         e = self.extractor
@@ -102,57 +97,33 @@ class DiftFeatures:
 
 
 class FeatureCache:
-    """Per-image maps on disk (``DIR/<source key>/<image key>[variant].safetensors``) plus a few in memory.
+    """One source's maps per (image, category) in a :class:`FeatureStore`, as tensors:
+    ``DIR/<source key>/<image key>[variant].safetensors``, the last ``memory_items`` in memory too.
 
-    ``get`` caches one feature tensor per image; ``get_maps`` a dict of named tensors (the fusion
-    recipes keep every raw map, and a mirrored ``variant`` of the source beside it).
+    ``get`` keeps one feature tensor per image; ``get_maps`` a dict of named tensors (the fusion
+    recipes keep every raw map, and a mirrored ``variant`` of the source beside it). The maps are
+    stored as computed: PCK is measured on the features themselves, not on an fp16 rounding of them.
     """
 
     def __init__(self, root: str | Path | None, source_key: str, memory_items: int = 8):
-        self.dir = Path(root) / source_key if root is not None else None
-        self.memory: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
-        self.memory_items = memory_items
-        self.hits = self.misses = 0
+        self.store = FeatureStore(root, dtype=None, memory_items=memory_items)
+        self.source_key = source_key
+
+    @property
+    def hits(self) -> int:
+        return self.store.reused.total()
+
+    @property
+    def misses(self) -> int:
+        return self.store.computed.total()
 
     def get(self, image_path: Path, category: str, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         return self.get_maps(image_path, category, lambda: {"features": compute()})["features"]
 
     def get_maps(self, image_path: Path, category: str, compute: Callable[[], dict[str, torch.Tensor]],
                  variant: str = "") -> dict[str, torch.Tensor]:
-        key = short_hash(file_identity(image_path), category) + variant
-        if key in self.memory:
-            self.memory.move_to_end(key)
-            self.hits += 1
-            return self.memory[key]
-        maps = self._load(key)
-        if maps is None:
-            self.misses += 1
-            maps = compute()
-            self._save(key, maps)
-        else:
-            self.hits += 1
-        self.memory[key] = maps
-        while len(self.memory) > self.memory_items:
-            self.memory.popitem(last=False)
-        return maps
-
-    def _load(self, key: str) -> dict[str, torch.Tensor] | None:
-        if self.dir is None or not (self.dir / f"{key}.safetensors").is_file():
-            return None
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(self.dir / f"{key}.safetensors"))
-        except Exception:  # a file cut short by a crash: recompute it
-            return None
-
-    def _save(self, key: str, maps: dict[str, torch.Tensor]) -> None:
-        if self.dir is None:
-            return
-        from safetensors.torch import save_file
-
-        plain = {name: tensor.contiguous() for name, tensor in maps.items()}
-        atomic_write_bytes(self.dir / f"{key}.safetensors", lambda tmp: save_file(plain, tmp))
+        maps = self.store.get(self.source_key, image_key(image_path, category, variant), compute)
+        return {name: torch.from_numpy(value) for name, value in maps.items()}
 
 
 class Journal:

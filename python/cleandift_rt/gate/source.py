@@ -6,7 +6,7 @@ trained with. ``features(image, category)`` runs every recipe of the bucket on t
 returns the amalgamated descriptor ``[C + A, gh, gw]`` (float32, CPU), which ``evaluate``
 upsamples and matches like any other source. :class:`RecipeFeatures` is one recipe's feature
 without amalgamation: ``GateRecipe()`` conv features are the paper's baseline row (one feature, no
-technique: 61.15 PCK@0.1 img with SD 1.5).
+technique: 61.15 PCK@0.1 img with SD 1.5). Both are ``features.source.DescriptorSource`` adapters.
 """
 
 from __future__ import annotations
@@ -14,9 +14,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..checkpoint import check_state_dict, read_safetensors, read_safetensors_metadata
+from ..features.source import DescriptorSource
+from ..features.store import round_trip
 from ..models import BaseModel, load_base, load_student
 from .amalgam import Amalgamator
 from .extract import GateExtractor, attention_feature, conv_feature
@@ -45,7 +48,7 @@ def load_gate(path: str | Path) -> tuple[Amalgamator, dict]:
     return model.eval(), meta
 
 
-class GateFeatures:
+class GateFeatures(DescriptorSource):
     """GATE descriptors of one image: the bucket's recipes, then the trained amalgamation."""
 
     def __init__(self, extractor: GateExtractor, bucket: Bucket, model: Amalgamator, key: str, name: str = "gate"):
@@ -75,11 +78,11 @@ class GateFeatures:
         return cls(extractor, bucket, model, key)
 
     @torch.no_grad()
-    def features(self, image, category: str) -> torch.Tensor:
+    def compute(self, image, category: str = "") -> dict[str, np.ndarray]:
         e, grid = self.extractor, self.extractor.grid
 
-        def as_trained(parts: dict) -> dict:  # training read the fp16 cache: the model sees the same values here
-            return {k: v.to(CACHE_DTYPE).float() for k, v in parts.items()}
+        def as_trained(parts: dict) -> dict:  # training read the store: the model sees its rounding here too
+            return {k: torch.from_numpy(v).float() for k, v in round_trip(parts, CACHE_DTYPE).items()}
 
         conv = torch.stack([conv_feature(as_trained(e.extract(image, r, category, conv=True)), grid)
                             for r in self.bucket.conv])
@@ -88,7 +91,7 @@ class GateFeatures:
             parts = as_trained(e.extract(image, self.bucket.attention, category, conv=False, attention=True))
             attention = attention_feature(parts, grid)[None].to(e.device)
         descriptor, _ = self.model(conv[None].to(e.device), attention)
-        return descriptor[0].float().cpu()
+        return {self.name: descriptor[0].float().cpu().numpy()}
 
     def describe(self) -> dict:
         e = self.extractor
@@ -96,7 +99,7 @@ class GateFeatures:
                 "base": e.base.source, "student": e.student.source if e.student is not None else None}
 
 
-class RecipeFeatures:
+class RecipeFeatures(DescriptorSource):
     """One recipe's ``[C, gh, gw]`` feature (``kind`` "conv" or "attention"), no amalgamation."""
 
     def __init__(self, extractor: GateExtractor, recipe: GateRecipe, kind: str = "conv", name: str = "gate-recipe"):
@@ -109,8 +112,9 @@ class RecipeFeatures:
                               json.dumps(recipe.to_dict(), sort_keys=True), kind, e.size,
                               *(file_identity(p) for p in _model_files(e, recipe)))
 
-    def features(self, image, category: str) -> torch.Tensor:
-        return self.extractor.features(image, self.recipe, category, kind=self.kind)
+    def compute(self, image, category: str = "") -> dict[str, np.ndarray]:
+        feature = self.extractor.features(image, self.recipe, category, kind=self.kind)
+        return {self.kind: feature.detach().cpu().numpy()}
 
     def describe(self) -> dict:
         return {"method": self.name, "recipe": self.recipe.to_dict(), "kind": self.kind,

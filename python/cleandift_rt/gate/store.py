@@ -6,7 +6,10 @@ stored as the U-Net produced them and nearest-resized to the common grid when re
 resizing only repeats values, so this equals storing the grid maps, at 2.6x less disk for SD 1.5
 (``bytes_per_image``; docs/gate.md has the numbers). The bucket key covers the base model, the
 student, every model file of the bucket, the recipes and the size: change any and the features
-are extracted again.
+are extracted again. The files are entries of the one ``features.store.FeatureStore`` (atomic writes,
+memory-mapped reads, a file cut short extracted again) under its fp16 policy: an image whose maps
+exceed float16's range (65504) is stored in float32, so an odd activation neither stops training nor
+turns into inf.
 """
 
 from __future__ import annotations
@@ -16,13 +19,14 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import file_identity, read_safetensors, short_hash, write_safetensors
+from ..checkpoint import file_identity, short_hash
+from ..features.store import FeatureStore, image_key
 from ..taps import tap_shape
 from .extract import (ATTENTION_BLOCKS, ATTENTION_PARTS, CONV_PARTS, CONV_TAPS, GRID_TAP, GateExtractor, attention_feature,
                       attention_tap, conv_feature)
 from .recipe import Bucket
 
-CACHE_DTYPE = torch.float16
+CACHE_DTYPE = "float16"  # the store's fp16 policy; GateFeatures rounds its maps the same way
 _FP16_BYTES = 2
 
 
@@ -49,41 +53,43 @@ def bytes_per_image(bucket: Bucket, block_out_channels, size: tuple[int, int], t
     return _FP16_BYTES * (len(bucket.conv) * conv + attention)
 
 
-class FeatureStore:
+class BucketStore:
     """Extract-once, read-many features of one bucket (see the module docstring)."""
 
     def __init__(self, root: str | Path, bucket: Bucket, extractor: GateExtractor):
         self.bucket, self.extractor = bucket, extractor
-        self.dir = Path(root) / bucket_key(bucket, extractor)
+        self.key = bucket_key(bucket, extractor)
+        self.store = FeatureStore(root, CACHE_DTYPE)
+        self.dir = self.store.root / self.key
 
     def path(self, image_path: Path, category: str) -> Path:
-        return self.dir / f"{short_hash(file_identity(image_path), category)}.safetensors"
+        return self.store.path(self.key, image_key(image_path, category))
 
     def has(self, image_path: Path, category: str) -> bool:
-        return self.path(image_path, category).is_file()
+        return self.store.has(self.key, image_key(image_path, category))
 
     def extract(self, image_path: Path, image, category: str) -> Path:
-        """Run every recipe of the bucket on ``image`` and write its cache file atomically."""
+        """Run every recipe of the bucket on ``image`` and store the maps (unless they are stored already)."""
+        self.store.get(self.key, image_key(image_path, category), lambda: self._maps(image, category),
+                       metadata={"image": str(image_path), "category": category})
+        return self.path(image_path, category)
+
+    def _maps(self, image, category: str) -> dict[str, torch.Tensor]:
         tensors: dict[str, torch.Tensor] = {}
         for k, recipe in enumerate(self.bucket.conv):
             for part, value in self.extractor.extract(image, recipe, category, conv=True).items():
                 tensors[f"conv{k}.{part}"] = value
         if self.bucket.attention is not None:
-            for part, value in self.extractor.extract(image, self.bucket.attention, category, conv=False,
-                                                      attention=True).items():
-                tensors[part] = value
-        tensors = {k: v.to(CACHE_DTYPE) for k, v in tensors.items()}
-        overflow = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
-        if overflow:
-            raise ValueError(f"{image_path}: features {overflow} overflow fp16 (values beyond 65504): this model's "
-                             "activations do not fit the fp16 cache")
-        path = self.path(image_path, category)
-        write_safetensors(path, tensors, metadata={"image": str(image_path), "category": category})
-        return path
+            tensors.update(self.extractor.extract(image, self.bucket.attention, category, conv=False, attention=True))
+        return tensors
 
     def load(self, image_path: Path, category: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(conv [K, C, gh, gw], attention [A, gh, gw] or None)`` in float32 on the common grid."""
-        parts = read_safetensors(self.path(image_path, category))
+        stored = self.store.load(self.key, image_key(image_path, category))
+        if stored is None:
+            raise FileNotFoundError(f"the features of {image_path} ({category}) are not in {self.dir}: extract them "
+                                    "first (BucketStore.extract)")
+        parts = {name: torch.from_numpy(value) for name, value in stored.items()}
         grid = self.extractor.grid
         conv = torch.stack([conv_feature({p: parts[f"conv{k}.{p}"] for p in CONV_PARTS}, grid)
                             for k in range(len(self.bucket.conv))])

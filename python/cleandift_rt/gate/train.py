@@ -2,7 +2,7 @@
 
 Output folder::
 
-    OUT/features/<bucket key>/*.safetensors   each image's bucket features, fp16 (store.FeatureStore)
+    OUT/features/<bucket key>/*.safetensors   each image's bucket features, fp16 (store.BucketStore)
     OUT/checkpoints/step-0000100.safetensors  model, AdamW moments, RNG, step (atomic; last K kept)
     OUT/metrics.jsonl                         one JSON object per step (loss, clip, sparsity; val_loss when validated)
     OUT/gate.safetensors                      the trained amalgamator + bucket, size and models in its metadata
@@ -36,7 +36,7 @@ from ..runs.skips import SkipLog
 from .amalgam import Amalgamator, clip_loss, grid_indices, sparsity_term
 from .extract import GateExtractor
 from .recipe import Bucket
-from .store import FeatureStore, bytes_per_image
+from .store import BucketStore, bytes_per_image
 
 CHECKPOINT_FORMAT = "cleandift_gate_checkpoint"
 GATE_FORMAT = "cleandift_gate"
@@ -136,7 +136,7 @@ class GateTrainer(ResumableRun):
                              "extractor with size=config.size")
         self.extractor, self.bucket = extractor, bucket
         self.open_run(out, resume=resume, keep_checkpoints=self.config.keep_checkpoints, progress=progress, log=log)
-        self.store = FeatureStore(features_dir if features_dir is not None else self.out / "features", bucket, extractor)
+        self.store = BucketStore(features_dir if features_dir is not None else self.out / "features", bucket, extractor)
         self.skips = SkipLog("pair")
         self._broken: dict[Path, _Broken] = {}
         torch.manual_seed(self.config.seed)  # the model's initial weights

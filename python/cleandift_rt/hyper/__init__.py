@@ -4,7 +4,7 @@ Owns the aggregation network (``network``), the self-contained aggregator file a
 feature grid (``aggregator``: ``Aggregator.from_file``, the CleanDIFT heads of the
 ``cleandift-heads`` source), the CLIP-style loss (``loss``), the base model's DDIM inversion and the
 original's feature schedule (``inversion``), the feature sources cleandift / cleandift-heads /
-inversion / one-step with their fp16 memory-mapped disk cache (``sources``, ``cache``), training
+inversion / one-step (``sources``; their arrays kept in ``features.store`` in fp16), training
 with checkpoints and exact resume (``train``) and the mixing-weights heat map (``picture``). It may
 import ``kernels``, ``features``, ``models``, ``viz`` and the top-level shared modules; ``runtime``
 (``Engine(..., aggregator=FILE)``) and ``export`` (the ``hyper`` ONNX output) build on it, so it

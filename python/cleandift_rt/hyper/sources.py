@@ -8,13 +8,13 @@ A *stored source* gives the per-image arrays the cache keeps and the aggregator 
 - :class:`InversionTaps` (``inversion``, ``one-step``): the base model's taps at the kept steps of
   DDIM inversion, ``{tap: S x C x h x w}`` (S times that: about 171 MB per image for S = 11).
 
-Each has ``layers``, ``channels`` (per layer), ``strides``, ``timesteps`` (labels of its S maps),
-``key`` (names the model and every setting that changes the arrays: the cache folder) and
-``compute(image) -> {tap: float32 array}``.
+Each is a ``features.source.FeatureSource`` (``name``, ``key``: the model and every setting that
+changes the arrays, the store folder; ``compute(image) -> {tap: float32 array}``; ``describe()``)
+with ``layers``, ``channels`` (per layer), ``strides`` and ``timesteps`` (labels of its S maps).
 
-:class:`HyperFeatures` turns an aggregator into a feature source of ``evaluation.runner.evaluate``
-(``name``, ``key``, ``features(image, category) -> C x h x w``, ``describe()``): from an Engine
-opened with ``aggregator=`` (engine sources) or from the base model's inversion (the others).
+:class:`HyperFeatures` turns an aggregator into a descriptor source of ``evaluation.runner.evaluate``
+(``features(image, category) -> C x h x w``): from an Engine opened with ``aggregator=`` (engine
+sources) or from the base model's inversion (the others).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from ..features.source import DescriptorSource, tap_map
 from ..models.heads import ProjectionHeads
 from ..taps import TAP_TABLE, resolve_taps, tap_channels
 from .aggregator import ENGINE_SOURCES, HYPER, SOURCES, Aggregator
@@ -43,15 +44,10 @@ def head_timesteps(count: int = DEFAULT_HEAD_TIMESTEPS) -> tuple[float, ...]:
     return tuple(float(round(999 * i / (count - 1))) for i in range(count))
 
 
-def _chw(value, tap: str) -> np.ndarray:
-    t = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(value))
-    if t.ndim != 4 or t.shape[0] != 1:
-        raise ValueError(f"tap {tap}: expected a 1 x C x h x w feature map, got shape {tuple(t.shape)}")
-    return t[0].detach().to("cpu", torch.float32).numpy()
-
-
 class EngineTaps:
     """The student's taps from one Engine pass per image, at the engine's size and baked prompt."""
+
+    name = "engine-taps"
 
     def __init__(self, engine, engine_key: str, layers: Sequence[str] | None = None):
         self.engine = engine
@@ -68,9 +64,9 @@ class EngineTaps:
         self.timesteps = (float(info.get("timestep", 261.0)),)
         self.key = short_hash("engine-taps", engine_key, self.layers, self.size)
 
-    def compute(self, image) -> dict[str, np.ndarray]:
+    def compute(self, image, category: str = "") -> dict[str, np.ndarray]:
         out = self.engine.extract([image], taps=list(self.layers))
-        return {t: _chw(out[t], t) for t in self.layers}
+        return {t: tap_map(out[t], t) for t in self.layers}
 
     def describe(self) -> dict:
         return {"layers": list(self.layers), "size": list(self.size), "engine": str(getattr(self.engine, "path", ""))}
@@ -78,6 +74,8 @@ class EngineTaps:
 
 class InversionTaps:
     """The base model's taps at the kept steps of its DDIM inversion (``inversion``, ``one-step``)."""
+
+    name = "inversion-taps"
 
     def __init__(self, extractor: InversionExtractor, base_key: str):
         self.extractor = extractor
@@ -90,7 +88,7 @@ class InversionTaps:
         self.timesteps = extractor.timesteps
         self.key = short_hash("inversion-taps", base_key, self.layers, s.steps, s.saved, s.size, s.prompt, s.seed)
 
-    def compute(self, image) -> dict[str, np.ndarray]:
+    def compute(self, image, category: str = "") -> dict[str, np.ndarray]:
         return self.extractor.extract(image)
 
     def describe(self) -> dict:
@@ -119,10 +117,10 @@ def new_aggregator(source: str, stored, heads: ProjectionHeads | None = None, ti
     return Aggregator(AggregationNetwork(config), source, heads if source == "cleandift-heads" else None, details)
 
 
-class HyperFeatures:
+class HyperFeatures(DescriptorSource):
     """An aggregator's descriptors as an ``evaluation.runner`` feature source (``features(image, category)``)."""
 
-    def __init__(self, key: str, descriptors: Callable[[object], torch.Tensor], details: dict, name: str = HYPER):
+    def __init__(self, key: str, descriptors: Callable[[object], np.ndarray], details: dict, name: str = HYPER):
         self.key, self.name, self._descriptors, self._details = key, name, descriptors, details
 
     @classmethod
@@ -133,7 +131,7 @@ class HyperFeatures:
                              "the model with --aggregator")
 
         def descriptors(image):
-            return torch.as_tensor(np.asarray(engine.extract([image], taps=[HYPER])[HYPER]))[0].float()
+            return tap_map(engine.extract([image], taps=[HYPER])[HYPER], HYPER)
 
         details = {"method": name, "engine": str(engine.path), **engine.info.get("aggregator", {})}
         return cls(short_hash(name, key), descriptors, details, name)
@@ -158,13 +156,13 @@ class HyperFeatures:
         @torch.no_grad()
         def descriptors(image):
             arrays = extractor.extract(image)
-            return aggregator({t: torch.from_numpy(a)[None] for t, a in arrays.items()})[0].float().cpu()
+            return aggregator({t: torch.from_numpy(a)[None] for t, a in arrays.items()})[0].float().cpu().numpy()
 
         details = {"method": name, **aggregator.describe()}
         return cls(short_hash(name, key, settings), descriptors, details, name)
 
-    def features(self, image, category: str = "") -> torch.Tensor:
-        return self._descriptors(image)
+    def compute(self, image, category: str = "") -> dict[str, np.ndarray]:
+        return {self.name: self._descriptors(image)}
 
     def describe(self) -> dict:
         return dict(self._details)

@@ -2,7 +2,7 @@
 
 Output folder::
 
-    OUT/features/<source key>/*.npy          each image's stored features, fp16 (hyper.cache; --cache)
+    OUT/features/<source key>/*.safetensors  each image's stored features, fp16 (features.store; --cache)
     OUT/checkpoints/step-0001000.safetensors network, AdamW moments, RNG, pair cursor (atomic; last K kept)
     OUT/metrics.jsonl                        {"step", "loss", ...} per step; {"step", "val_pck"} per validation
     OUT/aggregator.safetensors               the trained Aggregator (config, source, heads in it)
@@ -37,8 +37,8 @@ from ..features.preprocess import load_image
 from ..runs.checkpoints import restore_rng, rng_tensors
 from ..runs.loop import ResumableRun
 from ..runs.skips import SkipLog
+from ..features.store import FeatureStore, image_key
 from .aggregator import Aggregator
-from .cache import FeatureCache
 from .loss import clip_loss, grid_indices
 from .picture import mixing_weights_picture
 
@@ -150,7 +150,7 @@ class HyperTrainer(ResumableRun):
             raise ValueError("no training pairs")
         self.aggregator.to(self.device).train()
         cache_root = self.out / "features" if cache_dir == AUTO else cache_dir
-        self.cache = FeatureCache(cache_root, stored.key)
+        self.cache = FeatureStore(cache_root)
         self.optimizer = torch.optim.AdamW(self.aggregator.network.parameters(), lr=self.config.lr,
                                            weight_decay=self.config.weight_decay)
         self.skips = SkipLog("pair")
@@ -201,7 +201,7 @@ class HyperTrainer(ResumableRun):
                 raise _Broken("feature extraction failed", f"{path}: {str(exc).splitlines()[0]}") from None
 
         try:
-            arrays = self.cache.get(path, compute)
+            arrays = self.cache.get(self.stored.key, image_key(path), compute)
         except _Broken as exc:
             self._broken[path] = exc
             raise

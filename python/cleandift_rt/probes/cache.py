@@ -1,35 +1,36 @@
-"""Feature sources and the memory-mapped feature cache the probes share.
+"""Feature sources of the probes and their view of the one feature store.
 
-A *feature source* has a ``name``, a ``key`` (names the model and every setting that changes its
-features; it names the cache folder), ``tap``, ``t`` (None, or the timestep of a sweep row),
-``compute(image) -> [C, h, w]`` float32 numpy and optionally ``check()`` (opens the model and
-raises for problems of the whole run, such as a missing tap).
+The sources are ``features.source.FeatureSource`` adapters with one map (``DescriptorSource``):
+``name``, ``key`` (names the model and every setting that changes its features; it names the
+cache folder), ``tap``, ``t`` (None, or the timestep of a sweep row), ``compute(image) -> {tap:
+[C, h, w] float32}`` and optionally ``check()`` (opens the model and raises for problems of the whole
+run, such as a missing tap); a source whose ``compute`` returns the bare ``[C, h, w]`` array works too.
 :class:`EngineSource` wraps a ``cleandift_rt.Engine``, :class:`DiftSource` the noisy baseline
 (``DiftExtractor`` at one t), :class:`ProjectedSource` CleanDIFT's features through the projection
 heads at one t (computed from its parent's map, which is read from the cache when it is there).
 
-:class:`FeatureStore` keeps one ``.npy`` per image, per source (engine and settings), per view
-(``map``: the tap's ``C x h x w`` grid; ``gap``: its global average, ``C``) under
-``ROOT/<source key>/<view>/<image key>.npy``, written atomically and read back memory-mapped. A
-rerun finds every file and calls no model (and never opens one: sources take a :class:`Lazy`); a
-file cut short by a crash is computed again. Targets (depth and label maps) are cached the same way.
+:class:`ProbeStore` (also importable as ``FeatureStore``, its earlier name) keeps one ``.npy`` per
+image, per source (engine and settings), per view (``map``: the tap's ``C x h x w`` grid; ``gap``: its
+global average, ``C``) under ``ROOT/<source key>/<view>/<image key>.npy`` in a
+``features.store.FeatureStore``: written atomically, read back memory-mapped, a file cut short by a
+crash computed again. A rerun finds every file and calls no model (and never opens one: sources take
+a :class:`Lazy`). Targets (depth and label maps) are cached the same way, as decoded.
 """
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..checkpoint import atomic_write_bytes
+from ..features import store as feature_store
+from ..features.source import DescriptorSource, one_map, tap_map
 from ..taps import resolve_taps
 from .data import Sample, SampleError
 
 VIEWS = ("map", "gap")
-FP16_MAX = 65504.0
 
 
 class Lazy:
@@ -49,14 +50,7 @@ def _resolve(obj):
     return obj.get() if isinstance(obj, Lazy) else obj
 
 
-def _chw(value, tap: str) -> np.ndarray:
-    t = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(value))
-    if t.ndim != 4 or t.shape[0] != 1:
-        raise ValueError(f"tap {tap}: expected a 1 x C x h x w feature map, got shape {tuple(t.shape)}")
-    return t[0].detach().to("cpu", torch.float32).numpy()
-
-
-class EngineSource:
+class EngineSource(DescriptorSource):
     """CleanDIFT features: one Engine pass per image at the engine's size, with its baked prompt."""
 
     def __init__(self, engine, tap: str, key: str, name: str = "cleandift"):
@@ -70,11 +64,14 @@ class EngineSource:
             raise ValueError(f"the engine has no tap {self.tap!r} (it has {', '.join(taps)}): pass --tap with one "
                              f"of those, or export the model with --taps {self.tap}")
 
-    def compute(self, image) -> np.ndarray:
-        return _chw(_resolve(self.engine).extract([image], taps=[self.tap])[self.tap], self.tap)
+    def compute(self, image, category: str = "") -> dict[str, np.ndarray]:
+        return {self.tap: tap_map(_resolve(self.engine).extract([image], taps=[self.tap])[self.tap], self.tap)}
+
+    def describe(self) -> dict:
+        return {"method": self.name, "tap": self.tap}
 
 
-class DiftSource:
+class DiftSource(DescriptorSource):
     """The noisy baseline (SPEC section 7): ``extractor`` is a ``DiftExtractor`` (or a Lazy one) at ``t``."""
 
     def __init__(self, extractor, tap: str, key: str, t: int, name: str = "dift"):
@@ -84,11 +81,14 @@ class DiftSource:
     def check(self) -> None:
         _resolve(self.extractor)
 
-    def compute(self, image) -> np.ndarray:
-        return _chw(_resolve(self.extractor).extract([image], taps=[self.tap])[self.tap], self.tap)
+    def compute(self, image, category: str = "") -> dict[str, np.ndarray]:
+        return {self.tap: tap_map(_resolve(self.extractor).extract([image], taps=[self.tap])[self.tap], self.tap)}
+
+    def describe(self) -> dict:
+        return {"method": self.name, "tap": self.tap, "t": self.t}
 
 
-class ProjectedSource:
+class ProjectedSource(DescriptorSource):
     """CleanDIFT features through the projection head of the tap at ``t`` (``cleandift_rt.project``):
     the features as the teacher would see them at that timestep, computed from ``parent``'s map."""
 
@@ -101,71 +101,68 @@ class ProjectedSource:
         feats = torch.from_numpy(np.ascontiguousarray(parent_map, dtype=np.float32))[None]
         return project(feats, self.t, _resolve(self.heads), self.tap)[0].numpy()
 
+    def compute(self, image, category: str = "") -> dict[str, np.ndarray]:
+        return {self.tap: self.project(one_map(self.parent.compute(image)))}
 
-def _write_npy(path: Path, array: np.ndarray) -> None:
-    def write(tmp):
-        with open(tmp, "wb") as f:  # np.save on a path would append ".npy" to the temporary name
-            np.save(f, array, allow_pickle=False)
-
-    atomic_write_bytes(path, write)
+    def describe(self) -> dict:
+        return {"method": self.name, "tap": self.tap, "t": self.t}
 
 
-def _read_npy(path: Path) -> np.ndarray | None:
-    if not path.is_file():
-        return None
-    try:
-        return np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError):  # cut short by a crash: compute again
-        return None
-
-
-class FeatureStore:
-    """Per-image features and targets on disk, read back memory-mapped.
+class ProbeStore:
+    """Per-image features and targets on disk, read back memory-mapped (module docstring).
 
     ``dtype="float16"`` (default) halves the disk and page-cache footprint (an SD 2.1 us6 map is
-    5.9 MB instead of 11.8 MB); a map with values beyond float16's range is stored as float32.
-    Everything downstream reads the stored values, so a first run and a rerun see the same numbers.
+    5.9 MB instead of 11.8 MB); under the store's fp16 policy a map with values beyond float16's
+    range is stored as float32. Everything downstream reads the stored values, so a first run and a
+    rerun see the same numbers. ``computed`` / ``reused`` count images per source name.
     """
 
     def __init__(self, root: str | Path, dtype: str = "float16"):
         if dtype not in ("float16", "float32"):
             raise ValueError(f"cache dtype must be float16 or float32, got {dtype!r}")
         self.root, self.dtype = Path(root), dtype
-        self.computed: Counter = Counter()  # source name -> images computed this run
-        self.reused: Counter = Counter()
+        self.store = feature_store.FeatureStore(root, dtype)
+        self.targets = feature_store.FeatureStore(root, None)  # ground truth as decoded: label maps stay integers
         self._memo: dict[str, tuple[str, np.ndarray]] = {}  # source key -> (image key, its last raw map)
 
-    def path(self, source, view: str, sample: Sample) -> Path:
+    @property
+    def computed(self):
+        return self.store.computed
+
+    @property
+    def reused(self):
+        return self.store.reused
+
+    @staticmethod
+    def _folder(source, view: str) -> str:
         if view not in VIEWS:
             raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
-        return self.root / source.key / view / f"{sample.image_key}.npy"
+        return f"{source.key}/{view}"
+
+    def path(self, source, view: str, sample: Sample) -> Path:
+        return self.store.array_path(self._folder(source, view), sample.image_key)
 
     def has(self, source, view: str, sample: Sample) -> bool:
-        return _read_npy(self.path(source, view, sample)) is not None
+        return self.store.has_array(self._folder(source, view), sample.image_key)
 
     def features(self, source, view: str, sample: Sample, image: Callable[[], object] | None = None) -> np.ndarray:
         """The cached features of ``sample`` (computed and stored first when missing). ``image``
         returns the decoded image (default ``sample.read_image``); pass a memoised one when several
         sources read the same image."""
-        path = self.path(source, view, sample)
-        cached = _read_npy(path)
-        if cached is not None:
-            self.reused[source.name] += 1
-            return cached
-        feats = self._raw_map(source, sample, image or sample.read_image)
-        if view == "gap":
-            feats = feats.reshape(feats.shape[0], -1).mean(axis=1)
-        if not np.isfinite(feats).all():
-            raise SampleError("features contain NaN or Inf", f"{source.name} on {sample.name}")
-        narrow = self.dtype == "float16" and float(np.abs(feats).max(initial=0)) < FP16_MAX
-        _write_npy(path, feats.astype(np.float16 if narrow else np.float32))
-        self.computed[source.name] += 1
-        return _read_npy(path)
+        def compute():
+            feats = self._raw_map(source, sample, image or sample.read_image)
+            if view == "gap":
+                feats = feats.reshape(feats.shape[0], -1).mean(axis=1)
+            if not np.isfinite(feats).all():
+                raise SampleError("features contain NaN or Inf", f"{source.name} on {sample.name}")
+            return feats
+
+        return self.store.get_array(self._folder(source, view), sample.image_key, compute, label=source.name)
 
     def _raw_map(self, source, sample: Sample, image) -> np.ndarray:
         if isinstance(source, ProjectedSource):
             # the parent's stored map when there is one: the values every run (and every probe) sees
-            stored = _read_npy(self.path(source.parent, "map", sample))
+            stored = self.store.load_array(self._folder(source.parent, "map"), sample.image_key)
             parent = np.array(stored, dtype=np.float32) if stored is not None else \
                 self._raw_map(source.parent, sample, image)
             return source.project(parent)
@@ -176,17 +173,16 @@ class FeatureStore:
         if check is not None:
             check()
         try:
-            feats = source.compute(image())
+            out = source.compute(image())
         except (ValueError, TypeError) as exc:
             raise SampleError("feature extraction failed", f"{sample.name}: {str(exc).splitlines()[0]}") from None
+        feats = np.asarray(one_map(out) if isinstance(out, Mapping) else out, dtype=np.float32)
         self._memo[source.key] = (sample.image_key, feats)
         return feats
 
     def target(self, sample: Sample, kind: str) -> np.ndarray:
         """The sample's target (depth or label map), decoded once and cached memory-mapped."""
-        path = self.root / "targets" / kind / f"{sample.target_key}.npy"
-        cached = _read_npy(path)
-        if cached is not None:
-            return cached
-        _write_npy(path, np.ascontiguousarray(sample.read_target()))
-        return _read_npy(path)
+        return self.targets.get_array(f"targets/{kind}", sample.target_key, sample.read_target)
+
+
+FeatureStore = ProbeStore  # the earlier name: ``probes.FeatureStore(root, dtype)`` keeps working

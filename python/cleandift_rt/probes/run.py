@@ -24,7 +24,7 @@ import torch
 
 from ..checkpoint import atomic_write_bytes
 from ..runs.skips import SkipLog
-from .cache import FeatureStore
+from .cache import ProbeStore
 from .data import Dataset, Sample, SampleError
 from .depth import DepthProbe, DepthProtocol
 from .knn import knn_classify
@@ -53,7 +53,7 @@ def _once(read):
     return get
 
 
-def gather(samples: Sequence[Sample], sources, store: FeatureStore, view: str, target_kind: str | None,
+def gather(samples: Sequence[Sample], sources, store: ProbeStore, view: str, target_kind: str | None,
            skips: SkipLog, progress: bool, desc: str) -> list[Sample]:
     """Cache the target and every source's features of each sample; the samples all of them could use."""
     from tqdm.auto import tqdm
@@ -145,7 +145,7 @@ def _probe_for(task: str, source, train_feats, train_targets, make_probe, config
     return probe, report, path
 
 
-def run_dense(task: str, dataset: Dataset, sources, store: FeatureStore, out: str | Path, *, config: ProbeTrainConfig,
+def run_dense(task: str, dataset: Dataset, sources, store: ProbeStore, out: str | Path, *, config: ProbeTrainConfig,
               protocol: DepthProtocol | None = None, num_classes: int = 21, probe_file: str | Path | None = None,
               pictures: int = 4, progress: bool = True, extra: dict | None = None) -> dict:
     """Depth (``task="depth"``) or segmentation (``"segmentation"``) probes for every source; the
@@ -235,7 +235,7 @@ def run_dense(task: str, dataset: Dataset, sources, store: FeatureStore, out: st
     return write_results(doc, out, rows, task)
 
 
-def _examples(task: str, probe, source, store: FeatureStore, samples, targets, protocol):
+def _examples(task: str, probe, source, store: ProbeStore, samples, targets, protocol):
     """Image / ground truth / prediction rows for the first test images."""
     from PIL import Image
 
@@ -253,7 +253,7 @@ def _examples(task: str, probe, source, store: FeatureStore, samples, targets, p
     return panel(rows, ["image", "ground truth", f"prediction ({slug(source)})"])
 
 
-def run_knn(dataset: Dataset, sources, store: FeatureStore, out: str | Path, *, k: int = 10, progress: bool = True,
+def run_knn(dataset: Dataset, sources, store: ProbeStore, out: str | Path, *, k: int = 10, progress: bool = True,
             extra: dict | None = None) -> dict:
     """kNN top-1 / top-5 on globally pooled features for every source."""
     out = Path(out)
