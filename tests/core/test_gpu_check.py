@@ -61,3 +61,36 @@ def test_a_missing_cuda_blocks_every_latency_path_by_name():
     measured = [(r["path"], r["size"], r["taps"], r["batch"]) for _, rows, _ in groups for r in rows]
     assert sorted(measured) == sorted((r["path"], r["size"], r["taps"], r["batch"]) for r in latency.rows())
     assert len(measured) == len(set(measured))  # each row measured by exactly one group
+
+
+def test_latency_groups_run_until_the_budget_and_a_failure_costs_only_its_rows(monkeypatch):
+    import time
+
+    latency = _latency_module()
+
+    def measured(path):
+        def measure(base, student, work, *group):
+            return [{**r, **latency.stats([0.01] * 4, r["batch"])} for r in latency.rows() if r["path"] == path
+                    and all(v in (r["size"], r["taps"]) for v in group)]
+        return measure
+
+    def broken(base, student, work, taps_name):
+        raise RuntimeError("ONNX Runtime runs on ['CPUExecutionProvider']")
+
+    monkeypatch.setattr(latency, "blockers", lambda cuda_missing: dict.fromkeys(latency.PATHS))
+    monkeypatch.setattr(latency, "_random_sd21", lambda work: (None, None))
+    monkeypatch.setattr(latency, "_torch_group", measured("torch_fp16"))
+    monkeypatch.setattr(latency, "_ort_group", broken)
+    said = []
+    result = latency.run(said.append, deadline=time.perf_counter() + 100)  # room for all but TensorRT (~200 s)
+    table = result["rows"]
+    assert [(r["path"], r["size"], r["taps"], r["batch"]) for r in table] == [
+        (r["path"], r["size"], r["taps"], r["batch"]) for r in latency.rows()]
+    by_path = {p: [r for r in table if r["path"] == p] for p in latency.PATHS}
+    assert all("per_frame_p99_ms" in r for r in by_path["torch_fp16"])
+    assert all("CPUExecutionProvider" in r["error"] for r in by_path["ort_cuda"])
+    assert all(r["skipped"].startswith("time budget") and "--budget 1500" in r["skipped"]
+               for r in by_path["tensorrt"] + by_path["tensorrt+graph"])
+    assert any("FAILED" in line for line in said)
+    lines = latency.format_table(result)
+    assert len(lines) == len(table) and "per frame p50" in lines[0] and "FAILED" in lines[8]
