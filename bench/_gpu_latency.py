@@ -273,8 +273,9 @@ def format_table(result: dict) -> list[str]:
     lines = []
     for r in result["rows"]:
         if "p50_ms" in r:
-            lines.append(f"  {label(r)}  per frame p50 {r['per_frame_p50_ms']:8.2f} ms  p99 {r['per_frame_p99_ms']:8.2f} ms"
-                         f"  ({r['frames_per_s']} frames/s)")
+            lines.append(f"  {label(r)}  per frame p50 {r['per_frame_p50_ms']:8.2f} ms  "
+                         f"p99 {r['per_frame_p99_ms']:8.2f} ms  ({r['frames_per_s']} frames/s)")
         else:
-            lines.append(f"  {label(r)}  {'skipped: ' + r['skipped'] if 'skipped' in r else 'FAILED: ' + r['error']}"[:240])
+            status = f"skipped: {r['skipped']}" if "skipped" in r else f"FAILED: {r['error']}"
+            lines.append(f"  {label(r)}  {status}"[:240])
     return lines

@@ -79,7 +79,8 @@ def plan(args) -> dict[str, str | None]:
     if not have("diffusers"):
         skip["torch"] = skip["torch"] or "diffusers is not installed (carry its wheel: bench/gpu_wheels.sh)"
     if not (have("tensorrt") or have("onnxruntime")):
-        skip["trt"] = skip["trt"] or f"neither onnxruntime-gpu nor TensorRT is installed ({_gpu_latency.TENSORRT_MISSING})"
+        skip["trt"] = skip["trt"] or (f"neither onnxruntime-gpu nor TensorRT is installed "
+                                      f"({_gpu_latency.TENSORRT_MISSING})")
     if not have("diffusers"):
         skip["trt"] = skip["trt"] or "diffusers is needed to build the tiny model"
     if ok and all(_gpu_latency.blockers(None).values()):

@@ -62,7 +62,8 @@ def _check(real, *sources: str) -> list[str]:
 
 def test_every_tensorrt_name_the_project_uses_exists(real):
     sources = trt_usage.project_sources(ROOT)
-    assert {"python/cleandift_rt/export/trt_build.py", "python/cleandift_rt/runtime/backends/tensorrt.py"} <= set(sources)
+    assert {"python/cleandift_rt/export/trt_build.py",
+            "python/cleandift_rt/runtime/backends/tensorrt.py"} <= set(sources)
     found = trt_usage.uses(sources, real)
     assert CORE_CALLS <= {u.label for u in found if u.kind == "call"}
     assert trt_usage.problems(found, real) == []
@@ -132,7 +133,8 @@ def test_each_kind_of_misuse_is_flagged(real):
     assert "IExecutionContext.execute_async_v3 called with 0 positional" in said
     assert "IExecutionContext.set_input_shape called with 0 positional and keywords ['name', 'dims']" in said
     assert "IBuilderConfig.set_timing_cache called with 1 positional and keywords ['ignore']" in said
-    assert said.count("IBuilderConfig.set_memory_pool_limit called with 2 positional") == 2  # an enum of the wrong kind; a plain int
+    # an enum of the wrong kind, and a plain int where an enum is wanted
+    assert said.count("IBuilderConfig.set_memory_pool_limit called with 2 positional") == 2
     assert "IExecutionContext.set_tensor_address returns whether it succeeded (bool) and the code ignores it" in said
     assert len(found) == 8, said
 

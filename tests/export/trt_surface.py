@@ -117,7 +117,8 @@ def surface(version: str) -> dict:
     site = _extract(fetch_wheel(version))
     so = site / PACKAGE / "tensorrt.so"
     stubs = build_stubs(so, site.parent / "stubs")
-    env = dict(os.environ, LD_LIBRARY_PATH=os.pathsep.join(filter(None, [str(stubs), os.environ.get("LD_LIBRARY_PATH")])))
+    library_path = os.pathsep.join(filter(None, [str(stubs), os.environ.get("LD_LIBRARY_PATH")]))
+    env = dict(os.environ, LD_LIBRARY_PATH=library_path)
     proc = _run([sys.executable, __file__, str(site)], env=env, timeout=120)
     if proc.returncode:
         raise RuntimeError(f"importing the real {PACKAGE} {version} failed:\n{proc.stderr[-3000:]}")
@@ -233,8 +234,8 @@ def dump(module) -> dict:
                 continue
             if isinstance(raw, property):
                 fget = parse_signatures(raw.fget.__doc__, "") if raw.fget else []
-                attr = {"kind": "property", "type": fget[0]["returns"] if fget else "", "writable": raw.fset is not None,
-                        "doc": raw.__doc__ or ""}
+                attr = {"kind": "property", "type": fget[0]["returns"] if fget else "",
+                        "writable": raw.fset is not None, "doc": raw.__doc__ or ""}
             elif isinstance(value, type):
                 attr = {"kind": "class", "qualname": visit(value) if ours(value) else value.__qualname__, "doc": ""}
             elif callable(value):

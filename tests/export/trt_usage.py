@@ -169,7 +169,8 @@ class _Analysis:
             else:
                 self.member(self.expr(target.value, scope), target.attr, scope, target, "set")
         elif isinstance(target, (ast.Tuple, ast.List)):
-            parts = t[1] if t is not None and t[0] == "tuple" and len(t[1]) == len(target.elts) else [None] * len(target.elts)
+            n = len(target.elts)
+            parts = t[1] if t is not None and t[0] == "tuple" and len(t[1]) == n else [None] * n
             for element, part in zip(target.elts, parts):
                 self.assign(element, part, scope)
         else:
@@ -304,8 +305,9 @@ class _Analysis:
         if isinstance(node, ast.Subscript):
             container, index = self.expr(node.value, scope), node.slice
             self.expr(index, scope)
-            if container and container[0] == "tuple" and isinstance(index, ast.Constant) and isinstance(index.value, int):
-                return container[1][index.value] if -len(container[1]) <= index.value < len(container[1]) else None
+            if container and container[0] == "tuple" and isinstance(index, ast.Constant) and type(index.value) is int:
+                items = container[1]
+                return items[index.value] if -len(items) <= index.value < len(items) else None
             return self.element(container)
         self.generic(node, scope)
         return None
@@ -398,7 +400,8 @@ def project_sources(root: Path) -> dict[str, str]:
         for node in ast.walk(tree):
             if isinstance(node, ast.Import) and any(a.name == "tensorrt" for a in node.names):
                 return True
-            if isinstance(node, ast.ImportFrom) and (node.module == "tensorrt" or any(a.name in names for a in node.names)):
+            if isinstance(node, ast.ImportFrom) and (node.module == "tensorrt"
+                                                     or any(a.name in names for a in node.names)):
                 return True
         return False
 
