@@ -36,8 +36,9 @@ from typing import Iterable
 
 import numpy as np
 
+from ..features.store import FP16_MAX
+
 FLOAT, FLOAT16 = 1, 10  # onnx.TensorProto.FLOAT, FLOAT16
-FP16_MAX = 65504.0
 ATTENTION_PASSTHROUGH = {"Mul", "Div", "Add", "Sub", "Cast", "Reshape", "Transpose", "Identity", "Unsqueeze",
                          "Squeeze", "Where", "Expand", "Neg"}
 NORMALIZATION_OPS = {"InstanceNormalization", "LayerNormalization", "GroupNormalization", "BatchNormalization",
