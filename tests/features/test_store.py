@@ -149,12 +149,13 @@ def test_image_keys_follow_the_file_the_category_and_the_variant(tmp_path):
 
 def test_the_library_sources_follow_the_protocol():
     from cleandift_rt.evaluation import DiftFeatures, EngineFeatures
+    from cleandift_rt.fusion.evaluate import RawMaps
     from cleandift_rt.gate.source import GateFeatures, RecipeFeatures
     from cleandift_rt.hyper import EngineTaps, HyperFeatures, InversionTaps
     from cleandift_rt.probes import DiftSource, EngineSource, ProjectedSource
 
     for cls in (EngineFeatures, DiftFeatures, GateFeatures, RecipeFeatures, EngineTaps, InversionTaps, HyperFeatures,
-                EngineSource, DiftSource, ProjectedSource):
+                EngineSource, DiftSource, ProjectedSource, RawMaps):
         assert callable(getattr(cls, "compute", None)) and callable(getattr(cls, "describe", None)), cls.__name__
 
     class Engine:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 from ..checkpoint import short_hash
@@ -24,11 +25,26 @@ from .pipeline import Fusion
 PROTOCOL_VERSION = 1  # bump when a change alters per-pair results (invalidates journals, not the raw maps)
 
 
+class RawMaps:
+    """One cached part of a fusion recipe's raw maps (the SD taps, or the DINOv2 features) as a
+    ``features.source.FeatureSource``: ``compute(image, category)`` -> ``{name: [C, h, w]}``."""
+
+    def __init__(self, name: str, key: str, compute: Callable[[object, str], dict]):
+        self.name, self.key, self._compute = name, key, compute
+
+    def compute(self, image, category: str = "") -> dict:
+        return self._compute(image, category)
+
+    def describe(self) -> dict:
+        return {"method": self.name}
+
+
 class FusedSource:
     """A :class:`pipeline.Fusion` with the identities that name its caches and journal.
 
     ``sd_key`` identifies the engine (file, size, policy) and the prompt; ``dino_key`` the DINOv2
-    weights (both are hashed with the recipe's canvas settings here).
+    weights (both are hashed with the recipe's canvas settings here). ``parts`` are the
+    :class:`RawMaps` each run caches per image: SD, then DINOv2 when the recipe uses it.
     """
 
     def __init__(self, fusion: Fusion, sd_key: str, dino_key: str | None, prompt: str):
@@ -39,6 +55,9 @@ class FusedSource:
         self.dino_key = short_hash("fusion-dino", dino_key, r.dino_size) if r.dino else None
         self.key = short_hash(self.name, self.sd_key, self.dino_key, sorted(r.describe().items()))
         self.prompt = prompt
+        self.parts = [RawMaps("fusion-sd", self.sd_key, lambda image, category: fusion.sd_raw([image], category)[0])]
+        if r.dino:
+            self.parts.append(RawMaps("fusion-dino", self.dino_key, lambda image, category: fusion.dino_raw([image])[0]))
 
     def describe(self) -> dict:
         return {**self.fusion.describe(), "prompt": self.prompt}
@@ -54,8 +73,7 @@ def evaluate_fused(pairs: list[Pair], source: FusedSource, *, cache_dir: str | P
     """
     skips = skips if skips is not None else SkipLog("pair")
     fusion = source.fusion
-    sd_cache = FeatureCache(cache_dir, source.sd_key, memory_items=6)
-    dino_cache = FeatureCache(cache_dir, source.dino_key, memory_items=6) if source.dino_key else None
+    caches = [(part, FeatureCache(cache_dir, part.key, memory_items=6)) for part in source.parts]
     log = Journal(journal, short_hash(source.key, PROTOCOL_VERSION), resume)
     broken: dict[Path, ImageFailure] = {}
     timing = {"extract": 0.0}
@@ -87,10 +105,10 @@ def evaluate_fused(pairs: list[Pair], source: FusedSource, *, cache_dir: str | P
 
         try:
             variant = "-flip" if flipped else ""
-            maps = dict(sd_cache.get_maps(path, category, timed(lambda: fusion.sd_raw([picture()], category)[0]),
-                                          variant))
-            if dino_cache is not None:
-                maps.update(dino_cache.get_maps(path, category, timed(lambda: fusion.dino_raw([picture()])[0]), variant))
+            maps = {}
+            for part, cache in caches:
+                maps.update(cache.get_maps(path, category, timed(lambda part=part: part.compute(picture(), category)),
+                                           variant))
             return maps
         except ImageFailure as exc:
             broken[path] = exc
@@ -104,9 +122,8 @@ def evaluate_fused(pairs: list[Pair], source: FusedSource, *, cache_dir: str | P
     described = source.describe()
     if source.recipe.flip:
         described["flip_decisions"] = dict(decisions)
-    caches = [sd_cache] + ([dino_cache] if dino_cache else [])
     return EvalRun(source=described, results=results, skips=skips, seconds=time.perf_counter() - start,
-                   images_extracted=max(c.misses for c in caches), images_cached=min(c.hits for c in caches),
+                   images_extracted=max(c.misses for _, c in caches), images_cached=min(c.hits for _, c in caches),
                    resumed_pairs=resumed, extract_seconds=timing["extract"])
 
 
