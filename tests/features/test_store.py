@@ -33,7 +33,8 @@ def memory_mapped(array: np.ndarray) -> bool:
 
 def maps(seed=0):
     rng = np.random.default_rng(seed)
-    return {"us6": rng.standard_normal((4, 3, 5)).astype(np.float32), "us3": rng.standard_normal((2, 6)).astype(np.float32)}
+    return {"us6": rng.standard_normal((4, 3, 5)).astype(np.float32),
+            "us3": rng.standard_normal((2, 6)).astype(np.float32)}
 
 
 def test_an_entry_is_computed_once_then_read_memory_mapped(tmp_path):
@@ -83,6 +84,7 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
     import safetensors.numpy
 
     def dies_half_way(arrays, filename, metadata=None):
+        assert os.path.dirname(filename) == str(tmp_path / "source")  # beside the target: os.replace is atomic
         with open(filename, "wb") as f:
             f.write(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"us6\":")
         raise KeyboardInterrupt  # the run stopped in the middle of the write
@@ -114,8 +116,8 @@ def test_the_fp16_policy_at_its_boundary(tmp_path):
     # float32 and None keep values; None keeps the computed dtype too (label maps)
     assert store.get_array("s", "labels", lambda: np.array([3, 255], np.uint8)).dtype == np.float16
     assert FeatureStore(tmp_path, None).get_array("t", "labels", lambda: np.array([3, 255], np.uint8)).dtype == np.uint8
-    assert FeatureStore(tmp_path, "float32").get("u", "x", lambda: {"h": torch.ones(2, dtype=torch.float16)})["h"].dtype \
-        == np.float32
+    widened = FeatureStore(tmp_path, "float32").get("u", "x", lambda: {"h": torch.ones(2, dtype=torch.float16)})
+    assert widened["h"].dtype == np.float32
     with pytest.raises(ValueError, match="dtype must be one of"):
         FeatureStore(tmp_path, "bfloat16")
 

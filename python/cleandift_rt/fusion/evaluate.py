@@ -57,7 +57,8 @@ class FusedSource:
         self.prompt = prompt
         self.parts = [RawMaps("fusion-sd", self.sd_key, lambda image, category: fusion.sd_raw([image], category)[0])]
         if r.dino:
-            self.parts.append(RawMaps("fusion-dino", self.dino_key, lambda image, category: fusion.dino_raw([image])[0]))
+            self.parts.append(RawMaps("fusion-dino", self.dino_key,
+                                      lambda image, category: fusion.dino_raw([image])[0]))
 
     def describe(self) -> dict:
         return {**self.fusion.describe(), "prompt": self.prompt}
