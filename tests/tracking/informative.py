@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from cleandift_rt.features.preprocess import prepare_images
 
-STRIDE = 4
+STRIDE = 2
 PATCH = 7
 
 
