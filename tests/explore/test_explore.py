@@ -372,3 +372,62 @@ def test_command_refuses_bad_arguments_with_one_line(tiny_student_files, tiny_ba
             assert main(engine_args + extra) == 2
             err = capsys.readouterr().err
             assert err.splitlines()[-1].startswith("error: ") and message in err and "Traceback" not in err
+
+
+# -- the tracking tab -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def frames_dir(tmp_path_factory, photos):
+    from cleandift_rt.tracking.synthetic import synthetic_video
+
+    video = synthetic_video(photos["cat"], "translation", frames=6, points=4, size=128)
+    folder = tmp_path_factory.mktemp("frames")
+    for i, frame in enumerate(video.video):
+        Image.fromarray(frame).save(folder / f"{i:03d}.png")
+    return folder
+
+
+def test_tracking_tab_equals_the_tracker_on_the_same_frames(engine, frames_dir):
+    from cleandift_rt.cli.explore import _sequence
+
+    sequence = _sequence(frames_dir, engine, threading.RLock())
+    assert sequence.describe() == {"name": frames_dir.name, "frames": 6, "fps": 30.0, "width": 128, "height": 128,
+                                   "total": 6}
+    points = [[40.0, 50.0], [90.5, 70.25]]
+    got = sequence.track({"points": points, "recipe": {"kind": "tap", "tap": "us9"}})
+    frames = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(frames_dir.iterdir())]
+    tracker = cd.Tracker(engine, tap="us9")
+    maps = tracker.features(frames)  # one engine call, as the tab's (up to 8 frames a call): the same features
+    tracker.set_reference(maps[0], np.array(points))
+    want = [tracker.track(m) for m in maps[1:]]
+    assert got["frames"] == 6 and got["points"][0] == points and got["visible"][0] == [True, True]
+    np.testing.assert_allclose(np.array(got["points"][1:]), np.stack([w.points for w in want]), atol=1e-4)
+    assert got["visible"][1:] == [w.visible.tolist() for w in want]
+    calls = []
+    engine_extract = engine.extract
+    engine.extract = lambda *a, **k: calls.append(1) or engine_extract(*a, **k)
+    try:  # other points on the same tap: the frames' maps are kept, only the matching runs
+        sequence.track({"points": [[10.0, 10.0]], "recipe": {"kind": "tap", "tap": "us9"}})
+    finally:
+        del engine.extract
+    assert not calls
+    assert sequence.frame(5)[:2] == b"\xff\xd8"
+
+
+def test_tracking_tab_refuses_bad_points_with_a_message(engine, frames_dir):
+    from cleandift_rt.cli.explore import _sequence
+
+    sequence = _sequence(frames_dir, engine, threading.RLock())
+    tap = {"kind": "tap", "tap": "us9"}
+    for args, message in [
+        ({"points": [], "recipe": tap}, "click 1 to 16 points"),
+        ({"points": [[1, 2]] * 17, "recipe": tap}, "click 1 to 16 points"),
+        ({"points": [[200, 2]], "recipe": tap}, r"point \(200.0, 2.0\) lies outside the first frame \(128 x 128"),
+        ({"points": [["a", 2]], "recipe": tap}, "is not a pair of numbers"),
+        ({"points": [[1, 2]], "recipe": {"kind": "projected", "tap": "us6", "t": 10}}, "pick 'raw tap'"),
+    ]:
+        with pytest.raises(ExploreError, match=message):
+            sequence.track(args)
+    with pytest.raises(ExploreError, match="no frame 6"):
+        sequence.frame(6)

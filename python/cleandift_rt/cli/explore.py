@@ -60,6 +60,19 @@ def _session(args, library):
         raise UserError(f"--tap / --recipe: {exc}") from None
 
 
+def _sequence(path, engine, lock):
+    """The tracking tab's sequence: a video file or a folder of frames, its first MAX_FRAMES frames."""
+    from itertools import islice
+
+    from ..explore.tracking import MAX_FRAMES, TrackingSession, shrink
+    from ..tracking import Tracker
+    from ..tracking.video import open_frames
+
+    frames, fps, count = open_frames(path)
+    kept = [shrink(f) for f in islice(frames, MAX_FRAMES)]
+    return TrackingSession(kept, fps, Path(path).name, lambda tap: Tracker(engine, tap=tap), lock, total=count)
+
+
 def cmd_explore(args) -> int:
     from ..explore import ExploreError, ExplorerServer
 
@@ -80,6 +93,11 @@ def cmd_explore(args) -> int:
                 server.session.add_file(path)
             except ExploreError as exc:
                 raise UserError(f"--images: {exc}") from None
+        if args.video:
+            try:
+                server.tracking = _sequence(args.video, server.session.engine, server.session.lock)
+            except ExploreError as exc:
+                raise UserError(f"--video: {exc}") from None
         if server.allowed_hosts() is None:
             print(f"warning: listening on {args.host}, not loopback: anyone who can reach it can use the explorer "
                   "(there is no password)")
@@ -103,7 +121,7 @@ def register(sub) -> None:
                        "--host says otherwise (docs/explore.md).\n\nexamples:\n"
                        "  cleandift-rt explore --engine sd21.onnx --images cat.jpg dog.jpg photos/\n"
                        "  cleandift-rt explore --engine sd21.onnx --heads student_full.safetensors "
-                       "--aggregator runs/hyper/aggregator.safetensors\n"
+                       "--aggregator runs/hyper/aggregator.safetensors --video clip.mp4\n"
                        "  cleandift-rt explore --engine student_unet.safetensors --base sd21/ --size 512 "
                        "--dino dinov2-base/ --recipe tlfr")
     add_engine_args(p, tap_why="the tap the page starts with; it offers every tap of the engine")
@@ -112,6 +130,8 @@ def register(sub) -> None:
                    "listed on the page to pick from")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     g.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0: any free port)")
+    g.add_argument("--video", metavar="PATH", help="a video file or a folder of frames for the tracking tab (the first "
+                   "150 frames; OpenCV reads them)")
     g.add_argument("--heads", metavar="FULL_FILE", help="a '_full' student file: offers the tap projected by its "
                    "heads at a timestep you choose")
     g.add_argument("--aggregator", metavar="FILE", help="a Diffusion Hyperfeatures aggregator "

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels.fused_heads import project
-from ..kernels.matching import match, sample_points
-from ..kernels.refine import DEFAULT_TEMPERATURE, DEFAULT_WINDOW
+from ..kernels.matching import sample_points
+from ..kernels.points import match_points
 
 
 @dataclass(frozen=True)
@@ -108,11 +108,10 @@ class TapRecipe:
         out = []
         for target in targets:
             dst, grid = self.feature_map(target), self.gridmap(target)
-            # the native kernel: bilinear source vector, cosine argmax, window soft-argmax
-            found, sim = match(src[None], dst[None], points=cell[None], coords="feature", refine=True,
-                               window=DEFAULT_WINDOW, temperature=DEFAULT_TEMPERATURE)
-            x, y = grid.to_image(found[0].numpy())[0]
-            out.append(Match((float(x), float(y)), float(sim[0, 0]), cosine_map(query, dst), grid))
+            # the native kernel: bilinear source vector, cosine argmax, window soft-argmax (feature pixels)
+            found, sim = match_points(src, cell, dst)
+            x, y = grid.to_image(found.numpy())[0]
+            out.append(Match((float(x), float(y)), float(sim[0]), cosine_map(query, dst), grid))
         return out
 
 
