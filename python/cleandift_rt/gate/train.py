@@ -266,7 +266,8 @@ class GateTrainer(ResumableRun):
     # -- checkpoints (what runs.loop adds: format, step, config, the AdamW moments) ----------------
 
     def checkpoint_state(self) -> tuple[dict, dict]:
-        tensors = {**{f"model.{k}": v for k, v in self.model.state_dict().items()}, **rng_tensors(self.extractor.device)}
+        tensors = {**{f"model.{k}": v for k, v in self.model.state_dict().items()},
+                   **rng_tensors(self.extractor.device)}
         metadata = {"bucket": json.dumps(self.bucket.to_dict()), "pool": json.dumps([p.pair_id for p in self.pool])}
         return tensors, metadata
 

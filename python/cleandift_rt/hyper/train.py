@@ -320,7 +320,8 @@ class HyperTrainer(ResumableRun):
         if val_pck is None:
             return None
         self.last["val_pck"] = val_pck
-        return {"val_pck": val_pck}, f"step {self.step}: val PCK@0.1 bbox {100 * val_pck:.2f}% ({len(self.val_items)} pairs)"
+        line = f"step {self.step}: val PCK@0.1 bbox {100 * val_pck:.2f}% ({len(self.val_items)} pairs)"
+        return {"val_pck": val_pck}, line
 
     # -- checkpoints (what runs.loop adds: format, step, config, the AdamW moments) ----------------
 

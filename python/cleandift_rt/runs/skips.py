@@ -79,7 +79,8 @@ class SkipLog:
         def example(reason):
             return ", ".join(self.examples.get(reason, [])[:shown])
 
-        out = [f"skipped {n} {self.unit}(s): {reason} (e.g. {example(reason)})" for reason, n in self.counts.most_common()]
+        out = [f"skipped {n} {self.unit}(s): {reason} (e.g. {example(reason)})"
+               for reason, n in self.counts.most_common()]
         out += [f"skipped {n} {part}: {reason} (e.g. {example(reason)})" for reason, n in self.dropped.most_common()]
         return out
 
