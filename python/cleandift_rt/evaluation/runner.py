@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..checkpoint import file_identity, short_hash  # file_identity: the commands import it from here too
+from ..checkpoint import short_hash
 from ..features.preprocess import load_image
 from ..features.source import DescriptorSource, tap_map
 from ..features.store import FeatureStore, image_key

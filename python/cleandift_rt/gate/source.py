@@ -17,14 +17,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import check_state_dict, read_safetensors, read_safetensors_metadata
+from ..checkpoint import check_state_dict, file_identity, read_safetensors, read_safetensors_metadata, short_hash
 from ..features.source import DescriptorSource
 from ..features.store import round_trip
 from ..models import BaseModel, load_base, load_student
 from .amalgam import Amalgamator
 from .extract import GateExtractor, attention_feature, conv_feature
 from .recipe import Bucket, GateRecipe
-from .store import CACHE_DTYPE, file_identity, short_hash
+from .store import CACHE_DTYPE
 from .train import GATE_FILE, GATE_FORMAT
 
 
