@@ -23,7 +23,8 @@ ROOT = "cleandift_rt"
 # ``cli`` package, the application layer at the top; nothing in the library imports it.
 LAYERS = {
     "_native": -1,  # the compiled extension (csrc/)
-    "taps": 0, "timesteps": 0, "conditioning": 0, "build_info": 0, "checkpoint": 0, "assets": 0, "viz": 0,
+    "taps": 0, "timesteps": 0, "checks": 0, "conditioning": 0, "build_info": 0, "checkpoint": 0, "assets": 0,
+    "viz": 0,
     "models": 1,
     "runs": 1,  # the resumable run loop, training checkpoints, the skip log: below every trainer and loader
     "features": 2,
@@ -206,7 +207,7 @@ def test_every_module_is_found_statically():
 
 def test_package_top_holds_only_shared_modules():
     top = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"}
-    assert top == {"taps", "timesteps", "conditioning", "build_info", "checkpoint"}
+    assert top == {"taps", "timesteps", "checks", "conditioning", "build_info", "checkpoint"}
 
 
 def test_every_subpackage_says_what_it_owns():
