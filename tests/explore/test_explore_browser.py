@@ -26,6 +26,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 import cleandift_rt as cd
 from cleandift_rt.assets import photo_path
@@ -52,11 +53,23 @@ def chromium() -> tuple[str, str]:
 
 
 @pytest.fixture()
-def explorer(tiny_onnx):
+def frames(tmp_path, photos):
+    """A folder of 6 frames of the cat panning (the tracking tab's sequence)."""
+    from cleandift_rt.tracking.synthetic import synthetic_video
+
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i, frame in enumerate(synthetic_video(photos["cat"], "translation", frames=6, points=1, size=128).video):
+        Image.fromarray(frame).save(folder / f"{i:02d}.png")
+    return folder
+
+
+@pytest.fixture()
+def explorer(tiny_onnx, frames):
     """`cleandift-rt explore` on a free loopback port: (url, process, output lines)."""
     proc = subprocess.Popen([sys.executable, "-m", "cleandift_rt.cli", "explore", "--engine", str(tiny_onnx["full"]),
-                             "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                             "--video", str(frames), "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     lines: queue.Queue = queue.Queue()
     output: list[str] = []
 
@@ -100,8 +113,6 @@ def open_browser(browser: str, driver_path: str, profile: Path):
 
 def save_screenshot(driver) -> None:
     """The page as a person sees it, palette-reduced to stay small in the repository."""
-    from PIL import Image
-
     with Image.open(io.BytesIO(driver.get_screenshot_as_png())) as shot:
         small = shot.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT)
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
@@ -140,8 +151,9 @@ def test_click_heat_map_match_and_broken_upload_in_chromium(chromium, explorer, 
         x, y = float(source.get_attribute("data-x")), float(source.get_attribute("data-y"))
         assert 260 < x < 451 and 75 < y < 150  # right of and above the centre, where the click went
         shown = [float(target.get_attribute(k)) for k in ("data-x", "data-y", "data-similarity")]
-        latency = float(re.search(r"answered in ([\d.]+) ms", driver.find_element(By.ID, "status").text).group(1))
-        assert latency < 1000
+        status = driver.find_element(By.ID, "status")
+        assert float(re.search(r"answered in ([\d.]+) ms", status.text).group(1)) < 1000  # on the server
+        assert float(status.get_attribute("data-roundtrip")) < 1000  # click to heat map on the page
         save_screenshot(driver)
 
         # the same match through the public API, on the same features from a second Engine on the same file
@@ -161,6 +173,18 @@ def test_click_heat_map_match_and_broken_upload_in_chromium(chromium, explorer, 
         assert message.text.startswith("broken.jpg is not an image the explorer can read")
         assert "Traceback" not in driver.page_source
         assert len(driver.find_elements(By.CSS_SELECTOR, ".card")) == 2
+
+        # the tracking tab: two points on the first frame, tracked through the 6 frames and played back
+        frame = driver.find_element(By.ID, "trackimg")
+        driver.execute_script("arguments[0].scrollIntoView()", frame)
+        for dx, dy in ((-40, -30), (30, 20)):
+            ActionChains(driver).move_to_element_with_offset(frame, dx, dy).click().perform()
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#trackframe .marker.query")) == 2
+        driver.find_element(By.ID, "track").click()
+        wait.until(lambda d: "6 frames" in d.find_element(By.ID, "trackstatus").text)
+        driver.find_element(By.ID, "play").click()
+        wait.until(lambda d: d.find_element(By.ID, "trackimg").get_attribute("src").endswith("/frame/5"))
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#trackframe .marker.match, #trackframe .marker.hidden")) == 2
     finally:
         driver.quit()
 
