@@ -137,8 +137,8 @@ def hyper_source(args):
         return HyperFeatures.from_engine(engine, short_hash(engine_identity(args, engine), file_identity(args.aggregator)))
     if not getattr(args, "base", None):
         raise UserError(f"{args.aggregator} aggregates the base model's {aggregator.source} features: pass --base DIR")
-    return HyperFeatures.from_inversion(aggregator, load_base(args.base, device=best_device(getattr(args, "device", None))),
-                                        short_hash(file_identity(args.base), file_identity(args.aggregator)))
+    base = load_base(args.base, device=best_device(getattr(args, "device", None)))
+    return HyperFeatures.from_inversion(aggregator, base, short_hash(file_identity(args.base), file_identity(args.aggregator)))
 
 
 def register(sub) -> None:
