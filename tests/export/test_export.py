@@ -12,6 +12,7 @@ import pytest
 from cleandift_rt.formats.artifact import (
     EMBEDS_INPUT,
     IMAGE_INPUT,
+    ArtifactInfo,
     describe,
     parse_batch,
     read_onnx_info,
@@ -22,7 +23,7 @@ from cleandift_rt.runtime.engine import Engine
 from cleandift_rt.features.extractor import ReferenceExtractor
 from cleandift_rt.export.onnx_export import check_onnx, export_onnx
 from cleandift_rt.taps import TAPS
-from export_fixtures import SIZE, SUBSET
+from export_fixtures import SIZE, SUBSET, MixedTaps
 from export_fixtures import cosine as _cosine
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -145,6 +146,80 @@ def test_prompt_embeds_input_overrides_the_baked_prompt(tiny_onnx, tiny_base, re
     assert _cosine(ours["us6"], ref["us6"].numpy()).min() >= 0.99999
     default = engine.extract(batch, taps="us6")
     assert np.abs(default["us6"] - ours["us6"]).max() > 1e-4  # the embedding really is used
+
+
+def _as_a_file_from_before_the_derived_list(path: Path, out: Path) -> Path:
+    """``path`` with its derived output 'mixed' rewritten the way files recorded their one derived output
+    before the ``derived`` list: a graph output 'hyper' described only by ``extra["hyper"]``."""
+    model = onnx.load(str(path))
+    for node in model.graph.node:
+        node.output[:] = ["hyper" if name == "mixed" else name for name in node.output]
+    for output in model.graph.output:
+        output.name = "hyper" if output.name == "mixed" else output.name
+    props = {p.key: p.value for p in model.metadata_props if p.key != "cleandift_rt.derived"}
+    props["cleandift_rt.extra"] = json.dumps({"hyper": {"channels": 8, "stride": 16, "source": "cleandift",
+                                                        "layers": ["us3", "us6"], "timesteps": [0.0],
+                                                        "aggregator": "aggregator.safetensors"}})
+    del model.metadata_props[:]
+    for key, value in props.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(model, str(out))
+    return out
+
+
+def test_a_derived_output_is_traced_into_the_graph_and_recorded(tiny_base_dir, tiny_student_files, batch, tmp_path):
+    """Any ``formats.derived`` output, not only the hyperfeatures aggregator: in the graph after the taps,
+    listed in the metadata, the same values as the PyTorch Engine computes; and files written before the
+    ``derived`` list (their one derived output, 'hyper', in ``extra["hyper"]``) still load."""
+    mixed, out = MixedTaps(), tmp_path / "mixed.onnx"
+    export_onnx(tiny_student_files["unet"], tiny_base_dir, out, dynamic_size=(64, 192), taps=["us6"], derived=[mixed],
+                log=lambda *_: None)
+    info = read_onnx_info(out)
+    assert info.derived == [{"name": "mixed", "channels": 8, "stride": 16, "reads": ["us3", "us6"]}]
+    assert info.extra["mixed"] == mixed.describe() and info.output_names == ("us6", "mixed")
+    assert info.output_shape("mixed", 192, 64) == (8, 12, 4)
+    graph_output = next(o for o in onnx.load(str(out), load_external_data=False).graph.output if o.name == "mixed")
+    dims = graph_output.type.tensor_type.shape.dim
+    assert [d.dim_param or d.dim_value for d in dims] == ["batch", 8, "mixed_h", "mixed_w"]
+    ours = Engine(out, size=(SIZE, SIZE)).extract(batch)
+    assert list(ours) == ["us6", "mixed"] and ours["mixed"].shape == (len(batch), 8, SIZE // 16, SIZE // 16)
+    pytorch = Engine(tiny_student_files["unet"], base=tiny_base_dir, size=SIZE, taps=["us6"], derived=[mixed])
+    want = pytorch.extract(batch)
+    for name in ("us6", "mixed"):
+        assert _cosine(ours[name], want[name]).min() >= 0.99999
+    with pytest.raises(ValueError, match="already computes 'mixed'.*without derived="):
+        Engine(out, derived=[mixed])
+    old = Engine(_as_a_file_from_before_the_derived_list(out, tmp_path / "old.onnx"), size=(SIZE, SIZE))
+    assert old.taps == ("us6", "hyper") and old.info["derived"][0]["reads"] == ["us3", "us6"]
+    np.testing.assert_allclose(old.extract(batch, taps=["hyper"])["hyper"], ours["mixed"], rtol=1e-5, atol=1e-6)
+
+
+GOOD_RECORD = {"name": "mixed", "channels": 8, "stride": 16, "reads": ["us3", "us6"]}
+
+
+@pytest.mark.parametrize("entry, match", [
+    ({"name": "us6"}, "taken by a tap"),
+    ({"name": "images"}, "taken by a graph input"),
+    ({"name": "Mixed!"}, "lower-case letters"),
+    ({"stride": 7}, r"stride = 7 must divide 64"),
+    ({"channels": 0}, r"channels = 0 must be an integer"),
+    ({"reads": ["us11"]}, "must list taps"),
+])
+def test_derived_records_are_checked_before_a_runtime_sizes_buffers(tiny_onnx, entry, match):
+    d = read_onnx_info(tiny_onnx["full"]).to_dict()
+    assert ArtifactInfo.from_dict({**d, "derived": [GOOD_RECORD]}, "m.onnx").output_names[-1] == "mixed"
+    with pytest.raises(ValueError, match=match):
+        ArtifactInfo.from_dict({**d, "derived": [{**GOOD_RECORD, **entry}]}, "m.onnx")
+
+
+def test_derived_names_are_unique_and_agree_with_the_old_hyper_record(tiny_onnx):
+    d, good = read_onnx_info(tiny_onnx["full"]).to_dict(), GOOD_RECORD
+    with pytest.raises(ValueError, match="repeat"):
+        ArtifactInfo.from_dict({**d, "derived": [good, good]}, "m.onnx")
+    with pytest.raises(ValueError, match="disagree"):  # the old record of 'hyper' beside the list
+        ArtifactInfo.from_dict({**d, "derived": [{**good, "name": "hyper"}],
+                                "extra": {"hyper": {"channels": 16, "stride": 16}}}, "m.onnx")
 
 
 def test_export_rejects_bad_arguments(tiny_base_dir, tiny_student_files, tmp_path):

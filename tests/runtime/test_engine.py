@@ -14,7 +14,7 @@ from cleandift_rt.formats.artifact import describe
 from cleandift_rt.runtime.engine import StreamResult
 from cleandift_rt.features.extractor import ReferenceExtractor
 from cleandift_rt.taps import TAPS
-from export_fixtures import SIZE
+from export_fixtures import SIZE, MixedTaps
 from export_fixtures import cosine as _cosine
 
 
@@ -59,6 +59,67 @@ def test_pytorch_backend_from_a_diffusers_folder(tiny_base_dir, tiny_base, batch
     ref = ReferenceExtractor(Student(unet=tiny_base.unet), tiny_base).extract(batch, taps=["mid", "us10"])
     for tap in ("mid", "us10"):
         np.testing.assert_allclose(engine.extract(batch)[tap], ref[tap].numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_each_image_and_prompt_embedding_is_checked_once(tiny_student_files, tiny_base_dir, tiny_base, reference,
+                                                          onnx_engine, batch, monkeypatch):
+    """Engine.extract prepares the pixels and checks the embeddings; the backend (the PyTorch one
+    included, which used to prepare and check them again) runs on what it was given."""
+    from cleandift_rt.features import extractor
+    from cleandift_rt.runtime import engine as engine_module
+    from cleandift_rt.runtime.backends.common import Backend
+
+    engine = Engine(tiny_student_files["unet"], base=tiny_base_dir, taps="us6", size=SIZE)
+    assert isinstance(engine.backend, Backend) and isinstance(onnx_engine.backend, Backend)
+    embeds = tiny_base.encode_prompt("a photo of a cat")[0]
+    want = reference.extract(batch, taps="us6", prompt_embeds=embeds)["us6"].numpy()
+
+    def again(*args, **kwargs):
+        raise AssertionError("checked a second time inside the backend")
+
+    calls = []
+    prepare = engine_module.prepare_images
+    monkeypatch.setattr(engine_module, "prepare_images", lambda *a, **k: calls.append(1) or prepare(*a, **k))
+    monkeypatch.setattr(extractor, "prepare_images", again)
+    monkeypatch.setattr(extractor, "check_prompt_embeds", again)
+    np.testing.assert_allclose(engine.extract(batch, prompt_embeds=embeds)["us6"], want, rtol=1e-5, atol=1e-6)
+    assert calls == [1]
+
+
+def test_derived_outputs_run_on_the_backends_taps(tiny_onnx, onnx_engine, batch):
+    """``Engine(derived=[...])``: any output computed from taps, beside the default taps, from the
+    taps it reads whether or not they are asked for."""
+    from cleandift_rt.formats.derived import open_option
+
+    mixed = MixedTaps()
+    engine = Engine(tiny_onnx["full"], taps=["mid"], derived=[mixed])
+    assert engine.taps == ("mid", "mixed")
+    out = engine.extract(batch)
+    assert list(out) == ["mid", "mixed"]
+    taps = onnx_engine.extract(batch, taps=["us3", "us6"])
+    with torch.no_grad():
+        want = mixed({t: torch.from_numpy(v) for t, v in taps.items()}).numpy()
+    np.testing.assert_allclose(out["mixed"], want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(engine.extract(batch[:1], taps=["mixed"])["mixed"], want[:1], rtol=1e-5, atol=1e-6)
+    assert engine.info["derived"] == [{"name": "mixed", "channels": 8, "stride": 16, "reads": ["us3", "us6"],
+                                       "computed": "pytorch", "given": "derived"}]
+
+    class OnUs6(MixedTaps):
+        name = "us6"
+
+    class Deeper(MixedTaps):
+        reads = ("us6", "us9")
+
+    with pytest.raises(ValueError, match="given more than once"):
+        Engine(tiny_onnx["full"], derived=[mixed, MixedTaps(seed=1)])
+    with pytest.raises(TypeError, match="not a derived output"):
+        Engine(tiny_onnx["full"], derived=[torch.nn.Identity()])
+    with pytest.raises(ValueError, match="taken by a tap"):
+        Engine(tiny_onnx["full"], derived=[OnUs6()])
+    with pytest.raises(ValueError, match=r"'mixed' needs taps the engine lacks.*us9"):
+        Engine(tiny_onnx["subset"], size=SIZE, derived=[Deeper()])
+    with pytest.raises(LookupError, match="opens no derived output"):
+        open_option("no_such_option", "file.safetensors")
 
 
 def test_bf16_precision_stays_close(tiny_student_files, tiny_base_dir, reference, batch):

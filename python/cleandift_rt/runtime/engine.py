@@ -27,6 +27,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -36,10 +37,10 @@ import torch
 from ..features.extractor import check_prompt_embeds
 from ..features.preprocess import check_policy, load_image, prepare_images
 from ..formats.artifact import ArtifactInfo, read_info
-from ..formats.derived import missing_hint, open_derived, record
 from ..kernels.precision import check_precision, cpu_precision
 from ..models.robot_dift import is_robot_dift_package
 from .backends.common import Backend
+from .derived import DerivedOutputs
 from .latest import check_policy as check_stream_policy, frames as policy_frames
 
 
@@ -178,8 +179,7 @@ class Engine:
             raise ValueError(f"allow_pickle=, latent= and seed= apply to Robot-DIFT package folders; {self.path.name} "
                              "is not one (no metadata.json)")
         # small files, read before the big models load; computed here, in PyTorch, on the backend's taps
-        self._given = {g.output.name: g for g in open_derived(derived, aggregator=aggregator)}
-        self.derived = {name: g.output for name, g in self._given.items()}
+        self._derived = DerivedOutputs(derived, aggregator=aggregator)
         if suffix in (".onnx", ".plan"):  # check the options against the metadata before loading anything big
             self._configure(read_info(self.path), size, resize, taps)
         self.requested_precision = precision
@@ -218,32 +218,8 @@ class Engine:
     def _configure(self, meta: ArtifactInfo, size, resize, taps) -> None:
         self.size = meta.check_size(size)
         self.resize = check_policy(resize or meta.resize)
-        self._in_graph = tuple(d["name"] for d in meta.derived_outputs)
-        for name, given in self._given.items():
-            if name in self._in_graph:
-                raise ValueError(f"{self.path.name} already computes {name!r} in its graph (exported with it): open "
-                                 f"it without {given.keyword}=")
-            try:
-                meta.check_taps(given.output.reads)
-            except ValueError as exc:
-                raise ValueError(f"the {given.keyword}= output {name!r} needs taps the engine lacks: {exc}") from None
-        self._taps = self._check_taps(meta, taps)
-        # outputs given to this Engine: returned beside the default taps, whatever ``taps`` says
-        self._taps += tuple(name for name in self.derived if name not in self._taps)
-
-    def _check_taps(self, meta: ArtifactInfo, taps) -> tuple[str, ...]:
-        """The requested taps in table order, then the derived outputs asked for (default: all the file's
-        taps and derived outputs, and those given to this Engine)."""
-        derived = (*self._in_graph, *self.derived)
-        if taps is None:
-            return meta.check_taps(None) + derived
-        requested = [taps] if isinstance(taps, str) else list(taps)
-        for name in requested:
-            hint = missing_hint(name) if name not in derived else None
-            if hint is not None:
-                raise ValueError(f"tap {name!r} is {hint}")
-        rest = [t for t in requested if t not in derived]
-        return (meta.check_taps(rest) if rest or not requested else ()) + tuple(d for d in derived if d in requested)
+        self._derived.configure(meta, self.path)
+        self._taps = self._derived.default(meta, taps)
 
     # -- description ---------------------------------------------------------------------------
 
@@ -251,6 +227,11 @@ class Engine:
     def taps(self) -> tuple[str, ...]:
         """Taps ``extract`` returns by default."""
         return self._taps
+
+    @property
+    def derived(self) -> dict:
+        """The derived outputs this Engine computes in PyTorch (``derived=``, ``aggregator=``), by name."""
+        return self._derived.computed
 
     @property
     def info(self) -> dict:
@@ -262,11 +243,7 @@ class Engine:
             d["precision_requested"] = self.requested_precision  # not honoured here (see the warning)
         d.update(path=str(self.path), size=list(self.size), resize=self.resize, max_batch=self.max_batch,
                  default_taps=list(self._taps))
-        d["derived"] = [{**entry, "computed": "in the graph"} for entry in self.backend.info.derived_outputs]
-        d["derived"] += [{**record(g.output), "computed": "pytorch", "given": g.keyword} for g in self._given.values()]
-        for g in self._given.values():
-            if g.keyword != "derived":  # the option's file, e.g. d["aggregator"]
-                d[g.keyword] = {**g.output.describe(), "path": str(g.value)}
+        d.update(self._derived.describe(self.backend.info))
         return d
 
     def __repr__(self) -> str:
@@ -284,7 +261,7 @@ class Engine:
         ``[B, L, D]`` text embeddings replacing the baked prompt. ``prompt``: Robot-DIFT packages: the
         instruction, one text for the batch or one per image (encoded once per distinct text).
         """
-        wanted = self._check_taps(self.backend.info, taps) if taps is not None else self._taps
+        wanted = self._derived.select(self.backend.info, taps) if taps is not None else self._taps
         pixels = prepare_images(images, self.size, self.resize).pixels
         if prompt is not None:
             prompt_embeds = self._encode_prompt(prompt, pixels.shape[0], prompt_embeds)
@@ -319,28 +296,11 @@ class Engine:
         parts = []
         for start in range(0, n, step):
             stop = min(n, start + step)
-            parts.append(self._run_derived(pixels[start:stop], None if embeds is None else embeds[start:stop], taps))
+            run = partial(self._run_padded, pixels[start:stop], None if embeds is None else embeds[start:stop])
+            parts.append(self._derived.run(run, self.backend.info.output_names, taps))
         if len(parts) == 1:
             return parts[0]
         return {t: torch.cat([p[t] for p in parts]) for t in taps}
-
-    def _run_derived(self, pixels, embeds, taps) -> dict[str, torch.Tensor]:
-        """A chunk's outputs: the backend's, then the derived outputs given to this Engine, computed on the
-        taps they read."""
-        here = [name for name in taps if name in self.derived]
-        if not here:
-            return self._run_padded(pixels, embeds, taps)
-        reads = {t for name in here for t in self.derived[name].reads}
-        needed = [t for t in self.backend.info.output_names if (t in taps and t not in here) or t in reads]
-        out = self._run_padded(pixels, embeds, needed)
-        device = out[needed[0]].device
-        with torch.no_grad():
-            for name in here:
-                output = self.derived[name]
-                if isinstance(output, torch.nn.Module):
-                    output.to(device)
-                out[name] = output({t: out[t] for t in output.reads}).float()
-        return {t: out[t] for t in taps}
 
     def _run_padded(self, pixels, embeds, taps) -> dict[str, torch.Tensor]:
         """Run a chunk, repeating its last image up to the profile's minimum batch when needed."""
@@ -370,7 +330,7 @@ class Engine:
         """
         if batch_size < 1 or prefetch < 1:
             raise ValueError(f"batch_size and prefetch must be >= 1, got {batch_size} and {prefetch}")
-        wanted = self._check_taps(self.backend.info, taps) if taps is not None else self._taps
+        wanted = self._derived.select(self.backend.info, taps) if taps is not None else self._taps
         if check_stream_policy(policy) == "latest":
             if batch_size != 1:
                 raise ValueError("policy='latest' runs one item at a time (the newest): use batch_size=1")
