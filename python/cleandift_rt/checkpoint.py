@@ -1,5 +1,7 @@
-"""Safe file I/O: safetensors only (pickles refused), strict key checks with readable errors, atomic
-writes, and file identities (``short_hash``, ``file_identity``) that name caches and journals.
+"""Safe file I/O: safetensors only (pickles refused), weights checked finite as they are read, strict
+key checks with readable errors, atomic writes (files) and staging folders (cleaned after a kill),
+file identities (``short_hash``, ``file_identity``) that name caches and journals, and content
+digests (``content_digest``) that say whether a file still holds what a run recorded.
 
 Training checkpoints (rotating files, optimiser and RNG state) are ``runs.checkpoints``'.
 """
@@ -10,7 +12,11 @@ import hashlib
 import json
 import os
 import re
+import shutil
+import socket
+import stat
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Mapping
 
@@ -57,9 +63,24 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     try:
-        return load_file(str(path), device="cpu")
+        tensors = load_file(str(path), device="cpu")
     except Exception as exc:  # safetensors raises its own error types for corrupt payloads
         raise ValueError(f"{path} is a corrupt or truncated safetensors file: {exc}") from None
+    return check_finite_weights(tensors, str(path))
+
+
+def check_finite_weights(tensors: Mapping[str, torch.Tensor], source: str) -> Mapping[str, torch.Tensor]:
+    """``tensors`` when every floating-point one is finite; else a ValueError naming the first that is not.
+
+    One pass per tensor (``torch.isfinite(...).all()``): every model and checkpoint read goes through
+    it, so a NaN in the weights is named at load time instead of turning every feature into NaN."""
+    for name, tensor in tensors.items():
+        if (tensor.is_floating_point() or tensor.is_complex()) and not tensor.is_meta \
+                and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ValueError(f"{source}: tensor {name!r} holds {bad} NaN or Inf value(s) of {tensor.numel()}: the "
+                             "weights are corrupt (or a run diverged before they were saved); use another file")
+    return tensors
 
 
 def _header(path: Path, read):
@@ -99,6 +120,65 @@ def file_identity(path: str | Path) -> str:
     return short_hash(p, st.st_size, st.st_mtime_ns)
 
 
+DIGEST_CHUNK = 64 << 10  # content_digest reads this much from each end of a file
+
+
+def regular_file(path: str | Path, what: str = "file") -> Path:
+    """``path`` when it is a regular file (opening a FIFO would block); a clear error otherwise: a
+    folder, a dangling symbolic link, a FIFO / socket / device, or nothing there."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise FileNotFoundError(f"{what} {path} is a symbolic link to {os.readlink(path)}, which does not exist") \
+                from None
+        raise FileNotFoundError(f"{what} {path} does not exist") from None
+    except OSError as exc:  # a name too long, a loop of links, no permission
+        raise ValueError(f"{what} {path} cannot be looked up: {exc.strerror}") from None
+    if stat.S_ISDIR(mode):
+        raise ValueError(f"{what} {path} is a folder, not a file")
+    if not stat.S_ISREG(mode):
+        kind = "FIFO" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(mode) else "device"
+        raise ValueError(f"{what} {path} is a {kind}, not a regular file")
+    return path
+
+
+def content_digest(path: str | Path, mtime: bool = False) -> str:
+    """A cheap identity of what a file (a folder: every file in it, by relative name) holds: its size
+    and a BLAKE2b digest of its first and last 64 KiB (the whole file when it is at most 128 KiB),
+    plus its modification time when ``mtime`` (the extractor's inputs: an edit in the middle of a
+    file changes it). Reads at most 128 KiB per file."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(q for q in path.rglob("*") if q.is_file())
+        return short_hash(*(f"{q.relative_to(path).as_posix()}={content_digest(q, mtime)}" for q in files))
+    regular_file(path)
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        digest.update(f"{st.st_size}:{st.st_mtime_ns if mtime else ''}:".encode())
+        if st.st_size <= 2 * DIGEST_CHUNK:
+            digest.update(f.read())
+        else:
+            digest.update(f.read(DIGEST_CHUNK))
+            f.seek(-DIGEST_CHUNK, os.SEEK_END)
+            digest.update(f.read(DIGEST_CHUNK))
+    return digest.hexdigest()
+
+
+def tensor_fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:
+    """A cheap identity of a model's weights: names, shapes, dtypes and the first and last 64 values of
+    every tensor (two models of one architecture differ in all of them; nothing is read in full)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(tensors.items()):
+        flat = tensor.detach().reshape(-1)
+        ends = torch.cat([flat[:64], flat[-64:]]).cpu().contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}:".encode())
+        digest.update(ends.view(torch.uint8).numpy().tobytes() if ends.numel() else b"")
+    return digest.hexdigest()
+
+
 def _read_umask() -> int:
     mask = os.umask(0)  # the only portable way to read it; done once, at import, before any threads
     os.umask(mask)
@@ -106,6 +186,12 @@ def _read_umask() -> int:
 
 
 _UMASK = _read_umask()
+
+
+def usual_mode(path: str | Path) -> None:
+    """Give a file the mode a plain ``open(..., "w")`` would (0644 under the usual umask): temporary
+    and staged files start 0600."""
+    os.chmod(path, 0o666 & ~_UMASK)
 
 
 def atomic_write_bytes(path: str | Path, write) -> None:
@@ -116,7 +202,7 @@ def atomic_write_bytes(path: str | Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files (writers may replace it): the usual mode
+        usual_mode(tmp)  # mkstemp makes 0600 files (writers may replace it): the usual mode
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -142,6 +228,64 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
+
+
+# staging_folder's folders: ".<prefix>-<host>-<pid>-<random>"
+_STAGING = re.compile(r"^\.(?P<prefix>[a-z]+)-(?P<host>[^-/]+)-(?P<pid>\d+)-[A-Za-z0-9_]+$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+
+
+def remove_stale_staging(parent: str | Path, prefixes) -> list[Path]:
+    """Delete the staging folders of ``prefixes`` in ``parent`` that a killed process of this machine
+    left (its process is gone); those of live processes and of other machines are left alone."""
+    parent, stale = Path(parent), []
+    if not parent.is_dir():
+        return stale
+    for entry in parent.iterdir():
+        m = _STAGING.match(entry.name)
+        if m and m["prefix"] in prefixes and m["host"] == _host() and entry.is_dir() and not _alive(int(m["pid"])):
+            shutil.rmtree(entry, ignore_errors=True)
+            stale.append(entry)
+    return stale
+
+
+@contextmanager
+def staging_folder(parent: str | Path, prefix: str):
+    """A temporary folder in ``parent`` (same file system: its files can be renamed into place),
+    removed on exit; what killed runs of ``prefix`` left in ``parent`` is removed on entry."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(parent, (prefix,))
+    folder = Path(tempfile.mkdtemp(dir=parent, prefix=f".{prefix}-{_host()}-{os.getpid()}-"))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def check_output_file(path: str | Path | None, what: str) -> Path | None:
+    """``path`` can be written as a file: it is not a folder and no parent of it is a file (checked
+    before the work whose result it receives)."""
+    if path is None:
+        return None
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a folder: give a file name (e.g. {path / 'summary.json'})")
+    check_output_folder(path.parent, what)
+    return path
 
 
 def check_output_folder(path: str | Path, what: str = "--out") -> Path:

@@ -94,21 +94,19 @@ def _old_scheme(engine, folder, out, fmt):
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "npz"])
-def test_old_scheme_folders_resume_without_taking_a_collided_file(engine, folder, tmp_path, fmt):
+def test_old_scheme_files_are_not_adopted_and_never_touched(engine, folder, tmp_path, fmt):
+    """Files of the scheme before issue 18 record neither the run nor the image they were made from,
+    so their engine cannot be proven (issue 29): every image is extracted again under its own name,
+    and the old files are left as they were."""
     out = tmp_path / "old"
     _old_scheme(engine, folder, out, fmt)
-    collided = (out / f"a.{fmt}").read_bytes()
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     summary = extract(engine, folder, out, fmt=fmt)
     manifest = Manifest.open(out, engine_config(engine, fmt), log=quiet)
     manifest.close()
-    if fmt == "safetensors":  # the old a.safetensors names a.png: it goes to a.png, a.jpg is extracted again
-        assert (summary.found, summary.done) == (6, 1)
-        assert manifest.done["a.png"] == "a.safetensors" and manifest.done["a.jpg"] == "a.jpg.safetensors"
-    else:  # an old a.npz cannot say whose it is: neither image takes it
-        assert (summary.found, summary.done) == (5, 2)
-        assert manifest.done["a.png"] == "a.png.npz" and manifest.done["a.jpg"] == "a.jpg.npz"
-    assert manifest.done["sub/d.png"] == f"sub/d.{fmt}"  # an unambiguous old file is kept where it is
-    assert (out / f"a.{fmt}").read_bytes() == collided  # old files are never rewritten or deleted
+    assert (summary.found, summary.done) == (0, 7)
+    assert manifest.done["a.png"] == f"a.png.{fmt}" and manifest.done["sub/d.png"] == f"sub/d.png.{fmt}"
+    assert all(p.read_bytes() == data for p, data in before.items())  # old files are never rewritten or deleted
     assert len(manifest.done) == 7
 
 

@@ -69,7 +69,7 @@ def manifest_keys(out: Path, fmt: str) -> list[str]:
     lines = (out / f"manifest-{fmt}.jsonl").read_text().splitlines()[1:]
     keys = []
     for record in map(json.loads, lines):
-        keys += [k for k, _ in record.get("files", [])] + record.get("images", [])
+        keys += [entry[0] for entry in record.get("files", [])] + record.get("images", [])
     return keys
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..checkpoint import check_output_file
 from ..extraction.inputs import FORMATS, collect_images
 from ..extraction.pipeline import extract_local
 from ..taps import TAPS
@@ -18,8 +19,9 @@ Write the features of many images: one file per image (--format safetensors or n
 image: a.jpg -> a.jpg.safetensors) or shards of many images (--format shards: safetensors files
 that `cleandift_rt.read_shards(DIR)` or plain safetensors reads back; docs/scale.md). Decoding,
 inference in batches (--batch-size) and writing overlap. A manifest in DIR records what is done:
-rerun the same command after an interruption and it resumes; unreadable images are listed and
-skipped. --ray runs the same pipeline on Ray Data (a local Ray, or a cluster: --ray auto).
+rerun the same command after an interruption and it resumes, after checking what it would skip
+(an image edited since, an output deleted or cut short is extracted again, and said so);
+unreadable images are listed and skipped. --ray runs the same pipeline on Ray Data (a local Ray, or a cluster: --ray auto).
 
 examples:
   cleandift-rt extract photos/ --engine sd21.onnx --out feats/ --taps us6
@@ -45,6 +47,7 @@ def _run_on_ray(args, items):
 
 
 def cmd_extract(args) -> int:
+    check_output_file(args.summary, "--summary")  # before the work, not after it
     items = collect_images(args.inputs)
     if args.ray is not None:
         summary = _run_on_ray(args, items)
@@ -57,7 +60,9 @@ def cmd_extract(args) -> int:
                                 shard_images=args.shard_images, workers=args.workers, progress=not args.no_progress)
     rate = f" ({summary.done / summary.seconds:.2f} img/s)" if summary.done and summary.seconds else ""
     what = "image(s) into shards" if args.format == "shards" else "feature file(s)"
-    print(f"wrote {summary.done} {what} to {args.out}{rate}")
+    print(f"wrote {summary.done} {what} to {args.out}{rate}"
+          + (f", {len(summary.redone)} of them again (input changed or output damaged: see above)"
+             if summary.redone else ""))
     if summary.failed:
         print(f"skipped {len(summary.failed)} unreadable image(s):")
         for path, why in summary.failed[:LISTED_FAILURES]:

@@ -131,7 +131,7 @@ def run_items(items, engine_path, *, taps=None, batch_size=None, num_gpus_per_wo
         raise ValueError(f"batch_size and shard_images must be >= 1, got {batch_size} and {shard_images}")
     info, taps, size, resize = engine_facts(engine_path, taps, options)
     config = run_config("shards", {t: info.tap_shape(t, *size) for t in taps}, size, resize, options.get("precision"),
-                        engine_path)
+                        engine_path, base=options.get("base"), prompt=info.prompt)
     shard_images = int(shard_images or default_shard_images(config))
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=False)

@@ -13,11 +13,11 @@ import json
 
 import numpy as np
 
-from ..extraction.inputs import DECODE_ERRORS, RunConfig, decode
-from ..extraction.shards import write_shard
+from ..extraction.inputs import DECODE_ERRORS, RunConfig, decode_input
+from ..extraction.shards import shard_record, write_shard
 
 FEATURE = "feature:"  # column prefix of a tap's features
-PASS_THROUGH = ("key", "path", "status", "error", "width", "height", "skipped")
+PASS_THROUGH = ("key", "path", "status", "error", "width", "height", "skipped", "digest")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -35,15 +35,16 @@ def decode_batch(batch: dict, *, size, resize: str, done=None) -> dict:
             skipped += 1
             continue
         try:
-            pixels, (width, height) = decode(path, size, resize)
-            rows.append((key, path, "ok", "", width, height, pixels))
+            pixels, (width, height), digest = decode_input(path, size, resize)
+            rows.append((key, path, "ok", "", width, height, pixels, digest))
         except DECODE_ERRORS as exc:
-            rows.append((key, path, "failed", _first_line(exc), 0, 0, None))
+            rows.append((key, path, "failed", _first_line(exc), 0, 0, None, ""))
     if not rows and skipped:
-        rows.append(("", "", "mark", "", 0, 0, None))
+        rows.append(("", "", "mark", "", 0, 0, None, ""))
     blank = np.zeros((3, *size), np.float32)
     out = {name: np.array([r[i] for r in rows], dtype=object if i < 4 else np.int64)
            for i, name in enumerate(("key", "path", "status", "error", "width", "height"))}
+    out["digest"] = np.array([r[7] for r in rows], dtype=object)
     out["skipped"] = np.array([skipped if i == 0 else 0 for i in range(len(rows))], np.int64)
     out["pixels"] = np.stack([blank if r[6] is None else r[6] for r in rows]) if rows else np.zeros((0, 3, *size),
                                                                                                  np.float32)
@@ -88,14 +89,14 @@ def write_batch(batch: dict, *, out: str, config: RunConfig) -> dict:
     """Write the ``ok`` rows as one shard; one summary row: the manifest record (JSON), images
     written, skipped as done."""
     status = np.asarray(batch["status"])
-    rows = [{"key": str(batch["key"][i]), "path": str(batch["path"][i]),
+    rows = [{"key": str(batch["key"][i]), "path": str(batch["path"][i]), "digest": str(batch["digest"][i]),
              "size": (int(batch["width"][i]), int(batch["height"][i])),
              "features": {t: batch[FEATURE + t][i] for t in config.taps}} for i in np.flatnonzero(status == "ok")]
     failed = [[str(batch["key"][i]), str(batch["path"][i]), str(batch["error"][i])]
               for i in np.flatnonzero(status == "failed")]
     record = {}
     if rows:
-        record = {"shard": write_shard(out, rows, config), "images": [r["key"] for r in rows]}
+        record = shard_record(out, write_shard(out, rows, config), rows)
     if failed:
         record["failed"] = failed
     return {"record": np.array([json.dumps(record)], dtype=object), "images": np.array([len(rows)], np.int64),

@@ -1,11 +1,11 @@
 """Extraction at scale on one machine: features of many images written to files, resumably.
 
 Owns the run's inputs (image keys and paths, ``RunConfig``, decoding into model input), the
-manifest journal that makes a killed run resume without re-reading outputs (``manifest``), the
-per-image writers with their collision-free names and old-scheme resume (``files``), the shard
-format and its reader (``shards``: ``read_shards``), the start of a run shared with the Ray
-pipeline (``resume``) and the pipelined local extractor that overlaps decoding, inference and
-writing (``pipeline.extract_local``). It may import ``runtime`` (an Engine is passed in),
+manifest journal of what a run committed and what each output was made from (``manifest``), the
+per-image writers with their collision-free names (``files``), the shard format and its reader
+(``shards``: ``read_shards``), the start of a run shared with the Ray pipeline, which verifies
+what a resumed run would skip (``resume``), and the pipelined local extractor that overlaps
+decoding, inference and writing (``pipeline.extract_local``). It may import ``runtime`` (an Engine is passed in),
 ``features``, ``formats`` and the top-level shared modules; its command is ``extract`` in
 ``cli/extract.py``.
 """

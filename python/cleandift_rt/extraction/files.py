@@ -1,27 +1,33 @@
 """Per-image outputs (``--format safetensors`` / ``npz``): one file per image, named after the
-image's full name (``sub/a.jpg`` -> ``sub/a.jpg.safetensors``), so two images never share one.
+image's full name (``sub/a.jpg`` -> ``sub/a.jpg.safetensors``), so two images never share one; and
+what every writer of the extractor shares: turning a write failure into a one-line error.
 
-Folders from before this scheme (``sub/a.safetensors``) still resume: a file of the old name is
-taken for an image only when it provably belongs to it. A safetensors file names its image in its
-metadata; an ``.npz`` does not, so an old ``a.npz`` is taken only when no other image of that
-folder has the stem ``a``. When two images collided in the old scheme (``a.jpg`` and ``a.png``
-both wrote ``a.safetensors``, the second overwriting the first), the file goes to the image it
-names and the other is extracted again; an ambiguous ``a.npz`` goes to neither. Old files are left
-where they are: the manifest records which file holds each image.
+A safetensors output records in its metadata the run's identity (``RunConfig.identity``) and the
+digest of the image it was made from, so an output a killed run wrote before its manifest record
+is taken by the next run only when both still match (``adopt``). An ``.npz`` records neither and
+is never taken without its record; neither are files of the naming scheme before issue 18
+(``sub/a.safetensors``), whose engine cannot be proven: they are left where they are, unread, and
+the images are extracted again under their own names.
+
+``verify`` is what a resumed run checks before it counts an output done: the file exists, its
+header parses, its tensors have this run's shapes and its digest is the one recorded when it was
+written (a file cut short, replaced or deleted is extracted again).
 """
 
 from __future__ import annotations
 
+import errno
 import zipfile
-from collections import Counter
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
 
-from ..checkpoint import atomic_write_bytes
-from .inputs import Item, RunConfig
+from ..checkpoint import atomic_write_bytes, content_digest
+from .inputs import Item, RunConfig, input_digest
 
 SUFFIX = {"safetensors": ".safetensors", "npz": ".npz"}
+FULL = (errno.ENOSPC, errno.EDQUOT)
+_FULL_TEXT = ("No space left on device", "Disk quota exceeded", "os error 28", "os error 122")
 
 
 def output_name(key: str, fmt: str) -> str:
@@ -29,13 +35,26 @@ def output_name(key: str, fmt: str) -> str:
     return key + SUFFIX[fmt]
 
 
-def old_output_name(key: str, fmt: str) -> str:
-    """The name the scheme before issue 18 gave it (the image suffix replaced)."""
-    return str(PurePosixPath(key).with_suffix(SUFFIX[fmt]))
+def write_failure(exc: BaseException, out, done: int) -> OSError | None:
+    """The one-line error for a writer that cannot go on (the disk or the quota is full), or None
+    when ``exc`` is something else. safetensors reports a full disk as its own error type."""
+    full = isinstance(exc, OSError) and exc.errno in FULL
+    full = full or any(text in str(exc) for text in _FULL_TEXT)
+    if not full:
+        return None
+    return OSError(errno.ENOSPC, f"the disk holding {out} is full (or its quota is used up) after {done} image(s) were "
+                                 "written: free space and rerun the same command, it resumes where it stopped")
 
 
-def write_image_features(out, item: Item, features: dict, size, config: RunConfig) -> str:
-    """Write one image's ``{tap: C x h x w}``; returns the output's name relative to ``out``."""
+def name_too_long(exc: BaseException) -> bool:
+    """An output name the file system refuses (one image's problem: it is listed as failed)."""
+    return isinstance(exc, OSError) and exc.errno == errno.ENAMETOOLONG
+
+
+def write_image_features(out, item: Item, features: dict, size, config: RunConfig,
+                         digest: str | None) -> tuple[str, str]:
+    """Write one image's ``{tap: C x h x w}`` made from the bytes ``digest`` names; returns the output's
+    name relative to ``out`` and the output's own digest (recorded in the manifest)."""
     name = output_name(item.key, config.format)
     arrays = {t: np.ascontiguousarray(features[t]) for t in config.taps}
     path = Path(out) / name
@@ -43,7 +62,8 @@ def write_image_features(out, item: Item, features: dict, size, config: RunConfi
         from safetensors.numpy import save_file
 
         meta = {"image": item.path, "key": item.key, "width": str(size[0]), "height": str(size[1]),
-                "engine": config.engine, "taps": ",".join(config.taps), "input_size": "x".join(map(str, config.input_size))}
+                "engine": config.engine, "taps": ",".join(config.taps), "input_size": "x".join(map(str, config.input_size)),
+                "run": config.identity(), "input_digest": digest or ""}
         atomic_write_bytes(path, lambda tmp: save_file(arrays, tmp, metadata=meta))
     else:
         def write(tmp):
@@ -51,7 +71,7 @@ def write_image_features(out, item: Item, features: dict, size, config: RunConfi
                 np.savez(f, **arrays)
 
         atomic_write_bytes(path, write)
-    return name
+    return name, content_digest(path)
 
 
 def _safetensors_facts(path: Path):
@@ -75,43 +95,49 @@ def _npz_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _holds_features(path: Path, item: Item, config: RunConfig, need_name: bool) -> bool:
-    """Whether the file at ``path`` holds this run's features of ``item`` (read from its header)."""
+def _facts(path: Path, config: RunConfig) -> tuple[dict, dict]:
+    """(metadata, {tap: shape}) from the header; raises on a file that is not one."""
+    if config.format == "safetensors":
+        return _safetensors_facts(path)
+    return {}, _npz_shapes(path)
+
+
+def verify(path: Path, config: RunConfig, digest: str | None) -> str | None:
+    """Why the output at ``path`` cannot be counted done (None: it can)."""
+    if not path.is_file():
+        return "its output is missing"
     try:
-        if config.format == "safetensors":
-            meta, shapes = _safetensors_facts(path)
-            named = meta.get("image")
-            if named is not None and PurePosixPath(Path(named).as_posix()).name != PurePosixPath(item.key).name:
-                return False  # written for another image (an old-scheme collision)
-            if named is None and need_name:
-                return False
-            if meta.get("input_size", "x".join(map(str, config.input_size))) != "x".join(map(str, config.input_size)):
-                return False
-        else:
-            shapes = _npz_shapes(path)
-    except Exception:  # noqa: BLE001 - half-written or foreign file: extract again
-        return False
-    return all(shapes.get(t) == tuple(config.shapes[t]) for t in config.taps)
+        _, shapes = _facts(path, config)
+    except Exception:  # noqa: BLE001 - any unreadable header: the file is damaged
+        return "its output's header does not parse (cut short or damaged)"
+    wrong = [t for t in config.taps if shapes.get(t) != tuple(config.shapes[t])]
+    if wrong:
+        return f"its output lacks or mis-shapes tap(s) {', '.join(wrong)}"
+    if digest is None:
+        return "its output has no recorded digest"
+    if content_digest(path) != digest:
+        return "its output changed since it was written"
+    return None
 
 
-def adopt(out, items: list[Item], done: dict, config: RunConfig) -> list[tuple[str, str]]:
-    """(key, output) for images not in the manifest whose features are already on disk: written by
-    a run killed before its manifest record, or by the old naming scheme."""
-    out = Path(out)
-    stems = Counter((PurePosixPath(i.key).parent, PurePosixPath(i.key).stem) for i in items)
-    found = []
+def adopt(out, items: list[Item], done: dict, config: RunConfig) -> list[tuple[str, str, str, str]]:
+    """``(key, output, input digest, output digest)`` for images not in the manifest whose output a
+    killed run wrote before its record: taken only when the file names this run and this image's
+    current digest, and its header and shapes check out."""
+    if config.format != "safetensors":
+        return []
+    out, run, found = Path(out), config.identity(), []
     for item in items:
-        if item.key in done:
+        path = out / output_name(item.key, config.format)
+        if item.key in done or not path.is_file():
             continue
-        new = output_name(item.key, config.format)
-        if (out / new).is_file() and _holds_features(out / new, item, config, need_name=False):
-            found.append((item.key, new))
+        try:
+            meta, shapes = _safetensors_facts(path)
+            digest = input_digest(item.path)
+        except Exception:  # noqa: BLE001 - a half-written or foreign file, or an input gone: extract again
             continue
-        old = old_output_name(item.key, config.format)
-        key = PurePosixPath(item.key)
-        unambiguous = stems[(key.parent, key.stem)] == 1
-        # an old .npz cannot say whose it is: only an image without a same-stem sibling may take it
-        if (out / old).is_file() and (config.format == "safetensors" or unambiguous) \
-                and _holds_features(out / old, item, config, need_name=not unambiguous):
-            found.append((item.key, old))
+        if meta.get("run") != run or meta.get("input_digest") != digest or meta.get("key") != item.key:
+            continue
+        if all(shapes.get(t) == tuple(config.shapes[t]) for t in config.taps):
+            found.append((item.key, output_name(item.key, config.format), digest, content_digest(path)))
     return found

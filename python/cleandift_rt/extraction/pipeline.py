@@ -15,8 +15,9 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from ..checks import check_size
 from . import files, shards
-from .inputs import DECODE_ERRORS, Item, RunConfig, decode, run_config
+from .inputs import DECODE_ERRORS, Item, RunConfig, decode_input, run_config
 from .manifest import Manifest
 from .resume import Summary, open_run
 
@@ -48,8 +49,12 @@ def engine_config(engine, fmt: str) -> RunConfig:
     if others:
         probe = engine.extract(torch.zeros(1, 3, h, w), taps=others)
         shapes.update({t: tuple(probe[t].shape[1:]) for t in others})
+    described = engine.info
+    derived_files = [described[d["given"]]["path"] for d in described.get("derived", [])
+                     if d.get("given") not in (None, "derived") and "path" in described.get(d["given"], {})]
     return run_config(fmt, {t: shapes[t] for t in engine.taps}, engine.size, engine.resize,
-                      engine.requested_precision, engine.path)
+                      engine.requested_precision, engine.path, base=getattr(engine.backend, "base_source", None),
+                      prompt=info.prompt, derived_files=derived_files)
 
 
 @contextmanager
@@ -99,27 +104,39 @@ class _Writer(threading.Thread):
             while (job := self.jobs.get()) is not None:
                 self._write(*job)
             self._flush(final=True)
-        except BaseException as exc:  # raised in the inference loop
-            self.error = exc
+        except BaseException as exc:  # raised in the inference loop; a full disk as one line
+            self.error = files.write_failure(exc, self.out, self.summary.done) or exc
 
     def _write(self, rows: list[dict], failed: list) -> None:
-        self.summary.failed.extend((path, why) for _, path, why in failed)
+        handled = len(rows) + len(failed)
         if self.config.format == "shards":
             self.rows.extend(rows)
             self.failed.extend(failed)
             self._flush(final=False)
         else:
-            written = [(r["key"], files.write_image_features(self.out, r["item"], r["features"], r["size"], self.config))
-                       for r in rows]
+            written, failed = [], list(failed)
+            for r in rows:
+                try:
+                    name, digest = files.write_image_features(self.out, r["item"], r["features"], r["size"],
+                                                              self.config, r["digest"])
+                except OSError as exc:  # one image's problem: listed as failed, the others go on
+                    if not files.name_too_long(exc):
+                        raise
+                    size = len(files.output_name(r["key"], self.config.format).encode())
+                    failed.append((r["key"], r["path"], f"its output name ({size} bytes with the suffix) is too long "
+                                   "for the file system: rename the image, or use --format shards"))
+                    continue
+                written.append((r["key"], name, r["digest"], digest))
             self.manifest.record_files(written, failed)
             self.summary.done += len(written)
-        self.bar.update(len(rows) + len(failed))
+        self.summary.failed.extend((path, why) for _, path, why in failed)
+        self.bar.update(handled)
 
     def _flush(self, final: bool) -> None:
         while self.rows and (len(self.rows) >= self.shard_images or final):
             part, self.rows = self.rows[: self.shard_images], self.rows[self.shard_images:]
             name = shards.write_shard(self.out, part, self.config)
-            self.manifest.record_shard(name, [r["key"] for r in part], self.failed)
+            self.manifest.record_shard(shards.shard_record(self.out, name, part), self.failed)
             self.failed = []
             self.summary.done += len(part)
         if final and self.failed:
@@ -147,17 +164,16 @@ def extract_local(engine, items: list[Item], out, *, fmt: str = "safetensors", b
     decoding (``workers`` threads), inference (``batch_size`` images per call) and writing."""
     from tqdm.auto import tqdm
 
+    batch_size = default_batch_size(engine) if batch_size is None else check_size(batch_size, "batch_size")
+    workers = min(4, usable_cpus()) if workers is None else check_size(workers, "workers")
     config = engine_config(engine, fmt)
-    batch_size = int(batch_size or default_batch_size(engine))
-    workers = int(workers or min(4, usable_cpus()))
-    if batch_size < 1 or workers < 1 or (shard_images is not None and shard_images < 1):
-        raise ValueError(f"batch_size, workers and shard_images must be >= 1, got {batch_size}, {workers}, "
-                         f"{shard_images}")
-    shard_images = int(shard_images or shards.default_shard_images(config))
+    shard_images = shards.default_shard_images(config) if shard_images is None else check_size(shard_images,
+                                                                                                "shard_images")
     with open_run(out, items, config, log) as run:
         summary = run.summary
         log(f"{summary.images} image(s): {summary.skipped} already extracted"
             + (f" ({summary.found} found on disk)" if summary.found else "")
+            + (f", {len(summary.redone)} to extract again" if summary.redone else "")
             + f", {len(run.todo)} to do; taps {', '.join(config.taps)}; engine input {config.input_size[0]}x"
             f"{config.input_size[1]} ({config.resize}); batch {batch_size}")
         t0 = time.perf_counter()
@@ -183,7 +199,7 @@ def _infer(engine, todo: list[Item], config: RunConfig, batch_size: int, workers
 
     def refill():
         while len(pending) < window and (item := next(upcoming, None)) is not None:
-            pending.append((item, pool.submit(decode, item.path, config.input_size, config.resize)))
+            pending.append((item, pool.submit(decode_input, item.path, config.input_size, config.resize)))
 
     refill()
     while pending:
@@ -192,15 +208,16 @@ def _infer(engine, todo: list[Item], config: RunConfig, batch_size: int, workers
             item, future = pending.popleft()
             refill()
             try:
-                pixels, size = future.result()
+                pixels, size, digest = future.result()
             except DECODE_ERRORS as exc:
                 failed.append((item.key, item.path, first_line(exc)))
                 continue
-            ready.append((item, pixels, size))
+            ready.append((item, pixels, size, digest))
         rows = []
         if ready:
             feats = engine.extract(torch.from_numpy(np.stack([r[1] for r in ready])), taps=list(config.taps))
             arrays = {t: f.float().numpy() for t, f in feats.items()}  # stored as float32 (fp16 / bf16 engines too)
-            rows = [{"key": item.key, "path": item.path, "item": item, "size": size,
-                     "features": {t: a[j] for t, a in arrays.items()}} for j, (item, _, size) in enumerate(ready)]
+            rows = [{"key": item.key, "path": item.path, "item": item, "size": size, "digest": digest,
+                     "features": {t: a[j] for t, a in arrays.items()}}
+                    for j, (item, _, size, digest) in enumerate(ready)]
         writer.put((rows, failed))

@@ -28,6 +28,7 @@ class Backend(Protocol):
     device: torch.device  # where ``run`` leaves its outputs
     min_batch: int = 1  # the smallest batch one ``run`` takes (a TensorRT profile may start above 1)
     max_batch: int | None = None  # the largest (None: any; the Engine may still split, Engine(max_batch=))
+    base_source: str | None = None  # the base model a student file reads (its identity is part of the features')
 
     def run(self, pixels: torch.Tensor, embeds: torch.Tensor | None, taps: Sequence[str]) -> dict[str, torch.Tensor]:
         """``{name: B x C x h x w float32}`` for each of ``taps`` (names from ``info.output_names``)."""

@@ -46,6 +46,7 @@ class TorchBackend(Backend):
         student, base_model = load_student_and_base(self.path, base)
         self.ref = ReferenceExtractor(student, base_model, size=size, resize=resize, prompt=prompt, device=device)
         self.device, self.precision = device, precision
+        self.base_source = str(base_model.source) if base_model.source else None
         self.info = ArtifactInfo(
             taps=tap_records(TAPS, base_model.block_out_channels), height=None, width=None,
             size_range=list(ANY_SIZE), default_size=list(self.ref.size), resize=resize,
