@@ -216,6 +216,23 @@ def choose_latent(package: RobotDiftPackage, latent: str | None, seed) -> tuple[
     return latent, seed
 
 
+def save_robot_dift_package(folder, unet, timestep: float, feature_dims: dict[str, int], *,
+                            latent_mode: str = "mode", use_text_condition: bool = True) -> Path:
+    """Write a package in the layout above (safetensors weights), e.g. to hand a student to Robot-DIFT code."""
+    from ..checkpoint import write_safetensors
+
+    if latent_mode not in LATENT_MODES:
+        raise ValueError(f"latent_mode must be 'mode' or 'sample', got {latent_mode!r}")
+    folder = Path(folder)
+    (folder / "unet").mkdir(parents=True, exist_ok=True)
+    write_safetensors(folder / "unet" / WEIGHT_FILES[0], unet.state_dict())
+    torch.save({"timestep": torch.tensor(float(timestep))}, folder / TIMESTEP)
+    meta = {"model_type": "cleandift", "sd_version": "sd21", "use_text_condition": bool(use_text_condition),
+            "components": {"student_unet": "unet"}, "feature_dims": dict(feature_dims), "vae_latent_mode": latent_mode}
+    (folder / METADATA).write_text(json.dumps(meta, indent=2))
+    return folder
+
+
 def export_latent(package: RobotDiftPackage, latent: str | None, vae) -> str:
     """The latent an exported graph computes: always the posterior mode (a graph has no seeded sampling),
     so a ``"sample"`` package exports only when ``latent="mode"`` is asked for."""
@@ -243,6 +260,7 @@ def robot_dift_latents(vae, pixels: torch.Tensor, scaling_factor: float, latent:
     return (z - shift) * scaling_factor
 
 
-__all__ = ["RobotDiftPackage", "is_robot_dift_package", "load_robot_dift", "choose_latent", "export_latent",
+__all__ = ["RobotDiftPackage", "is_robot_dift_package", "load_robot_dift", "save_robot_dift_package", "choose_latent",
+           "export_latent",
            "robot_dift_latents",
            "read_metadata", "read_timestep", "LATENT_MODES", "WEIGHT_FILES"]
