@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -35,18 +37,41 @@ def positive_int(text: str) -> int:
     return value
 
 
-class SizeAction(argparse.Action):
-    """``--size H W``, or ``--size N`` for ``N N``: stored as ``[H, W]``."""
+def square_sizes(argv: list[str]) -> list[str]:
+    """``--size N`` (or ``--size=N``) written as ``--size N N`` where one number is given; the parser then
+    reads exactly two, so arguments after ``--size H W`` or ``--size N`` stay what they are (images,
+    key=value overrides)."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if token.startswith("--size="):
+            out += ["--size", token[7:], token[7:]]
+        elif token == "--size" and i + 1 < len(argv) and _is_number(argv[i + 1]) and not (
+                i + 2 < len(argv) and _is_number(argv[i + 2])):
+            out += [token, argv[i + 1], argv[i + 1]]
+            i += 1
+        else:
+            out.append(token)
+        i += 1
+    return out
 
-    def __call__(self, parser, namespace, values, option_string=None):
-        if len(values) > 2:
-            parser.error(f"{option_string} takes H W, or one number for a square; got {len(values)} numbers")
-        setattr(namespace, self.dest, [values[0], values[-1]])
+
+def _is_number(text: str) -> bool:
+    return re.fullmatch(r"[+-]?\d+", text) is not None
+
+
+class Parser(argparse.ArgumentParser):
+    """The parser of every command (its subcommands inherit it): one ``--size`` number is a square."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        return super().parse_known_args(square_sizes(sys.argv[1:] if args is None else list(args)), namespace)
 
 
 def add_size_arg(group, help: str, default: int | None = None) -> None:
-    """The one ``--size``: ``H W`` pixels, one number for a square (``--size 512`` is ``--size 512 512``)."""
-    group.add_argument("--size", type=int, nargs="+", action=SizeAction, metavar=("H", "W"),
+    """The one ``--size``: ``H W`` pixels, one number for a square (``--size 512`` is ``--size 512 512``;
+    the parser must be a :class:`Parser`)."""
+    group.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
                        default=None if default is None else [default, default], help=f"{help} ({SIZE_HELP})")
 
 

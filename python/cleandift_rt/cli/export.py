@@ -14,7 +14,7 @@ import argparse
 import os
 import sys
 
-from .common import add_output_args, add_size_arg
+from .common import Parser, add_output_args, add_size_arg
 
 EXPORT_DESCRIPTION = """\
 Export a CleanDIFT student to one ONNX graph: image -> VAE encoder -> student U-Net -> named taps.
@@ -105,7 +105,7 @@ def run_export_onnx(args) -> None:
 
 def export_onnx_parser() -> argparse.ArgumentParser:
     """The parser of ``python export/export_onnx.py``."""
-    p = argparse.ArgumentParser(prog="export_onnx.py", description=EXPORT_DESCRIPTION.splitlines()[0])
+    p = Parser(prog="export_onnx.py", description=EXPORT_DESCRIPTION.splitlines()[0])
     add_export_onnx_args(p)
     return p
 
@@ -160,7 +160,7 @@ def build_plan(args, prefix: str) -> int:
 
 def build_plan_parser() -> argparse.ArgumentParser:
     """The parser of ``python export/build_engine.py``."""
-    p = argparse.ArgumentParser(prog="build_engine.py", description=BUILD_DESCRIPTION.splitlines()[0])
+    p = Parser(prog="build_engine.py", description=BUILD_DESCRIPTION.splitlines()[0])
     add_build_plan_args(p)
     return p
 

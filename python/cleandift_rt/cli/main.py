@@ -12,7 +12,7 @@ import os
 import sys
 
 from . import bench, demo, evaluate, explore, export, extract, gate, hyper, info, pictures, probes, track, train
-from .common import UserError
+from .common import Parser, UserError
 
 DESCRIPTION = """\
 cleandift-rt: noise-free dense features from Stable Diffusion U-Nets (CleanDIFT), fast.
@@ -41,8 +41,7 @@ COMMANDS = (demo, pictures, explore, extract, info, bench, evaluate, train, expo
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cleandift-rt", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="cleandift-rt", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in COMMANDS:
         module.register(sub)

@@ -10,7 +10,7 @@ import sys
 
 from ..conditioning import HEAD_CONDITIONINGS
 from ..training.config import LOSSES, PRESETS, build_config, parse_override
-from .common import UserError, add_output_args, add_run_args, add_size_arg, square_side
+from .common import Parser, UserError, add_output_args, add_run_args, add_size_arg, square_side
 
 # flag -> config field, for the flags that map one to one
 _FLAG_FIELDS = ("steps", "batch_size", "lr", "warmup_steps", "grad_accum", "timesteps_per_image", "loss",
@@ -69,7 +69,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of ``python train/train.py``."""
-    p = argparse.ArgumentParser(prog="train.py", description=DESCRIPTION, epilog=EPILOG)
+    p = Parser(prog="train.py", description=DESCRIPTION, epilog=EPILOG)
     add_train_args(p)
     return p
 
