@@ -193,6 +193,7 @@ class Aggregator(nn.Module):
 
     def for_export(self, tap_channels: Mapping[str, int]) -> DerivedExport:
         """The ONNX export's hook: checked against the model's tap widths, on the CPU, head modulation frozen."""
+        _check_engine_source(self)
         wrong = [f"{t}: {c} vs {tap_channels[t]}" for t, c in zip(self.layers, self.config.channels)
                  if tap_channels[t] != c]
         if wrong:
@@ -267,13 +268,16 @@ def open_for_engine(aggregator) -> Aggregator:
     """The aggregator of ``Engine(aggregator=)`` and ``export_onnx(aggregator=)``: a file (or an Aggregator)
     over an engine's taps."""
     agg = aggregator if isinstance(aggregator, Aggregator) else Aggregator.from_file(aggregator)
-    if agg.source not in ENGINE_SOURCES:
-        where = agg.path or "the aggregator"
-        raise ValueError(f"{where} aggregates the base model's {agg.source} features (DDIM inversion), which no "
-                         "engine or exported graph computes: use an aggregator of the cleandift or cleandift-heads "
-                         "source, or cleandift_rt.hyper.HyperFeatures.from_inversion with the base model "
-                         "(eval-spair --aggregator with --base)")
+    _check_engine_source(agg)
     return agg.eval()
+
+
+def _check_engine_source(agg: Aggregator) -> None:
+    if agg.source not in ENGINE_SOURCES:
+        raise ValueError(f"{agg.path or 'the aggregator'} aggregates the base model's {agg.source} features (DDIM "
+                         "inversion), which no engine or exported graph computes: use an aggregator of the cleandift "
+                         "or cleandift-heads source, or cleandift_rt.hyper.HyperFeatures.from_inversion with the base "
+                         "model (eval-spair --aggregator with --base)")
 
 
 register_option(DerivedOption(
