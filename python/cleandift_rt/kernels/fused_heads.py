@@ -16,6 +16,7 @@ bf16, ``"bf16"`` warns once and runs fp32. The CUDA kernel is exact fp32 whateve
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import weakref
 
@@ -47,7 +48,16 @@ _caches_lock = threading.Lock()
 def _params_key(heads: ProjectionHeads, tap: str, device: torch.device, compute: str) -> tuple:
     params = list(heads.adapters[tap].parameters()) + list(heads.mapping.parameters()) + \
         [heads.time_in_proj.weight, heads.time_emb.weight]
-    return (tap, str(device), compute) + tuple((p.data_ptr(), p._version) for p in params)
+    return (tap, str(device), compute) + tuple((p.data_ptr(), p._version) for p in params) + (_sampled(params),)
+
+
+def _sampled(params) -> str:
+    """A digest of a strided sample of every parameter (up to ~1024 values each): a write through
+    ``p.data`` (``p.data.copy_(...)``), which no version counter sees, changes it, so the packing and
+    the modulations are computed again instead of the old weights being used."""
+    with torch.no_grad():
+        sample = torch.cat([p.detach().reshape(-1)[:: max(1, p.numel() // 1024)].float() for p in params])
+    return hashlib.blake2b(sample.cpu().numpy().tobytes(), digest_size=16).hexdigest()
 
 
 def _stacked_weights(heads: ProjectionHeads, tap: str, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,6 +94,11 @@ def _modulation(heads: ProjectionHeads, tap: str, t, batch: int, cache: _HeadCac
     if isinstance(t, torch.Tensor) and t.ndim == 2:  # a cond [B, 256] given directly
         if t.shape != (batch, COND_DIM):
             raise ValueError(f"a cond tensor must be [B={batch}, {COND_DIM}], got {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"a cond tensor must be floating point (heads.cond(t) makes one), got {t.dtype}")
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError("the cond tensor holds NaN or Inf: every projected feature would be NaN; pass the cond "
+                             "of finite timesteps (heads.cond(t))")
         cond, t_key = t, None
     else:
         try:

@@ -33,8 +33,9 @@ import torch
 import torch.nn.functional as F
 
 from ..build_info import native
+from ..checks import check_size
 from .precision import NATIVE_COMPUTE, check_precision, kernel_precision
-from .refine import DEFAULT_TEMPERATURE, DEFAULT_WINDOW, soft_argmax
+from .refine import DEFAULT_TEMPERATURE, DEFAULT_WINDOW, check_refine, soft_argmax
 
 _DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 COORDS = ("index", "feature", "image")
@@ -127,9 +128,12 @@ def _image_sizes(image_size) -> tuple[tuple[int, int], tuple[int, int]]:
         raise ValueError(message)
     pair = tuple(image_size)
     sizes = pair if all(isinstance(s, Sequence) for s in pair) else (pair, pair)
-    if any(len(s) != 2 or not all(isinstance(v, (int, np.integer)) and v > 0 for v in s) for s in sizes):
+    if any(not isinstance(s, Sequence) or len(s) != 2 for s in sizes):
         raise ValueError(f"{message}; got {image_size!r}")
-    return tuple(int(v) for v in sizes[0]), tuple(int(v) for v in sizes[1])
+    try:
+        return tuple(tuple(check_size(v, "each side") for v in s) for s in sizes)
+    except (TypeError, ValueError) as exc:  # a bool, a fraction, a side <= 0
+        raise ValueError(f"{message}; got {image_size!r} ({exc})") from None
 
 
 def _scale_xy(image_size: tuple[int, int], feature_size: tuple[int, int]) -> tuple[float, float]:
@@ -175,8 +179,8 @@ def match(src, dst, *, mutual: bool = False, k: int = 1, points=None, coords: st
         raise ValueError(f"coords must be one of {COORDS}, got {coords!r}")
     if refine and (coords == "index" or k != 1):
         raise ValueError("refine=True needs coords='feature' or 'image' and k = 1")
-    if refine and (window < 1 or window % 2 == 0 or temperature <= 0):
-        raise ValueError(f"refine needs an odd window >= 1 and temperature > 0, got {window}, {temperature}")
+    if refine:
+        window, temperature = check_refine(window, temperature)
     src_t, numpy_out = _to_tensor(src, "src")
     dst_t, _ = _to_tensor(dst, "dst")
     if src_t.device != dst_t.device:

@@ -13,7 +13,10 @@ Two conventions for the cells outside the window, one implementation:
   share one logit, so only their count and coordinate sums are needed, never the full grid.
 
 In both, the window is the square around the argmax cut at the grid's border (cells beyond the
-border do not exist; none is counted twice).
+border do not exist; none is counted twice), so a window wider than the grid is computed as the
+grid (the same result, memory bounded by the grid). ``check_refine`` is the one check of the two
+options, run by every caller: an odd integer window in [1, ``MAX_WINDOW``] and a finite
+temperature > 0 (a NaN or infinite one gave NaN positions).
 """
 
 from __future__ import annotations
@@ -21,10 +24,21 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..checks import check_float, check_int
+
 DEFAULT_WINDOW = 5
 DEFAULT_TEMPERATURE = 0.02
+MAX_WINDOW = 255
 OUTSIDE = ("exclude", "zero")
 DENSE_CELLS_PER_WINDOW_CELL = 150
+
+
+def check_refine(window, temperature) -> tuple[int, float]:
+    """``(window, temperature)`` checked: an odd integer in [1, MAX_WINDOW] and a finite number > 0."""
+    window = check_int(window, "the refinement window", 1, MAX_WINDOW)
+    if window % 2 == 0:
+        raise ValueError(f"the refinement window must be odd (a square centred on the match), got {window}")
+    return window, check_float(temperature, "the refinement temperature", 0.0, lo_open=True)
 
 
 def soft_argmax(src_rows, dst, index, window, temperature, chunk_bytes=64 * 2**20, outside: str = "exclude"):
@@ -36,8 +50,10 @@ def soft_argmax(src_rows, dst, index, window, temperature, chunk_bytes=64 * 2**2
     """
     if outside not in OUTSIDE:
         raise ValueError(f"outside must be one of {OUTSIDE}, got {outside!r}")
+    window, temperature = check_refine(window, temperature)
     b, c, h, w = dst.shape
-    radius = window // 2
+    radius = min(window // 2, max(h, w) - 1)  # wider than the grid: the grid (cells beyond it do not exist)
+    window = 2 * radius + 1
     offs = torch.arange(-radius, radius + 1, device=index.device)
     cells = h * w
     dst_flat = dst.flatten(2).float()                                    # [B, C, M]

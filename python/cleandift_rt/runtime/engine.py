@@ -34,12 +34,13 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
+from ..checks import check_int, check_size
 from ..features.extractor import check_prompt_embeds
 from ..features.preprocess import check_policy, load_image, prepare_images
 from ..formats.artifact import ArtifactInfo, read_info
 from ..kernels.precision import check_precision, cpu_precision
 from ..models.robot_dift import is_robot_dift_package
-from .backends.common import Backend
+from .backends.common import Backend, check_finite_outputs
 from .derived import DerivedOutputs
 from .latest import check_policy as check_stream_policy, frames as policy_frames
 
@@ -48,6 +49,7 @@ _DEVICE = re.compile(r"cpu|cuda(:\d+)?")  # the device strings every backend und
 BACKENDS = {"onnxruntime": ".onnx", "openvino": ".onnx", "tensorrt": ".plan", "torch": "student"}
 _ALIASES = {"pytorch": "torch"}  # the torch backend's info["backend"] name, accepted too
 PRECISIONS = ("fp32", "bf16", "fp16")
+MAX_THREADS = 1024  # CPU threads a runtime may be given (ONNX Runtime takes a C int)
 _INSTALL = {"onnxruntime": "pip install onnxruntime", "openvino": "pip install openvino"}
 
 
@@ -166,10 +168,8 @@ class Engine:
                              "(export/build_engine.py)")
         if resize is not None:
             check_policy(resize)
-        if max_batch is not None and int(max_batch) < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1):
-            raise ValueError(f"threads must be an integer >= 1 (or None for all usable cores), got {threads!r}")
+        max_batch = None if max_batch is None else check_size(max_batch, "max_batch")
+        threads = None if threads is None else check_int(threads, "threads (None: all usable cores)", 1, MAX_THREADS)
         if device is not None and not _DEVICE.fullmatch(str(device)):
             raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N' (or None for the best available), got {device!r}")
         device = None if device is None else str(device)  # a torch.device works too
@@ -310,7 +310,7 @@ class Engine:
             pixels = torch.cat([pixels, pixels[-1:].expand(pad, -1, -1, -1)])
             if embeds is not None:
                 embeds = torch.cat([embeds, embeds[-1:].expand(pad, -1, -1)])
-        out = self.backend.run(pixels, embeds, taps)
+        out = check_finite_outputs(self.backend.run(pixels, embeds, taps), self.path)  # once per call, every backend
         return {t: f[:n] for t, f in out.items()} if n < need else out
 
     # -- streaming -----------------------------------------------------------------------------
@@ -328,8 +328,7 @@ class Engine:
         held; older waiting items are dropped, unread, and counted in the next result's ``dropped``,
         so latency stays bounded when the source outruns the engine (``runtime.latest``; batch 1).
         """
-        if batch_size < 1 or prefetch < 1:
-            raise ValueError(f"batch_size and prefetch must be >= 1, got {batch_size} and {prefetch}")
+        batch_size, prefetch = check_size(batch_size, "batch_size"), check_size(prefetch, "prefetch")
         wanted = self._derived.select(self.backend.info, taps) if taps is not None else self._taps
         if check_stream_policy(policy) == "latest":
             if batch_size != 1:

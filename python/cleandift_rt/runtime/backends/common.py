@@ -66,6 +66,21 @@ def check_outputs(path: Path, info: ArtifactInfo, outputs) -> None:
         raise ValueError(f"{path} declares taps {absent} in its metadata but has no such outputs (corrupt file)")
 
 
+def check_finite_outputs(outputs: dict[str, torch.Tensor], source) -> dict[str, torch.Tensor]:
+    """``outputs`` of one backend call when every value is finite; else a ValueError naming the first
+    output (tap) that went NaN or Inf. One reduction per output and one device sync for all of them:
+    the Engine runs it on every call, so non-finite features never reach the caller silently."""
+    if not outputs:
+        return outputs
+    finite = torch.stack([torch.isfinite(t).all() for t in outputs.values()]).tolist()
+    if all(finite):
+        return outputs
+    bad = [name for name, ok in zip(outputs, finite) if not ok]
+    raise ValueError(f"{source}: the engine computed NaN or Inf in {bad[0]!r}" + (f" (and {', '.join(bad[1:])})" if
+                     bad[1:] else "") + " from finite images: its weights or its build are broken (a NaN in the "
+                     "student, an fp16 overflow); re-export it from a good student, or run it in fp32")
+
+
 def host_float32(tensor: torch.Tensor) -> np.ndarray:
     """A C-contiguous float32 numpy view (a copy only when needed) of a tensor, for the CPU runtimes."""
     return np.ascontiguousarray(tensor.detach().cpu().numpy(), dtype=np.float32)
