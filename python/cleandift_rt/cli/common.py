@@ -71,7 +71,7 @@ class Parser(argparse.ArgumentParser):
 def add_size_arg(group, help: str, default: int | None = None) -> None:
     """The one ``--size``: ``H W`` pixels, one number for a square (``--size 512`` is ``--size 512 512``;
     the parser must be a :class:`Parser`)."""
-    group.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
+    group.add_argument("--size", type=positive_int, nargs=2, metavar=("H", "W"),  # --size 0: an error, not "not given"
                        default=None if default is None else [default, default], help=f"{help} ({SIZE_HELP})")
 
 

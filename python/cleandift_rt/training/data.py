@@ -8,12 +8,12 @@ and the sampler's position is part of a checkpoint, so a resumed run sees the sa
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..checks import read_json_file
 from ..features.preprocess import load_image, prepare_images
 from ..runs.skips import SkipLog
 
@@ -31,16 +31,17 @@ def read_caption(image: Path) -> str | None:
     """The caption of ``image`` from ``name.json`` (``"caption"``) or ``name.txt``; ``None`` when neither exists."""
     as_json, as_txt = image.with_suffix(".json"), image.with_suffix(".txt")
     if as_json.is_file():
-        try:
-            meta = json.loads(as_json.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"caption file {as_json} is not valid JSON ({exc}); fix or delete it") from None
+        meta = read_json_file(as_json, f"caption file {as_json}")
         if not isinstance(meta, dict) or not isinstance(meta.get("caption"), str):
             raise ValueError(f"caption file {as_json} has no string field \"caption\" "
                              "(expected {\"caption\": \"a photo of ...\"})")
         return meta["caption"]
     if as_txt.is_file():
-        return as_txt.read_text(encoding="utf-8").strip()
+        try:
+            return as_txt.read_text(encoding="utf-8").strip()
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"caption file {as_txt} is not UTF-8 text ({exc.reason} at byte {exc.start}): save it "
+                             "as UTF-8") from None
     return None
 
 

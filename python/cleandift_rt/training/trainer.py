@@ -24,12 +24,12 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..checkpoint import check_state_dict
+from ..checkpoint import check_state_dict, tensor_fingerprint
 from ..features.preprocess import check_model_size
 from ..models import BaseModel, load_base, save_student_full, save_student_unet
 from ..models.heads import build_heads
 from ..runs.checkpoints import restore_rng, rng_tensors
-from ..runs.loop import ResumableRun
+from ..runs.loop import ResumableRun, set_deterministic
 from ..runs.skips import SkipLog
 from .config import LORA_TARGETS, OBJECTIVE_FIELDS, VALIDATION_TIMESTEPS, TrainConfig, upgrade_saved_config
 from .data import BatchSampler, ImageFolder, load_pixels
@@ -98,10 +98,15 @@ class Trainer(ResumableRun):
         self.open_run(out, resume=resume, keep_checkpoints=config.keep_checkpoints, progress=progress, log=log,
                       on_step=on_step)
         self.device = pick_device(config.device)
+        if config.deterministic:
+            set_deterministic(self.device)
         torch.manual_seed(config.seed)  # head init (Fourier buffer) and LoRA init draw from the global RNG
 
         self.base = base if isinstance(base, BaseModel) else load_base(base, device=self.device)
         self.base.to(device=self.device)
+        parts = {"unet": self.base.unet, "vae": self.base.vae, "text_encoder": self.base.text_encoder}
+        self.base_identity = tensor_fingerprint({f"{part}.{k}": v for part, m in parts.items() if m is not None
+                                                 for k, v in m.state_dict().items()})
         self.size = check_model_size(config.size or self.base.resolution)[0]  # square, as the release trains
         self.teacher = self.base.unet.eval().requires_grad_(False)
 
@@ -207,6 +212,9 @@ class Trainer(ResumableRun):
 
     def saved_config(self, metadata: dict, path: Path) -> dict:
         return upgrade_saved_config(json.loads(metadata["config"]), str(path))
+
+    def identities(self) -> dict[str, str]:
+        return {"base model": self.base_identity}
 
     def load_checkpoint_state(self, path: Path, state: dict, meta: dict) -> None:
         names = [n for n, _ in self.named_params]
