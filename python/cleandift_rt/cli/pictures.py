@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -14,19 +13,21 @@ from .fusion_options import add_recipe_args
 
 
 def _parse_points(text: str) -> np.ndarray:
-    """``"x,y x,y ..."``, or a JSON file holding ``[[x, y], ...]``."""
+    """``"x,y x,y ..."``, or a JSON file holding ``[[x, y], ...]``; either way checked by the one points
+    reader (``evaluation.pairs.points_array``: finite numbers, pairs), so a NaN point is named as one."""
+    from ..checks import read_json_file
+    from ..evaluation.pairs import points_array
+
     path = Path(text)
     if path.suffix == ".json" and path.is_file():
-        from ..evaluation.pairs import points_array
-
-        return points_array(json.loads(path.read_text()), f"points in {path}")
+        return points_array(read_json_file(path, f"--points file {path}"), f"points in {path}")
     try:
         pts = [tuple(float(v) for v in item.split(",")) for item in text.replace(";", " ").split()]
     except ValueError:
         raise UserError(f"--points {text!r}: give 'x,y x,y ...' or a .json file with [[x, y], ...]") from None
     if not pts or any(len(p) != 2 for p in pts):
         raise UserError(f"--points {text!r}: give 'x,y x,y ...' or a .json file with [[x, y], ...]")
-    return np.array(pts, dtype=np.float64)
+    return points_array(pts, f"--points {text!r}")
 
 
 def _read_pair(args):

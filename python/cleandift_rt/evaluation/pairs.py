@@ -21,12 +21,12 @@ log why in a :class:`runs.skips.SkipLog`, and go on; only an unreadable file as 
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ..checks import read_json_file
 from ..runs.skips import SkipLog
 
 PASCAL_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -142,12 +142,7 @@ def load_pairs_json(path: str | Path, images_root: str | Path | None = None, ski
     """Read a ``pairs.json`` file (format in this module's docstring)."""
     path = Path(path)
     skips = skips if skips is not None else SkipLog("pair")
-    try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"pairs file {path} does not exist") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc}); see docs/evaluation.md for the pairs.json format") from None
+    doc = read_json_file(path, f"pairs file {path}")  # depth and size bounded; errors name the file
     if isinstance(doc, dict):
         entries = doc.get("pairs")
         root = Path(images_root) if images_root else path.parent / doc.get("images_root", ".")

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import short_hash
+from ..checks import loads_json
 from ..features.preprocess import load_image
 from ..features.source import DescriptorSource, tap_map
 from ..features.store import FeatureStore, image_key
@@ -144,17 +145,18 @@ class Journal:
     def _read(self) -> None:
         lines = self.path.read_text().splitlines()
         try:
-            header = json.loads(lines[0]) if lines else {}
-        except json.JSONDecodeError:
+            header = loads_json(lines[0], f"{self.path} header") if lines else {}
+        except ValueError:
             header = {}
+        header = header if isinstance(header, dict) else {}
         if header.get("key") != self.key:
             raise ValueError(f"{self.path} belongs to another run (key {header.get('key')} != {self.key}): "
                              "delete it or pass --restart")
         for line in lines[1:]:
             try:
-                rec = json.loads(line)
+                rec = loads_json(line, f"{self.path} line")
                 self.done[rec["pair_id"]] = rec
-            except (json.JSONDecodeError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError):
                 continue  # a line cut short when the previous run was killed
 
     def add(self, record: dict) -> None:
@@ -269,7 +271,8 @@ def run_pairs(pairs: list[Pair], journal: Journal, skips: SkipLog, score: Callab
               progress: bool, on_record: Callable[[dict], None] | None = None) -> tuple[list[PairResult], int]:
     """The PCK pair loop: each pair's record from ``journal`` (a resumed run) or from ``score(pair)``
     (then journaled), its skips and dropped keypoints counted in ``skips``, ``on_record`` called on
-    every scored record. Returns the per-pair results and how many came from the journal."""
+    every scored record. A journaled skip is never replayed: the pair is scored again (an image
+    missing then may be there now). Returns the per-pair results and how many came from the journal."""
     from tqdm.auto import tqdm
 
     results: list[PairResult] = []
@@ -277,7 +280,7 @@ def run_pairs(pairs: list[Pair], journal: Journal, skips: SkipLog, score: Callab
     bar = tqdm(pairs, desc=desc, unit="pair", disable=not progress, dynamic_ncols=True)
     for pair in bar:
         rec = journal.done.get(pair.pair_id)
-        if rec is None:
+        if rec is None or "skip" in rec:  # a skip is checked again: the image may have been added or fixed
             rec = score(pair)
             journal.add(rec)
         else:

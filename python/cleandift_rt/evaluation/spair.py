@@ -16,9 +16,9 @@ recipes' adaptive flip needs them to swap left and right parts) and ``src_bndbox
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from ..checks import read_json_file
 from ..runs.skips import SkipLog
 from .pairs import Pair, make_pair
 
@@ -56,7 +56,7 @@ def load_spair(root: str | Path, split: str = "test", categories=None, limit: in
         raise ValueError(f"{ann_dir} holds no pair annotations (*.json)")
     for f in files:
         try:
-            ann = json.loads(f.read_text())
+            ann = read_json_file(f, f.name)  # depth and size bounded; errors name the file
             if not isinstance(ann, dict):
                 raise ValueError("not a JSON object")
             missing = [k for k in REQUIRED_FIELDS if k not in ann]
@@ -71,9 +71,6 @@ def load_spair(root: str | Path, split: str = "test", categories=None, limit: in
             pair = make_pair(ann.get("pair_id", f.stem), category, img_dir / ann["src_imname"], img_dir / ann["trg_imname"],
                              ann["src_kps"], ann["trg_kps"], ann["trg_bndbox"], ann.get("src_imsize"), ann.get("trg_imsize"),
                              ann.get("kps_ids"), ann.get("src_bndbox"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            skips.add("malformed annotation", f"{f.name}: invalid JSON ({exc})")
-            continue
         except ValueError as exc:
             skips.add("malformed annotation", f"{f.name}: {exc}")
             continue
