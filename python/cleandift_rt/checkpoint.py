@@ -123,24 +123,26 @@ def file_identity(path: str | Path) -> str:
 DIGEST_CHUNK = 64 << 10  # content_digest reads this much from each end of a file
 
 
-def regular_file(path: str | Path, what: str = "file") -> Path:
+def regular_file(path: str | Path, what: str = "") -> Path:
     """``path`` when it is a regular file (opening a FIFO would block); a clear error otherwise: a
     folder, a dangling symbolic link, a FIFO / socket / device, or nothing there."""
     path = Path(path)
+    named = f"{what} {path}".strip()
     try:
         mode = path.stat().st_mode
     except FileNotFoundError:
         if path.is_symlink():
-            raise FileNotFoundError(f"{what} {path} is a symbolic link to {os.readlink(path)}, which does not exist") \
+            raise FileNotFoundError(f"{named} is a symbolic link to {os.readlink(path)}, which does not exist") \
                 from None
-        raise FileNotFoundError(f"{what} {path} does not exist") from None
+        raise FileNotFoundError(f"{named} does not exist") from None
     except OSError as exc:  # a name too long, a loop of links, no permission
-        raise ValueError(f"{what} {path} cannot be looked up: {exc.strerror}") from None
+        raise ValueError(f"{named} cannot be looked up: {exc.strerror}") from None
     if stat.S_ISDIR(mode):
-        raise ValueError(f"{what} {path} is a folder, not a file")
+        article = "an" if what[:1] in tuple("aeiou") else "a"
+        raise ValueError(f"{path} is a folder, not {article} {what + ' ' if what else ''}file")
     if not stat.S_ISREG(mode):
         kind = "FIFO" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(mode) else "device"
-        raise ValueError(f"{what} {path} is a {kind}, not a regular file")
+        raise ValueError(f"{named} is a {kind}, not a regular file")
     return path
 
 

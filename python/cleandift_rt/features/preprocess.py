@@ -15,6 +15,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..checkpoint import regular_file
+from ..checks import check_size, limit
+
 MIN_SIDE = 64
 SIZE_MULTIPLE = 64
 RESIZE_POLICIES = ("stretch", "pad")
@@ -40,8 +43,12 @@ class Prepared:
 
 
 def check_model_size(size: int | Sequence[int]) -> tuple[int, int]:
-    h, w = (size, size) if isinstance(size, int) else tuple(int(s) for s in size)
-    if h <= 0 or w <= 0 or h % SIZE_MULTIPLE or w % SIZE_MULTIPLE:
+    """``(H, W)`` from one side or two: integers (never a bool or a fraction), positive multiples of 64."""
+    sides = [size, size] if not isinstance(size, (Sequence, np.ndarray, torch.Tensor)) else list(size)
+    if len(sides) != 2:
+        raise ValueError(f"model input size must be (H, W) or one side, got {size!r:.40}")
+    h, w = (check_size(s, f"model input size {sides!r:.40}: each side") for s in sides)
+    if h % SIZE_MULTIPLE or w % SIZE_MULTIPLE:
         raise ValueError(f"model input size {h}x{w} must be positive multiples of {SIZE_MULTIPLE} "
                          "(the U-Net downsamples by 64 in total)")
     return h, w
@@ -64,8 +71,10 @@ def _is_pil(x) -> bool:
 def rgb8(image, source: str = "image"):
     """Any Pillow image as 8-bit RGB, or a ValueError naming its mode.
 
-    16-bit modes (``I;16*``, and ``I`` holding 0..65535: how PNG and TIFF decode 16-bit grey) are
-    scaled to 8 bits (``x / 257``) instead of being clipped, which turns them nearly white; float
+    16-bit modes (``I;16*``, and ``I`` holding values above 255, up to 65535: how TIFF decodes 16-bit
+    grey) are scaled to 8 bits (``x / 257``) instead of being clipped, which turns them nearly white;
+    mode ``I`` holding 0..255 only (8-bit grey stored in 32 bits, as ``convert("I")`` makes it) is
+    taken as it is (scaled as 16-bit it turned nearly black); float
     images (``F``) in [0, 1] are scaled by 255, other float ranges are refused (their meaning is
     unknown); palette, alpha, CMYK, YCbCr, LAB and HSV images go through Pillow's own RGB
     conversion (alpha dropped, as Pillow does).
@@ -80,7 +89,8 @@ def rgb8(image, source: str = "image"):
         if values.size and (values.min() < 0 or values.max() > 65535):
             raise ValueError(f"{source}: integer pixels outside 0..65535 (mode {mode}): save it as 8- or 16-bit RGB "
                              "or greyscale")
-        grey = ((values * 255 + 32767) // 65535).astype(np.uint8)
+        eight_bit = mode == "I" and (not values.size or values.max() <= 255)
+        grey = (values if eight_bit else (values * 255 + 32767) // 65535).astype(np.uint8)
         return Image.fromarray(np.repeat(grey[..., None], 3, axis=-1))
     if mode == "F":
         values = np.asarray(image, dtype=np.float64)
@@ -161,6 +171,9 @@ def prepare_images(images, size: int | Sequence[int], policy: str = "stretch") -
     check_policy(policy)
     if isinstance(images, torch.Tensor) or (isinstance(images, np.ndarray) and images.dtype.kind == "f"):
         x = torch.from_numpy(np.asarray(images)) if isinstance(images, np.ndarray) else images
+        if x.device.type == "meta":
+            raise ValueError("images are on the meta device (shapes only, no data): move real pixels to the CPU or "
+                             "a GPU first")
         if not x.dtype.is_floating_point:
             raise TypeError(f"tensor images must be floating point NCHW in [-1, 1], got dtype {x.dtype} "
                             "(pass uint8 images as H x W x 3 numpy arrays)")
@@ -186,7 +199,12 @@ def prepare_images(images, size: int | Sequence[int], policy: str = "stretch") -
     tensors, geometry = [], []
     for i, img in enumerate(images):
         if _is_pil(img):
-            img = np.asarray(rgb8(img, f"image {i}"))
+            try:
+                img = np.asarray(rgb8(img, f"image {i}"))
+            except (AssertionError, OSError) as exc:  # Pillow's errors for a file closed before it was loaded
+                raise ValueError(f"image {i}: the PIL image cannot be read ({type(exc).__name__}: {exc}): its file was "
+                                 "closed before the pixels were loaded; call image.load() (or .copy()) inside the "
+                                 "`with Image.open(...)` block") from None
         if isinstance(img, torch.Tensor) or (isinstance(img, np.ndarray) and img.dtype.kind == "f"):
             raise TypeError(f"image {i}: float images go in one NCHW array/tensor, not in a list")
         if not isinstance(img, np.ndarray):
@@ -209,13 +227,14 @@ def load_image(path, exif_orientation: bool = True):
 
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{path} is a folder, not an image file")
-    if not path.is_file():
-        raise FileNotFoundError(f"image {path} does not exist")
+    path = regular_file(path, "image")  # a folder, a FIFO (opening it would block) or a dangling link: named
     try:
         with Image.open(path) as im:
+            pixels, most = im.width * im.height, limit("MAX_IMAGE_PIXELS")
+            if pixels > most:  # before decoding: a 410 KB PNG can declare 12000 x 12000 (1.7 GB decoded)
+                raise ValueError(f"image {path} is {im.width}x{im.height} ({pixels / 1e6:.0f} MP), over the "
+                                 f"{most / 1e6:.0f} MP limit for one image: shrink it, or raise "
+                                 "CLEANDIFT_MAX_IMAGE_PIXELS (docs/reliability.md)")
             im.load()
             if exif_orientation:
                 im = ImageOps.exif_transpose(im)
