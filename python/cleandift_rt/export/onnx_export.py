@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -35,6 +34,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ..checkpoint import check_finite_weights, staging_folder, usual_mode
 from ..formats.artifact import (EMBEDS_INPUT, IMAGE_INPUT, SIZE_MULTIPLE, ArtifactInfo, parse_batch, read_onnx_info,
                                 size_fields, tap_records)
 from ..features.capture import unet_taps
@@ -155,6 +155,7 @@ def export_onnx(student: str | Path | Student, base: str | Path | BaseModel, out
     if package is not None:
         info.extra["robot_dift"] = package.record(latent)
     graph = FeatureGraph(base_model, student_model, wanted, outputs_derived).eval()
+    check_finite_weights(graph.state_dict(), f"the model to export ({student_model.source or 'student'})")
     info.derived = [record(d) for d in outputs_derived]
     info.extra.update(graph.descriptions)  # each derived output describes itself under its name
     outputs = [*wanted, *(d.name for d in outputs_derived)]
@@ -170,7 +171,7 @@ def export_onnx(student: str | Path | Student, base: str | Path | BaseModel, out
         dynamic_axes[IMAGE_INPUT].update({2: "height", 3: "width"})
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".export-") as tmp:
+    with staging_folder(out.parent, "export") as tmp:  # what a killed export left here is removed first
         raw = Path(tmp) / "raw.onnx"
         t1 = time.perf_counter()
         with torch.no_grad(), warnings.catch_warnings():
@@ -290,7 +291,7 @@ def save_onnx(model, out: Path, external_data: bool | None = None) -> None:
         external_data = model.ByteSize() > PROTOBUF_LIMIT if _fits_protobuf(model) else True
     data = out.with_name(out.name + ".data")
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".save-") as tmp:
+    with staging_folder(out.parent, "save") as tmp:
         staged, staged_data = Path(tmp) / out.name, Path(tmp) / data.name
         if external_data:
             onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
@@ -298,7 +299,9 @@ def save_onnx(model, out: Path, external_data: bool | None = None) -> None:
         else:
             onnx.save_model(model, str(staged))
         check_onnx(staged)
+        usual_mode(staged)  # the graph and its weights get the mode any file we write gets (0644 under umask 022)
         if staged_data.exists():
+            usual_mode(staged_data)
             os.replace(staged_data, data)
         elif data.exists():
             data.unlink()  # a previous export's weights; this model carries its own
@@ -316,7 +319,7 @@ def check_onnx(path: Path) -> None:
     import onnx
 
     onnx.checker.check_model(str(path))
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".shapes-") as tmp:
+    with staging_folder(path.parent, "shapes") as tmp:
         onnx.shape_inference.infer_shapes_path(str(path), str(Path(tmp) / "inferred.onnx"), strict_mode=True)
 
 

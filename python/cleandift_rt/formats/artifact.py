@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..build_info import _package_version
+from ..checks import loads_json, read_json_file
 from ..features.preprocess import SIZE_MULTIPLE, check_model_size
 from ..taps import TAP_TABLE, TAPS, resolve_taps
 from .derived import GRAPH_INPUTS, check_records, records_in
@@ -96,10 +97,7 @@ class ArtifactInfo:
         d = {}
         for k, v in props.items():
             if k.startswith(META_PREFIX):
-                try:
-                    d[k[len(META_PREFIX):]] = json.loads(v)
-                except json.JSONDecodeError:
-                    raise ValueError(f"{source}: metadata entry {k!r} is not valid JSON (file corrupted?)") from None
+                d[k[len(META_PREFIX):]] = loads_json(v, f"{source}: metadata entry {k!r}")  # depth bounded
         return cls.from_dict(d, source)
 
     # -- size and batch policy ---------------------------------------------------------------
@@ -213,6 +211,8 @@ def read_onnx_info(path: str | Path) -> ArtifactInfo:
     from google.protobuf.message import DecodeError
 
     path = Path(path)
+    if path.is_file() and path.stat().st_size == 0:
+        raise ValueError(f"{path} is empty (0 bytes): an export or a copy was interrupted; export or copy it again")
     try:
         model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError) as exc:
@@ -290,7 +290,7 @@ def _describe_pytorch(path: Path) -> dict:
         config_file = path / "unet" / "config.json"
         if not config_file.is_file():
             raise ValueError(f"{path} is not a diffusers model folder (no unet/config.json)")
-        config = json.loads(config_file.read_text())
+        config = read_json_file(config_file)
         kind, timestep, training = "diffusers-folder", None, {}
     elif path.suffix == ".safetensors":
         from ..checkpoint import read_safetensors_metadata
@@ -300,7 +300,7 @@ def _describe_pytorch(path: Path) -> dict:
             return {"kind": "student", "format": meta.get("format", "release"), "path": str(path),
                     **_student_conditioning(path, meta),
                     "note": "no U-Net config inside (a public-release file): pass base=... to Engine"}
-        config = json.loads(meta["unet_config"])
+        config = loads_json(meta["unet_config"], f"{path}: its unet_config metadata")
         kind, timestep = "student", meta.get("timestep")
         training = _student_conditioning(path, meta)
     else:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..checks import loads_json
+
 PLAN_MAGIC = b"CDRTPLAN"
 _PLAN_LENGTH = struct.Struct("<Q")
 
@@ -32,9 +34,10 @@ def read_plan_header(path: str | Path) -> tuple[dict, int, int]:
         if length > size:
             raise ValueError(f"{path} is truncated: its header alone should be {length} bytes, the file has {size}")
         try:
-            header = json.loads(f.read(length))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ValueError(f"{path} has a corrupt header (not JSON)") from None
+            header = loads_json(f.read(length), f"{path}'s header")  # nesting bounded before parsing
+        except ValueError as exc:
+            raise ValueError(f"{path} has a corrupt header ({exc}): rebuild it with `python export/build_engine.py`") \
+                from None
     _check_plan_header(header, path)
     offset = len(PLAN_MAGIC) + _PLAN_LENGTH.size + length
     expected = header["engine_bytes"]  # present and an int: _check_plan_header
@@ -51,8 +54,9 @@ _PLAN_PROFILE_FIELDS = {"batch": dict, "tokens": int}
 
 def _check_plan_header(header, path: Path) -> None:
     """A header that parsed as JSON but lacks what the runtime reads is corrupt: say what is missing."""
-    def missing(d, fields, prefix=""):
-        return [prefix + k for k, kind in fields.items() if not isinstance(d.get(k), kind)]
+    def missing(d, fields, prefix=""):  # a bool is no int here: ``engine_bytes: true`` is corrupt
+        return [prefix + k for k, kind in fields.items()
+                if not isinstance(d.get(k), kind) or (kind is int and isinstance(d.get(k), bool))]
 
     if not isinstance(header, dict):
         raise ValueError(f"{path} has a corrupt header (a JSON {type(header).__name__}, not an object): rebuild it "

@@ -30,7 +30,9 @@ import torch
 from torch import nn
 
 from ..build_info import _package_version
-from ..checkpoint import load_strict, read_safetensors, read_safetensors_metadata, write_safetensors
+from ..checkpoint import (check_state_dict, load_strict, read_safetensors, read_safetensors_metadata,
+                          read_safetensors_shapes, write_safetensors)
+from ..checks import loads_json
 from ..formats.derived import DerivedExport, DerivedOption, register_option
 from ..models.heads import ProjectionHeads
 from ..taps import TAP_TABLE, resolve_taps
@@ -224,14 +226,20 @@ class Aggregator(nn.Module):
         if meta.get("format") != FORMAT:
             raise ValueError(f"{path} is not an aggregator file (format {meta.get('format')!r}): train one with "
                              "`cleandift-rt train-aggregator`")
-        try:
-            config_dict, source = json.loads(meta["config"]), json.loads(meta["source"])
-        except (KeyError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{path}: aggregator metadata is incomplete or not JSON ({exc}): re-train or re-save it") \
-                from None
+        if "config" not in meta or "source" not in meta:
+            raise ValueError(f"{path}: aggregator metadata is incomplete (no config or source): re-train or re-save it")
+        config_dict = loads_json(meta["config"], f"{path}: aggregator metadata 'config'")  # depth bounded
+        source = loads_json(meta["source"], f"{path}: aggregator metadata 'source'")
         if not isinstance(source, dict) or "name" not in source:
             raise ValueError(f"{path}: aggregator metadata 'source' must name the feature source")
         config = AggregationConfig.from_dict(config_dict, str(path))
+        # the network the config describes, built without memory and compared with the file's tensors
+        # first: a few hundred bytes of metadata may describe gigabytes of weights the file does not hold
+        with torch.device("meta"):
+            skeleton = AggregationNetwork(config)
+        shapes = {k[len(NETWORK_PREFIX):]: torch.empty(s, device="meta")
+                  for k, s in read_safetensors_shapes(path).items() if k.startswith(NETWORK_PREFIX)}
+        check_state_dict(skeleton.state_dict(), shapes, f"aggregation network in {path}")
         state = read_safetensors(path)
         network = AggregationNetwork(config)
         load_strict(network, {k[len(NETWORK_PREFIX):]: v for k, v in state.items() if k.startswith(NETWORK_PREFIX)},
@@ -241,7 +249,7 @@ class Aggregator(nn.Module):
         info = {k: v for k, v in source.items() if k != "name"}
         for key in ("steps", "val_pck"):
             if key in meta:
-                info.setdefault(key, json.loads(meta[key]))
+                info.setdefault(key, loads_json(meta[key], f"{path}: metadata {key!r}"))
         aggregator = cls(network.eval(), source["name"], heads, info)
         aggregator.path = path
         return aggregator

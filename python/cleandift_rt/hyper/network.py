@@ -24,6 +24,7 @@ from torch import nn
 PROJECTION_DIM = 384
 NORM_GROUPS = 32
 OUTPUT_STRIDE = 8  # image pixels per descriptor cell: 64 x 64 at 512 px
+MAX_LAYERS, MAX_TIMESTEPS = 64, 1000  # what a config read from a file may list
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,9 @@ class AggregationConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         if not isinstance(d, dict) or not {"layers", "channels", "strides", "timesteps"} <= set(d):
             raise ValueError(f"{source}: aggregation config must give layers, channels, strides and timesteps")
+        for name, most in (("layers", MAX_LAYERS), ("timesteps", MAX_TIMESTEPS)):  # one block per layer: bounded
+            if isinstance(d[name], list) and len(d[name]) > most:
+                raise ValueError(f"{source}: aggregation config lists {len(d[name])} {name}, more than {most}")
         return cls(**{k: v for k, v in d.items() if k in known})
 
 

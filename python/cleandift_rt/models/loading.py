@@ -5,11 +5,12 @@ Never from a hub and never from a pickle.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
+from ..checkpoint import check_finite_weights
+from ..checks import read_json_file
 from . import configs
 from .base import BaseModel, schedule_alphas_cumprod, detect_variant
 from .offline import diffusers, transformers
@@ -44,6 +45,7 @@ def _load_diffusers_folder(path: Path, text_encoder: bool) -> BaseModel:
         if not (path / part / "config.json").is_file():
             raise ValueError(f"{path} is not a diffusers model folder: {part}/config.json is missing "
                              "(expected unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
+        read_json_file(path / part / "config.json")  # bounded before diffusers parses it (nesting, size)
     kwargs = dict(local_files_only=True, use_safetensors=True)
     try:
         unet = diffusers().UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kwargs)
@@ -53,9 +55,15 @@ def _load_diffusers_folder(path: Path, text_encoder: bool) -> BaseModel:
                          "not loaded); convert them with diffusers' save_pretrained(safe_serialization=True)") from None
     te = tok = None
     if text_encoder and (path / "text_encoder").is_dir():
+        if not (path / "tokenizer").is_dir():
+            raise ValueError(f"{path} has text_encoder/ but no tokenizer/ folder: copy the base model's tokenizer/ "
+                             "beside it (the text encoder cannot read prompts without it)")
         te = transformers().CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kwargs)
         tok = transformers().AutoTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
+    for part, module in (("unet", unet), ("vae", vae), ("text_encoder", te)):
+        if module is not None:  # a NaN in the weights is named here, not found as NaN features later
+            check_finite_weights(module.state_dict(), f"{path / part}")
     sched_file = path / "scheduler" / "scheduler_config.json"
-    sched_config = json.loads(sched_file.read_text()) if sched_file.is_file() else dict(configs.SCHEDULER)
+    sched_config = read_json_file(sched_file) if sched_file.is_file() else dict(configs.SCHEDULER)
     return BaseModel(unet=unet, vae=vae, text_encoder=te, tokenizer=tok, alphas_cumprod=schedule_alphas_cumprod(sched_config),
                      source=str(path), variant=detect_variant(unet.config))

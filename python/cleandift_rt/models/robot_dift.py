@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import read_safetensors, read_safetensors_shapes
+from ..checks import read_json_file
 from ..taps import TAP_TABLE, tap_channels
 from .base import BaseModel
 from .config_check import checked_unet, load_into
@@ -78,10 +79,7 @@ def read_metadata(folder: Path) -> dict:
     file = folder / METADATA
     if file.stat().st_size > MAX_METADATA_BYTES:
         raise ValueError(f"{file} is {file.stat().st_size} bytes: a package's metadata is a few hundred (corrupt?)")
-    try:
-        meta = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{file} is not JSON ({exc})") from None
+    meta = read_json_file(file, str(file), MAX_METADATA_BYTES)
     if not isinstance(meta, dict):
         raise ValueError(f"{file} must be a JSON object, got {type(meta).__name__}")
     if meta.get("model_type") != "cleandift":

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import read_safetensors, read_safetensors_metadata, read_safetensors_shapes, write_safetensors
+from ..checks import loads_json
 from ..conditioning import check_text_conditioning
 from ..timesteps import check_timestep
 from .base import BaseModel
@@ -138,10 +139,7 @@ def read_text_conditioning(meta: dict, path: str | Path) -> str | None:
 
 def _student_unet_skeleton(path: Path, meta: dict, base: BaseModel | None, shapes: dict) -> nn.Module:
     if "unet_config" in meta:
-        try:
-            config = json.loads(meta["unet_config"])
-        except json.JSONDecodeError:
-            raise ValueError(f"{path}: its unet_config metadata is not JSON (corrupt file?)") from None
+        config = loads_json(meta["unet_config"], f"{path}: its unet_config metadata")  # depth bounded
         return checked_unet(config, shapes, str(path))
     if base is not None:
         return checked_unet(dict(base.unet.config), shapes, f"{path} (architecture of base {base.source})")
