@@ -80,10 +80,10 @@ class Handler(BaseHTTPRequestHandler):
         """Run a route; what fails becomes a message on the page and the server goes on."""
         try:
             route()
-        except ExploreError as exc:
+        except ConnectionError:  # the page went away mid-answer: nobody to tell
+            self.close_connection = True
+        except ValueError as exc:  # ExploreError, and the library's own one-line messages (a tap the Tracker lacks)
             self._error(str(exc))
-        except (ValueError, FileNotFoundError, ImportError) as exc:  # the library's own one-line messages
-            self._error(f"{exc}")
         except Exception as exc:  # a bug: the page gets one line, the log the traceback
             traceback.print_exc(file=sys.stderr)
             self._error(f"internal error ({type(exc).__name__}: {exc}); the server keeps running, details are in "

@@ -237,6 +237,8 @@ class Session:
             if cached is None or cached[0] != ids:
                 pictures = pca_pictures(recipe.maps(images), [im.image.size for im in images]) if images else []
                 self._pca[recipe.key] = (ids, {im.id: data_url(p) for im, p in zip(images, pictures)})
+                for key in [k for k in self._pca if k not in self._recipes]:  # pictures of recipes let go
+                    del self._pca[key]
             return {"recipe": recipe.label(), "pca": self._pca[recipe.key][1],
                     "seconds": round(time.perf_counter() - t0, 3)}
 
