@@ -57,10 +57,10 @@ def main(argv=None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (UserError, ValueError, TypeError, OSError, ImportError, RuntimeError) as exc:
+    except (UserError, ValueError, TypeError, OSError, ImportError, RuntimeError, ArithmeticError, MemoryError) as exc:
         if os.environ.get("CLEANDIFT_RT_DEBUG"):
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {str(exc) or type(exc).__name__}", file=sys.stderr)
     except KeyboardInterrupt:  # commands with --resume continue only when asked to
         again = "the same command plus --resume" if hasattr(args, "resume") else "the same command"
         print(f"interrupted; rerun {again} to resume", file=sys.stderr)

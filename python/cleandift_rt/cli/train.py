@@ -106,7 +106,7 @@ def entry(argv: list[str] | None = None) -> int:
     """Run :func:`main`, turning bad input into a one-line message and exit status 2."""
     try:
         main(argv)
-    except (UserError, ValueError, TypeError, FileNotFoundError) as exc:
+    except (UserError, ValueError, TypeError, OSError, ArithmeticError) as exc:  # a diverged run: FloatingPointError
         print(f"train.py: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
