@@ -3,12 +3,15 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstdlib>
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "common/cpu_features.h"
 #include "common/cuda_info.h"
+#include "ops/cpu/amx_tiles.h"
 #include "ops/match.h"
 #include "ops/project_head.h"
 
@@ -41,6 +44,17 @@ Compute parse_compute(const std::string& name) {
   if (name == "float32") return Compute::kFloat32;
   if (name == "bfloat16") return Compute::kBFloat16;
   throw std::invalid_argument("unsupported compute '" + name + "': use float32 or bfloat16");
+}
+
+// The name of the kernel cpu_isa picks for `compute`, or None.
+py::object kernel_name(Compute compute) {
+  const auto isa = cpu_isa(compute);
+  return isa ? py::object(py::str(cpu_isa_name(*isa))) : py::object(py::none());
+}
+
+py::object forced_kernel_name() {
+  const char* env = std::getenv("CLEANDIFT_CPU_KERNEL");
+  return env && *env ? py::object(py::str(env)) : py::object(py::none());
 }
 
 HeadConditioning parse_conditioning(const std::string& name) {
@@ -98,12 +112,65 @@ PYBIND11_MODULE(_native, m) {
       devices.append(dd);
     }
     d["cuda_devices"] = devices;
-    // Both ops dispatch through cpu_isa, so match's kernel names project's too.
-    d["match_cpu_kernel"] = cpu_isa_name(*cpu_isa(Compute::kFloat32));
-    const auto bf16 = cpu_isa(Compute::kBFloat16);
-    d["cpu_kernel_bf16"] = bf16 ? py::object(py::str(cpu_isa_name(*bf16))) : py::object(py::none());
+    // Both ops dispatch through cpu_isa, so match's kernels name project's too. A CLEANDIFT_CPU_KERNEL
+    // this CPU cannot run leaves its kernel None and says why in cpu_kernel_error.
+    d["cpu_kernel_forced"] = forced_kernel_name();
+    d["cpu_kernel_error"] = py::none();
+    for (const auto& [key, compute] : {std::pair{"match_cpu_kernel", Compute::kFloat32},
+                                       std::pair{"cpu_kernel_bf16", Compute::kBFloat16}}) {
+      try {
+        d[key] = kernel_name(compute);
+      } catch (const std::invalid_argument& e) {
+        d[key] = py::none();
+        d["cpu_kernel_error"] = e.what();
+      }
+    }
+    const std::string& amx_missing = cpu_features().amx_missing;
+    d["amx_unavailable"] = amx_missing.empty() ? py::object(py::none()) : py::object(py::str(amx_missing));
     return d;
   });
+
+  m.def(
+      "cpu_kernel", [](const std::string& compute) { return kernel_name(parse_compute(compute)); },
+      py::arg("compute"),
+      "The CPU kernel match and project run now for compute 'float32' or 'bfloat16' (None: no bf16 "
+      "kernel here); follows CLEANDIFT_CPU_KERNEL, ValueError when that names one this CPU cannot run.");
+
+  m.def(
+      "tile_dpbf16ps_emulated",
+      [](std::optional<py::array_t<float, py::array::c_style | py::array::forcecast>> c,
+         py::array_t<uint16_t, py::array::c_style | py::array::forcecast> a,
+         py::array_t<uint16_t, py::array::c_style | py::array::forcecast> b) {
+        // Shapes: c [M, N] fp32 (None: tilezero), a [M, 2K] and b [K, 2N] bf16 bits; M, K <= 16, N <= 16.
+        if (a.ndim() != 2 || b.ndim() != 2 || a.shape(1) % 2 || b.shape(1) % 2)
+          throw std::invalid_argument("tile_dpbf16ps_emulated: a [M, 2K] and b [K, 2N] bf16 bit arrays");
+        const int64_t rows = a.shape(0), pairs = a.shape(1) / 2, cols = b.shape(1) / 2;
+        if (rows < 1 || rows > 16 || pairs < 1 || pairs > 16 || cols < 1 || cols > 16 || b.shape(0) != pairs)
+          throw std::invalid_argument("tile_dpbf16ps_emulated: need 1 <= M, K, N <= 16 and b with K rows");
+        if (c && (c->ndim() != 2 || c->shape(0) != rows || c->shape(1) != cols))
+          throw std::invalid_argument("tile_dpbf16ps_emulated: c must be [M, N]");
+        py::array_t<float> out({rows, cols});
+        TileConfig config = palette_config();
+        config.rows[0] = config.rows[1] = static_cast<uint8_t>(rows);
+        config.rows[2] = static_cast<uint8_t>(pairs);
+        config.colsb[0] = config.colsb[2] = static_cast<uint16_t>(4 * cols);
+        config.colsb[1] = static_cast<uint16_t>(4 * pairs);
+        EmulatedTiles::configure(config);
+        if (c)
+          EmulatedTiles::load<0>(c->data(), 4 * cols);
+        else
+          EmulatedTiles::zero<0>();
+        EmulatedTiles::load<1>(a.data(), 4 * pairs);
+        EmulatedTiles::load<2>(b.data(), 4 * cols);
+        EmulatedTiles::dpbf16ps<0, 1, 2>();
+        EmulatedTiles::store<0>(out.mutable_data(), 4 * cols);
+        EmulatedTiles::release();
+        return out;
+      },
+      py::arg("c"), py::arg("a"), py::arg("b"),
+      "One emulated tdpbf16ps on tiles shaped by the arrays (tests of the tile emulation): returns "
+      "c + a . b with the instruction's rounding, c [M, N] float32 or None (tilezero), a [M, 2K] and "
+      "b [K, 2N] bf16 bits (VNNI: b's row k holds channel pair k of every column).");
 
   m.def(
       "match_cpu",
@@ -127,7 +194,7 @@ PYBIND11_MODULE(_native, m) {
       py::arg("src"), py::arg("dst"), py::arg("dtype"), py::arg("mutual"), py::arg("k"), py::arg("check_finite"),
       py::arg("compute") = "float32",
       "Fused cosine-similarity matching of [B, N, C] against [B, M, C] (any strides); returns int64 and "
-      "float32 arrays [B, N, k]. compute 'bfloat16': bf16 products (AVX512_BF16 only). Use cleandift_rt.match, "
+      "float32 arrays [B, N, k]. compute 'bfloat16': bf16 products (AMX / AVX512_BF16). Use cleandift_rt.match, "
       "which adds the layouts, torch and checks.");
 
   m.def(
@@ -174,7 +241,7 @@ PYBIND11_MODULE(_native, m) {
       },
       py::arg("up"), py::arg("down"), py::arg("compute") = "float32",
       "Pack the up [3, 2D, D] and down [3, D, D] weights of one head (float32) for project_cpu; compute "
-      "'bfloat16' rounds them to bf16 for the AVX512_BF16 kernel.");
+      "'bfloat16' rounds them to bf16 for the bf16 kernel (AMX / AVX512_BF16).");
 
   m.def(
       "project_cpu",

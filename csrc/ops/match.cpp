@@ -36,6 +36,8 @@ void match_cpu(const FeatureView& src, const FeatureView& dst, DType dtype, cons
                const MatchOutput& out, Compute compute) {
   check_match_args(src, dst, opt);
   switch (require_cpu_isa(compute, "match")) {
+    case CpuIsa::kAmx: match_cpu_amx(src, dst, dtype, opt, out); break;
+    case CpuIsa::kAmxEmulated: match_cpu_amx_emulated(src, dst, dtype, opt, out); break;
     case CpuIsa::kAvx512Bf16: match_cpu_avx512bf16(src, dst, dtype, opt, out); break;
     case CpuIsa::kAvx512: match_cpu_avx512(src, dst, dtype, opt, out); break;
     case CpuIsa::kAvx2: match_cpu_avx2(src, dst, dtype, opt, out); break;

@@ -12,6 +12,8 @@ namespace cleandift {
 std::shared_ptr<PackedHead> pack_head(const float* up, const float* down, int64_t dim, Compute compute) {
   if (dim <= 0) throw std::invalid_argument("project: head width must be > 0");
   switch (require_cpu_isa(compute, "project")) {
+    case CpuIsa::kAmx: return pack_head_amx(up, down, dim);
+    case CpuIsa::kAmxEmulated: return pack_head_amx_emulated(up, down, dim);
     case CpuIsa::kAvx512Bf16: return pack_head_avx512bf16(up, down, dim);
     case CpuIsa::kAvx512: return pack_head_avx512(up, down, dim);
     case CpuIsa::kAvx2: return pack_head_avx2(up, down, dim);
@@ -40,6 +42,8 @@ void project_head_cpu(const PackedHead& head, const FeatureView& x, DType dtype,
   if (out.batch != x.batch || out.rows != x.rows || out.channels != x.channels)
     throw std::invalid_argument("project: output shape differs from the input shape");
   switch (head.isa) {
+    case CpuIsa::kAmx: project_head_amx(head, x, dtype, mod, out, out_data); break;
+    case CpuIsa::kAmxEmulated: project_head_amx_emulated(head, x, dtype, mod, out, out_data); break;
     case CpuIsa::kAvx512Bf16: project_head_avx512bf16(head, x, dtype, mod, out, out_data); break;
     case CpuIsa::kAvx512: project_head_avx512(head, x, dtype, mod, out, out_data); break;
     case CpuIsa::kAvx2: project_head_avx2(head, x, dtype, mod, out, out_data); break;

@@ -36,11 +36,11 @@ void check_modulation(const HeadModulation& mod);
 struct PackedHead {
   int64_t dim = 0;          // D
   int64_t dim_padded = 0;   // D rounded up to NR
-  int64_t depth = 0;        // D rounded up to the micro-kernel's depth step (bf16: channel pairs)
+  int64_t depth = 0;        // D rounded up to the micro-kernel's depth step (bf16: pairs; AMX: 32)
   int nr = 0;
-  CpuIsa isa = CpuIsa::kPortable;  // the micro-kernel packed for; kAvx512Bf16: bf16 weights and activations
-  // Per layer: up as 2 * D/NR panels (value, gate interleaved) [panel][depth][NR]; down
-  // [panel][Dp][NR]; elements are fp32, or bf16 bits for the bf16 kernel.
+  CpuIsa isa = CpuIsa::kPortable;  // the micro-kernel packed for; the bf16 ones: bf16 weights and activations
+  // Per layer: up as 2 * D/NR panels (value, gate interleaved) of depth x NR; down, D/NR panels of
+  // Dp x NR; elements are fp32, or bf16 bits for the bf16 kernels (micro_kernels.h: panel_offset).
   std::vector<std::shared_ptr<void>> up, down;
 };
 

@@ -81,6 +81,20 @@ def cuda_driver_status(info: dict) -> str:
             f"driver {need[1]} or newer")
 
 
+def cpu_kernels(info: dict) -> str:
+    """Which CPU kernels match / project run (fp32, bf16) and why: AMX's absence, a forced kernel."""
+    error = info["cpu_kernel_error"]
+    none_bf16 = "refused" if error else "none (no native bf16: precision='bf16' runs fp32)"
+    text = f"fp32 {info['match_cpu_kernel'] or 'refused'}, bf16 {info['cpu_kernel_bf16'] or none_bf16}"
+    if info["amx_unavailable"] and info["amx_unavailable"] not in (error or ""):
+        text += f"; AMX not used: {info['amx_unavailable']}"
+    if error:
+        text += f"; {error}"
+    elif info["cpu_kernel_forced"]:
+        text += f"; chosen by CLEANDIFT_CPU_KERNEL={info['cpu_kernel_forced']}"
+    return text
+
+
 def _onnxruntime_distribution() -> str:
     """Which package provides ``import onnxruntime``: the CPU build or onnxruntime-gpu (they share the name)."""
     found = []
@@ -106,6 +120,7 @@ def format_build_info(info: dict | None = None) -> str:
     if info.get("native"):
         lines.append(f"  native module : {info['compiler']}; SIMD at run time: {', '.join(info['simd']) or 'none (portable)'}; "
                      f"L2 {info['l2_cache_bytes'] >> 10} KiB per core")
+        lines.append(f"  CPU kernels   : {cpu_kernels(info)}")
         if info["cuda_compiled"]:
             lines.append(f"  CUDA kernels  : compiled for sm_{info['cuda_archs'].replace(',', ', sm_')} "
                          f"(toolkit {info['cuda_toolkit']})")

@@ -42,6 +42,20 @@ def test_simd_found_at_run_time_matches_the_cpu():
     assert ("amx_bf16" in simd) <= ("amx_bf16" in flags)
 
 
+def test_cpu_kernels_and_why_not_amx():
+    info = cleandift_rt.build_info()
+    simd = set(info["simd"])
+    assert info["match_cpu_kernel"] in ("avx512", "avx2", "portable")
+    assert info["cpu_kernel_bf16"] == ("amx" if "amx_bf16" in simd else "avx512_bf16" if "avx512_bf16" in simd
+                                       else None)
+    assert (info["amx_unavailable"] is None) == ("amx_bf16" in simd)
+    flags = _cpu_flags()
+    if flags and not {"amx_bf16", "amx_tile"} <= flags:
+        assert "the CPU has no AMX-BF16 / AMX-TILE" in info["amx_unavailable"]
+    line = next(x for x in cleandift_rt.format_build_info(info).splitlines() if "CPU kernels" in x)
+    assert f"fp32 {info['match_cpu_kernel']}" in line and (info["amx_unavailable"] or "") in line
+
+
 def test_cuda_compiled_where_nvcc_was_present():
     # .ci/run sets CLEANDIFT_EXPECT_CUDA=1 when it builds with nvcc: a silently CPU-only build fails here.
     info = cleandift_rt.build_info()

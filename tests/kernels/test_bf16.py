@@ -1,8 +1,9 @@
-"""The bf16 CPU kernels (AVX512_BF16 vdpbf16ps) of match and project: exact agreement with
+"""The native bf16 CPU kernels of match and project (AMX tdpbf16ps where the CPU has it, else
+AVX512_BF16 vdpbf16ps; the AMX kernel's emulation: test_amx.py): exact agreement with
 references that round the same way, bounded agreement with fp32, dispatch and the fallback.
 
-References are tie-exact: each distinct (source, target) vector pair is scored once in float64 and
-broadcast, so duplicated vectors tie exactly, as they do in the kernel (tests/kernels/test_match.py)."""
+References are tie-exact (tests/match_reference.py): each distinct (source, target) vector pair is
+scored once in float64 and broadcast, so duplicated vectors tie exactly, as they do in the kernel."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from match_reference import (accumulation_tol, bf16_bound, check_against, exact_unit, ranked, rounded_unit,
+                             tie_exact_similarity, with_duplicates)
 
 from cleandift_rt import build_info, match, project
 from cleandift_rt.kernels import precision as precision_rules
@@ -24,81 +27,6 @@ from cleandift_rt.models.heads import ProjectionHeads
 
 needs_bf16 = pytest.mark.skipif(not precision_rules.native_bf16(),
                                 reason="no AVX512_BF16 on this CPU: the bf16 kernels cannot run here")
-BF16_UNIT = 2.0**-8  # unit roundoff of bf16: 8 significant bits, round to nearest even (relative error <= 2^-8)
-
-
-def rounded_unit(x: torch.Tensor) -> torch.Tensor:
-    """Each [.., C] vector as the kernel packs it: scaled by its fp32 inverse norm (norm in float64,
-    eps 1e-12), then rounded to bf16; returned as exact float64."""
-    inv = (1.0 / x.double().pow(2).sum(-1).sqrt().clamp(min=1e-12)).float()
-    return (x.float() * inv[..., None]).bfloat16().double()
-
-
-def tie_exact_similarity(src: torch.Tensor, dst: torch.Tensor, prepare) -> torch.Tensor:
-    """[B, N, M] similarities of prepare(src) and prepare(dst), one float64 dot per distinct pair."""
-    c = src.shape[-1]
-    src_u, src_of = torch.unique(src.reshape(-1, c), dim=0, return_inverse=True)
-    dst_u, dst_of = torch.unique(dst.reshape(-1, c), dim=0, return_inverse=True)
-    table = prepare(src_u) @ prepare(dst_u).T
-    return table[src_of.reshape(src.shape[:2])[:, :, None], dst_of.reshape(dst.shape[:2])[:, None, :]]
-
-
-def exact_unit(x: torch.Tensor) -> torch.Tensor:
-    return F.normalize(x.double(), dim=-1)
-
-
-def accumulation_tol(c: int) -> float:
-    """fp32 summation of c bf16 products of unit vectors: |error| <= c * 2^-24 * sum |u_i v_i| <= c * 2^-24."""
-    return max(1e-6, c * 2.0**-23)
-
-
-def bf16_bound(c: int) -> float:
-    """|bf16 similarity - exact cosine|: each factor carries relative error <= e = 2^-8 + 2^-22 (bf16
-    rounding after an fp32 normalisation), so a product <= 2e + e^2 of |u_i v_i|, whose sum is <= 1;
-    plus the fp32 accumulation."""
-    e = BF16_UNIT + 2.0**-22
-    return (2 * e + e * e) * (1 + 1e-6) + accumulation_tol(c)
-
-
-def settled(sorted_vals: torch.Tensor, k: int, margin: float, exact_ties: bool) -> torch.Tensor:
-    """Rows whose top-k and its order cannot change under errors below margin / 2; with exact_ties
-    a zero gap (duplicated vectors, bit-identical in the kernel) is a tie that must go to the lowest index."""
-    top = sorted_vals[..., :k + 1]
-    gaps = top[..., :-1] - top[..., 1:]
-    close = gaps <= margin
-    if exact_ties:
-        close &= gaps > 0
-    return ~close.any(-1)
-
-
-def ranked(sims: torch.Tensor):
-    order = torch.argsort(-sims, dim=-1, stable=True)
-    return order, torch.gather(sims, -1, order)
-
-
-def with_duplicates(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Copy some vectors over others (exact ties) and zero one (similarity 0 with everything)."""
-    x = x.clone()
-    n = x.shape[1]
-    if n >= 3:
-        picks = torch.randint(0, n, (2, max(1, n // 4)), generator=gen)
-        x[:, picks[1]] = x[:, picks[0]]
-        x[:, -1] = 0
-    return x
-
-
-def check_against(src, dst, index, sim, prepare, margin, k=1, exact_ties=True, min_settled=0.5):
-    ref = tie_exact_similarity(src, dst, prepare)
-    order, vals = ranked(ref)
-    index = index.reshape(*index.shape[:2], k)
-    sim = sim.reshape(*sim.shape[:2], k).double()
-    assert (sim - vals[..., :k]).abs().max() <= margin / 2
-    clear = settled(vals, k, margin, exact_ties)
-    assert clear.double().mean() >= min_settled, "test data too tie-prone to be informative"
-    assert torch.equal(index[clear], order[..., :k][clear])
-    return clear
-
-
 @needs_bf16
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(b=st.integers(1, 2), n=st.integers(1, 40), m=st.integers(1, 60), c=st.integers(1, 70),
@@ -167,7 +95,7 @@ def test_dispatch_follows_inputs_and_precision():
     assert not torch.equal(bf16[1], fp32[1]) and (bf16[1] - fp32[1]).abs().max() < bf16_bound(64)
     assert not torch.equal(from_bf16_inputs[1], upcast[1])
     assert torch.equal(upcast[0], match(src.bfloat16().float(), dst.bfloat16().float())[0])
-    assert build_info()["cpu_kernel_bf16"] == "avx512_bf16"
+    assert build_info()["cpu_kernel_bf16"] == ("amx" if "amx_bf16" in build_info()["simd"] else "avx512_bf16")
     with pytest.raises(ValueError, match="precision must be one of"):
         match(src, dst, precision="fp16")
 
@@ -247,7 +175,7 @@ def test_project_bf16_features_default_to_bf16_and_caches_are_per_precision():
 
 
 def test_without_native_bf16_the_kernels_warn_once_and_run_fp32():
-    """CLEANDIFT_DISABLE_SIMD hides AVX512_BF16 from the native module, as on a CPU without it."""
+    """CLEANDIFT_DISABLE_SIMD hides AVX512_BF16 and AMX from the native module, as on a CPU without them."""
     code = (
         "import json, warnings, torch, cleandift_rt\n"
         "from cleandift_rt.build_info import native\n"
@@ -270,7 +198,7 @@ def test_without_native_bf16_the_kernels_warn_once_and_run_fp32():
         "    'project_same': torch.equal(p, cleandift_rt.project(x, 261, heads, 'us6')),\n"
         "    'default_upcast': torch.equal(default[1], up[1]), 'refused': refused}))\n"
     )
-    env = dict(os.environ, CLEANDIFT_DISABLE_SIMD="avx512_bf16")
+    env = dict(os.environ, CLEANDIFT_DISABLE_SIMD="avx512_bf16,amx")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     got = json.loads(proc.stdout.strip().splitlines()[-1])

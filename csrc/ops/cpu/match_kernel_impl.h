@@ -1,13 +1,13 @@
 // The CPU matching driver, templated on a register-tile micro-kernel `Micro` (MR x NR floats):
 //
 //   1. one pass over src and dst: inverse norms (+ NaN/Inf check);
-//   2. per batch: dst normalised once and packed into NR-column panels [panel][C][NR], src into
-//      MR-row panels [panel][C][MR] (as Micro::Elem: fp32, or bf16 rounded from the normalised
-//      fp32 vectors, channel pairs interleaved; similarities accumulate in fp32 either way);
+//   2. per batch: dst normalised once and packed into NR-column panels of C x NR elements, src
+//      into MR-row panels of C x MR (as Micro::Elem: fp32, or bf16 rounded from the normalised
+//      fp32 vectors, in the micro-kernel's depth groups: panel_offset; similarities accumulate in
+//      fp32 either way);
 //   3. OpenMP over (row block of MC source vectors, column chunk): for every dst panel the MC x NR
-//      similarity block is
-//      accumulated over KC-deep channel slices (the B slice stays in L1, the A block in L2) and
-//      reduced while it is hot: row argmax / top-k and, for mutual NN, the column max.
+//      similarity block is accumulated over KC-deep channel slices (the B slice stays in L1, the A
+//      block in L2) and reduced while it is hot: row argmax / top-k and, for mutual NN, the column max.
 //   4. per-row results of the column chunks and per-thread column maxima are merged (ties: lowest
 //      index, match_common.h).
 //
@@ -128,9 +128,9 @@ void inverse_norms(const FeatureView& v, bool check_finite, float* inv, std::ato
                           "); clean the features or pass allow_nonfinite=True (NaN similarities never win)");
 }
 
-// Normalised, zero-padded panels of `width` vectors over `depth` (>= C) channels:
-// out[p][c][w] = x[first + p*width + w, c] * inv (in the micro-kernel's element type and layout).
-template <class Micro, DType D, int Width>
+// A normalised, zero-padded panel of Width vectors over `depth` (>= C) channels: lane w, depth c
+// holds x[first + w, c] * inv (in the micro-kernel's element type, Group depths per lane run).
+template <class Micro, DType D, int Width, int Group>
 void pack_panel(const FeatureView& v, int64_t b, int64_t first, const float* inv, int64_t depth,
                 typename Micro::Elem* out) {
   using Elem = typename Micro::Elem;
@@ -142,7 +142,7 @@ void pack_panel(const FeatureView& v, int64_t b, int64_t first, const float* inv
     for (int64_t w = 0; w < Width; ++w) {
       const float x = c < v.channels && w < valid
           ? load_elem<D>(v.data, base + w * v.stride_row + c * v.stride_channel) * scale[w] : 0.f;
-      out[panel_offset<Micro>(c, w, Width)] = to_panel<Elem>(x);
+      out[panel_offset<Group>(c, w, Width)] = to_panel<Elem>(x);
     }
   }
 }
@@ -157,9 +157,10 @@ void run_match(const FeatureView& src, const FeatureView& dst, DType dtype, cons
                const MatchOutput& out) {
   constexpr int MR = Micro::MR, NR = Micro::NR;
   using Elem = typename Micro::Elem;
-  constexpr int64_t kChannelBlock = kSliceBytes / (NR * sizeof(Elem));  // KC (even: bf16 pairs)
+  constexpr int64_t kChannelBlock = kSliceBytes / (NR * sizeof(Elem));  // KC
+  static_assert(kChannelBlock % Micro::kDepthStep == 0, "slices hold whole depth steps");
   const int64_t B = src.batch, N = src.rows, M = dst.rows;
-  const int64_t C = padded_depth<Micro>(src.channels);  // panel depth: zero channels pad bf16 pairs
+  const int64_t C = padded_depth<Micro>(src.channels);  // panel depth: zero channels pad the last step
   const int k = opt.k;
 
   std::vector<float> inv_src(B * N), inv_dst(B * M);
@@ -203,12 +204,14 @@ void run_match(const FeatureView& src, const FeatureView& dst, DType dtype, cons
 #pragma omp for schedule(dynamic, 8)
         for (int64_t p = 0; p < panels + src_panels; ++p) {
           if (p < panels)
-            pack_panel<Micro, decltype(d)::value, NR>(dst, b, p * NR, inv_dst.data(), C, packed_dst.get() + p * C * NR);
+            pack_panel<Micro, decltype(d)::value, NR, Micro::kBGroup>(dst, b, p * NR, inv_dst.data(), C,
+                                                                      packed_dst.get() + p * C * NR);
           else
-            pack_panel<Micro, decltype(d)::value, MR>(src, b, (p - panels) * MR, inv_src.data(), C,
-                                                      packed_src.get() + (p - panels) * C * MR);
+            pack_panel<Micro, decltype(d)::value, MR, Micro::kAGroup>(src, b, (p - panels) * MR, inv_src.data(), C,
+                                                                      packed_src.get() + (p - panels) * C * MR);
         }
       });
+      [[maybe_unused]] const typename Micro::Scope micro_scope;  // AMX: this thread's tile configuration
       const int tid = omp_get_thread_num();
       uint64_t* ckeys = opt.mutual ? col_keys.data() + static_cast<size_t>(tid) * M : nullptr;
       auto tiles = aligned_buffer<float>(mc * NR);                     // the MC x NR block

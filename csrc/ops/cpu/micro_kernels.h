@@ -1,8 +1,10 @@
 // Register-tile GEMM micro-kernels shared by the matching and projection-head kernels:
 //   tile[MR][NR] (+)= A[kc][MR]^T . B[kc][NR]   (A, B packed panels; B 64-byte aligned)
-// Elem is what the panels hold (float, or bf16 bits for the bf16 kernel), kDepthStep how many
-// depth steps one instruction consumes (bf16: channel pairs, so panels interleave pairs, see
-// panel_offset, and kc and every depth offset are even). The tile is fp32 either way.
+// Elem is what the panels hold (float, or bf16 bits for the bf16 kernels), kDepthStep how many
+// depth steps one step of the kernel consumes (kc, every depth offset and the packed depth are
+// multiples of it), kAGroup / kBGroup how many consecutive depths each lane of an A / B panel
+// holds together (panel_offset). The tile is fp32 either way. Scope is what a thread holds while
+// it calls run (AMX: the tile configuration; nothing for the others).
 // Each ISA's kernel exists only in translation units compiled with that ISA (file suffix, see
 // CMakeLists.txt); anonymous namespace: no cross-ISA sharing at link time.
 #pragma once
@@ -14,20 +16,19 @@
 
 #include "common/cpu_features.h"
 #include "common/elements.h"
+#include "ops/cpu/amx_tiles.h"
 
 namespace cleandift {
 namespace {
 
-// Position of (depth, lane) in a panel `width` lanes wide: [depth][width] for fp32 panels,
-// [depth / 2][width][2] for bf16 pairs. For an even depth d0 both are d0 * width, so slices of the
-// panel start at the same element offset in both layouts.
-template <class Micro>
+// Position of (depth, lane) in a panel `width` lanes wide whose lanes hold runs of Group
+// consecutive depths: [depth / Group][width][Group]. Group 1: fp32 [depth][width]; 2: bf16 pairs
+// (vdpbf16ps, and AMX's B tiles: the VNNI layout); 32: AMX's A tiles (rows of 32 channels). A
+// depth that is a multiple of Group starts at depth * width, so KC slices start there too.
+template <int Group>
 inline int64_t panel_offset(int64_t depth, int64_t lane, int64_t width) {
-  if constexpr (Micro::kDepthStep == 1) {
-    return depth * width + lane;
-  } else {
-    return (depth & ~int64_t{1}) * width + lane * 2 + (depth & 1);
-  }
+  static_assert((Group & (Group - 1)) == 0, "depth groups are powers of two");
+  return (depth & ~int64_t{Group - 1}) * width + lane * Group + (depth & (Group - 1));
 }
 
 // A value as a panel element: fp32 as is, bf16 rounded to nearest even.
@@ -46,9 +47,12 @@ constexpr int64_t padded_depth(int64_t depth) {
   return (depth + Micro::kDepthStep - 1) / Micro::kDepthStep * Micro::kDepthStep;
 }
 
+struct NoScope {};
+
 struct PortableMicro {
-  static constexpr int MR = 4, NR = 8, kDepthStep = 1;
+  static constexpr int MR = 4, NR = 8, kDepthStep = 1, kAGroup = 1, kBGroup = 1;
   using Elem = float;
+  using Scope = NoScope;
   static constexpr CpuIsa isa = CpuIsa::kPortable;
   static void run(const float* a, const float* b, int64_t kc, float* tile, bool accumulate) {
     float acc[MR][NR];
@@ -65,8 +69,9 @@ struct PortableMicro {
 #if defined(__AVX2__) && defined(__FMA__)
 // 6 x 16: 12 ymm accumulators, the B row in 2 ymm, A broadcast.
 struct Avx2Micro {
-  static constexpr int MR = 6, NR = 16, kDepthStep = 1;
+  static constexpr int MR = 6, NR = 16, kDepthStep = 1, kAGroup = 1, kBGroup = 1;
   using Elem = float;
+  using Scope = NoScope;
   static constexpr CpuIsa isa = CpuIsa::kAvx2;
   static void run(const float* a, const float* b, int64_t kc, float* tile, bool accumulate) {
     __m256 acc[MR][2];
@@ -96,8 +101,9 @@ struct Avx2Micro {
 #if defined(__AVX512F__)
 // 12 x 32: 24 zmm accumulators, the B row in 2 zmm, A broadcast from memory.
 struct Avx512Micro {
-  static constexpr int MR = 12, NR = 32, kDepthStep = 1;
+  static constexpr int MR = 12, NR = 32, kDepthStep = 1, kAGroup = 1, kBGroup = 1;
   using Elem = float;
+  using Scope = NoScope;
   static constexpr CpuIsa isa = CpuIsa::kAvx512;
   static void run(const float* a, const float* b, int64_t kc, float* tile, bool accumulate) {
     __m512 acc[MR][2];
@@ -129,8 +135,9 @@ struct Avx512Micro {
 // to an fp32 lane, so one step consumes two channels. A pairs are broadcast as 32-bit words; the
 // B row of a channel pair is 32 columns x 2 = two zmm. Same 24 fp32 accumulators as Avx512Micro.
 struct Avx512Bf16Micro {
-  static constexpr int MR = 12, NR = 32, kDepthStep = 2;
+  static constexpr int MR = 12, NR = 32, kDepthStep = 2, kAGroup = 2, kBGroup = 2;
   using Elem = uint16_t;
+  using Scope = NoScope;
   static constexpr CpuIsa isa = CpuIsa::kAvx512Bf16;
   static void run(const uint16_t* a, const uint16_t* b, int64_t kc, float* tile, bool accumulate) {
     __m512 acc[MR][2];
@@ -158,6 +165,61 @@ struct Avx512Bf16Micro {
   }
 };
 #endif
+
+// AMX-BF16 on a tile layer (amx_tiles.h: the instructions or their emulation). The 32 x 32 block
+// is four 16 x 16 fp32 accumulator tiles (C: tmm0..3, [row half][column half]); each 32-deep step
+// loads two A tiles (tmm4, tmm5: 16 rows x 32 bf16, rows of the [depth / 32][MR][32] panel) and
+// two B tiles (tmm6, tmm7: 16 channel pairs x 16 columns, the [depth / 2][NR][2] VNNI panel) and
+// runs four tdpbf16ps, each A and B tile feeding two of them.
+template <class Tiles>
+struct AmxMicro {
+  static constexpr int MR = 32, NR = 32, kDepthStep = 32, kAGroup = 32, kBGroup = 2;
+  using Elem = uint16_t;
+  static constexpr CpuIsa isa = Tiles::isa;
+
+  // Every tile 16 rows x 64 bytes, for the calling thread, released when it is done.
+  struct Scope {
+    Scope() {
+      TileConfig config = palette_config();
+      for (int t = 0; t < 8; ++t) config.rows[t] = 16, config.colsb[t] = 64;
+      Tiles::configure(config);
+    }
+    ~Scope() { Tiles::release(); }
+    Scope(const Scope&) = delete;
+    Scope& operator=(const Scope&) = delete;
+  };
+
+  static void run(const uint16_t* a, const uint16_t* b, int64_t kc, float* tile, bool accumulate) {
+    constexpr int64_t kTileStride = NR * sizeof(float), kAStride = 32 * sizeof(uint16_t),
+                      kBStride = NR * 2 * sizeof(uint16_t);
+    float* const c[4] = {tile, tile + 16, tile + 16 * NR, tile + 16 * NR + 16};
+    if (accumulate) {
+      Tiles::template load<0>(c[0], kTileStride);
+      Tiles::template load<1>(c[1], kTileStride);
+      Tiles::template load<2>(c[2], kTileStride);
+      Tiles::template load<3>(c[3], kTileStride);
+    } else {
+      Tiles::template zero<0>();
+      Tiles::template zero<1>();
+      Tiles::template zero<2>();
+      Tiles::template zero<3>();
+    }
+    for (int64_t k = 0; k < kc; k += 32, a += 32 * MR, b += 32 * NR) {
+      Tiles::template load<4>(a, kAStride);
+      Tiles::template load<5>(a + 16 * 32, kAStride);
+      Tiles::template load<6>(b, kBStride);
+      Tiles::template load<7>(b + 32, kBStride);
+      Tiles::template dpbf16ps<0, 4, 6>();
+      Tiles::template dpbf16ps<1, 4, 7>();
+      Tiles::template dpbf16ps<2, 5, 6>();
+      Tiles::template dpbf16ps<3, 5, 7>();
+    }
+    Tiles::template store<0>(c[0], kTileStride);
+    Tiles::template store<1>(c[1], kTileStride);
+    Tiles::template store<2>(c[2], kTileStride);
+    Tiles::template store<3>(c[3], kTileStride);
+  }
+};
 
 }  // namespace
 }  // namespace cleandift

@@ -58,9 +58,9 @@ std::shared_ptr<PackedHead> pack_head_for(const float* up, const float* down, in
       for (int n = 0; n < NR && q * NR + n < dim; ++n) {
         const int64_t o = q * NR + n;
         for (int64_t k = 0; k < dim; ++k) {
-          value[panel_offset<Micro>(k, n, NR)] = to_panel<Elem>(w_up[o * dim + k]);
-          gate[panel_offset<Micro>(k, n, NR)] = to_panel<Elem>(w_up[(dim + o) * dim + k]);
-          dn[panel_offset<Micro>(k, n, NR)] = to_panel<Elem>(w_down[o * dim + k]);
+          value[panel_offset<Micro::kBGroup>(k, n, NR)] = to_panel<Elem>(w_up[o * dim + k]);
+          gate[panel_offset<Micro::kBGroup>(k, n, NR)] = to_panel<Elem>(w_up[(dim + o) * dim + k]);
+          dn[panel_offset<Micro::kBGroup>(k, n, NR)] = to_panel<Elem>(w_down[o * dim + k]);
         }
       }
     }
@@ -92,9 +92,13 @@ void project_head_typed(const PackedHead& head, const FeatureView& x, const Head
   constexpr int MR = Micro::MR, NR = Micro::NR;
   using Elem = typename Micro::Elem;
   constexpr int64_t kDepthBlock = (16 << 10) / (NR * sizeof(Elem));  // KC: a KC x NR weight slice fills half of L1
+  static_assert(kDepthBlock % Micro::kDepthStep == 0, "slices hold whole depth steps");
   // Up to 32 * MR pixels share one pass over the weights (every tile streams all of them: 59 MB at
-  // D = 1280); 32 ran 4-6% faster than 16 at D = 1280 in tuning runs, the same at D = 320.
-  constexpr int64_t kMaxTilePanels = 32;
+  // D = 1280); 32 ran 4-6% faster than 16 at D = 1280 in tuning runs, the same at D = 320. AMX's
+  // 32-pixel panels: 12, the AVX-512 kernels' 384 pixels (bf16 A panels of 1 MB at D = 1280).
+  constexpr int64_t kMaxTilePanels = MR >= 32 ? 12 : 32;
+  // The down GEMM's A panel is written NR depths at a time (one up-projection panel's outputs).
+  static_assert(NR % Micro::kAGroup == 0, "an output panel must fill whole A-panel depth groups");
   const int64_t B = x.batch, P = x.rows, D = head.dim, Dp = head.dim_padded, Dk = head.depth;
   // Bigger tiles stream the weights fewer times; keep >= 4 tiles per thread for balance.
   const int64_t want = (B * P + 4 * omp_get_max_threads() - 1) / (4 * omp_get_max_threads());
@@ -106,9 +110,10 @@ void project_head_typed(const PackedHead& head, const FeatureView& x, const Head
 
 #pragma omp parallel
   {
+    [[maybe_unused]] const typename Micro::Scope micro_scope;  // AMX: this thread's tile configuration
     auto xs = aligned_zeros<float>(TP * D);       // residual stream of the tile, fp32
-    auto ap = aligned_zeros<Elem>(TP * Dk);  // A panels of the up-projection [rp][Dk][MR]
-    auto hp = aligned_zeros<Elem>(TP * Dp);  // A panels of the down-projection [rp][Dp][MR]
+    auto ap = aligned_zeros<Elem>(TP * Dk);  // A panels of the up-projection, Dk * MR each
+    auto hp = aligned_zeros<Elem>(TP * Dp);  // A panels of the down-projection, Dp * MR each
     auto tv = aligned_zeros<float>(tile_panels * MR * NR), tg = aligned_zeros<float>(tile_panels * MR * NR);
     std::vector<float> rinv(TP);
 
@@ -130,7 +135,7 @@ void project_head_typed(const PackedHead& head, const FeatureView& x, const Head
             Elem* a = ap.get() + rp * Dk * MR;
             for (int64_t d = 0; d < D; ++d)
               for (int r = 0; r < MR; ++r)
-                a[panel_offset<Micro>(d, r, MR)] =
+                a[panel_offset<Micro::kAGroup>(d, r, MR)] =
                     to_panel<Elem>(modulate(xs.get()[(rp * MR + r) * D + d], d, rp * MR + r));
           }
         };
@@ -163,7 +168,7 @@ void project_head_typed(const PackedHead& head, const FeatureView& x, const Head
             for (int i = 0; i < MR * NR; ++i) v[i] *= g[i] / (1.f + exp_poly(-g[i]));  // SwiGLU
             Elem* h = hp.get() + rp * Dp * MR + q * NR * MR;  // depth q*NR.. of the down GEMM's A panel
             for (int r = 0; r < MR; ++r)
-              for (int n = 0; n < NR; ++n) h[panel_offset<Micro>(n, r, MR)] = to_panel<Elem>(v[r * NR + n]);
+              for (int n = 0; n < NR; ++n) h[panel_offset<Micro::kAGroup>(n, r, MR)] = to_panel<Elem>(v[r * NR + n]);
           }
         }
         const Elem* down = static_cast<const Elem*>(head.down[layer].get());

@@ -8,10 +8,11 @@ computed once per t and cached), and the weights, packed once per head into the 
 layout (re-packed automatically when the head's parameters change).
 
 Precision (CPU): ``precision="bf16"`` packs the weights as bf16 and rounds both GEMMs' inputs
-(the normalised, modulated rows and the SwiGLU output) to bf16, summing products in fp32
-(AVX512_BF16); RMS statistics, SwiGLU and the residual stream stay fp32. The default follows the
-features: bf16 features use it where the CPU has native bf16, everything else fp32. Without native
-bf16, ``"bf16"`` warns once and runs fp32. The CUDA kernel is exact fp32 whatever the precision.
+(the normalised, modulated rows and the SwiGLU output) to bf16, summing products in fp32 (AMX-BF16
+tiles, else AVX512_BF16); RMS statistics, SwiGLU and the residual stream stay fp32. The default
+follows the features: bf16 features use it where the CPU has native bf16, everything else fp32.
+Without native bf16, ``"bf16"`` warns once and runs fp32. The CUDA kernel is exact fp32 whatever
+the precision.
 """
 
 from __future__ import annotations
@@ -45,10 +46,14 @@ _caches: "weakref.WeakKeyDictionary[ProjectionHeads, _HeadCache]" = weakref.Weak
 _caches_lock = threading.Lock()
 
 
-def _params_key(heads: ProjectionHeads, tap: str, device: torch.device, compute: str) -> tuple:
+def _params_key(heads: ProjectionHeads, tap: str, device: torch.device, compute: str,
+                kernel: str | None) -> tuple:
+    """(tap, device, compute, kernel) + the parameters' identities: packings are per micro-kernel
+    layout (CLEANDIFT_CPU_KERNEL may change the kernel between calls)."""
     params = list(heads.adapters[tap].parameters()) + list(heads.mapping.parameters()) + \
         [heads.time_in_proj.weight, heads.time_emb.weight]
-    return (tap, str(device), compute) + tuple((p.data_ptr(), p._version) for p in params) + (_sampled(params),)
+    return ((tap, str(device), compute, kernel) + tuple((p.data_ptr(), p._version) for p in params)
+            + (_sampled(params),))
 
 
 def _sampled(params) -> str:
@@ -169,13 +174,14 @@ def project(features: torch.Tensor, t, heads: ProjectionHeads, tap: str, *, prec
         _check_finite(features)
 
     compute = kernel_precision(features.dtype, precision) if dev.type == "cpu" else "fp32"
+    kernel = native().cpu_kernel(NATIVE_COMPUTE[compute]) if dev.type == "cpu" else None
     with _caches_lock:
         cache = _caches.setdefault(heads, _HeadCache())
-    key = _params_key(heads, tap, dev, compute)
+    key = _params_key(heads, tap, dev, compute, kernel)
     with cache.lock:
         scales, shifts = (None if m is None else m.to(dev) for m in _modulation(heads, tap, t, b, cache, key))
         if key not in cache.packed:
-            for old in [k for k in cache.packed if k[:3] == key[:3]]:  # stale packing of changed weights
+            for old in [k for k in cache.packed if k[:4] == key[:4]]:  # stale packing of changed weights
                 del cache.packed[old]
             up, down = _stacked_weights(heads, tap, dev)
             cache.packed[key] = ((native().pack_head(up.numpy(), down.numpy(), NATIVE_COMPUTE[compute])

@@ -16,12 +16,13 @@ Semantics (the same on every backend):
   the forward best similarity (so it can still be thresholded).
 
 Precision (CPU): ``precision="fp32"`` multiplies in fp32; ``"bf16"`` normalises in fp32, rounds the
-normalised vectors to bf16 and sums their products in fp32 (AVX512_BF16 ``vdpbf16ps``): about 2x
-faster where the CPU has it, similarities within 2^-7 of the exact cosine at worst and about 1e-4
-typically (ties are still exact: equal vectors give bit-identical similarities). The default follows the inputs: bf16 inputs use bf16
-where the CPU has it, everything else fp32. Where the CPU lacks native bf16, ``"bf16"`` warns once
-and runs fp32. On CUDA, ``precision`` converts the inputs (``"bf16"``: to bf16, tensor cores;
-``"fp32"``: to fp32, exact FMA tiles).
+normalised vectors to bf16 and sums their products in fp32 (AMX-BF16 ``tdpbf16ps`` tiles, else
+AVX512_BF16 ``vdpbf16ps``; ``build_info()["cpu_kernel_bf16"]`` names it): about 2x faster on Zen 4,
+similarities within 2^-7 of the exact cosine at worst and about 1e-4 typically (ties are still
+exact: equal vectors give bit-identical similarities). The default follows the inputs: bf16 inputs
+use bf16 where the CPU has it, everything else fp32. Where the CPU lacks native bf16, ``"bf16"``
+warns once and runs fp32. On CUDA, ``precision`` converts the inputs (``"bf16"``: to bf16, tensor
+cores; ``"fp32"``: to fp32, exact FMA tiles).
 """
 
 from __future__ import annotations

@@ -2,8 +2,10 @@
 
 Native bf16 means AVX512_BF16 (``vdpbf16ps``) or AMX-BF16, as the native module detects them at
 run time (``CLEANDIFT_DISABLE_SIMD=avx512_bf16,amx`` hides them, to test the fallback). Without
-them bf16 is emulated and 2.5-4x slower than fp32 (FIELD-NOTES), so asking for bf16 there warns
-once per process and runs fp32, which is also the more exact result.
+them bf16 is emulated and 2.5-4x slower than fp32 (docs/cpu.md), so asking for bf16 there warns
+once per process and runs fp32, which is also the more exact result. ``match`` and ``project``
+ask the native module instead (``bf16_kernel``): ``CLEANDIFT_CPU_KERNEL=amx_emulated`` gives them
+a bf16 kernel on any CPU (the AMX kernel over emulated tiles, for tests and comparisons).
 """
 
 from __future__ import annotations
@@ -37,6 +39,13 @@ def native_bf16() -> bool:
     return any(f in cpu_feature_names() for f in NATIVE_BF16_FEATURES)
 
 
+def bf16_kernel() -> str | None:
+    """The CPU kernel ``match`` / ``project`` run bf16 with now (``"amx"``, ``"avx512_bf16"``, or one
+    ``CLEANDIFT_CPU_KERNEL`` names), None where there is none; ``ValueError`` when that variable
+    names a kernel this CPU cannot run. Read at every call: the variable may change."""
+    return native().cpu_kernel("bfloat16")
+
+
 def cpu_precision(precision: str, stacklevel: int = 3) -> str:
     """The precision a CPU path runs for ``precision``: bf16 only where it is native, else fp32
     (warning once per process)."""
@@ -58,12 +67,15 @@ def check_precision(precision, allowed=CPU_PRECISIONS) -> None:
 
 
 def kernel_precision(dtype: torch.dtype, precision: str | None, stacklevel: int = 4) -> str:
-    """What a CPU kernel multiplies in: the caller's ``precision`` (bf16 only where native, see
-    ``cpu_precision``), else bf16 for bf16 inputs on CPUs with native bf16 and fp32 otherwise (where
-    bf16 and fp16 inputs are converted exactly, silently: nothing was asked for)."""
+    """What a CPU kernel multiplies in: the caller's ``precision`` (bf16 only where a bf16 kernel
+    runs, ``bf16_kernel``; else fp32 as ``cpu_precision`` says), else bf16 for bf16 inputs where a
+    bf16 kernel runs and fp32 otherwise (where bf16 and fp16 inputs are converted exactly, silently:
+    nothing was asked for)."""
     check_precision(precision)
     if precision is None:
-        return "bf16" if dtype == torch.bfloat16 and native_bf16() else "fp32"
+        return "bf16" if dtype == torch.bfloat16 and bf16_kernel() else "fp32"
+    if precision == "bf16" and bf16_kernel():
+        return "bf16"
     return cpu_precision(precision, stacklevel=stacklevel)
 
 
