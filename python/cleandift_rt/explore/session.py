@@ -21,13 +21,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..checks import limit
 from ..features.preprocess import MIN_SIDE, Geometry, prepare_images, rgb8
 from ..taps import DEFAULT_TAP, TAPS
 from .pictures import data_url, heat_picture, pca_pictures
 from .recipes import FusionRecipe, ProjectedRecipe, TapRecipe
 
 MAX_IMAGES = 12  # each holds every tap of the engine (tens of MB at SD 2.1 size)
-MAX_PIXELS = 40_000_000  # larger photos are refused before they are decoded
 DISPLAY_SIDE = 768  # long side of the photo the page shows (clicks are mapped back to full resolution)
 RECIPE_CACHE = 8  # recipes kept with their maps (switching back to one costs nothing)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -48,14 +48,16 @@ class LoadedImage:
     seconds: float  # engine time
 
 
-def decode_image(data: bytes, name: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Bytes of an image file -> upright RGB, or an ExploreError naming the problem."""
+def decode_image(data: bytes, name: str, max_pixels: int) -> Image.Image:
+    """Bytes of an image file -> upright RGB, or an ExploreError naming the problem (``max_pixels``: checked
+    from the header, before decoding)."""
     try:
         with Image.open(io.BytesIO(data)) as im:
             width, height = im.size
             if width * height > max_pixels:
                 raise ExploreError(f"{name} is {width} x {height} pixels ({width * height / 1e6:.0f} MP): the explorer "
-                                   f"takes images up to {max_pixels / 1e6:.0f} MP; scale it down first")
+                                   f"takes images up to {max_pixels / 1e6:.0f} MP; scale it down first (or raise "
+                                   "CLEANDIFT_MAX_IMAGE_PIXELS)")
             if min(width, height) < MIN_SIDE:
                 raise ExploreError(f"{name} is {width} x {height} pixels: images need at least {MIN_SIDE} px on each side")
             im.load()
@@ -98,14 +100,17 @@ class Session:
         fusions: ``{name: fusion.Fusion}`` offered as fusion recipes.
         library: image files the page may pick from (a folder given on the command line).
         start: the recipe the page starts with (a :meth:`recipe` spec; default: the raw default tap).
+        max_images, max_pixels: how many images it keeps; how large one may be (default: the package's
+            image limit, ``CLEANDIFT_MAX_IMAGE_PIXELS``).
     """
 
     def __init__(self, engine, *, heads=None, timestep: float = 261.0, fusions=None, library=(), start=None,
-                 max_images: int = MAX_IMAGES, max_pixels: int = MAX_PIXELS):
+                 max_images: int = MAX_IMAGES, max_pixels: int | None = None):
         self.engine, self.heads, self.timestep = engine, heads, float(timestep)
         self.fusions = dict(fusions or {})
         self.library = [Path(p) for p in library]
-        self.max_images, self.max_pixels = int(max_images), int(max_pixels)
+        self.max_images = int(max_images)
+        self.max_pixels = limit("MAX_IMAGE_PIXELS") if max_pixels is None else int(max_pixels)
         self.images: dict[int, LoadedImage] = {}
         self.lock = threading.RLock()
         self._next_id = 0
