@@ -3,6 +3,7 @@ measured sgemm throughput, peak extra memory, JSON output."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import json
@@ -119,14 +120,55 @@ def machine() -> dict:
     info = build_info()
     return {**cpu_description(), "threads": torch.get_num_threads(), "simd": info.get("simd"),
             "match_cpu_kernel": info.get("match_cpu_kernel"), "cpu_kernel_bf16": info.get("cpu_kernel_bf16"),
+            "amx_unavailable": info.get("amx_unavailable"), "cpu_kernel_forced": info.get("cpu_kernel_forced"),
             "torch": torch.__version__, "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "load_average": os.getloadavg()}
 
 
 def print_machine(info: dict) -> None:
     print(f"{info['cpu']}; flags {' '.join(info['cpu_flags']) or '?'}; our kernels: fp32 {info['match_cpu_kernel']}, "
-          f"bf16 {info['cpu_kernel_bf16'] or 'none (no native bf16: precision=bf16 runs fp32)'}; "
-          f"{info['threads']} threads, load {info['load_average'][0]:.1f}")
+          f"bf16 {info['cpu_kernel_bf16'] or 'none (no native bf16: precision=bf16 runs fp32)'}"
+          + (f" (AMX not used: {info['amx_unavailable']})" if info["amx_unavailable"] else "")
+          + f"; {info['threads']} threads, load {info['load_average'][0]:.1f}")
+
+
+# Our bf16 kernels with the build_info()["simd"] feature each needs, best first (the automatic choice).
+BF16_KERNELS = (("amx", "amx_bf16"), ("avx512_bf16", "avx512_bf16"))
+
+
+def other_bf16_kernels(info: dict) -> list[str]:
+    """The bf16 kernels this CPU runs besides the automatic one (AMX CPUs: avx512_bf16), to time
+    them side by side with CLEANDIFT_CPU_KERNEL."""
+    return [name for name, feature in BF16_KERNELS if feature in info["simd"] and name != info["cpu_kernel_bf16"]]
+
+
+def amx_contender_note(info: dict) -> str:
+    """What the AMX contender is here: the automatic bf16 kernel, or why it cannot run."""
+    if info["cpu_kernel_bf16"] == "amx":
+        return "AMX contender: ours_bf16 runs the AMX kernel"
+    return f"AMX contender: not available on this CPU ({info['amx_unavailable']})"
+
+
+@contextlib.contextmanager
+def cpu_kernel(name: str):
+    """Our kernels run `name` inside (CLEANDIFT_CPU_KERNEL is read at every call)."""
+    old = os.environ.get("CLEANDIFT_CPU_KERNEL")
+    os.environ["CLEANDIFT_CPU_KERNEL"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["CLEANDIFT_CPU_KERNEL"]
+        else:
+            os.environ["CLEANDIFT_CPU_KERNEL"] = old
+
+
+def with_kernel(name: str, fn):
+    """fn, called with our kernels forced to `name`."""
+    def call():
+        with cpu_kernel(name):
+            return fn()
+    return call
 
 
 def write_json(name: str, payload: dict) -> Path:

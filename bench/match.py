@@ -1,12 +1,15 @@
 """Matching benchmark: cleandift_rt.match vs torch (normalize + matmul + argmax, chunked) vs
 faiss-cpu IndexFlatIP (k = 1), same inputs, same run; and the bf16 rows: ours bf16 (fp32 inputs
 with precision="bf16", and bf16 inputs) vs ours fp32 vs torch bf16 (normalize + matmul + argmax on
-bf16 tensors).
+bf16 tensors) vs torch's bf16 GEMM alone (the same matmul with nothing around it: the rate to
+approach). ours_bf16 runs the automatic bf16 kernel (AMX where the CPU has it, else AVX512_BF16);
+the CPU's other bf16 kernels are timed beside it (ours_<kernel>, CLEANDIFT_CPU_KERNEL), and a CPU
+without AMX says why the AMX contender cannot run.
 
 Reports time, GFLOP/s (2 N M C B / t), the fraction of this machine's fp32 sgemm throughput (torch.mm
 2048^3, timed round-robin with the kernels of each config so it sees the same load), ratios, the
 mutual-NN cost over one direction, how often bf16 picks the same target as fp32, peak extra memory,
-the CPU model and flags and which kernel ran; JSON in bench/results/.
+the CPU model and flags and which kernels ran; JSON in bench/results/.
 
     python bench/match.py --quick        # N = M = 2304, C = 640, batch 1
     python bench/match.py                # N = M in {2304, 9216}, C in {320, 640, 1280}, batch 1 and 8
@@ -25,7 +28,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import compare, machine, print_machine, sgemm_fn, sgemm_gflops, write_json  # noqa: E402
+from _common import (BF16_KERNELS, amx_contender_note, compare, machine, other_bf16_kernels,  # noqa: E402
+                     print_machine, sgemm_fn, sgemm_gflops, with_kernel, write_json)
 
 from cleandift_rt import build_info, match  # noqa: E402
 
@@ -34,10 +38,11 @@ BF16_KERNEL = build_info().get("cpu_kernel_bf16")
 BF16_NOTE = (f"bf16 rows run our {BF16_KERNEL} kernel (bf16 products, fp32 sums)" if BF16_KERNEL else
              "no native bf16 on this CPU: precision='bf16' runs our fp32 kernel (and warns), bf16 inputs are "
              "converted exactly to fp32; torch's bf16 matmul is emulated")
-TARGETS = [  # (ours, baseline, minimum ratio) at N = M in {2304, 9216}, C in {640, 1280} (issue 13)
-    ("ours_bf16", "ours", 1.8),
-    ("ours_bf16_inputs", "torch_bf16", 1.0),
-]
+TARGETS = {  # per bf16 kernel: (ours, baseline, minimum ratio of times) at N = M in {2304, 9216}, C in {640, 1280}
+    "avx512_bf16": [("ours_bf16", "ours", 1.8), ("ours_bf16_inputs", "torch_bf16", 1.0)],  # issue 13
+    # issue 28; against the GEMM alone the ratio of times is the fraction of its rate
+    "amx": [("ours_bf16", "torch_bf16", 2.0), ("ours_bf16", "ours", 2.5), ("ours_bf16", "torch_bf16_gemm", 0.7)],
+}
 
 
 def torch_match(src: torch.Tensor, dst: torch.Tensor):
@@ -51,6 +56,22 @@ def torch_match(src: torch.Tensor, dst: torch.Tensor):
         values.append(v)
         indices.append(idx)
     return torch.cat(indices, 1), torch.cat(values, 1)
+
+
+def torch_gemm_fn(src: torch.Tensor, dst: torch.Tensor):
+    """torch's GEMM alone: the similarity matmul of torch_match, in the same row chunks, into
+    preallocated outputs, with nothing around it (bf16 tensors: oneDNN's AMX / AVX512_BF16 GEMM)."""
+    b, n, _ = src.shape
+    rows = min(n, max(1, CHUNK_BYTES // (src.element_size() * dst.shape[1] * b)))
+    dst_t = dst.transpose(1, 2)
+    outs = {r: torch.empty(b, r, dst.shape[1], dtype=src.dtype) for r in {rows, n % rows or rows}}
+
+    def gemm():
+        for i in range(0, n, rows):
+            chunk = src[:, i:i + rows]
+            torch.bmm(chunk, dst_t, out=outs[chunk.shape[1]])
+        return outs[rows]
+    return gemm
 
 
 def faiss_match(src: np.ndarray, dst: np.ndarray):
@@ -68,24 +89,28 @@ def faiss_match(src: np.ndarray, dst: np.ndarray):
     return np.stack(out)
 
 
-def run(configs, repeats: int, with_faiss: bool) -> dict:
+def run(configs, repeats: int, with_faiss: bool, info: dict) -> dict:
     import faiss
 
     faiss.omp_set_num_threads(torch.get_num_threads())
     sgemm = sgemm_fn()
+    others = other_bf16_kernels(info)
     print(BF16_NOTE)
+    print(amx_contender_note(info) + (f"; also timed: {', '.join(others)}" if others else ""))
     rows = []
     for n, c, b in tqdm(configs, desc="match configs"):
         gen = torch.Generator().manual_seed(0)
         src, dst = torch.randn(b, n, c, generator=gen), torch.randn(b, n, c, generator=gen)
         flop = 2.0 * n * n * c * b
         reps = repeats if flop < 2e11 else 0  # big configs: time the (memory-measured) first call
-        row = {"N": n, "M": n, "C": c, "B": b, "gflop": flop / 1e9}
+        row = {"N": n, "M": n, "C": c, "B": b, "gflop": flop / 1e9, "bf16_kernel": info["cpu_kernel_bf16"]}
         src_bf, dst_bf = src.bfloat16(), dst.bfloat16()
         fns = {"ours": lambda: match(src, dst), "ours_mutual": lambda: match(src, dst, mutual=True),
                "ours_bf16": lambda: match(src, dst, precision="bf16"), "ours_bf16_inputs": lambda: match(src_bf, dst_bf),
                "torch": lambda: torch_match(src, dst), "torch_bf16": lambda: torch_match(src_bf, dst_bf),
-               "sgemm": sgemm}
+               "torch_bf16_gemm": torch_gemm_fn(src_bf, dst_bf), "sgemm": sgemm}
+        for kernel in others:
+            fns[f"ours_{kernel}"] = with_kernel(kernel, lambda: match(src, dst, precision="bf16"))
         if with_faiss:
             s_np, d_np = src.numpy(), dst.numpy()
             fns["faiss"] = lambda: faiss_match(s_np, d_np)
@@ -108,6 +133,7 @@ def run(configs, repeats: int, with_faiss: bool) -> dict:
         row["mutual_over_one_direction"] = row["ours_mutual_s"] / row["ours_s"]
         row["bf16_speedup_over_fp32"] = row["ours_s"] / row["ours_bf16_s"]
         row["bf16_inputs_speedup_vs_torch_bf16"] = row["torch_bf16_s"] / row["ours_bf16_inputs_s"]
+        row["bf16_frac_torch_bf16_gemm"] = row["ours_bf16_gflops"] / row["torch_bf16_gemm_gflops"]
         row["agree_bf16_fp32"] = float((res["ours_bf16"][2][0] == ours_idx).float().mean())
         row["agree_torch_bf16_fp32"] = float((res["torch_bf16"][2][0] == ours_idx).float().mean())
         rows.append(row)
@@ -122,7 +148,7 @@ def run(configs, repeats: int, with_faiss: bool) -> dict:
     for r in rows:
         if r["N"] not in (2304, 9216) or r["C"] not in (640, 1280):
             continue
-        for ours, theirs, minimum in TARGETS:
+        for ours, theirs, minimum in TARGETS.get(r["bf16_kernel"], []):
             ratio = r[f"{theirs}_s"] / r[f"{ours}_s"]
             checks.append({"N": r["N"], "C": r["C"], "B": r["B"], "ours": ours, "baseline": theirs, "ratio": ratio,
                            "target": minimum, "met": ratio >= minimum})
@@ -141,7 +167,11 @@ def format_row(r: dict) -> str:
             f"    bf16: ours {r['ours_bf16_s'] * 1e3:8.1f} ms ({r['ours_bf16_gflops']:5.1f} GFLOP/s, x{r['bf16_speedup_over_fp32']:.2f} "
             f"of our fp32, same target as fp32 on {r['agree_bf16_fp32']:.4f}), bf16 inputs {r['ours_bf16_inputs_s'] * 1e3:8.1f} ms "
             f"| torch bf16 {r['torch_bf16_s'] * 1e3:8.1f} ms ({r['torch_bf16_gflops']:5.1f}, same target on "
-            f"{r['agree_torch_bf16_fp32']:.4f}) x{r['bf16_inputs_speedup_vs_torch_bf16']:.2f}")
+            f"{r['agree_torch_bf16_fp32']:.4f}) x{r['bf16_inputs_speedup_vs_torch_bf16']:.2f}\n"
+            f"    bf16 kernel {r['bf16_kernel']}: {r['bf16_frac_torch_bf16_gemm']:.2f} of torch's bf16 GEMM alone "
+            f"({r['torch_bf16_gemm_s'] * 1e3:.1f} ms, {r['torch_bf16_gemm_gflops']:.1f} GFLOP/s)"
+            + "".join(f" | ours {name} {r[f'ours_{name}_s'] * 1e3:.1f} ms ({r[f'ours_{name}_gflops']:.1f} GFLOP/s)"
+                      for name, _ in BF16_KERNELS if f"ours_{name}_s" in r))
 
 
 def main(argv=None):
@@ -156,8 +186,8 @@ def main(argv=None):
         configs = list(itertools.product([2304, 9216], [320, 640, 1280], [1, 8]))
     info = machine()
     print_machine(info)
-    result = run(configs, args.repeats, not args.no_faiss)
-    result.update(machine=info, quick=args.quick, bf16=BF16_NOTE)
+    result = run(configs, args.repeats, not args.no_faiss, info)
+    result.update(machine=info, quick=args.quick, bf16=BF16_NOTE, amx=amx_contender_note(info))
     print(f"written {write_json('match', result)}")
 
 
