@@ -192,6 +192,7 @@ def test_a_derived_output_is_traced_into_the_graph_and_recorded(tiny_base_dir, t
         Engine(out, derived=[mixed])
     old = Engine(_as_a_file_from_before_the_derived_list(out, tmp_path / "old.onnx"), size=(SIZE, SIZE))
     assert old.taps == ("us6", "hyper") and old.info["derived"][0]["reads"] == ["us3", "us6"]
+    assert describe(old.path)["derived"] == [{"name": "hyper", "channels": 8, "stride": 16, "reads": ["us3", "us6"]}]
     np.testing.assert_allclose(old.extract(batch, taps=["hyper"])["hyper"], ours["mixed"], rtol=1e-5, atol=1e-6)
 
 

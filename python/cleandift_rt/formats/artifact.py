@@ -231,14 +231,16 @@ def read_info(path: str | Path) -> ArtifactInfo:
 def describe(path: str | Path) -> dict:
     """What a file holds, as a plain dict, without creating a session or needing a GPU.
 
-    ``.onnx`` and ``.plan`` give their exported metadata; student files and diffusers folders give
-    their taps and U-Net facts (the PyTorch backend exports nothing, so there is less to say).
+    ``.onnx`` and ``.plan`` give their exported metadata (``derived``: every derived output, those of
+    files from before that list included); student files and diffusers folders give their taps and
+    U-Net facts (the PyTorch backend exports nothing, so there is less to say).
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
     if path.suffix == ".onnx":
-        d = read_onnx_info(path).to_dict()
+        info = read_onnx_info(path)
+        d = dict(info.to_dict(), derived=info.derived_outputs)
         needed = external_data(path)
         d.update(kind="onnx", file_bytes=path.stat().st_size, external_data=sorted(needed))
         unsafe = [f"external data {loc!r}: {why}" for loc in needed if (why := unsafe_location(loc))]
@@ -247,7 +249,8 @@ def describe(path: str | Path) -> dict:
         return d
     if path.suffix == ".plan":
         header, _, engine_bytes = read_plan_header(path)
-        d = ArtifactInfo.from_dict(header["info"], str(path)).to_dict()
+        info = ArtifactInfo.from_dict(header["info"], str(path))
+        d = dict(info.to_dict(), derived=info.derived_outputs)
         d.update(kind="tensorrt", engine_bytes=engine_bytes, tensorrt=header.get("tensorrt"),
                  build=header.get("build", {}))
         return d
