@@ -121,6 +121,8 @@ def loads_json(data: bytes | str, what: str, max_depth: int | None = None):
                          "raise CLEANDIFT_MAX_JSON_DEPTH if it is genuine)")
     try:
         return json.loads(data)
+    except RecursionError:  # a limit raised past what Python's parser can follow
+        raise ValueError(f"{what} nests {depth} levels deep, deeper than the JSON parser can follow") from None
     except UnicodeDecodeError as exc:
         raise ValueError(f"{what} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except json.JSONDecodeError as exc:
