@@ -102,9 +102,17 @@ def _facts(path: Path, config: RunConfig) -> tuple[dict, dict]:
     return {}, _npz_shapes(path)
 
 
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, False where the name itself is too long for the file system (it raises)."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
 def verify(path: Path, config: RunConfig, digest: str | None) -> str | None:
     """Why the output at ``path`` cannot be counted done (None: it can)."""
-    if not path.is_file():
+    if not _is_file(path):
         return "its output is missing"
     try:
         _, shapes = _facts(path, config)
@@ -129,7 +137,7 @@ def adopt(out, items: list[Item], done: dict, config: RunConfig) -> list[tuple[s
     out, run, found = Path(out), config.identity(), []
     for item in items:
         path = out / output_name(item.key, config.format)
-        if item.key in done or not path.is_file():
+        if item.key in done or not _is_file(path):
             continue
         try:
             meta, shapes = _safetensors_facts(path)
