@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import read_safetensors, read_safetensors_shapes
+from ..checkpoint import read_safetensors
 from ..checks import read_json_file
 from ..taps import TAP_TABLE, tap_channels
 from .base import BaseModel

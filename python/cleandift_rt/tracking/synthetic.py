@@ -21,18 +21,10 @@ import numpy as np
 
 from ..features.preprocess import load_image
 from .metrics import EVAL_SIZE, TrackingVideo
+from .video import cv2_module
 
 MOTIONS = ("translation", "rotation", "scale", "perspective")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-
-
-def _cv2():
-    try:
-        import cv2
-    except ImportError:
-        raise ImportError("synthetic tracking videos need OpenCV: pip install opencv-python-headless "
-                          "(or the [robotics] extra)") from None
-    return cv2
 
 
 def _motion(motion: str, s: float, size: int) -> np.ndarray:
@@ -73,7 +65,7 @@ def _apply(h: np.ndarray, points: np.ndarray) -> np.ndarray:
 def query_points(frame: np.ndarray, count: int, rng: np.random.Generator, margin: int = 8) -> np.ndarray:
     """``count`` trackable points of the first frame: Shi-Tomasi corners (OpenCV's goodFeaturesToTrack,
     spread out), topped up with jittered grid points where the photo has too few corners."""
-    cv2 = _cv2()
+    cv2 = cv2_module()
     size = frame.shape[0]
     grey = cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY)
     mask = np.zeros_like(grey)
@@ -94,7 +86,7 @@ def query_points(frame: np.ndarray, count: int, rng: np.random.Generator, margin
 def synthetic_video(photo, motion: str, *, frames: int = 24, points: int = 64, size: int = EVAL_SIZE,
                     seed: int = 0, name: str = "photo") -> TrackingVideo:
     """One video of ``photo`` (PIL or uint8 H x W x 3) under ``motion``."""
-    cv2 = _cv2()
+    cv2 = cv2_module()
     image = np.asarray(photo.convert("RGB") if hasattr(photo, "convert") else photo)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"{name}: photos must be RGB uint8 H x W x 3, got {image.dtype} {image.shape}")

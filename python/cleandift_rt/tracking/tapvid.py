@@ -19,17 +19,9 @@ from typing import Iterator
 import numpy as np
 
 from .metrics import EVAL_SIZE, TrackingVideo
+from .video import cv2_module
 
 PICKLE_SUFFIXES = (".pkl", ".pickle")
-
-
-def _cv2():
-    try:
-        import cv2
-    except ImportError:
-        raise ImportError("reading TAP-Vid videos needs OpenCV: pip install opencv-python-headless "
-                          "(or the [robotics] extra)") from None
-    return cv2
 
 
 def tapvid_files(path: str | Path) -> list[Path]:
@@ -78,7 +70,7 @@ def _video(name: str, record, size: int, file: Path) -> TrackingVideo:
     if points.ndim != 3 or points.shape[1:] != (len(frames), 2) or occluded.shape != points.shape[:2]:
         raise ValueError(f"{file}: video {name} has {len(frames)} frames but points {points.shape} / occluded "
                          f"{occluded.shape} (expected [N, T, 2] / [N, T])")
-    cv2 = _cv2()
+    cv2 = cv2_module()
     resized = np.stack([f if f.shape[:2] == (size, size) else
                         cv2.resize(f, (size, size), interpolation=cv2.INTER_AREA if f.shape[0] > size else cv2.INTER_LINEAR)
                         for f in frames])
@@ -92,7 +84,7 @@ def _frames(video, name: str, file: Path) -> np.ndarray:
             raise ValueError(f"{file}: video {name} must be uint8 [T, H, W, 3], got {video.shape}")
         return video
     if isinstance(video, (list, tuple)) and video and all(isinstance(b, (bytes, bytearray)) for b in video):
-        cv2 = _cv2()
+        cv2 = cv2_module()
         frames = []
         for i, data in enumerate(video):
             bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)

@@ -22,8 +22,8 @@ def cv2_module():
     try:
         import cv2
     except ImportError:
-        raise ImportError("reading and writing videos needs OpenCV: pip install opencv-python-headless "
-                          "(or the [robotics] extra)") from None
+        raise ImportError("tracking videos (reading, writing, synthetic ones) need OpenCV: pip install "
+                          "opencv-python-headless") from None
     return cv2
 
 
@@ -103,17 +103,18 @@ def draw_tracks(frame: np.ndarray, history: list[np.ndarray], visible: np.ndarra
     (filled green where visible, a red ring where not)."""
     cv2 = cv2_module()
     out = np.ascontiguousarray(frame.copy())
-    radius = max(2, round(min(frame.shape[:2]) / 120))
+    radius = max(3, round(min(frame.shape[:2]) / 70))
     recent = history[-trail:]
     for i in range(len(visible)):
         path = np.array([h[i] for h in recent], dtype=np.float64)
         if len(path) > 1:
             cv2.polylines(out, [np.round(path).astype(np.int32)], False, (255, 220, 0), 1, cv2.LINE_AA)
         x, y = (int(round(v)) for v in recent[-1][i])
+        cv2.circle(out, (x, y), radius + 1, (0, 0, 0), 2, cv2.LINE_AA)  # a dark edge: readable on any photo
         if visible[i]:
             cv2.circle(out, (x, y), radius, VISIBLE, -1, cv2.LINE_AA)
         else:
-            cv2.circle(out, (x, y), radius, HIDDEN, 1, cv2.LINE_AA)
+            cv2.circle(out, (x, y), radius, HIDDEN, 2, cv2.LINE_AA)
     return out
 
 
@@ -126,13 +127,13 @@ def results_picture(results: dict, height: int = 256):
     rows = [results["per_video"][n] for n in names[:-1]] + [results["overall"]]
     colours = [(68, 1, 84), (33, 145, 140), (253, 180, 37)]
     label_w, bar_w, row_h = 240, 360, 22
-    chart = Image.new("RGB", (label_w + bar_w + 20, 40 + row_h * len(rows) + 20), "white")
+    chart = Image.new("RGB", (label_w + bar_w + 110, 40 + row_h * len(rows) + 20), "white")
     draw = ImageDraw.Draw(chart)
     font = ImageFont.load_default()
-    legend = ["average Jaccard", "<δ avg", "occlusion accuracy"]
+    legend = ["average Jaccard", "points within 1-16 px (avg)", "occlusion accuracy"]
     for j, (text, colour) in enumerate(zip(legend, colours)):
-        draw.rectangle([10 + j * 200, 10, 22 + j * 200, 22], fill=colour)
-        draw.text((28 + j * 200, 10), text, fill="black", font=font)
+        draw.rectangle([10 + j * 220, 10, 22 + j * 220, 22], fill=colour)
+        draw.text((28 + j * 220, 10), text, fill="black", font=font)
     for i, (name, metrics) in enumerate(zip(names, rows)):
         y = 40 + i * row_h
         draw.text((10, y + 4), name[:36], fill="black", font=font)
@@ -141,7 +142,7 @@ def results_picture(results: dict, height: int = 256):
             if np.isfinite(value):
                 x0, bar_h = label_w, (row_h - 4) // 3
                 draw.rectangle([x0, y + j * bar_h, x0 + value * bar_w, y + (j + 1) * bar_h - 1], fill=colours[j])
-        draw.text((label_w + bar_w - 60, y + 4), f"AJ {100 * metrics['average_jaccard']:.1f}", fill="black", font=font)
+        draw.text((label_w + bar_w + 10, y + 4), f"AJ {100 * metrics['average_jaccard']:.1f}", fill="black", font=font)
     panels = [chart]
     for video, pred in results.get("previews", []):
         panels.append(Image.fromarray(_preview_strip(video, pred, height)))
