@@ -11,7 +11,11 @@ formats. ``--runs 3000`` is the CI-sized run (tests/reliability/test_fuzz.py); t
 docs/reliability.md is ``--seconds 600``.
 
 Readers: student safetensors (header, metadata, U-Net config, tensors), ONNX engine metadata,
-TensorRT plan header, SPair-71k pair annotation, pairs.json, PF-Pascal CSV, images.
+TensorRT plan header, SPair-71k pair annotation, pairs.json, PF-Pascal CSV, images, training config
+files, aggregator files (metadata, config, tensors) and extraction manifests. The JSON readers'
+seeds include documents nested past ``MAX_JSON_DEPTH`` and, for the config reader, one past the
+size limit (the worker lowers ``CLEANDIFT_MAX_JSON_BYTES`` to 64 KiB so mutations cross it): a
+``RecursionError`` or an unbounded read is a finding like any other.
 """
 
 from __future__ import annotations
@@ -28,7 +32,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-TARGETS = ("student", "onnx", "plan", "spair", "pairs_json", "pf_csv", "image")
+TARGETS = ("student", "onnx", "plan", "spair", "pairs_json", "pf_csv", "image", "config", "aggregator", "manifest")
+DEEP = 5000  # nesting of the deep seeds: far past MAX_JSON_DEPTH (64) and Python's parser limit (~1000)
+JSON_BYTES = 64 << 10  # the worker's CLEANDIFT_MAX_JSON_BYTES
 ALLOWED = (ValueError, TypeError, FileNotFoundError)
 
 
@@ -62,7 +68,11 @@ def _artifact_info():
                         scaling_factor=0.18215)
 
 
-def _onnx_bytes() -> bytes:
+def _deep(depth: int = DEEP) -> str:
+    return "[" * depth + "]" * depth
+
+
+def _onnx_bytes(deep: bool = False) -> bytes:
     from onnx import TensorProto, helper
 
     x = helper.make_tensor_value_info("images", TensorProto.FLOAT, ["b", 3, 128, 128])
@@ -70,11 +80,11 @@ def _onnx_bytes() -> bytes:
     model = helper.make_model(helper.make_graph([helper.make_node("Identity", ["images"], ["us6"])], "g", [x], [y]))
     for k, v in _artifact_info().to_props().items():
         entry = model.metadata_props.add()
-        entry.key, entry.value = k, v
+        entry.key, entry.value = k, (_deep() if deep and k.endswith("batch") else v)
     return model.SerializeToString()
 
 
-def _plan_bytes() -> bytes:
+def _plan_bytes(deep: bool = False) -> bytes:
     import numpy as np
 
     from cleandift_rt.export.trt_build import plan_header
@@ -83,7 +93,38 @@ def _plan_bytes() -> bytes:
     header = plan_header(_artifact_info(), "11.4.0", (9, 0), "H200", {"min": 1, "opt": 2, "max": 4}, True, 8.0,
                          np.zeros((1, 77, 32), np.float32), {"engine_layers": 3, "precision_mix": {"fp16": 3}},
                          "tiny.onnx", 16)
+    if deep:
+        header["profile"]["batch"] = "@@"
+        return plan_header_bytes(header).replace(b'"@@"', _deep().encode()) + bytes(16)
     return plan_header_bytes(header) + bytes(16)
+
+
+def _aggregator_bytes(folder: Path, deep: bool = False) -> bytes:
+    import torch
+
+    from cleandift_rt.checkpoint import read_safetensors, read_safetensors_metadata, write_safetensors
+    from cleandift_rt.hyper.aggregator import Aggregator
+    from cleandift_rt.hyper.network import AggregationConfig, AggregationNetwork
+
+    torch.manual_seed(0)
+    config = AggregationConfig(layers=("us6",), channels=(32,), strides=(16,), timesteps=(261.0,), projection_dim=128)
+    path = Aggregator(AggregationNetwork(config), "cleandift").save(folder / "aggregator.safetensors")
+    if deep:
+        meta = dict(read_safetensors_metadata(path), config=_deep())
+        write_safetensors(path, read_safetensors(path), meta)
+    return path.read_bytes()
+
+
+def _manifest_bytes(deep: bool = False) -> bytes:
+    config = {"format": "shards", "taps": ["us6"], "shapes": {"us6": [64, 4, 4]}, "input_size": [64, 64],
+              "resize": "stretch", "precision": "fp32", "engine": "e.onnx", "engine_digest": "0" * 16, "prompt": ""}
+    lines = [{"manifest": "cleandift-rt-extract", "version": 2, "config": config},
+             {"shard": "shard-a.safetensors", "images": ["a.jpg", "b.jpg"], "inputs": ["d1", "d2"], "digest": "d",
+              "failed": [["c.jpg", "c.jpg", "cannot decode"]]},
+             {"files": [["x.jpg", "x.jpg.safetensors", "d3", "d4"]], "failed": []},
+             {"redo": ["a.jpg"], "drop": ["shard-a.safetensors"]}]
+    text = "".join(json.dumps(line) + "\n" for line in lines)
+    return (text + _deep() + "\n").encode() if deep else text.encode()
 
 
 def _image_seeds() -> list[bytes]:
@@ -109,10 +150,17 @@ def seeds(folder: Path) -> dict[str, list[bytes]]:
              "src_bndbox": [0, 0, 60, 60], "category": "cat", "kps_ids": ["0", "1"]}
     pairs = {"pairs": [{"source": "a.jpg", "target": "b.jpg", "source_points": [[1, 2]],
                         "target_points": [[3, 4]], "category": "cat", "bbox": [0, 0, 60, 60]}]}
-    return {"student": [_tiny_student_bytes(folder)], "onnx": [_onnx_bytes()], "plan": [_plan_bytes()],
-            "spair": [json.dumps(spair).encode()], "pairs_json": [json.dumps(pairs).encode()],
+    config = {"steps": 10, "lr": 1e-5, "taps": ["us6"], "adam_betas": [0.9, 0.999], "size": 64, "bf16": False}
+    return {"student": [_tiny_student_bytes(folder)], "onnx": [_onnx_bytes(), _onnx_bytes(deep=True)],
+            "plan": [_plan_bytes(), _plan_bytes(deep=True)],
+            "spair": [json.dumps(spair).encode(), json.dumps(dict(spair, src_kps=_deep())).encode()],
+            "pairs_json": [json.dumps(pairs).encode(), _deep().encode()],
             "pf_csv": [b"source_image,target_image,class,XA,YA,XB,YB\na.jpg,b.jpg,1,1;2,3;4,5;6,7;8\n"],
-            "image": _image_seeds()}
+            "image": _image_seeds(),
+            "config": [json.dumps(config).encode(), json.dumps(dict(config, taps="@@")).replace('"@@"', _deep()).encode(),
+                       json.dumps(dict(config, pad="x" * JSON_BYTES)).encode()],
+            "aggregator": [_aggregator_bytes(folder), _aggregator_bytes(folder, deep=True)],
+            "manifest": [_manifest_bytes(), _manifest_bytes(deep=True)]}
 
 
 # -- the readers ---------------------------------------------------------------------------------
@@ -121,10 +169,13 @@ def seeds(folder: Path) -> dict[str, list[bytes]]:
 def make_readers(work: Path):
     from cleandift_rt.evaluation.pairs import load_pairs_json, load_pf_csv
     from cleandift_rt.evaluation.spair import load_spair
+    from cleandift_rt.extraction import read_manifest
     from cleandift_rt.features.preprocess import load_image
     from cleandift_rt.formats.artifact import describe, read_onnx_info
     from cleandift_rt.formats.plan import decode_array, read_plan_header
+    from cleandift_rt.hyper.aggregator import Aggregator
     from cleandift_rt.models import load_student
+    from cleandift_rt.training import build_config
 
     spair_root = work / "SPair"
     (spair_root / "PairAnnotation" / "test").mkdir(parents=True, exist_ok=True)
@@ -150,7 +201,10 @@ def make_readers(work: Path):
             "plan": plan, "spair": spair,
             "pairs_json": lambda d: load_pairs_json(write("pairs.json", d), work),
             "pf_csv": lambda d: load_pf_csv(write("pairs.csv", d), work),
-            "image": lambda d: load_image(write("x.img", d))}
+            "image": lambda d: load_image(write("x.img", d)),
+            "config": lambda d: build_config(config_file=write("config.json", d)),
+            "aggregator": lambda d: Aggregator.from_file(write("aggregator.safetensors", d)),
+            "manifest": lambda d: (write("manifest-shards.jsonl", d), read_manifest(work, "shards"))}
 
 
 def instrument_package(atheris) -> int:
@@ -229,7 +283,8 @@ def main(argv=None) -> int:
            *limit_args, "-max_len=262144", "-len_control=0", "-rss_limit_mb=4096", "-timeout=30", f"-artifact_prefix={work}/",
            str(corpus)]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", CLEANDIFT_MAX_JSON_BYTES=str(JSON_BYTES))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - t0
     findings = sorted(str(p) for p in work.iterdir() if p.name.startswith(("crash-", "oom-", "timeout-", "leak-")))
     executions = json.loads(stats.read_text()) if stats.is_file() else {}

@@ -20,5 +20,6 @@ def test_every_file_reader_survives_the_ci_sized_fuzz_run(tmp_path):
     result = json.loads(out.read_text())
     assert proc.returncode == 0 and not result["findings"], result.get("log_tail") or proc.stderr[-3000:]
     assert result["total_executions"] >= 2900
-    assert set(result["executions"]) == {"student", "onnx", "plan", "spair", "pairs_json", "pf_csv", "image"}
+    assert set(result["executions"]) == {"student", "onnx", "plan", "spair", "pairs_json", "pf_csv", "image", "config",
+                                         "aggregator", "manifest"}
     assert all(n > 0 for n in result["executions"].values()) and result["coverage_edges"] > 100
