@@ -14,7 +14,9 @@ cannot send, so another page open in the browser cannot drive it.
 from __future__ import annotations
 
 import json
+import socket
 import sys
+import threading
 import traceback
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -30,14 +32,39 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 class ExplorerServer(ThreadingHTTPServer):
     """The server of one :class:`Session`; ``port=0`` takes a free port (``url`` says which). ``session``
-    may be set after the port is bound (None until then), as long as it is before ``serve_forever``."""
+    may be set after the port is bound (None until then), as long as it is before ``serve_forever``.
 
-    daemon_threads = True
+    ``server_close`` ends every open connection and waits for its thread: a daemon thread still in an
+    engine call (or blocked on a kept-alive browser connection) when Python exits is unwound inside
+    native code, which aborts the process ("terminate called without an active exception")."""
+
+    daemon_threads = False  # joined by server_close (block_on_close)
 
     def __init__(self, session: Session | None, host: str = "127.0.0.1", port: int = 0, tracking=None):
         self.session, self.tracking = session, tracking
         self.page = PAGE.read_bytes()
+        self._connections: set[socket.socket] = set()
+        self._connections_lock = threading.Lock()
         super().__init__((host, port), Handler)
+
+    def process_request(self, request, client_address):
+        with self._connections_lock:
+            self._connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request):
+        with self._connections_lock:
+            self._connections.discard(request)
+        super().shutdown_request(request)
+
+    def server_close(self):
+        with self._connections_lock:
+            for connection in self._connections:  # a kept-alive connection's thread waits in recv: wake it
+                try:
+                    connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        super().server_close()  # joins the request threads
 
     @property
     def url(self) -> str:
@@ -58,6 +85,12 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format, *args):  # one line per request is noise in a terminal; errors are logged
         pass
+
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except ConnectionError:  # a browser closed a kept-alive connection (tab closed, browser quit)
+            pass
 
     # -- answers -----------------------------------------------------------------------------------
 
