@@ -5,7 +5,8 @@ a TensorRT plan.
 and code (:func:`export_onnx_main`, :func:`build_plan_main`); they keep their error prefixes
 (``export_onnx:``, ``build_engine:``) and exit statuses: 2 for arguments and files, and for
 build-plan 3 when TensorRT or the GPU is missing and 4 when the plan fails verification (kept as
-``OUT.unverified.plan``). The subcommands exit with the same statuses.
+``OUT.unverified.plan``); export-onnx ``--precision int8`` likewise 3 without NNCF and 4 when accuracy
+control misses the target (kept as ``OUT.unverified.onnx``). The subcommands exit with the same statuses.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import argparse
 import os
 import sys
 
-from .common import Parser, add_output_args, add_size_arg
+from .common import Parser, add_output_args, add_size_arg, positive_int
 
 EXPORT_DESCRIPTION = """\
 Export a CleanDIFT student to one ONNX graph: image -> VAE encoder -> student U-Net -> named taps.
@@ -28,6 +29,7 @@ examples:
   cleandift-rt export-onnx --student student_unet.safetensors --base sd21/ --out sd21.onnx --size 768
   cleandift-rt export-onnx ... --taps us6 --dynamic-size 512 1024 --batch 1:4:8 --prompt ""
   cleandift-rt export-onnx ... --precision fp16    # for TensorRT: fp16 with fp32 islands, and OUT.fp32.onnx
+  cleandift-rt export-onnx ... --precision int8 --calibration photos/   # CPUs with VNNI / AMX-INT8 (docs/cpu.md)
   cleandift-rt export-onnx ... --aggregator runs/hyper/aggregator.safetensors   # + the 'hyper' output
 python export/export_onnx.py takes the same flags."""
 
@@ -66,11 +68,13 @@ def add_export_onnx_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", default="", help='prompt whose embedding is baked in (default "")')
     p.add_argument("--resize", default="stretch", choices=("stretch", "pad"), help="size policy the Engine applies")
     p.add_argument("--external-data", action="store_true", help="always keep weights in OUT.data (default: > 2 GB)")
-    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
+    p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32",
                    help="fp16: weights and activations in fp16 with fp32 islands (attention scores, norms, "
                    "image-independent paths, tensors measured beyond the fp16 range on the bundled photos), fp32 "
                    "inputs and outputs; the fp32 graph is kept as OUT.fp32.onnx (the reference build-plan "
-                   "--verify compares against). Needed for TensorRT's strongly typed fp16 engines")
+                   "--verify compares against). Needed for TensorRT's strongly typed fp16 engines. int8: "
+                   "accuracy-controlled post-training quantization for CPUs with VNNI / AMX-INT8 (options below; "
+                   "the fp32 graph is kept as OUT.fp32.onnx)")
     p.add_argument("--aggregator", metavar="FILE", help="an aggregator.safetensors (cleandift-rt train-aggregator, "
                    "source cleandift or cleandift-heads): the graph also computes its Diffusion Hyperfeatures "
                    "descriptor, output 'hyper' (heads included)")
@@ -78,6 +82,39 @@ def add_export_onnx_args(p: argparse.ArgumentParser) -> None:
                    help="Robot-DIFT packages: read pickled .bin U-Net weights (only from a source you trust)")
     p.add_argument("--latent", choices=("mode",), default=None,
                    help="Robot-DIFT 'sample' packages: export with the VAE posterior mode (a graph cannot sample)")
+    add_int8_args(p)
+
+
+def add_int8_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("int8 (--precision int8; pip install 'cleandift-rt[int8]')")
+    g.add_argument("--calibration", metavar="DIR", help="images of your domain (searched recursively): "
+                   "--validation-size of them are held out for the accuracy check, the next --calibration-size "
+                   "calibrate (default: the 3 bundled photos for both, with a warning)")
+    g.add_argument("--calibration-size", type=positive_int, default=64, metavar="N",
+                   help="images the quantization statistics come from (default 64)")
+    g.add_argument("--validation-size", type=positive_int, default=8, metavar="N",
+                   help="held-out images the accuracy is measured on (default 8, at most a quarter of DIR)")
+    g.add_argument("--max-drop", type=float, default=0.01, metavar="X",
+                   help="the worst per-tap cosine to the fp32 graph on the held-out images must be >= 1 - X; "
+                   "accuracy control keeps the layers that cost the most in bf16 / fp32 until it is (default 0.01)")
+    g.add_argument("--max-iterations", type=positive_int, metavar="N",
+                   help="at most N groups of layers put back in floating point (default: as many as it takes)")
+
+
+INT8_FLAGS = ("calibration", "calibration_size", "validation_size", "max_drop", "max_iterations")
+
+
+def int8_options(args):
+    """The ``Int8Options`` of ``--precision int8`` (None otherwise); int8 flags with another precision are refused."""
+    from ..export.int8 import Int8Options
+
+    defaults = Int8Options()
+    given = [f for f in INT8_FLAGS if getattr(args, f) != getattr(defaults, f)]
+    if args.precision != "int8":
+        if given:
+            raise ValueError(f"--{given[0].replace('_', '-')} is an option of --precision int8")
+        return None
+    return Int8Options(**{f: getattr(args, f) for f in INT8_FLAGS})
 
 
 def run_export_onnx(args) -> None:
@@ -89,6 +126,7 @@ def run_export_onnx(args) -> None:
     from ..models import load_base, load_student_and_base
     from ..models.robot_dift import is_robot_dift_package
 
+    int8 = int8_options(args)
     check_export_args(args.out, args.size, args.dynamic_size, args.taps, args.batch, args.resize, args.precision,
                       aggregator=args.aggregator)
     if is_robot_dift_package(args.student):  # opened by export_onnx, with its own options
@@ -100,7 +138,8 @@ def run_export_onnx(args) -> None:
         size = [base.resolution] * 2  # the base model's native size
     export_onnx(student, base, args.out, size=size, dynamic_size=args.dynamic_size, taps=args.taps, batch=args.batch,
                 prompt=args.prompt, resize=args.resize, external_data=True if args.external_data else None,
-                precision=args.precision, aggregator=args.aggregator, allow_pickle=args.allow_pickle, latent=args.latent)
+                precision=args.precision, aggregator=args.aggregator, allow_pickle=args.allow_pickle, latent=args.latent,
+                int8=int8)
 
 
 def export_onnx_parser() -> argparse.ArgumentParser:
@@ -111,10 +150,11 @@ def export_onnx_parser() -> argparse.ArgumentParser:
 
 
 def export_onnx_main(argv=None) -> int:
-    """``python export/export_onnx.py``: bad arguments, unreadable inputs, unwritable output: one line, status 2."""
+    """``python export/export_onnx.py``: bad arguments, unreadable inputs, unwritable output: one line, status 2;
+    int8 without NNCF: 3; an int8 graph that misses its accuracy target: 4 (kept as OUT.unverified.onnx)."""
     args = export_onnx_parser().parse_args(argv)
     try:
-        run_export_onnx(args)
+        return export_onnx_status(args, "export_onnx: ")
     except (ValueError, OSError) as exc:
         print(f"export_onnx: {exc}", file=sys.stderr)
         return 2
@@ -175,9 +215,23 @@ def build_plan_main(argv=None) -> int:
         return 2
 
 
-def cmd_export_onnx(args) -> int:
-    run_export_onnx(args)
+def export_onnx_status(args, prefix: str) -> int:
+    """Export; a missing quantizer or an int8 graph below its target is one line and its own status."""
+    from ..export.int8 import Int8TargetMissed
+
+    try:
+        run_export_onnx(args)
+    except ImportError as exc:
+        print(f"{prefix}{exc}", file=sys.stderr)
+        return UNAVAILABLE
+    except Int8TargetMissed as exc:
+        print(f"{prefix}{exc}", file=sys.stderr)
+        return UNVERIFIED
     return 0
+
+
+def cmd_export_onnx(args) -> int:
+    return export_onnx_status(args, "error: ")
 
 
 def cmd_build_plan(args) -> int:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..formats.quantized import describe_int8
 from .common import UserError, save_picture
 
 ENGINE_SUFFIXES = (".onnx", ".plan")
@@ -61,6 +62,12 @@ def format_info(d: dict) -> str:
         lines.append(f"  hyper: {hyper['channels']} ch, /{hyper['stride']}, the {hyper.get('source', '?')} aggregator "
                      f"{hyper.get('aggregator', '')} over {', '.join(hyper.get('layers', []))} at timesteps "
                      f"{', '.join(f'{t:g}' for t in hyper.get('timesteps', []))}")
+    extra = d.get("extra") or {}
+    if extra.get("precision", "fp32") != "fp32":  # an fp16 or int8 export, or a plan
+        reference = f" (from the fp32 graph {extra['fp32_reference']})" if extra.get("fp32_reference") else ""
+        lines.append(f"  precision: {extra['precision']}{reference}")
+    if extra.get("int8"):
+        lines.extend(describe_int8(extra["int8"]))
     lines.extend(f"  WARNING: {w}" for w in d.get("warnings", []))
     return "\n".join(lines)
 

@@ -108,9 +108,10 @@ def _producers(nodes) -> dict[str, int]:
     return {out: i for i, node in enumerate(nodes) for out in node.output if out}
 
 
-def data_dependent(model) -> set[int]:
-    """Indices of the nodes whose values depend on a graph input's values (not only on its shape)."""
-    tainted = {inp.name for inp in model.graph.input}
+def data_dependent(model, inputs=None) -> set[int]:
+    """Indices of the nodes whose values depend on the values (not only the shape) of a graph input, or of
+    one of ``inputs`` (names) when given."""
+    tainted = set(inputs) if inputs is not None else {inp.name for inp in model.graph.input}
     found = set()
     for i, node in enumerate(model.graph.node):
         if node.op_type in SHAPE_ONLY_OPS:

@@ -78,11 +78,11 @@ class FeatureGraph(nn.Module):
         return outputs
 
 
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")
 
 
 def fp32_reference_path(out: str | Path) -> Path:
-    """Where an fp16 export keeps the fp32 graph it was made from (calibration and build-time checks)."""
+    """Where an fp16 or int8 export keeps the fp32 graph it was made from (calibration and build-time checks)."""
     out = Path(out)
     return out.with_name(out.stem + ".fp32.onnx")
 
@@ -99,6 +99,10 @@ def check_export_args(out: str | Path, size: Sequence[int] | None, dynamic_size:
         raise ValueError(f"output {out} must end in .onnx")
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    if precision == "int8":
+        from .int8 import import_nncf
+
+        import_nncf()  # before the models load
     wanted = resolve_taps(taps)
     check_policy(resize)
     batch_range = parse_batch(batch)
@@ -112,7 +116,7 @@ def export_onnx(student: str | Path | Student, base: str | Path | BaseModel, out
                 taps=None, batch: str | None = None, prompt: str = "", resize: str = "stretch",
                 external_data: bool | None = None, precision: str = "fp32", policy: PrecisionPolicy | None = None,
                 aggregator=None, derived=(), allow_pickle: bool = False, latent: str | None = None,
-                log=print) -> ArtifactInfo:
+                int8=None, log=print) -> ArtifactInfo:
     """Write ``out`` (and ``out`` + ``.data`` when the weights go outside) and return its metadata.
 
     ``size`` (H, W) fixes the input size; ``dynamic_size`` (MIN, MAX) makes H and W dynamic within
@@ -120,6 +124,8 @@ def export_onnx(student: str | Path | Student, base: str | Path | BaseModel, out
     ONNX batch axis is always dynamic. ``external_data`` None = only when the model exceeds 2 GB.
     ``precision="fp16"`` writes the fp32 graph to ``fp32_reference_path(out)`` first and ``out`` as
     its fp16 conversion with fp32 islands (``write_fp16_onnx``; strongly typed TensorRT needs it).
+    ``precision="int8"`` does the same with the int8 quantization of the fp32 graph (``export.int8``;
+    ``int8``: its ``Int8Options``, calibration images and accuracy target).
     ``derived`` (``formats.derived.DerivedOutput``s) and ``aggregator`` (a path or an ``Aggregator``: the
     ``hyper`` output) add outputs computed from taps (module docstring). ``student`` may be a
     Robot-DIFT package folder (``models.robot_dift``; ``allow_pickle`` for ``.bin`` weights, ``latent="mode"``
@@ -187,12 +193,16 @@ def export_onnx(student: str | Path | Student, base: str | Path | BaseModel, out
         log(f"traced and exported in {time.perf_counter() - t1:.1f} s")
         model = onnx.load(str(raw))  # pulls in the per-tensor external files the exporter may write
     _finish_graph(model, embeds, info)
-    fp32_out = fp32_reference_path(out) if precision == "fp16" else out
+    fp32_out = fp32_reference_path(out) if precision in ("fp16", "int8") else out
     save_onnx(model, fp32_out, external_data)
     del model
     log(f"wrote {fp32_out} ({_size_text(fp32_out)}) in {time.perf_counter() - t0:.1f} s")
     if precision == "fp16":
         info = write_fp16_onnx(fp32_out, out, policy or PrecisionPolicy(), external_data=external_data, log=log)
+    if precision == "int8":
+        from .int8 import Int8Options, write_int8_onnx
+
+        info = write_int8_onnx(fp32_out, out, int8 or Int8Options(), external_data=external_data, log=log)
     return info
 
 

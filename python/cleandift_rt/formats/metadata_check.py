@@ -15,6 +15,7 @@ from ..conditioning import check_text_conditioning
 from ..features.preprocess import RESIZE_POLICIES, SIZE_MULTIPLE
 from ..taps import TAP_TABLE, TAPS
 from ..timesteps import check_timestep
+from .quantized import check_precision_record
 
 MAX_SIDE = 8192
 MAX_BATCH = 1024
@@ -108,3 +109,4 @@ def check_artifact_fields(info, source: str) -> None:
         check_text_conditioning(info.text_conditioning, f"{source}: metadata text_conditioning")
     if not isinstance(info.extra, dict):
         raise ValueError(f"{source}: metadata field extra must be an object")
+    check_precision_record(info.extra, source)

@@ -38,17 +38,19 @@ from ..checks import check_int, check_size
 from ..features.extractor import check_prompt_embeds
 from ..features.preprocess import check_policy, load_image, prepare_images
 from ..formats.artifact import ArtifactInfo, read_info
+from ..formats.quantized import file_precision
 from ..kernels.precision import check_precision, cpu_precision
 from ..models.robot_dift import is_robot_dift_package
 from .backends.common import Backend, check_finite_outputs
 from .derived import DerivedOutputs
 from .latest import check_policy as check_stream_policy, frames as policy_frames
+from .quantized import int8_choice
 
 
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?")  # the device strings every backend understands
 BACKENDS = {"onnxruntime": ".onnx", "openvino": ".onnx", "tensorrt": ".plan", "torch": "student"}
 _ALIASES = {"pytorch": "torch"}  # the torch backend's info["backend"] name, accepted too
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 MAX_THREADS = 1024  # CPU threads a runtime may be given (ONNX Runtime takes a C int)
 _INSTALL = {"onnxruntime": "pip install onnxruntime", "openvino": "pip install openvino"}
 
@@ -180,12 +182,16 @@ class Engine:
                              "is not one (no metadata.json)")
         # small files, read before the big models load; computed here, in PyTorch, on the backend's taps
         self._derived = DerivedOutputs(derived, aggregator=aggregator)
+        extra = {}
         if suffix in (".onnx", ".plan"):  # check the options against the metadata before loading anything big
-            self._configure(read_info(self.path), size, resize, taps)
+            meta = read_info(self.path)
+            self._configure(meta, size, resize, taps)
+            extra = meta.extra
+        int8 = int8_choice(self.path, backend, device, precision, file_precision(extra), extra.get("fp32_reference"))
         self.requested_precision = precision
         self.backend: Backend
         if suffix == ".onnx":
-            backend, precision = choose_onnx_backend(backend, device, precision)
+            backend, precision = int8 or choose_onnx_backend(backend, device, precision)
             if backend == "openvino":
                 from .backends.openvino import OpenVINOBackend
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ...formats.artifact import EMBEDS_INPUT, IMAGE_INPUT, ArtifactInfo, read_onnx_info
+from ...formats.quantized import file_precision
 from .common import Backend, available_cpus, check_external_data, check_outputs, host_float32
 
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
@@ -113,8 +114,10 @@ class OnnxRuntimeBackend(Backend):
         check_outputs(self.path, self.info, {o.name for o in self.session.get_outputs()})
 
     def describe(self) -> dict:
-        return {"backend": self.name, "providers": self.providers, "threads": self.threads,
-                "device": str(self.device)}
+        d = {"backend": self.name, "providers": self.providers, "threads": self.threads, "device": str(self.device)}
+        if file_precision(self.info.extra) == "int8":  # the CPU provider fuses its QDQ pairs into int8 kernels
+            d["precision"] = "int8"
+        return d
 
     def run(self, pixels: torch.Tensor, embeds: torch.Tensor | None, taps) -> dict[str, torch.Tensor]:
         if self.on_gpu:

@@ -1,4 +1,4 @@
-"""OpenVINO backend for exported ``.onnx`` feature graphs, on the CPU, in fp32 or native bf16.
+"""OpenVINO backend for exported ``.onnx`` feature graphs, on the CPU, in fp32, native bf16 or int8.
 
 - **Compiled once** per (file, the sizes and modification times of it and its ``.data`` weights,
   precision, threads) in this process: Engines opening the same file with the same options share
@@ -7,6 +7,10 @@
   fp32, since OpenVINO's CPU plugin itself defaults to bf16 on CPUs with AVX512_BF16 or AMX, and
   ``"bf16"`` only where the Engine found native bf16. ``describe()`` reports the hint the
   compiled model holds and the precision its convolutions and matrix products actually run in.
+- **int8 files** (the QDQ graphs of ``export.int8``): the quantized convolutions and matrix products
+  run in int8 (VNNI / AMX-INT8), the layers kept in floating point under the bf16 hint where the CPU
+  has native bf16, else f32, as they were validated at export. ``describe()["layer_precision"]``
+  lists the precision each convolution and matrix product runs in (OpenVINO's runtime model).
 - **prompt_embeds**: OpenVINO's ONNX reader turns an input that is also an initializer (our baked
   prompt) into a Constant, which would make the prompt unchangeable. The backend turns that
   Constant back into a Parameter ``[E, L, D]`` before compiling and feeds the Constant's value
@@ -34,10 +38,18 @@ import torch
 
 from ...formats.artifact import EMBEDS_INPUT, IMAGE_INPUT, ArtifactInfo, read_onnx_info
 from ...kernels.precision import cpu_feature_names
+from ..quantized import float_layers
 from .common import Backend, available_cpus, check_external_data, check_outputs, host_float32
 
 HINTS = {"fp32": "f32", "bf16": "bf16"}  # our precision names -> OpenVINO's
 COMPUTE_LAYERS = ("Convolution", "MatMul", "FullyConnected", "GroupConvolution", "Deconvolution")
+INT8_PRECISIONS = ("i8", "u8")  # what OpenVINO's runtime model says of a layer that runs in int8
+
+
+def hint_of(precision: str) -> str:
+    """OpenVINO's inference precision hint for our precision: an int8 graph's floating-point layers run in
+    bf16 where the CPU has it natively, else in fp32 (its quantized layers run int8 either way)."""
+    return HINTS[float_layers() if precision == "int8" else precision]
 
 
 def import_openvino():
@@ -119,7 +131,7 @@ def compile_onnx(path: Path, precision: str, threads: int) -> _Compiled:
             raise ValueError(f"{path} lacks the input '{IMAGE_INPUT}': not a cleandift-rt feature graph")
         default = _prompt_as_parameter(ov, model, path)
         folded = _fold_timestep_embedding(model)
-        config = {"INFERENCE_PRECISION_HINT": HINTS[precision], "INFERENCE_NUM_THREADS": int(threads),
+        config = {"INFERENCE_PRECISION_HINT": hint_of(precision), "INFERENCE_NUM_THREADS": int(threads),
                   "PERFORMANCE_HINT": "LATENCY"}
         try:
             compiled = core.compile_model(model, "CPU", config)
@@ -131,14 +143,14 @@ def compile_onnx(path: Path, precision: str, threads: int) -> _Compiled:
         return entry
 
 
-def compute_precisions(compiled) -> dict[str, int]:
-    """How many convolution / matrix-product layers run in which precision (OpenVINO's runtime model)."""
-    counts: Counter = Counter()
+def layer_precisions(compiled) -> dict[str, str]:
+    """``{layer: precision it runs in}`` of the convolution / matrix-product layers (OpenVINO's runtime model)."""
+    out = {}
     for op in compiled.get_runtime_model().get_ops():
         info = op.get_rt_info()
         if str(info["layerType"].astype(str)) in COMPUTE_LAYERS:
-            counts[str(info["runtimePrecision"].astype(str))] += 1
-    return dict(counts)
+            out[op.get_friendly_name()] = str(info["runtimePrecision"].astype(str))
+    return out
 
 
 class OpenVINOBackend(Backend):
@@ -151,8 +163,8 @@ class OpenVINOBackend(Backend):
         if device is not None and not device.startswith("cpu"):
             raise ValueError(f"backend 'openvino' runs on the CPU, not {device!r}: for CUDA use backend='onnxruntime' "
                              "(with onnxruntime-gpu) or a TensorRT plan")
-        if precision not in HINTS:
-            raise ValueError(f"backend 'openvino' runs 'fp32' or 'bf16', not {precision!r}")
+        if precision not in (*HINTS, "int8"):
+            raise ValueError(f"backend 'openvino' runs 'fp32', 'bf16' or (int8 files) 'int8', not {precision!r}")
         self.info: ArtifactInfo = read_onnx_info(self.path)
         check_external_data(self.path)
         self.threads = int(threads) if threads else available_cpus()
@@ -160,9 +172,12 @@ class OpenVINOBackend(Backend):
         check_outputs(self.path, self.info, self._entry.outputs)
         compiled = self._entry.model
         hint = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # "f32" / "bf16"
-        self.precision = {v: k for k, v in HINTS.items()}.get(hint, hint)
-        if self.precision != precision:
+        if hint != hint_of(precision):
             raise RuntimeError(f"OpenVINO compiled {self.path} for {hint} although {precision} was asked for")
+        layers = layer_precisions(compiled)
+        self.precision = {v: k for k, v in HINTS.items()}.get(hint, hint)
+        if precision == "int8" and any(p in INT8_PRECISIONS for p in layers.values()):
+            self.precision = "int8"  # else OpenVINO runs none of it in int8 here: info says what ran
         self.device = torch.device("cpu")
         core = ov.Core()
         self._described = {
@@ -170,7 +185,7 @@ class OpenVINOBackend(Backend):
             "openvino": ov.get_version(), "cpu": str(core.get_property("CPU", "FULL_DEVICE_NAME")),
             "cpu_features": list(cpu_feature_names()),
             "openvino_capabilities": list(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")),
-            "openvino_hint": hint, "compute_precision": compute_precisions(compiled),
+            "openvino_hint": hint, "compute_precision": dict(Counter(layers.values())), "layer_precision": layers,
             "timestep_embedding": "folded to an fp32 constant" if self._entry.folded else "computed at run time"}
         self._idle: queue.SimpleQueue = queue.SimpleQueue()
 

@@ -1,0 +1,176 @@
+"""int8 export (``--precision int8``, NNCF accuracy control with our metric), its record, and int8 Engines.
+
+The tiny student is exported through the CLI with two taps at 128 px, calibrated on the bundled
+photos. Its int8 graph reaches a worst per-tap cosine of about 0.92-0.93 to fp32 (the tiny model's
+VAE encoder is the sensitive part: docs/cpu.md), so the target here is 0.8 (``--max-drop 0.2``),
+which the full quantization meets without accuracy control reverting layers (each revert costs an
+OpenVINO compile; minutes even at this size). A target it misses is refused and the result kept as
+``.unverified.onnx``; the recorded cosines are measured again here, independently.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("nncf")
+
+from cleandift_rt import Engine  # noqa: E402
+from cleandift_rt.assets import PHOTOS, load_photo  # noqa: E402
+from cleandift_rt.formats.artifact import read_onnx_info  # noqa: E402
+from cleandift_rt.kernels.precision import native_bf16  # noqa: E402
+from cleandift_rt.runtime.compare import image_cosines  # noqa: E402
+from export_fixtures import _export_cli  # noqa: E402
+
+TAPS = ("us3", "us6")
+MAX_DROP = 0.2
+
+
+def export(args) -> int:
+    return _export_cli().main(args)
+
+
+@pytest.fixture(scope="module")
+def int8_file(tiny_base_dir, tiny_student_files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("int8") / "tiny8.onnx"
+    with pytest.warns(UserWarning, match="bundled photos"):
+        status = export(["--student", str(tiny_student_files["unet"]), "--base", str(tiny_base_dir), "--out", str(out),
+                         "--size", "128", "--taps", *TAPS, "--precision", "int8", "--max-drop", str(MAX_DROP)])
+    assert status == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def int8_engine(int8_file):
+    return Engine(int8_file)  # one OpenVINO compile for the module
+
+
+@pytest.fixture(scope="module")
+def photos_pixels():
+    return [np.asarray(load_photo(p)) for p in PHOTOS]
+
+
+@pytest.fixture(scope="module")
+def fp32_features(int8_file, photos_pixels):
+    return Engine(int8_file.with_name("tiny8.fp32.onnx"), backend="openvino", precision="fp32").extract(photos_pixels)
+
+
+def worst_cosine(reference: dict, features: dict) -> float:
+    return min(float(image_cosines(reference[t], features[t]).min()) for t in reference)
+
+
+def test_int8_export_meets_its_target_and_records_it(int8_file, int8_engine, fp32_features, photos_pixels):
+    info = read_onnx_info(int8_file)
+    record = info.extra["int8"]
+    assert info.extra["precision"] == "int8" and info.extra["fp32_reference"] == "tiny8.fp32.onnx"
+    assert info.tap_names == TAPS
+    assert record["target_cosine"] == pytest.approx(1 - MAX_DROP)
+    assert set(record["cosine"]) == set(TAPS) and min(record["cosine"].values()) >= 1 - MAX_DROP
+    assert all(0 <= v <= 1 for v in record["match_agreement"].values())
+    assert record["calibration"]["images"] == len(PHOTOS) and len(record["calibration"]["sha256"]) == 64
+    assert record["calibration"]["source"] == "bundled photos" and record["validation"]["images"] == len(PHOTOS)
+    layers = record["layers"]
+    assert layers["quantized"] > 100 and layers["kept"] == len(layers["kept_names"]) >= layers["image_independent"] > 0
+    # the record is what the file does: measured again, on the runtime and precision it names
+    assert record["validated_with"]["runtime"].startswith("openvino")
+    measured = {t: float(image_cosines(fp32_features[t], f).min()) for t, f in int8_engine.extract(photos_pixels).items()}
+    assert measured == pytest.approx(record["cosine"], abs=1e-4)
+
+
+def test_engine_runs_int8_files_on_openvino(int8_file, int8_engine):
+    info = int8_engine.info
+    assert info["backend"] == "openvino" and info["precision"] == "int8"
+    assert info["compute_precision"].get("i8", 0) + info["compute_precision"].get("u8", 0) > 100
+    assert set(info["layer_precision"].values()) <= {"i8", "u8", "bf16", "f32"}
+    assert sum(info["compute_precision"].values()) == len(info["layer_precision"])
+    assert "precision_requested" not in info
+    assert Engine(int8_file, precision="int8").info["precision"] == "int8"
+
+
+def test_int8_file_on_onnxruntime_cpu(int8_file, fp32_features, photos_pixels):
+    engine = Engine(int8_file, backend="onnxruntime", device="cpu")
+    assert engine.info["backend"] == "onnxruntime" and engine.info["precision"] == "int8"
+    # ONNX Runtime's int8 kernels round differently from OpenVINO's (the runtime accuracy control measured)
+    assert worst_cosine(fp32_features, engine.extract(photos_pixels)) >= 1 - MAX_DROP
+
+
+def test_int8_requests_that_cannot_be_honoured_are_refused(int8_file, tiny_student_files, tiny_base_dir):
+    with pytest.raises(ValueError, match=r"tiny8\.fp32\.onnx is fp32: make one with `cleandift-rt export-onnx "
+                       r".*--precision int8 --calibration"):
+        Engine(int8_file.with_name("tiny8.fp32.onnx"), precision="int8")
+    with pytest.raises(ValueError, match=r"export-onnx .*--precision int8"):
+        Engine(tiny_student_files["unet"], base=str(tiny_base_dir), precision="int8")
+    with pytest.raises(ValueError, match=r"int8 graph: .*tiny8\.fp32\.onnx"):
+        Engine(int8_file, precision="bf16")
+    with pytest.raises(ValueError, match="for the CPU"):
+        Engine(int8_file, device="cuda")
+
+
+def test_info_shows_the_int8_record(int8_file, capsys):
+    from cleandift_rt.cli.main import main
+
+    assert main(["info", str(int8_file)]) == 0
+    text = capsys.readouterr().out
+    record = read_onnx_info(int8_file).extra["int8"]
+    worst = min(record["cosine"], key=record["cosine"].get)
+    assert "precision: int8 (from the fp32 graph tiny8.fp32.onnx)" in text
+    assert f"worst per-tap cosine to fp32 {record['cosine'][worst]:.5f} ({worst}; target 0.8)" in text
+    assert f"{record['layers']['quantized']} of {record['layers']['quantized'] + record['layers']['kept']}" in text
+    assert f"sha256 {record['calibration']['sha256'][:16]}" in text
+    assert main(["info", str(int8_file), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["extra"]["int8"] == record
+
+
+def test_a_missed_target_is_refused_and_kept_unverified(int8_file, monkeypatch, tmp_path):
+    """Accuracy control that ends below the target (here: it returns the graph above, measured at about
+    0.93, against a target of 0.99): refused by name, the graph kept as .unverified.onnx, nothing at OUT."""
+    import nncf
+    import onnx
+
+    from cleandift_rt.export.int8 import Int8Options, Int8TargetMissed, write_int8_onnx
+
+    monkeypatch.setattr(nncf, "quantize_with_accuracy_control", lambda model, *a, **k: onnx.load(str(int8_file)))
+    out = tmp_path / "missed.onnx"
+    with pytest.warns(UserWarning, match="bundled photos"), pytest.raises(Int8TargetMissed, match=r"below the "
+                                                                           r"target 0\.99; kept as .*unverified"):
+        write_int8_onnx(int8_file.with_name("tiny8.fp32.onnx"), out, Int8Options(max_drop=0.01), log=lambda *_: None)
+    assert not out.exists()
+    assert read_onnx_info(tmp_path / "missed.unverified.onnx").extra["precision"] == "int8"
+
+
+@pytest.mark.skipif(not native_bf16(), reason="the float layers run fp32 here: the fp32 graph alone reaches 1.0")
+def test_a_target_the_float_layers_alone_miss_is_refused_first(int8_file, tmp_path):
+    """On a native-bf16 CPU the layers int8 leaves in floating point run bf16 (about 0.998 here): a target above
+    that is refused before any quantization, naming --max-drop."""
+    from cleandift_rt.export.int8 import Int8Options, write_int8_onnx
+
+    with pytest.warns(UserWarning, match="bundled photos"), pytest.raises(ValueError, match=r"bf16 alone reach "
+                                                                           r"0\.99\d+: allow a larger --max-drop"):
+        write_int8_onnx(int8_file.with_name("tiny8.fp32.onnx"), tmp_path / "x.onnx", Int8Options(max_drop=1e-5),
+                        log=lambda *_: None)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--calibration", "{photos}"], "is an option of --precision int8"),
+    (["--precision", "int8", "--calibration", "{few}"], "holds 2 image"),
+    (["--precision", "int8", "--max-drop", "0"], "--max-drop must be > 0"),
+])
+def test_int8_arguments_are_checked_before_any_model_loads(extra, message, tmp_path, capsys):
+    few = tmp_path / "few"
+    few.mkdir()
+    for name in PHOTOS[:2]:
+        load_photo(name).save(few / f"{name}.jpg")
+    args = [a.format(photos=few, few=few) for a in extra]
+    status = export(["--student", str(tmp_path / "none.safetensors"), "--base", str(tmp_path / "none"),
+                     "--out", str(tmp_path / "x.onnx"), *args])
+    assert status == 2 and message in capsys.readouterr().err
+
+
+def test_int8_without_nncf_names_the_extra(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "nncf", None)
+    status = export(["--student", str(tmp_path / "s.safetensors"), "--base", str(tmp_path), "--out",
+                     str(tmp_path / "x.onnx"), "--precision", "int8"])
+    assert status == 3 and "pip install 'cleandift-rt[int8]'" in capsys.readouterr().err
