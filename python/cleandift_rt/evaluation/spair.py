@@ -57,6 +57,10 @@ def load_spair(root: str | Path, split: str = "test", categories=None, limit: in
     for f in files:
         try:
             ann = read_json_file(f, f.name)  # depth and size bounded; errors name the file
+        except ValueError as exc:
+            skips.add("malformed annotation", f"invalid JSON: {exc}")
+            continue
+        try:
             if not isinstance(ann, dict):
                 raise ValueError("not a JSON object")
             missing = [k for k in REQUIRED_FIELDS if k not in ann]
