@@ -36,6 +36,7 @@ LAYERS = {
     "extraction": 5,  # the local pipelined extractor, manifest, per-image files and shards (an Engine passed in)
     "explore": 5,  # the correspondence explorer: session, recipes, web page (Engine, heads, Fusion, Tracker passed in)
     "tracking": 5,  # the point tracker, TAP-Vid metrics, synthetic videos (an Engine passed in; runtime.latest)
+    "serving": 5,  # Triton model repositories, the PyTriton server and its client (an Engine passed in)
     # systems built on the stages: Diffusion Hyperfeatures (above runtime and export: trained on an Engine's
     # taps, its aggregator a derived output they run), Ray Data extraction (above extraction, whose manifest
     # and shards it shares), fusion recipes (above evaluation, whose runner and PCK they reuse)
