@@ -129,7 +129,8 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def subset_engine(tiny_onnx):
-    """The us3+us6 dynamic-size ONNX export opened at 64 x 64 (ONNX Runtime)."""
+    """The us3+us6 dynamic-size ONNX export opened at 64 x 64 with the default precision (OpenVINO bf16
+    on CPUs with native bf16, else ONNX Runtime fp32), as the CLI opens it."""
     from cleandift_rt import Engine
 
     return Engine(tiny_onnx["subset"], size=(64, 64))

@@ -101,7 +101,7 @@ def test_student_files_say_how_they_were_trained(tiny_student_files, tmp_path):
 
 
 def test_onnxruntime_matches_pytorch_reference(tiny_onnx, reference, batch):
-    engine = Engine(tiny_onnx["full"], device="cpu")
+    engine = Engine(tiny_onnx["full"], device="cpu", precision="fp32")
     assert engine.info["providers"] == ["CPUExecutionProvider"]
     ours = engine.extract(batch)
     ref = reference.extract(batch)
@@ -118,14 +118,14 @@ def test_onnxruntime_matches_pytorch_reference(tiny_onnx, reference, batch):
 
 
 def test_subset_export_equals_full_export(tiny_onnx, batch):
-    full = Engine(tiny_onnx["full"]).extract(batch, taps=SUBSET)
-    sub = Engine(tiny_onnx["subset"], size=(SIZE, SIZE)).extract(batch)
+    full = Engine(tiny_onnx["full"], precision="fp32").extract(batch, taps=SUBSET)
+    sub = Engine(tiny_onnx["subset"], size=(SIZE, SIZE), precision="fp32").extract(batch)
     for tap in SUBSET:
         np.testing.assert_allclose(sub[tap], full[tap], rtol=1e-4, atol=1e-5)
 
 
 def test_dynamic_size_export(tiny_onnx, tiny_base, tiny_student, photos):
-    engine = Engine(tiny_onnx["subset"], size=(192, 64))
+    engine = Engine(tiny_onnx["subset"], size=(192, 64), precision="fp32")
     feats = engine.extract([photos["cat"]])
     assert feats["us3"].shape == (1, 64, 6, 2) and feats["us6"].shape == (1, 64, 12, 4)
     ref = ReferenceExtractor(tiny_student, tiny_base, size=(192, 64)).extract([photos["cat"]], taps=SUBSET)
@@ -136,7 +136,7 @@ def test_dynamic_size_export(tiny_onnx, tiny_base, tiny_student, photos):
 
 
 def test_prompt_embeds_input_overrides_the_baked_prompt(tiny_onnx, tiny_base, reference, batch):
-    engine = Engine(tiny_onnx["full"])
+    engine = Engine(tiny_onnx["full"], precision="fp32")
     baked = onnx.numpy_helper.to_array(next(t for t in onnx.load(str(tiny_onnx["full"])).graph.initializer
                                             if t.name == EMBEDS_INPUT))
     np.testing.assert_allclose(baked, tiny_base.encode_prompt("").numpy(), atol=1e-6)
@@ -182,7 +182,7 @@ def test_a_derived_output_is_traced_into_the_graph_and_recorded(tiny_base_dir, t
     graph_output = next(o for o in onnx.load(str(out), load_external_data=False).graph.output if o.name == "mixed")
     dims = graph_output.type.tensor_type.shape.dim
     assert [d.dim_param or d.dim_value for d in dims] == ["batch", 8, "mixed_h", "mixed_w"]
-    ours = Engine(out, size=(SIZE, SIZE)).extract(batch)
+    ours = Engine(out, size=(SIZE, SIZE), precision="fp32").extract(batch)
     assert list(ours) == ["us6", "mixed"] and ours["mixed"].shape == (len(batch), 8, SIZE // 16, SIZE // 16)
     pytorch = Engine(tiny_student_files["unet"], base=tiny_base_dir, size=SIZE, taps=["us6"], derived=[mixed])
     want = pytorch.extract(batch)
@@ -190,7 +190,8 @@ def test_a_derived_output_is_traced_into_the_graph_and_recorded(tiny_base_dir, t
         assert _cosine(ours[name], want[name]).min() >= 0.99999
     with pytest.raises(ValueError, match="already computes 'mixed'.*without derived="):
         Engine(out, derived=[mixed])
-    old = Engine(_as_a_file_from_before_the_derived_list(out, tmp_path / "old.onnx"), size=(SIZE, SIZE))
+    old = Engine(_as_a_file_from_before_the_derived_list(out, tmp_path / "old.onnx"), size=(SIZE, SIZE),
+                 precision="fp32")
     assert old.taps == ("us6", "hyper") and old.info["derived"][0]["reads"] == ["us3", "us6"]
     assert describe(old.path)["derived"] == [{"name": "hyper", "channels": 8, "stride": 16, "reads": ["us3", "us6"]}]
     np.testing.assert_allclose(old.extract(batch, taps=["hyper"])["hyper"], ours["mixed"], rtol=1e-5, atol=1e-6)

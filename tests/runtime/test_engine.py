@@ -20,7 +20,7 @@ from export_fixtures import cosine as _cosine
 
 @pytest.fixture(scope="module")
 def onnx_engine(tiny_onnx):
-    return Engine(tiny_onnx["full"], device="cpu")
+    return Engine(tiny_onnx["full"], device="cpu", precision="fp32")  # the reference path: ONNX Runtime
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,7 @@ def test_derived_outputs_run_on_the_backends_taps(tiny_onnx, onnx_engine, batch)
     from cleandift_rt.formats.derived import open_option
 
     mixed = MixedTaps()
-    engine = Engine(tiny_onnx["full"], taps=["mid"], derived=[mixed])
+    engine = Engine(tiny_onnx["full"], taps=["mid"], derived=[mixed], precision="fp32")
     assert engine.taps == ("mid", "mixed")
     out = engine.extract(batch)
     assert list(out) == ["mid", "mixed"]
@@ -142,7 +142,7 @@ def test_output_follows_the_callers_framework(onnx_engine, images, batch, photos
 
 def test_batches_split_to_the_profile_and_join(tiny_onnx, onnx_engine, images):
     whole = onnx_engine.extract(images)
-    chunked_engine = Engine(tiny_onnx["full"], max_batch=2)
+    chunked_engine = Engine(tiny_onnx["full"], max_batch=2, precision="fp32")
     assert chunked_engine.max_batch == 2
     chunked = chunked_engine.extract(images)
     for tap in TAPS:

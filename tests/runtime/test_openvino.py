@@ -1,5 +1,6 @@
 """Engine on OpenVINO and the CPU precision rules: parity with the PyTorch reference in fp32, bf16
-accuracy per tap, the explicit f32 hint, backend choice, the bf16 fallback warning, errors, CLI."""
+accuracy per tap, the explicit f32 hint, backend choice, bf16 by default where it is native, the
+bf16 fallback warning, errors, CLI."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ needs_bf16 = pytest.mark.skipif(not NATIVE_BF16, reason="this CPU has no AVX512_
 
 @pytest.fixture(scope="module")
 def ov_fp32(tiny_onnx):
-    return Engine(tiny_onnx["full"], backend="openvino")
+    return Engine(tiny_onnx["full"], backend="openvino", precision="fp32")
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +103,7 @@ def test_batching_stream_and_one_compile_per_file_and_options(tiny_onnx, ov_fp32
 
 
 def test_dynamic_size_external_data_and_threads(tiny_onnx, ov_fp32):
-    sub = Engine(tiny_onnx["subset"], backend="openvino", size=192, threads=1)  # dynamic H, W; external data
+    sub = Engine(tiny_onnx["subset"], backend="openvino", precision="fp32", size=192, threads=1)  # dynamic H, W
     assert sub.info["threads"] == 1 and sub.backend._entry.model.get_property("INFERENCE_NUM_THREADS") == 1
     assert sub.backend._entry is not ov_fp32.backend._entry
     ref = Engine(tiny_onnx["subset"], backend="onnxruntime", size=192)
@@ -135,17 +136,43 @@ def test_concurrent_extract_equals_serial(ov_fp32, images_and_embeds):
 
 def test_backend_choice_for_onnx(monkeypatch):
     choose = engine_module.choose_onnx_backend
-    assert choose(None, "cpu", None) == ("onnxruntime", "fp32")  # fp32: ONNX Runtime when installed
+    assert choose(None, "cpu", "fp32") == ("onnxruntime", "fp32")  # fp32: ONNX Runtime when installed
     assert choose("openvino", None, "fp32") == ("openvino", "fp32")
+    fast = ("openvino", "bf16") if NATIVE_BF16 else ("onnxruntime", "fp32")
+    assert choose(None, "cpu", None) == choose(None, None, None) == fast  # None: bf16 where native
+    assert choose("openvino", None, None) == ("openvino", fast[1])
+    assert choose("onnxruntime", "cpu", None) == ("onnxruntime", "fp32")  # no bf16 path there: fp32, no error
+    assert choose(None, "cuda", None) == ("onnxruntime", "fp32")
     if NATIVE_BF16:
         assert choose(None, None, "bf16") == ("openvino", "bf16")
     monkeypatch.setattr(engine_module, "installed", lambda name: name == "openvino")
-    assert choose(None, "cpu", None) == ("openvino", "fp32")  # a plain install without ONNX Runtime
+    assert choose(None, "cpu", "fp32") == ("openvino", "fp32")  # a plain install without ONNX Runtime
+    assert choose(None, "cpu", None) == ("openvino", fast[1])
     with pytest.raises(ImportError, match="pip install onnxruntime"):
         choose(None, "cuda", None)
     monkeypatch.setattr(engine_module, "installed", lambda name: False)
     with pytest.raises(ImportError, match="pip install openvino .* or pip install onnxruntime"):
         choose(None, None, None)
+
+
+def test_default_precision_is_bf16_where_native(tiny_onnx, reference_feats, batch, monkeypatch):
+    """Engine(x.onnx) runs OpenVINO bf16 on CPUs with native bf16 (what info says), fp32 on ONNX
+    Runtime elsewhere, silently; precision="fp32" keeps the reference path."""
+    engine = Engine(tiny_onnx["full"], device="cpu")
+    info = engine.info
+    assert "precision_requested" not in info
+    if NATIVE_BF16:
+        assert info["backend"] == "openvino" and info["precision"] == "bf16" and info["openvino_hint"] == "bf16"
+        ours = engine.extract(batch)
+        assert min(float(_cosine(ours[tap], reference_feats[tap]).min()) for tap in TAPS) >= 0.995
+    else:
+        assert info["backend"] == "onnxruntime" and info["precision"] == "fp32"
+    reference = Engine(tiny_onnx["full"], device="cpu", precision="fp32").info
+    assert reference["backend"] == "onnxruntime" and reference["precision"] == "fp32"
+    monkeypatch.setattr(precision_rules, "native_bf16", lambda: False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing was asked for: no fallback warning
+        assert Engine(tiny_onnx["full"], device="cpu").info["precision"] == "fp32"
 
 
 def test_bf16_falls_back_to_fp32_with_one_warning_where_not_native(monkeypatch, fresh_warning, tiny_onnx,

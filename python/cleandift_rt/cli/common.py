@@ -109,9 +109,9 @@ def add_engine_args(p: argparse.ArgumentParser, tap: str | None = DEFAULT_TAP, e
                    help="what runs the engine file (default: chosen from the file; .onnx: ONNX Runtime, or "
                    "OpenVINO for bf16 or when ONNX Runtime is not installed)")
     g.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
-                   help="fp32 (default, the reference); bf16: native bf16 on CPUs with AVX512_BF16 or AMX "
-                   "(OpenVINO for .onnx, autocast for the PyTorch backend; fp32 elsewhere, with a warning); "
-                   "fp16: PyTorch backend on CUDA")
+                   help="fp32: the reference; bf16: native bf16 on CPUs with AVX512_BF16 or AMX (OpenVINO for "
+                   ".onnx, autocast for the PyTorch backend; fp32 elsewhere, with a warning); fp16: PyTorch backend "
+                   "on CUDA (default: bf16 for .onnx run on a CPU with native bf16, else fp32)")
     if tap is not None:
         g.add_argument("--tap", default=tap, choices=TAPS, help=f"feature tap to use (default {tap}, {tap_why})")
     return g

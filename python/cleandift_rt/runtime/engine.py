@@ -39,6 +39,7 @@ from ..features.extractor import check_prompt_embeds
 from ..features.preprocess import check_policy, load_image, prepare_images
 from ..formats.artifact import ArtifactInfo, read_info
 from ..formats.quantized import file_precision
+from ..kernels import precision as precision_rules
 from ..kernels.precision import check_precision, cpu_precision
 from ..models.robot_dift import is_robot_dift_package
 from .backends.common import Backend, check_finite_outputs
@@ -62,6 +63,9 @@ def installed(module: str) -> bool:
 def choose_onnx_backend(backend: str | None, device: str | None, precision: str | None) -> tuple[str, str]:
     """(backend, precision that will run) for an ``.onnx`` file.
 
+    ``precision=None`` is the fast precision where the file runs on a CPU with native bf16
+    (AVX512_BF16 or AMX) and OpenVINO is installed: bf16, as OpenVINO itself defaults to there
+    (per-tap cosine to fp32 >= 0.995, docs/cpu.md); else fp32. ``"fp32"`` keeps the reference path.
     The rule for ``backend=None`` (docs/engine.md): bf16 runs on OpenVINO (ONNX Runtime has no bf16
     CPU path); fp32 runs on ONNX Runtime when it is installed (its GPU build brings the CUDA and
     TensorRT providers; on the CPU it is the parity-tested reference path, faster than OpenVINO
@@ -70,6 +74,8 @@ def choose_onnx_backend(backend: str | None, device: str | None, precision: str 
     (``kernels.precision``).
     """
     on_cuda = device is not None and device.startswith("cuda")
+    if precision is None and backend != "onnxruntime" and _cpu_bf16_default(device, backend):
+        precision = "bf16"
     if precision == "fp16":
         raise ValueError("precision 'fp16' is for CUDA: build a TensorRT plan (export/build_engine.py --fp16) or run "
                          "the student with backend='torch' on a CUDA device; .onnx files run 'fp32' or 'bf16'")
@@ -92,6 +98,20 @@ def choose_onnx_backend(backend: str | None, device: str | None, precision: str 
     raise ImportError("running .onnx files needs ONNX Runtime or OpenVINO: " +
                       (f"{_INSTALL['onnxruntime']} (onnxruntime-gpu for CUDA)" if on_cuda else
                        f"{_INSTALL['openvino']} (CPU, fp32 and native bf16) or {_INSTALL['onnxruntime']}"))
+
+
+def _cpu_bf16_default(device: str | None, backend: str | None) -> bool:
+    """Whether ``precision=None`` means bf16: OpenVINO installed, a CPU with native bf16, and the file
+    runs on the CPU (``device="cpu"``, OpenVINO, or no device named and no GPU build of ONNX Runtime
+    that would take it to a GPU)."""
+    if (device is not None and not device.startswith("cpu")) or not precision_rules.native_bf16() \
+            or not installed("openvino"):
+        return False
+    if device is not None or backend == "openvino" or not installed("onnxruntime"):
+        return True
+    import onnxruntime
+
+    return not {"CUDAExecutionProvider", "TensorrtExecutionProvider"} & set(onnxruntime.get_available_providers())
 
 
 def _check_backend(backend, kind: str, path: Path):
@@ -132,9 +152,11 @@ class Engine:
         taps: default tap selection for ``extract`` (all the file's taps when None).
         size: input size (H, W) for dynamic-size files and the PyTorch backend; fixed files keep theirs.
         resize: size policy, ``"stretch"`` or ``"pad"`` (default: the one recorded at export).
-        precision: ``"fp32"`` (default, the reference), ``"bf16"`` (native bf16 on CPUs with AVX512_BF16 or
-            AMX: OpenVINO's bf16 for ``.onnx``, CPU autocast for the PyTorch backend; on other CPUs it warns
-            once and runs fp32) or ``"fp16"`` (PyTorch backend on CUDA). ``info["precision"]`` says what ran.
+        precision: ``"fp32"`` (the reference), ``"bf16"`` (native bf16 on CPUs with AVX512_BF16 or AMX:
+            OpenVINO's bf16 for ``.onnx``, CPU autocast for the PyTorch backend; on other CPUs it warns once
+            and runs fp32) or ``"fp16"`` (PyTorch backend on CUDA). None: bf16 for an ``.onnx`` file run on a
+            CPU with native bf16 (OpenVINO installed), fp32 otherwise (``choose_onnx_backend``).
+            ``info["precision"]`` says what ran.
         threads: CPU threads of ONNX Runtime / OpenVINO (default: all cores this process may use).
         max_batch: split batches into chunks of at most this many images (default: the plan's profile).
         cuda_graph: TensorRT only: replay captured CUDA graphs for fixed-size plans.
