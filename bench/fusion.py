@@ -40,7 +40,7 @@ from cleandift_rt.fusion.dinov2 import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from cleandift_rt.kernels.refine import soft_argmax  # noqa: E402
 
 DINO_SIZES = {"tiny": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2},
-              "vitb": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12}}  # ViT-B/14, SPEC 9
+              "vitb": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12}}  # ViT-B/14, docs/method.md, zero-shot fusion
 
 
 def write_dino(kind: str, root: Path) -> Path:

@@ -1,4 +1,4 @@
-// Fused projection head of SPEC section 4 (3 x [modulation -> up -> SwiGLU -> down -> residual]):
+// Fused projection head of docs/method.md, projection heads (3 x [modulation -> up -> SwiGLU -> down -> residual]):
 // every tile of pixels runs all three layers while it stays in cache; weights are packed once per
 // head into the micro-kernel's panel layout, the modulation (AdaRMS or FiLM, computed from cond(t))
 // comes in per call.

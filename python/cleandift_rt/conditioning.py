@@ -1,4 +1,4 @@
-"""How a student was trained to be conditioned: its text and its projection heads (SPEC sections 4-5).
+"""How a student was trained to be conditioned: its text and its projection heads (docs/method.md).
 
 One table each, read by training, the student files, the exported artefacts and ``info``:
 

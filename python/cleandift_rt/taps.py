@@ -1,4 +1,4 @@
-"""The 11 feature taps of a Stable Diffusion U-Net decoder (SPEC section 2).
+"""The 11 feature taps of a Stable Diffusion U-Net decoder (docs/method.md, taps).
 
 This table is the single source of truth: training, export, every runtime backend, the CLI and
 the tests read tap names, module paths, channels and strides from here.

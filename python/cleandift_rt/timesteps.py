@@ -1,10 +1,10 @@
-"""Timesteps as they enter the package, checked once there (SPEC sections 3-5).
+"""Timesteps as they enter the package, checked once there (docs/method.md).
 
 - ``check_timestep`` for the projection heads, ``project`` and the timesteps files carry in their
   metadata: finite numbers in [0, 999], the range of the noise schedule the heads were trained
   on. Fractions are kept as they are (the heads embed ``t / 999`` continuously; nothing rounds).
 - ``check_unet_timestep`` for the U-Net entry points: any finite number (the hyperfeatures
-  one-step call uses -1, SPEC section 8; DDIM inversion passes fractional steps).
+  one-step call uses -1, docs/method.md, Diffusion Hyperfeatures; DDIM inversion passes fractional steps).
 
 Both refuse booleans (``True`` is 1 to Python, never a timestep a user meant), NaN and Inf, and
 name what they got. Tensors are accepted where a batch of timesteps makes sense.

@@ -10,7 +10,7 @@ from cleandift_rt.models.configs import unet_config
 from cleandift_rt.models import build_models
 from cleandift_rt.taps import resolve_taps, tap_channels, tap_shape
 
-SPEC_TABLE = [  # SPEC section 2, written out independently of taps.py
+METHOD_TABLE = [  # docs/method.md, taps, written out independently of taps.py
     ("mid", "mid_block", 1280, 64), ("us1", "up_blocks.0.resnets.0", 1280, 64),
     ("us2", "up_blocks.0.resnets.1", 1280, 64), ("us3", "up_blocks.0.upsamplers.0", 1280, 32),
     ("us4", "up_blocks.1.attentions.0", 1280, 32), ("us5", "up_blocks.1.attentions.1", 1280, 32),
@@ -21,9 +21,9 @@ SPEC_TABLE = [  # SPEC section 2, written out independently of taps.py
 
 
 def test_table_matches_spec():
-    assert TAPS == tuple(row[0] for row in SPEC_TABLE)
+    assert TAPS == tuple(row[0] for row in METHOD_TABLE)
     sd = tap_channels(unet_config("sd21")["block_out_channels"])
-    for name, module, channels, stride in SPEC_TABLE:
+    for name, module, channels, stride in METHOD_TABLE:
         assert TAP_TABLE[name].module == module
         assert sd[name] == channels
         assert TAP_TABLE[name].stride == stride
@@ -53,9 +53,9 @@ def _inputs(unet, h, w, batch=2, seed=0):
 
 
 def _hooked_full_forward(unet, sample, t, ctx):
-    """Independent reference: plain forward hooks on the SPEC modules, full forward."""
+    """Independent reference: plain forward hooks on the modules of docs/method.md, full forward."""
     out, handles = {}, []
-    for name, module, _, _ in SPEC_TABLE:
+    for name, module, _, _ in METHOD_TABLE:
         def hook(_m, _i, o, name=name):
             out[name] = o if isinstance(o, torch.Tensor) else o[0]
         handles.append(unet.get_submodule(module).register_forward_hook(hook))

@@ -1,4 +1,4 @@
-"""Fusion (SPEC section 9): DINOv2 through transformers with hub-style position interpolation, torch-hub
+"""Fusion (docs/method.md, zero-shot fusion): DINOv2 through transformers with hub-style position interpolation, torch-hub
 checkpoints, the tale / tlfr descriptors, the window soft-argmax, SPair's left/right permutation, the
 adaptive flip, and eval-spair / match with a recipe. Tiny random models with the real topologies
 (a saved transformers Dinov2Model folder, the tiny SD 2.1-topology student) go through the same

@@ -1,4 +1,4 @@
-"""GATE (SPEC section 10): techniques, feature kinds, content-shift score, buckets, amalgamation training.
+"""GATE (docs/method.md, GATE): techniques, feature kinds, content-shift score, buckets, amalgamation training.
 
 Tiny models with the real topologies: a ControlNetModel.from_unet of the tiny base (its zero
 convolutions given random weights, as after training), LoRAs written with peft (zero and non-zero

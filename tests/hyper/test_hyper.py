@@ -1,4 +1,4 @@
-"""Diffusion Hyperfeatures (SPEC section 8): network, loss, training, resume, export, inversion, heat map."""
+"""Diffusion Hyperfeatures (docs/method.md, Diffusion Hyperfeatures): network, loss, training, resume, export, inversion, heat map."""
 
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def trained(engine, pairs, tmp_path_factory):
     return {"out": out, "summary": summary, "records": records, "stored": stored}
 
 
-# -- the network and the loss (SPEC section 8) -----------------------------------------------------
+# -- the network and the loss (docs/method.md, Diffusion Hyperfeatures) -----------------------------------------------------
 
 
 def test_network_shapes_and_init_match_the_spec():

@@ -1,4 +1,4 @@
-"""Projection heads and time mapping: release names, identity at init, the SPEC formula."""
+"""Projection heads and time mapping: release names, identity at init, the formula of docs/method.md."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def test_release_parameter_names_and_count():
             for leaf in ("norm.linear.weight", "up_proj.weight", "down_proj.weight"):
                 assert f"adapters.{tap}.layers.{j}.{leaf}" in names
     assert heads.state_dict()["time_emb.weight"].shape == (128, 1)
-    # SPEC: 9 D^2 + 768 D per head.
+    # docs/method.md: 9 D^2 + 768 D per head.
     for tap, d in tap_channels([32, 64, 64, 64]).items():
         n = sum(p.numel() for p in heads.adapters[tap].parameters())
         assert n == 9 * d * d + 768 * d
@@ -51,7 +51,7 @@ def test_identity_at_init():
 
 
 def _reference_head(state, tap, x, t, conditioning="adarms"):
-    """SPEC section 4 written out with plain tensor math (no modules); ``"film"``: the paper's
+    """docs/method.md, projection heads written out with plain tensor math (no modules); ``"film"``: the paper's
     x * (1 + scale(cond)) + shift(cond) in place of the AdaRMS norm."""
     def rms(v, scale):
         return v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + 1e-6) * scale

@@ -29,7 +29,7 @@ def test_tiny_base_folder_layout(tiny_base_dir, tiny_base):
     assert json.loads((tiny_base_dir / "model_index.json").read_text())["cleandift_variant"] == "tiny"
     assert tiny_base.variant == "tiny" and tiny_base.resolution == 128
     assert tiny_base.alphas_cumprod.shape == (1000,)
-    # scaled_linear betas 0.00085..0.012 (SPEC section 5)
+    # scaled_linear betas 0.00085..0.012 (docs/method.md, training)
     betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
     torch.testing.assert_close(tiny_base.alphas_cumprod.double(), torch.cumprod(1 - betas, 0), rtol=1e-6, atol=1e-7)
     assert tiny_base.encode_prompt(["", "a photo of a cat"]).shape == (2, 77, 32)

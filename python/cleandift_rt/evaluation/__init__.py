@@ -1,7 +1,7 @@
 """Evaluation: keypoint transfer on SPair-71k, PF-Pascal / PF-Willow and ``pairs.json``, PCK in every convention.
 
 Owns the dataset loaders (annotations checked, bad files counted and skipped), the transfer
-protocol of SPEC section 6 (upsample, cosine argmax through ``kernels.match``), cached and
+protocol of docs/method.md, evaluation protocol (upsample, cosine argmax through ``kernels.match``), cached and
 resumable runs over any feature source (an Engine, the DIFT baseline), and the JSON / CSV / table
 reports. It may import ``runtime``, ``kernels``, ``features``, ``models``, ``runs`` (the skip log)
 and the top-level shared modules; its commands are in ``cli/evaluate.py``.

@@ -77,7 +77,7 @@ class EngineFeatures(DescriptorSource):
 
 
 class DiftFeatures(DescriptorSource):
-    """The noisy DIFT baseline (SPEC section 7) through ``extractor.DiftExtractor``."""
+    """The noisy DIFT baseline (docs/method.md, noisy baseline) through ``extractor.DiftExtractor``."""
 
     def __init__(self, extractor, tap: str, key: str, prompt: str | None = DEFAULT_PROMPT, name: str = "dift"):
         resolve_taps(tap)

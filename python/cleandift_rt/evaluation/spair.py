@@ -1,4 +1,4 @@
-"""SPair-71k in its official layout (SPEC section 6).
+"""SPair-71k in its official layout (docs/method.md, evaluation protocol).
 
 ::
 

@@ -1,4 +1,4 @@
-"""Keypoint transfer as the SPair protocol defines it (SPEC section 6).
+"""Keypoint transfer as the SPair protocol defines it (docs/method.md, evaluation protocol).
 
 Both feature maps are upsampled bilinearly (``align_corners=False``) to their original image
 sizes; each source keypoint takes the feature at its (rounded) pixel, and its match is the target

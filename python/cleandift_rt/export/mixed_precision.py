@@ -1,4 +1,4 @@
-"""fp16 feature graphs with fp32 islands, for strongly typed TensorRT engines (SPEC section 12).
+"""fp16 feature graphs with fp32 islands, for strongly typed TensorRT engines (docs/method.md, TensorRT strong typing).
 
 TensorRT 10.12+ builds strongly typed networks and 11.x knows no other kind: every tensor's type
 comes from the ONNX graph. ``convert_to_fp16`` rewrites an exported fp32 graph into one whose

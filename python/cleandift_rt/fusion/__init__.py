@@ -1,4 +1,4 @@
-"""Fusion: the zero-shot state of the art of SPEC section 9, CleanDIFT's SD taps fused with DINOv2.
+"""Fusion: the zero-shot state of the art of docs/method.md, zero-shot fusion, CleanDIFT's SD taps fused with DINOv2.
 
 Owns DINOv2 patch features from the user's disk (``dinov2``: transformers folders, torch-hub
 checkpoints converted on load by ``hub_checkpoint``, hub-style position-embedding interpolation),

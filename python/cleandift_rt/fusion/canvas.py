@@ -1,4 +1,4 @@
-"""The square canvas both fusion recipes feed their models (SPEC section 9): the image resized so its
+"""The square canvas both fusion recipes feed their models (docs/method.md, zero-shot fusion): the image resized so its
 long side is the canvas size, centred, the rest zero (black), as "A Tale of Two Features" and
 "Telling Left from Right" prepare their inputs; plus the map between original and canvas pixels.
 

@@ -1,4 +1,4 @@
-"""DINOv2 patch features as "A Tale of Two Features" / "Telling Left from Right" use them (SPEC section 9).
+"""DINOv2 patch features as "A Tale of Two Features" / "Telling Left from Right" use them (docs/method.md, zero-shot fusion).
 
 The image goes on a square canvas (long side ``size``, centred, black padding), is normalised with
 the ImageNet mean and std, and runs through a transformers ``Dinov2Model``; the result is the

@@ -1,6 +1,6 @@
 """Keypoint transfer with a fusion recipe over a list of pairs: the raw maps of every image (and of
 the mirrored source) cached on disk, a journal that makes an interrupted run resume exactly, skips
-counted by the same rules as ``evaluation.runner``, and the PCK of SPEC section 6 on the results.
+counted by the same rules as ``evaluation.runner``, and the PCK of docs/method.md, evaluation protocol on the results.
 
 The raw maps, not the descriptors, are cached: the SD part under a key of the engine, canvas,
 crop scheme and prompt, the DINO part under a key of the weights and canvas, so ``tale``, ``tlfr``

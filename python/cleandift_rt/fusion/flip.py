@@ -1,4 +1,4 @@
-"""Adaptive pose alignment ("Telling Left from Right", SPEC section 9): match the horizontally flipped
+"""Adaptive pose alignment ("Telling Left from Right", docs/method.md, zero-shot fusion): match the horizontally flipped
 source too, and keep its predictions when its features fit the target better.
 
 SPair-71k's keypoints carry ids (``kps_ids`` in every pair annotation, ``0 .. count - 1`` per

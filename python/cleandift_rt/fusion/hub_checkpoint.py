@@ -24,7 +24,7 @@ def is_hub_state_dict(state: dict) -> bool:
 
 
 def hub_config(state: dict):
-    """The ``Dinov2Config`` of a hub state dict (SPEC section 9: layer_norm_eps 1e-6, layerscale, qkv bias)."""
+    """The ``Dinov2Config`` of a hub state dict (docs/method.md, zero-shot fusion: layer_norm_eps 1e-6, layerscale, qkv bias)."""
     from transformers import Dinov2Config
 
     if any(k.startswith("register_tokens") for k in state):

@@ -32,7 +32,7 @@ FUSION_PROMPT = "A photo of a {category}"
 
 @dataclass(frozen=True)
 class Recipe:
-    """One fusion recipe and its switches (SPEC section 9 values as defaults)."""
+    """One fusion recipe and its switches (docs/method.md, zero-shot fusion values as defaults)."""
 
     name: str
     pca_dims: int | None = None  # joint PCA per SD map over the pair (tale: 256); None: raw maps

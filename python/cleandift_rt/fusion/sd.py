@@ -1,5 +1,5 @@
 """The Stable Diffusion side of the fusion recipes: the CleanDIFT student's taps us2, us5, us8 (the inputs
-of ldm output blocks 2, 5, 8; SPEC section 9) on the square canvas, through any ``Engine``.
+of ldm output blocks 2, 5, 8; docs/method.md, zero-shot fusion) on the square canvas, through any ``Engine``.
 
 The canvas (960 px by default) goes through the engine either in one pass or, as the original
 does, as 2 x 2 overlapping square crops (512 px by default, offsets 0 and ``size - crop`` on each

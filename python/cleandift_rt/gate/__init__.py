@@ -1,4 +1,4 @@
-"""GATE (Meng et al. 2024; SPEC section 10): suppressing content shift in diffusion features.
+"""GATE (Meng et al. 2024; docs/method.md, GATE): suppressing content shift in diffusion features.
 
 Owns the extraction recipes (fine-grained prompts, ControlNet on the image's own Canny edges,
 LoRA adapters or merged U-Nets, multi-step denoising) for the noisy baseline and for a CleanDIFT

@@ -1,11 +1,11 @@
-"""GATE's learned amalgamation (SPEC section 10) and its training objective.
+"""GATE's learned amalgamation (docs/method.md, GATE) and its training objective.
 
 For the K conv features of a bucket, one weight assigner (shared by the K features, as in the
 authors' code) maps each feature to per-channel logits: Conv3x3(C -> 128, no bias), ReLU,
 BatchNorm, Dropout 0.5, global average pool, Linear(128 -> C). A softmax over the K features gives
 per-image, per-channel weights; the descriptor is the weighted sum, concatenated with the
 attention feature, then one Conv3x3 (C + A -> C + A, no bias; ``output_conv=False`` is the paper's
-"nn" setting without it). The objective is the hyperfeatures CLIP loss (SPEC section 8) plus
+"nn" setting without it). The objective is the hyperfeatures CLIP loss (docs/method.md, Diffusion Hyperfeatures) plus
 ``sparsity`` times the sparsity term, the negative mean L2 norm of the weights over the K features.
 """
 

@@ -1,6 +1,6 @@
 """GATE feature extraction on the PyTorch backend: a :class:`GateRecipe` applied to one image.
 
-Noisy baseline (SPEC section 10): image -> VAE posterior *sample* x scaling factor -> the scheduler's
+Noisy baseline (docs/method.md, GATE): image -> VAE posterior *sample* x scaling factor -> the scheduler's
 ``add_noise`` at ``t`` (or at ``t_start``, then deterministic DDIM steps of one training timestep
 each down to ``t``) -> the base U-Net with the recipe's prompt, LoRA and ControlNet residuals at
 every call, no classifier-free guidance -> features from the last call. A CleanDIFT student takes

@@ -45,7 +45,7 @@ GATE_FILE = "gate.safetensors"
 
 @dataclass
 class GateTrainConfig:
-    """Defaults: a CPU smoke run (4 pairs, 256 px, 2 epochs). ``PRESETS["paper"]``: SPEC section 10."""
+    """Defaults: a CPU smoke run (4 pairs, 256 px, 2 epochs). ``PRESETS["paper"]``: docs/method.md, GATE."""
 
     epochs: int = 2
     pairs_per_epoch: int | None = None  # None: the whole pool every epoch (the paper: 5000 random pairs)

@@ -8,7 +8,7 @@ that ``Engine(..., aggregator=FILE)`` and the ONNX export need: an ``Aggregator`
 output (``formats.derived.DerivedOutput``) named ``"hyper"``, and importing this module registers
 the ``aggregator=`` option that opens one from its file.
 
-Sources (the feature grid the network mixes, SPEC section 8):
+Sources (the feature grid the network mixes, docs/method.md, Diffusion Hyperfeatures):
 
 - ``cleandift``: the student's taps from one pass, one map per layer (S = 1);
 - ``cleandift-heads``: the same pass, each tap also projected through its head at S timesteps;

@@ -41,7 +41,7 @@ _ORIGINAL_GRID = dict(timestep_spacing="leading", steps_offset=0, set_alpha_to_o
 
 
 def scheduler_config(base: BaseModel) -> dict:
-    """The base model's scheduler config (its diffusers folder's, else SD's schedule, SPEC section 5)."""
+    """The base model's scheduler config (its diffusers folder's, else SD's schedule, docs/method.md, training)."""
     path = Path(base.source) / "scheduler" / "scheduler_config.json"
     config = json.loads(path.read_text()) if path.is_file() else dict(configs.SCHEDULER)
     return {k: v for k, v in config.items() if not k.startswith("_")}

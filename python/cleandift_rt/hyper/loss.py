@@ -1,4 +1,4 @@
-"""The training objective of Diffusion Hyperfeatures (SPEC section 8): a CLIP-style symmetric loss.
+"""The training objective of Diffusion Hyperfeatures (docs/method.md, Diffusion Hyperfeatures): a CLIP-style symmetric loss.
 
 Cosine similarity of every source cell with every target cell of the two descriptor grids, times
 1 / 0.07 (fixed); cross-entropy from each annotated source keypoint's cell over all target cells

@@ -1,4 +1,4 @@
-"""The aggregation network of Diffusion Hyperfeatures (SPEC section 8; Luo et al. 2023).
+"""The aggregation network of Diffusion Hyperfeatures (docs/method.md, Diffusion Hyperfeatures; Luo et al. 2023).
 
 Every feature map (one per layer and timestep) is resized bilinearly to the output grid, passed
 through its layer's bottleneck block (one per layer, shared by that layer's timesteps) and

@@ -1,4 +1,4 @@
-"""The learned mixing weights as a layers x timesteps heat map (the method's interpretability, SPEC section 8).
+"""The learned mixing weights as a layers x timesteps heat map (the method's interpretability, docs/method.md, Diffusion Hyperfeatures).
 
 Rows are the aggregated layers (top: the first), columns the timesteps of the source (left: the
 smallest), each cell coloured by its softmax weight on the viridis ramp from the smallest weight

@@ -40,7 +40,7 @@ def head_timesteps(count: int = DEFAULT_HEAD_TIMESTEPS) -> tuple[float, ...]:
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise ValueError(f"the number of head timesteps must be an integer >= 1, got {count!r}")
     if count == 1:
-        return (261.0,)  # the student's own timestep (SPEC section 3)
+        return (261.0,)  # the student's own timestep (docs/method.md, student conditioning)
     return tuple(float(round(999 * i / (count - 1))) for i in range(count))
 
 

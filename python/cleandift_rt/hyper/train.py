@@ -1,4 +1,4 @@
-"""Training the aggregation network on keypoint pairs (SPEC section 8): cached features, exact resume.
+"""Training the aggregation network on keypoint pairs (docs/method.md, Diffusion Hyperfeatures): cached features, exact resume.
 
 Output folder::
 
@@ -51,7 +51,7 @@ AUTO = "auto"  # cache_dir: OUT/features
 
 @dataclass
 class HyperTrainConfig:
-    """The recipe (SPEC section 8): 5000 random pairs, AdamW lr 1e-3, no weight decay, validation
+    """The recipe (docs/method.md, Diffusion Hyperfeatures): 5000 random pairs, AdamW lr 1e-3, no weight decay, validation
     every 1000 steps on 360 validation pairs (``val_pairs=None``: min(360, steps // 10) and at least
     one, so a smoke run's validation extracts a tenth of the images its training does)."""
 

@@ -6,7 +6,7 @@ Two conventions for the cells outside the window, one implementation:
 
 * ``outside="exclude"`` (``match(..., refine=True)``): outside cells are masked to -inf, so the
   softmax and the expectation run over the window's cells only;
-* ``outside="zero"`` ("Telling Left from Right", SPEC section 9: 11 x 11, temperature 0.02): the
+* ``outside="zero"`` ("Telling Left from Right", docs/method.md, zero-shot fusion: 11 x 11, temperature 0.02): the
   similarity map is multiplied by the window mask, so every outside cell keeps similarity 0 and
   still takes part in a softmax over the whole target grid, pulling the expectation towards the
   grid's centre when the window's similarities are low. Computed in closed form: the outside cells

@@ -49,7 +49,7 @@ TEXT_ENCODER = {
 }
 TEXT_ENCODER["tiny-sd15"] = TEXT_ENCODER["tiny"]
 
-# Both SD versions train with the same noise schedule (SPEC section 5).
+# Both SD versions train with the same noise schedule (docs/method.md, training).
 SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                  clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 

@@ -1,4 +1,4 @@
-"""Projection heads and time mapping of the CleanDIFT release (SPEC section 4).
+"""Projection heads and time mapping of the CleanDIFT release (docs/method.md, projection heads).
 
 ``cond(t) = out_norm(blocks(in_norm(time_in_proj(fourier(t / 999)))))`` and, per tap, three
 modulated SwiGLU residual layers conditioned on it. The modulation is the release's AdaRMS

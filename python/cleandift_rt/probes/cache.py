@@ -72,7 +72,7 @@ class EngineSource(DescriptorSource):
 
 
 class DiftSource(DescriptorSource):
-    """The noisy baseline (SPEC section 7): ``extractor`` is a ``DiftExtractor`` (or a Lazy one) at ``t``."""
+    """The noisy baseline (docs/method.md, noisy baseline): ``extractor`` is a ``DiftExtractor`` (or a Lazy one) at ``t``."""
 
     def __init__(self, extractor, tap: str, key: str, t: int, name: str = "dift"):
         resolve_taps(tap)

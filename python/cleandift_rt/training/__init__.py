@@ -1,4 +1,4 @@
-"""Training (SPEC section 5): distil a frozen SD U-Net's noisy, timestep-dependent features into a student.
+"""Training (docs/method.md, training): distil a frozen SD U-Net's noisy, timestep-dependent features into a student.
 
 Owns the training configuration and presets, the captioned-image data, the distillation objective
 (student taps once per image, heads at three stratified timesteps, teacher stopped after the last
