@@ -34,15 +34,13 @@ from pathlib import Path
 LAYER_REQUIREMENTS = ("nvidia-pytriton==0.7.0", "numpy>=1.24,<2", "ml_dtypes>=0.5,<0.6")
 _MARKER = "cleandift-serve-env.json"
 
-SEPARATE_ENV_COMMANDS = ('python -m venv serve-env && serve-env/bin/pip install torch==2.13.0 ".[serve,cpu]"',
-                         "serve-env/bin/cleandift-rt serve --engine MODEL.onnx")
-LAYERED_ENV_COMMANDS = ("cleandift-rt serve-env --out .venv-serve",
-                        ".venv-serve/bin/cleandift-rt serve --engine MODEL.onnx")
+STANDALONE_ENV = 'python -m venv serve-env && serve-env/bin/pip install torch==2.13.0 ".[serve,cpu]"'
+LAYERED_ENV = "cleandift-rt serve-env --out .venv-serve"
 
 
 def how_to_get_one() -> str:
-    return (f"make a server environment: `{LAYERED_ENV_COMMANDS[0]}` (layered over this one) or "
-            f"`{SEPARATE_ENV_COMMANDS[0]}` (standalone), then run `serve` from it (docs/serving.md)")
+    return (f"make a server environment: `{LAYERED_ENV}` (layered over this one) or `{STANDALONE_ENV}` "
+            "(standalone), then run `serve` from it (docs/serving.md)")
 
 
 def check_server_python() -> None:

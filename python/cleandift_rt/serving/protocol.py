@@ -31,13 +31,10 @@ IMAGES = "images"
 IMAGES_A, IMAGES_B = "images_a", "images_b"
 FEATURES_A, FEATURES_B = "features_a", "features_b"
 INDEX, SIMILARITY = "index", "similarity"
-MATCH_INPUTS = (IMAGES_A, IMAGES_B, FEATURES_A, FEATURES_B)
 PARAM_TAP, PARAM_MUTUAL = "tap", "mutual"
 
 # Triton's names of the numpy dtypes the protocol uses
 TRITON_DTYPES = {np.dtype(np.uint8): "UINT8", np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64"}
-
-DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}  # Triton's own defaults
 
 # An exception raised inside the server's Python function reaches the client as its traceback; the
 # message is the last line that names an exception ("ValueError: ...").

@@ -79,14 +79,14 @@ def output_shape(engine, name: str) -> tuple[int, ...]:
     return (-1, -1, -1)
 
 
-def serve(engine, options: ServeOptions, handlers: RequestHandlers | None = None, log=print) -> int:
+def serve(engine, options: ServeOptions, log=print) -> int:
     """Serve ``engine`` until SIGINT or SIGTERM; returns 0 after a clean stop."""
     check_server_python()
     note = libpython_fix()
     if note:
         log(f"serve: {note}")
     check_ports_free(options.host, options.ports())
-    handlers = handlers or RequestHandlers(engine, options.match_tap)
+    handlers = RequestHandlers(engine, options.match_tap)
 
     from pytriton.exceptions import PyTritonError
     from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
