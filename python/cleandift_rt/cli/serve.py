@@ -97,7 +97,10 @@ def register(sub) -> None:
                    "engine's first)")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("serve-env", help="build a server environment (numpy<2 + PyTriton) over this one",
+    p = sub.add_parser("serve-env", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       help="build a server environment (numpy<2 + PyTriton) over this one",
+                       epilog="example:\n  cleandift-rt serve-env --out .venv-serve && "
+                       ".venv-serve/bin/cleandift-rt serve --engine sd21.onnx",
                        description="Build a Python environment for `cleandift-rt serve` layered over this one: numpy "
                        "1.26, ml_dtypes 0.5 and PyTriton in its own site-packages, everything else read from this "
                        "environment (nothing here changes). Built once; reused while this environment, its Python "
