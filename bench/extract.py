@@ -19,6 +19,8 @@ Contenders:
   openvino-full-fp32   peer: OpenVINO on plain ONNX exports of the VAE encoder and the whole U-Net (no
   openvino-full-bf16   pruning, timestep as an input), taps as extra outputs (bench/_openvino_full.py)
   dift                 noisy DIFT baseline (foundation's DiftExtractor): 8-sample ensemble at t=261
+  <engine contender>-fast  that engine (ort, openvino-fp32/bf16, torch-fp32/bf16) with a fast encoder (AutoencoderTiny,
+                       TAESD's architecture, random weights) in place of the VAE encoder (bench/_fast_encoder.py)
 
 Accuracy: every contender but DIFT also extracts two bundled photos; per tap, the cosine to the fp32
 reference (the Engine's PyTorch backend, else the first fp32 contender) and how often us6 dense
@@ -28,6 +30,7 @@ at most bf16's; the issue-13 ratios (engine-best) compare the floating-point eng
 
     python bench/extract.py --quick                 # 512 px, batch 1, all taps and us6
     python bench/extract.py --sizes 512 768 --batches 1 4
+    python bench/extract.py --fast-encoder          # issue 31: fast vs VAE encoder, 512 px all taps, 256 px us3+us6+us8
 Writes bench/results/extract-<time>.json (compare runs with --compare OLD.json).
 """
 
@@ -48,14 +51,16 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _openvino_full import OpenVINOFullModel, export_full  # noqa: E402
+import _fast_encoder as fast_encoder  # noqa: E402
 
 CONTENDERS = ("engine-ort", "engine-openvino-fp32", "engine-openvino-bf16", "engine-openvino-int8", "engine-ort-int8",
               "engine-torch-fp32", "engine-torch-bf16",
-              "release-fp32", "release-bf16", "openvino-full-fp32", "openvino-full-bf16", "dift")
+              "release-fp32", "release-bf16", "openvino-full-fp32", "openvino-full-bf16", "dift") + \
+    fast_encoder.FAST_CONTENDERS
 PEERS = ("release-fp32", "release-bf16", "release-best", "openvino-full-fp32", "openvino-full-bf16", "dift")
 REFERENCES = ("engine-torch-fp32", "engine-ort", "engine-openvino-fp32", "release-fp32")  # fp32, first present
 ACCURACY_PHOTOS = ("cat", "coffee")
-TAP_SETS = {"all": None, "us6": ["us6"]}
+TAP_SETS = {"all": None, "us6": ["us6"], "robot": fast_encoder.ROBOT_TAPS}
 TARGETS = [  # (ours, baseline, tap set, minimum ratio, CPU kind: native bf16 or not) from issue 13
     ("engine-best", "release-best", "us6", 2.0, True),
     ("engine-best", "release-best", "all", 1.6, True),
@@ -112,8 +117,9 @@ def ensure_int8(model_dir: Path, cache: Path, size: int, taps, max_drop: float, 
     return path if path.is_file() else unverified
 
 
-def ensure_onnx(model_dir: Path, cache: Path, size: int, taps) -> Path:
-    name = f"{model_tag(model_dir)}-{size}-{'all' if taps is None else '-'.join(taps)}.onnx"
+def ensure_onnx(model_dir: Path, cache: Path, size: int, taps, encoder: Path | None = None) -> Path:
+    fast = "-fast" if encoder is not None else ""
+    name = f"{model_tag(model_dir)}-{size}-{'all' if taps is None else '-'.join(taps)}{fast}.onnx"
     path = cache / name
     if not path.is_file():
         from cleandift_rt.models import Student, load_base
@@ -121,7 +127,8 @@ def ensure_onnx(model_dir: Path, cache: Path, size: int, taps) -> Path:
 
         base = load_base(model_dir)
         t0 = time.perf_counter()
-        export_onnx(Student(unet=base.unet, source=str(model_dir)), base, path, size=(size, size), taps=taps)
+        export_onnx(Student(unet=base.unet, source=str(model_dir)), base, path, size=(size, size), taps=taps,
+                    encoder=encoder)
         print(f"exported {name} in {time.perf_counter() - t0:.0f} s", flush=True)
     return path
 
@@ -163,9 +170,10 @@ def worker(args) -> dict:
     model_dir, cache = Path(args.model_dir), Path(args.cache)
     taps = TAP_SETS[args.tap_set]
     t0 = time.perf_counter()
-    name = args.worker
+    name, fast = fast_encoder.split(args.worker)  # name-fast: the engine with the fast encoder in place of the VAE's
+    encoder = fast_encoder.ensure_fast_encoder(model_dir, cache, model_tag(model_dir)) if fast else None
     if name == "export":  # in its own process, so that no contender's peak memory includes it
-        return {"onnx": str(ensure_onnx(model_dir, cache, args.size, taps))}
+        return {"onnx": str(ensure_onnx(model_dir, cache, args.size, taps, encoder))}
     if name == "export-int8":
         return {"onnx": str(ensure_int8(model_dir, cache, args.size, taps, args.int8_max_drop,
                                         args.int8_max_iterations))}
@@ -177,7 +185,7 @@ def worker(args) -> dict:
         backend = "onnxruntime" if name.startswith("engine-ort") else "openvino"
         precision = name.rsplit("-", 1)[1] if name.count("-") == 2 else None  # engine-ort: fp32
         path = (ensure_int8(model_dir, cache, args.size, taps, args.int8_max_drop, args.int8_max_iterations)
-                if precision == "int8" else ensure_onnx(model_dir, cache, args.size, taps))
+                if precision == "int8" else ensure_onnx(model_dir, cache, args.size, taps, encoder))
         engine = Engine(path, device="cpu", backend=backend, precision=precision)
         run = lambda x: engine.extract(x)  # noqa: E731
         detail = {k: engine.info[k] for k in ("backend", "precision", "threads", "providers", "compute_precision",
@@ -185,7 +193,8 @@ def worker(args) -> dict:
     elif name.startswith("engine-torch"):
         from cleandift_rt import Engine
 
-        engine = Engine(model_dir, taps=taps, size=(args.size, args.size), precision=name.rsplit("-", 1)[1])
+        engine = Engine(model_dir, taps=taps, size=(args.size, args.size), precision=name.rsplit("-", 1)[1],
+                        encoder=encoder)
         run = lambda x: engine.extract(x)  # noqa: E731
         detail = {"backend": "pytorch", "precision": engine.info["precision"], "threads": torch.get_num_threads()}
     elif name.startswith("release"):
@@ -221,8 +230,8 @@ def worker(args) -> dict:
             times.append(time.perf_counter() - t1)
     best = min(times)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the accuracy pass below
-    accuracy = save_accuracy_features(run, args, name) if args.accuracy and name != "dift" else None
-    return {"contender": name, "size": args.size, "batch": args.batch, "taps": args.tap_set,
+    accuracy = save_accuracy_features(run, args, args.worker) if args.accuracy and name != "dift" else None
+    return {"contender": args.worker, "size": args.size, "batch": args.batch, "taps": args.tap_set,
             "seconds": times, "best_seconds": best, "images_per_second": args.batch / best,
             "peak_rss_mib": peak, "load_seconds": load_seconds, "accuracy_features": accuracy,
             "outputs": {k: list(v.shape) for k, v in feats.items()}, **detail}
@@ -264,7 +273,8 @@ def summarise(rows: list[dict], native_bf16: bool) -> tuple[list[str], list[dict
     for size, batch, tap_set in sorted({(r["size"], r["batch"], r["taps"]) for r in rows}):
         group = {c: keyed[(c, size, batch, tap_set)] for c in CONTENDERS if (c, size, batch, tap_set) in keyed}
         fastest = lambda rs: min(rs, key=lambda r: r["best_seconds"])  # noqa: E731
-        engines = [r for c, r in group.items() if c.startswith("engine") and r.get("precision") != "int8"]
+        engines = [r for c, r in group.items() if c.startswith("engine") and r.get("precision") != "int8"
+                   and not fast_encoder.split(c)[1]]  # the fast encoder's ratios are its own (fast_encoder.ratios)
         releases = [r for c, r in group.items() if c.startswith("release")]
         if engines:
             group["engine-best"] = fastest(engines)
@@ -300,8 +310,9 @@ def summarise(rows: list[dict], native_bf16: bool) -> tuple[list[str], list[dict
     return lines, checks
 
 
-def accuracy(rows: list[dict]) -> tuple[list[str], list[dict]]:
-    """Per tap cosine to the fp32 reference (min over the photos) and us6 dense-matching agreement."""
+def accuracy(rows: list[dict], fast: bool = False) -> tuple[list[str], list[dict]]:
+    """Per tap cosine to the fp32 reference (min over the photos) and us6 dense-matching agreement; ``fast``: the
+    fast-encoder contenders against their own fp32 reference (another encoder gives other features)."""
     import numpy as np
     import torch
 
@@ -309,9 +320,10 @@ def accuracy(rows: list[dict]) -> tuple[list[str], list[dict]]:
 
     lines, results = [], []
     for size, tap_set in sorted({(r["size"], r["taps"]) for r in rows if r.get("accuracy_features")}):
-        saved = {r["contender"]: r["accuracy_features"] for r in rows
-                 if (r["size"], r["taps"]) == (size, tap_set) and r.get("accuracy_features")}
-        reference = next((c for c in REFERENCES if c in saved), None)
+        saved = {r["contender"]: r["accuracy_features"] for r in rows if (r["size"], r["taps"]) == (size, tap_set)
+                 and r.get("accuracy_features") and fast_encoder.split(r["contender"])[1] == fast}
+        suffix = fast_encoder.FAST_SUFFIX if fast else ""
+        reference = next((c + suffix for c in REFERENCES if c + suffix in saved), None)
         if reference is None:
             continue
         ref = dict(np.load(saved[reference]))
@@ -341,6 +353,9 @@ def accuracy(rows: list[dict]) -> tuple[list[str], list[dict]]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="512 px, batch 1 only")
+    p.add_argument("--fast-encoder", action="store_true", help="issue 31: the VAE-encoder engines and their fast-encoder "
+                   "twins (--contenders, default ONNX Runtime fp32 and OpenVINO fp32 / bf16) at 512 px all taps and "
+                   "256 px us3+us6+us8, batch 1")
     p.add_argument("--tiny", action="store_true", help="the tiny test model at 128 px, batch 1: checks the script "
                    "itself in a minute (its ratios say nothing about SD 2.1 size)")
     p.add_argument("--sizes", type=int, nargs="+", default=[512, 768])
@@ -370,6 +385,13 @@ def main(argv=None) -> int:
         return 0
     if args.quick or args.tiny:
         args.sizes, args.batches = ([128] if args.tiny else [512]), [1]
+    combos = [(s, t) for s in args.sizes for t in args.tap_sets]  # (size, tap set) points
+    if args.fast_encoder:
+        args.batches = [1]
+        combos = [(128 if args.tiny else size, taps) for size, taps, _ in fast_encoder.TARGETS]
+        if args.contenders == list(CONTENDERS):
+            args.contenders = [c + f for c in ("engine-ort", "engine-openvino-fp32", "engine-openvino-bf16")
+                               for f in ("", fast_encoder.FAST_SUFFIX)]
     args.cache.mkdir(parents=True, exist_ok=True)
     if args.tiny:
         from cleandift_rt.models import write_tiny_base
@@ -382,17 +404,21 @@ def main(argv=None) -> int:
 
     from cleandift_rt.build_info import build_info
 
-    for size in args.sizes:  # exports in their own processes, before any timing
-        if any(c.startswith(("engine-ort", "engine-openvino")) for c in args.contenders):
-            for tap_set in args.tap_sets:
-                if run_one(args, "export", size, 1, tap_set) is None:
-                    return 1
+    for size in sorted({s for s, _ in combos}):  # exports in their own processes, before any timing
+        exported = [c for c in args.contenders if c.startswith(("engine-ort", "engine-openvino"))]
+        if exported:
+            for tap_set in [t for s, t in combos if s == size]:
+                for fast in (False, True):  # the VAE-encoder graph, the fast-encoder graph: those timed
+                    job = "export" + (fast_encoder.FAST_SUFFIX if fast else "")
+                    if any(fast_encoder.split(c)[1] == fast for c in exported) and \
+                            run_one(args, job, size, 1, tap_set) is None:
+                        return 1
                 if any(c.endswith("-int8") for c in args.contenders) and \
                         run_one(args, "export-int8", size, 1, tap_set) is None:
                     return 1
         if any(c.startswith("openvino-full") for c in args.contenders) and run_one(args, "export-full", size, 1, "all") is None:
             return 1
-    points = [(c, s, b, t) for s in args.sizes for b in args.batches for t in args.tap_sets for c in args.contenders]
+    points = [(c, s, b, t) for s, t in combos for b in args.batches for c in args.contenders]
     rows = []
     for contender, size, batch, tap_set in tqdm(points, desc="bench", unit="run"):
         same = [r for r in rows if (r["contender"], r["size"], r["batch"], r["taps"]) == (contender, size, batch, "all")]
@@ -418,7 +444,11 @@ def main(argv=None) -> int:
     cpu = cpu_description()
     print(f"\n{cpu['cpu']}; flags {' '.join(cpu['cpu_flags'])}; native bf16: {'yes' if native_bf16() else 'no'}")
     lines, checks = summarise(rows, native_bf16())
+    fast_lines, fast_checks = fast_encoder.ratios(rows, native_bf16())
+    lines, checks = lines + fast_lines, checks + fast_checks
     accuracy_lines, accuracy_rows = accuracy(rows)
+    fast_accuracy_lines, fast_accuracy_rows = accuracy(rows, fast=True)
+    accuracy_lines, accuracy_rows = accuracy_lines + fast_accuracy_lines, accuracy_rows + fast_accuracy_rows
     print("\n".join(lines + accuracy_lines))
     info = build_info()
     result = {"bench": "extract", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

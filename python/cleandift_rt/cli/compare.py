@@ -32,6 +32,8 @@ examples:
   cleandift-rt compare sd21.onnx sd21.onnx --b-precision bf16 --images photos/ --taps us6 --json bf16.json
   cleandift-rt compare sd21.onnx sd21.plan --images photos/ --device cuda
   cleandift-rt compare student_unet.safetensors sd21.onnx --a-base sd21/ --images photos/ --size 768
+  cleandift-rt compare sd21.onnx sd21-fast.onnx --images photos/     # the VAE encoder vs a fast encoder
+  cleandift-rt compare s.safetensors s.safetensors --base sd21/ --b-encoder taesd-sd21/ --images photos/
 """
 
 
@@ -43,6 +45,8 @@ def add_side_args(p: argparse.ArgumentParser, side: str) -> None:
                    help=f"precision of {side.upper()} ({', '.join(PRECISIONS)}; default: the file's)")
     g.add_argument(f"--{side}-base", metavar="DIR", help=f"base model of {side.upper()} when it is a student file "
                    "(default: --base)")
+    g.add_argument(f"--{side}-encoder", metavar="DIR", help=f"fast encoder (distill-encoder) giving {side.upper()}'s "
+                   "latents when it is a student file (default: the base VAE's encoder)")
 
 
 def side_options(args, side: str) -> dict:
@@ -51,7 +55,8 @@ def side_options(args, side: str) -> dict:
     exported = Path(path).suffix in (".onnx", ".plan")
     base = getattr(args, f"{side}_base") or args.base
     options = {"base": None if exported else base, "device": args.device, "backend": getattr(args, f"{side}_backend"),
-               "precision": getattr(args, f"{side}_precision"), "size": tuple(args.size) if args.size else None}
+               "precision": getattr(args, f"{side}_precision"), "size": tuple(args.size) if args.size else None,
+               "encoder": getattr(args, f"{side}_encoder")}
     return {k: v for k, v in options.items() if v is not None}
 
 

@@ -31,6 +31,7 @@ examples:
   cleandift-rt export-onnx ... --precision fp16    # for TensorRT: fp16 with fp32 islands, and OUT.fp32.onnx
   cleandift-rt export-onnx ... --precision int8 --calibration photos/   # CPUs with VNNI / AMX-INT8 (docs/cpu.md)
   cleandift-rt export-onnx ... --aggregator runs/hyper/aggregator.safetensors   # + the 'hyper' output
+  cleandift-rt export-onnx ... --encoder taesd-sd21/ --out sd21-fast.onnx   # a fast encoder in place of the VAE's
 python export/export_onnx.py takes the same flags."""
 
 BUILD_DESCRIPTION = """\
@@ -78,6 +79,9 @@ def add_export_onnx_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--aggregator", metavar="FILE", help="an aggregator.safetensors (cleandift-rt train-aggregator, "
                    "source cleandift or cleandift-heads): the graph also computes its Diffusion Hyperfeatures "
                    "descriptor, output 'hyper' (heads included)")
+    p.add_argument("--encoder", metavar="DIR", help="a fast encoder (cleandift-rt distill-encoder) in the graph in "
+                   "place of the VAE encoder; check it on your images first: cleandift-rt compare VAE.onnx FAST.onnx "
+                   "--images DIR")
     p.add_argument("--allow-pickle", action="store_true",
                    help="Robot-DIFT packages: read pickled .bin U-Net weights (only from a source you trust)")
     p.add_argument("--latent", choices=("mode",), default=None,
@@ -128,7 +132,7 @@ def run_export_onnx(args) -> None:
 
     int8 = int8_options(args)
     check_export_args(args.out, args.size, args.dynamic_size, args.taps, args.batch, args.resize, args.precision,
-                      aggregator=args.aggregator)
+                      aggregator=args.aggregator, encoder=args.encoder)
     if is_robot_dift_package(args.student):  # opened by export_onnx, with its own options
         student, base = args.student, load_base(args.base)
     else:
@@ -139,7 +143,7 @@ def run_export_onnx(args) -> None:
     export_onnx(student, base, args.out, size=size, dynamic_size=args.dynamic_size, taps=args.taps, batch=args.batch,
                 prompt=args.prompt, resize=args.resize, external_data=True if args.external_data else None,
                 precision=args.precision, aggregator=args.aggregator, allow_pickle=args.allow_pickle, latent=args.latent,
-                int8=int8)
+                encoder=args.encoder, int8=int8)
 
 
 def export_onnx_parser() -> argparse.ArgumentParser:

@@ -46,6 +46,11 @@ def format_info(d: dict) -> str:
             lines.append(f"  {label}: {d[key]!r}" if key == "prompt" else f"  {label}: {d[key]}")
     if "text_conditioning" in d and d["text_conditioning"] is None:
         lines.append("  text conditioning: not recorded (the public release's students trained with captions)")
+    if d.get("kind") in ("onnx", "tensorrt") or "encoder" in d:  # an engine file, or an Engine's info
+        lines.append("  encoder: " + format_encoder_record(d.get("encoder")))
+    if d.get("adapted_encoder"):
+        adapted = d["adapted_encoder"]
+        lines.append(f"  adapted to encoder: {adapted['name']} (hash {adapted['hash']}); run it with that encoder")
     build = d.get("build") or {}
     if build:  # a TensorRT plan's build summary
         capability = ".".join(map(str, build.get("gpu_capability", []))) or "?"
@@ -69,6 +74,34 @@ def format_info(d: dict) -> str:
     if extra.get("int8"):
         lines.extend(describe_int8(extra["int8"]))
     lines.extend(f"  WARNING: {w}" for w in d.get("warnings", []))
+    return "\n".join(lines)
+
+
+def format_encoder_record(record: dict | None) -> str:
+    """Which encoder gives an engine its latents: the base VAE's or a fast encoder, by name and hash."""
+    if record is None:
+        return "the base model's VAE encoder (posterior mean x scaling factor)"
+    error = record.get("val_latent_error")
+    return (f"fast encoder {record['name']} ({record['architecture']}, {record['parameters']:,} parameters, hash "
+            f"{record['hash']})" + (f", held-out latent error {error:.4g}" if error is not None else ""))
+
+
+def format_fast_encoder(d: dict) -> str:
+    """A fast-encoder folder's record (``cleandift_encoder.json``) as text."""
+    base, training = d.get("base") or {}, d.get("training") or {}
+    error = training.get("val_latent_error") or {}
+    lines = [f"{d.get('path', '')}  [fast encoder, {d.get('architecture', '?')}]",
+             f"  hash: {d.get('hash')}",
+             f"  imitates: the VAE of {base.get('name', '?')} (hash {base.get('vae_hash', '?')}, scaling factor "
+             f"{base.get('scaling_factor', '?')}, {base.get('latent_channels', '?')} latent channels)",
+             f"  started from: {(d.get('init') or {}).get('name') or 'a new encoder'}"]
+    if training:
+        lines.append(f"  trained: {training.get('steps')} steps on {training.get('training_images')} images, "
+                     f"{training.get('crop')} px crops of {training.get('size')} px, loss {training.get('loss')}")
+    if error:
+        start = f"{error['initial']:.5f} -> " if error.get("initial") is not None else ""
+        lines.append(f"  held-out latent error: {start}{error.get('final'):.5f} on {training.get('held_out_images')} "
+                     "images (0: the VAE's latents exactly; 1: no better than all-zero latents)")
     return "\n".join(lines)
 
 
@@ -106,6 +139,18 @@ def _describe_aggregator(path: Path) -> dict:
     return {"path": str(path), **aggregator.describe(), "mixing_weights": aggregator.mixing_weights().round(6).tolist()}
 
 
+def _is_fast_encoder(path: Path) -> bool:
+    from ..models.fast_encoder import is_fast_encoder_folder
+
+    return is_fast_encoder_folder(path)
+
+
+def _describe_fast_encoder(path: Path) -> dict:
+    from ..models.fast_encoder import read_record
+
+    return {"path": str(path), **read_record(path)}
+
+
 def _mixing_weights_picture(path: Path, out: Path) -> None:
     from ..hyper.aggregator import Aggregator
     from ..hyper.picture import mixing_weights_picture
@@ -118,9 +163,10 @@ def _mixing_weights_picture(path: Path, out: Path) -> None:
 FILE_KINDS = (
     FileKind("engine", lambda path: path.suffix in ENGINE_SUFFIXES, _describe_file, format_info),
     FileKind("aggregator", _is_aggregator, _describe_aggregator, format_aggregator, _mixing_weights_picture),
+    FileKind("fast encoder", _is_fast_encoder, _describe_fast_encoder, format_fast_encoder),
     # student .safetensors files and diffusers folders; describe names what it cannot read
-    FileKind("student", lambda path: path.suffix not in ENGINE_SUFFIXES and not _is_aggregator(path), _describe_file,
-             format_info),
+    FileKind("student", lambda path: path.suffix not in ENGINE_SUFFIXES and not _is_aggregator(path)
+             and not _is_fast_encoder(path), _describe_file, format_info),
 )
 
 
@@ -157,9 +203,12 @@ def cmd_build_info(args) -> int:
 def register(sub) -> None:
     """Add the 'info' and 'build-info' commands to the cleandift-rt parser."""
     fmt = argparse.RawDescriptionHelpFormatter
-    p = sub.add_parser("info", formatter_class=fmt, help="what an engine, student or aggregator file holds",
+    p = sub.add_parser("info", formatter_class=fmt, help="what an engine, student, aggregator or fast-encoder file "
+                       "holds",
                        description="Taps, input size, resize policy, prompt, base model and version of an exported "
-                       "engine, or the U-Net facts of a student file. Reads metadata only (fast, no GPU). An "
+                       "engine (and which encoder gives its latents), the U-Net facts of a student file (and the "
+                       "fast encoder it was adapted to). Reads metadata only (fast, no GPU). A fast-encoder folder "
+                       "(distill-encoder) gives the VAE it imitates and its held-out latent error. An "
                        "aggregator.safetensors (train-aggregator) gives its source, layers, timesteps and mixing "
                        "weights, and --out draws them.\n\nexamples:\n  cleandift-rt info sd21.onnx\n"
                        "  cleandift-rt info runs/hyper/aggregator.safetensors --out weights.png")

@@ -11,8 +11,8 @@ import argparse
 import os
 import sys
 
-from . import (bench, compare, demo, evaluate, explore, export, extract, gate, hyper, info, pictures, probes, serve,
-               track, train)
+from . import (bench, compare, demo, encoder, evaluate, explore, export, extract, gate, hyper, info, pictures, probes,
+               serve, track, train)
 from .common import Parser, UserError
 
 DESCRIPTION = """\
@@ -38,8 +38,8 @@ the base model folder that provides the VAE and text encoder). Make one with
 
 # In the order ``--help`` lists them: start here, use an engine, measure it, make one, then the systems
 # built on the features.
-COMMANDS = (demo, pictures, explore, extract, info, compare, bench, evaluate, train, export, serve, hyper, gate, probes,
-            track)
+COMMANDS = (demo, pictures, explore, extract, info, compare, bench, evaluate, train, encoder, export, serve, hyper, gate,
+            probes, track)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,7 +15,7 @@ from .common import Parser, UserError, add_output_args, add_run_args, add_size_a
 # flag -> config field, for the flags that map one to one
 _FLAG_FIELDS = ("steps", "batch_size", "lr", "warmup_steps", "grad_accum", "timesteps_per_image", "loss",
                 "lora_rank", "seed", "device", "val_data", "val_images", "validate_every", "checkpoint_every",
-                "keep_checkpoints", "resize", "head_conditioning")
+                "keep_checkpoints", "resize", "head_conditioning", "encoder")
 
 DESCRIPTION = "Train a CleanDIFT student from a local SD 1.5 / 2.1 base model."
 EPILOG = ("Extra key=value arguments override any config field, e.g. lr=1e-5 taps='[\"us6\"]' bf16=true. "
@@ -56,6 +56,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                       "student \"\" (text_conditioning=distill; paper appendix B)")
     p.add_argument("--head-conditioning", choices=HEAD_CONDITIONINGS,
                    help="projection heads: adarms (the release, default) or film (scale and shift; paper appendix E)")
+    p.add_argument("--encoder", metavar="DIR", help="adapt the student to a fast encoder (cleandift-rt "
+                   "distill-encoder): it sees that encoder's latents of the clean image, the teacher the VAE's of "
+                   "the noisy one")
     p.add_argument("--val-data", help="held-out image folder (default: hold out val_images training images)")
     p.add_argument("--val-images", type=int, help="number of held-out validation images")
     p.add_argument("--validate-every", type=int, help="validate every N steps (0: never)")

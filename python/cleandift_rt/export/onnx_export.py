@@ -19,7 +19,9 @@ Graph contract (recorded in the file's ``metadata_props``, see ``artifact.Artifa
   layers, timesteps and the file name.
 
 The posterior mean is used (deterministic), times the VAE scaling factor; the student's timestep
-is a constant, so its embedding MLP folds away.
+is a constant, so its embedding MLP folds away. ``encoder=`` (a fast-encoder folder,
+``models.fast_encoder``) puts that encoder in the graph in place of the VAE's; the metadata's
+``encoder`` names it with its hash (None: the VAE's).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from ..formats.artifact import (EMBEDS_INPUT, IMAGE_INPUT, SIZE_MULTIPLE, Artifa
 from ..features.capture import unet_taps
 from ..formats.derived import DerivedOutput, open_derived, record
 from ..models import BaseModel, Student, load_base, load_student
+from ..models.fast_encoder import FastEncoder, check_pairing, load_fast_encoder, pairing_warning, read_record
 from ..models.robot_dift import export_latent, is_robot_dift_package, load_robot_dift
 from ..features.preprocess import check_policy
 from ..taps import resolve_taps, tap_channels
@@ -51,11 +54,14 @@ PROTOBUF_LIMIT = 2**31 - 1  # ONNX files above 2 GB must keep their weights in e
 
 class FeatureGraph(nn.Module):
     """The traced forward: pixels in [-1, 1] and prompt embeddings -> tuple of taps (in table order),
-    then the derived outputs (``formats.derived.DerivedOutput``), each from the module of its export hook."""
+    then the derived outputs (``formats.derived.DerivedOutput``), each from the module of its export hook.
+    ``encoder``: a ``FastEncoder`` that gives the latents in place of the base VAE's encoder."""
 
-    def __init__(self, base: BaseModel, student: Student, taps: Sequence[str], derived=()):
+    def __init__(self, base: BaseModel, student: Student, taps: Sequence[str], derived=(),
+                 encoder: FastEncoder | None = None):
         super().__init__()
-        self.vae = base.vae
+        self.encoder = encoder
+        self.vae = base.vae if encoder is None else None
         self.unet = student.unet
         self.timestep = float(student.timestep)
         self.scaling_factor = base.scaling_factor
@@ -69,7 +75,10 @@ class FeatureGraph(nn.Module):
         self.computed = resolve_taps([*self.taps, *(t for reads in self.derived_reads for t in reads)])
 
     def forward(self, images: torch.Tensor, prompt_embeds: torch.Tensor):
-        latents = self.vae.encode(images).latent_dist.mean * self.scaling_factor
+        if self.encoder is not None:
+            latents = self.encoder(images)
+        else:
+            latents = self.vae.encode(images).latent_dist.mean * self.scaling_factor
         embeds = prompt_embeds.expand(images.shape[0], -1, -1)
         feats = unet_taps(self.unet, latents, self.timestep, embeds, self.computed)
         outputs = tuple(feats[t] for t in self.taps)
@@ -89,12 +98,14 @@ def fp32_reference_path(out: str | Path) -> Path:
 
 def check_export_args(out: str | Path, size: Sequence[int] | None, dynamic_size: Sequence[int] | None,
                       taps=None, batch: str | None = None, resize: str = "stretch",
-                      precision: str = "fp32", aggregator=None, derived=()) -> tuple[list[str], dict]:
+                      precision: str = "fp32", aggregator=None, derived=(), encoder=None) -> tuple[list[str], dict]:
     """Everything about an export request that can be wrong before the (multi-GB) models load.
 
     Returns the resolved taps and batch range; raises ``ValueError`` naming the problem.
     """
     open_derived(derived, aggregator=aggregator)
+    if encoder is not None and not isinstance(encoder, FastEncoder):
+        read_record(encoder)  # the folder and its record, before the models load
     if Path(out).suffix != ".onnx":
         raise ValueError(f"output {out} must end in .onnx")
     if precision not in PRECISIONS:
@@ -116,7 +127,7 @@ def export_onnx(student: str | Path | Student, base: str | Path | BaseModel, out
                 taps=None, batch: str | None = None, prompt: str = "", resize: str = "stretch",
                 external_data: bool | None = None, precision: str = "fp32", policy: PrecisionPolicy | None = None,
                 aggregator=None, derived=(), allow_pickle: bool = False, latent: str | None = None,
-                int8=None, log=print) -> ArtifactInfo:
+                encoder=None, int8=None, log=print) -> ArtifactInfo:
     """Write ``out`` (and ``out`` + ``.data`` when the weights go outside) and return its metadata.
 
     ``size`` (H, W) fixes the input size; ``dynamic_size`` (MIN, MAX) makes H and W dynamic within
@@ -129,12 +140,14 @@ def export_onnx(student: str | Path | Student, base: str | Path | BaseModel, out
     ``derived`` (``formats.derived.DerivedOutput``s) and ``aggregator`` (a path or an ``Aggregator``: the
     ``hyper`` output) add outputs computed from taps (module docstring). ``student`` may be a
     Robot-DIFT package folder (``models.robot_dift``; ``allow_pickle`` for ``.bin`` weights, ``latent="mode"``
-    for ``"sample"`` packages): instructions then go in through the ``prompt_embeds`` input.
+    for ``"sample"`` packages): instructions then go in through the ``prompt_embeds`` input. ``encoder``
+    (a fast-encoder folder or ``FastEncoder``) replaces the VAE encoder in the graph; a student adapted
+    to another encoder is warned about.
     """
     import onnx
 
     out = Path(out)
-    wanted, batch_range = check_export_args(out, size, dynamic_size, taps, batch, resize, precision)
+    wanted, batch_range = check_export_args(out, size, dynamic_size, taps, batch, resize, precision, encoder=encoder)
     outputs_derived = [given.output for given in open_derived(derived, aggregator=aggregator)]
     t0 = time.perf_counter()
     base_model = base if isinstance(base, BaseModel) else load_base(base)
@@ -147,6 +160,7 @@ def export_onnx(student: str | Path | Student, base: str | Path | BaseModel, out
         raise ValueError("allow_pickle= and latent= apply to Robot-DIFT package folders (with metadata.json)")
     else:
         student_model = student if isinstance(student, Student) else load_student(student, base_model)
+    fast = _fast_encoder(encoder, base_model, student_model, package is not None)
     base_model.to(device="cpu", dtype=torch.float32)
     student_model.unet.to(device="cpu", dtype=torch.float32)
     sizes = size_fields(size, dynamic_size, base_model.resolution)
@@ -157,10 +171,11 @@ def export_onnx(student: str | Path | Student, base: str | Path | BaseModel, out
         student=Path(student_model.source).name if student_model.source else "", prompt=prompt,
         timestep=float(student_model.timestep), cross_attention_dim=int(embeds.shape[-1]),
         prompt_tokens=int(embeds.shape[1]), block_out_channels=base_model.block_out_channels,
-        scaling_factor=base_model.scaling_factor, text_conditioning=student_model.text_conditioning, **sizes)
+        scaling_factor=base_model.scaling_factor, text_conditioning=student_model.text_conditioning,
+        encoder=None if fast is None else fast.describe(), **sizes)
     if package is not None:
         info.extra["robot_dift"] = package.record(latent)
-    graph = FeatureGraph(base_model, student_model, wanted, outputs_derived).eval()
+    graph = FeatureGraph(base_model, student_model, wanted, outputs_derived, encoder=fast).eval()
     check_finite_weights(graph.state_dict(), f"the model to export ({student_model.source or 'student'})")
     info.derived = [record(d) for d in outputs_derived]
     info.extra.update(graph.descriptions)  # each derived output describes itself under its name
@@ -204,6 +219,20 @@ def export_onnx(student: str | Path | Student, base: str | Path | BaseModel, out
 
         info = write_int8_onnx(fp32_out, out, int8 or Int8Options(), external_data=external_data, log=log)
     return info
+
+
+def _fast_encoder(encoder, base: BaseModel, student: Student, robot_dift: bool) -> FastEncoder | None:
+    """The fast encoder to trace (None: the VAE's), checked against the base; warns when the student was
+    adapted to another encoder than the one the graph will run."""
+    if encoder is not None and robot_dift:
+        raise ValueError("--encoder applies to CleanDIFT students; a Robot-DIFT package encodes with its own VAE")
+    fast = None if encoder is None else load_fast_encoder(encoder).to(device="cpu", dtype=torch.float32).eval()
+    for message in [] if fast is None else check_pairing(fast, base):
+        warnings.warn(message, stacklevel=3)
+    message = pairing_warning(getattr(student, "encoder", None), fast, Path(student.source).name or "student")
+    if message:
+        warnings.warn(message, stacklevel=3)
+    return fast
 
 
 def write_fp16_onnx(fp32_path: str | Path, out: str | Path, policy: PrecisionPolicy = PrecisionPolicy(),

@@ -1,8 +1,9 @@
 """The PyTorch reference extractors: CleanDIFT students and the noisy DIFT baseline.
 
 ``ReferenceExtractor`` is the PyTorch backend of the Engine and the reference every other
-backend and kernel is checked against: images -> size policy -> VAE encoder (posterior mean) ->
-student U-Net at its timestep with the "" prompt (or given embeddings) -> ``{tap: B x C x h x w}``.
+backend and kernel is checked against: images -> size policy -> VAE encoder (posterior mean; or a
+fast encoder, ``models.fast_encoder``) -> student U-Net at its timestep with the "" prompt (or given
+embeddings) -> ``{tap: B x C x h x w}``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 
 from .capture import unet_taps
 from ..models import BaseModel, Student, load_base, load_student, move_module
+from ..models.fast_encoder import FastEncoder
 from .preprocess import check_model_size, check_policy, prepare_images
 from ..taps import DEFAULT_TAP, resolve_taps
 
@@ -63,13 +65,18 @@ class _TapExtractor:
 
 
 class ReferenceExtractor(_TapExtractor):
-    """CleanDIFT features in PyTorch: one student U-Net pass on the clean latent."""
+    """CleanDIFT features in PyTorch: one student U-Net pass on the clean latent. ``encoder``: a
+    ``FastEncoder`` that gives the latents in place of the base VAE's encoder."""
 
     def __init__(self, student: Student, base: BaseModel, size=None, resize: str = "stretch", prompt: str = "",
-                 device="cpu", dtype: torch.dtype = torch.float32, sample_posterior: bool = False):
+                 device="cpu", dtype: torch.dtype = torch.float32, sample_posterior: bool = False,
+                 encoder: FastEncoder | None = None):
         super().__init__(base, size, resize, prompt, device, dtype)
         self.student = student
         move_module(student.unet, self.device, dtype)
+        if encoder is not None and sample_posterior:
+            raise ValueError("sample_posterior= draws from the VAE's posterior; a fast encoder has none")
+        self.encoder = None if encoder is None else move_module(encoder.eval(), self.device, dtype)
         if student.heads is not None:
             student.heads.to(device=self.device)
         self.sample_posterior = sample_posterior
@@ -93,7 +100,10 @@ class ReferenceExtractor(_TapExtractor):
         ``prepare_images``) and checked ``[B, L, D]`` embeddings, or None for the default prompt. The
         Engine's PyTorch backend runs this, so each image and embedding is checked once on its way."""
         pixels = pixels.to(device=self.device, dtype=self.dtype)
-        latents = self.base.encode_images(pixels, sample=self.sample_posterior)
+        if self.encoder is not None:
+            latents = self.encoder(pixels)
+        else:
+            latents = self.base.encode_images(pixels, sample=self.sample_posterior)
         return unet_taps(self.student.unet, latents, self.student.timestep, self._text(pixels.shape[0], embeds), taps)
 
     @torch.no_grad()

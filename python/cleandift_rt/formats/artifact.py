@@ -4,7 +4,8 @@ One schema for the ONNX graph (``metadata_props``), the TensorRT plan (a JSON he
 the serialized engine, see ``trt_build``) and the CLI's ``info``: taps with channels and strides,
 input size and resize policy, batch range, base model, prompt, timestep, the student's text
 conditioning, the outputs derived from taps in the graph (``formats.derived``) and the package
-version that wrote it. ``describe(path)`` reads it without ONNX
+version that wrote it, and which encoder gives the latents (the base VAE's or a fast encoder, by name
+and hash). ``describe(path)`` reads it without ONNX
 Runtime, TensorRT or a GPU.
 """
 
@@ -52,6 +53,10 @@ class ArtifactInfo:
     # how the student was trained to take text ("captions", "none", "distill"; conditioning.py), None when
     # its file did not say (the release's files, and exports from before this field)
     text_conditioning: str | None = None
+    # the image encoder before the U-Net: None for the base model's VAE encoder (posterior mean x scaling_factor;
+    # files from before this field too), else a fast encoder's record (models.fast_encoder: kind, architecture,
+    # name, hash, parameters, the VAE it imitates, its held-out latent error)
+    encoder: dict | None = None
     input: dict = field(default_factory=lambda: {
         "name": IMAGE_INPUT, "dtype": "float32", "layout": "NCHW", "range": [-1.0, 1.0], "channels": "RGB"})
     package_version: str = field(default_factory=_package_version)
@@ -319,12 +324,14 @@ def _describe_pytorch(path: Path) -> dict:
 
 def _student_conditioning(path: Path, meta: dict) -> dict:
     """What a student file says of its training: text conditioning (metadata; None when not recorded,
-    as in the release's files) and, when it holds heads, their kind (from the key names)."""
+    as in the release's files), the fast encoder it was adapted to (None: the VAE's) and, when it holds
+    heads, their kind (from the key names)."""
     from ..checkpoint import read_safetensors_shapes
     from ..models.heads import head_conditioning_of
-    from ..models.student import read_text_conditioning
+    from ..models.student import read_student_encoder, read_text_conditioning
 
-    out: dict = {"text_conditioning": read_text_conditioning(meta, path)}
+    out: dict = {"text_conditioning": read_text_conditioning(meta, path),
+                 "adapted_encoder": read_student_encoder(meta, path)}
     keys = read_safetensors_shapes(path)
     if any(k.startswith("adapters.") for k in keys):
         out["head_conditioning"] = head_conditioning_of(keys, str(path))

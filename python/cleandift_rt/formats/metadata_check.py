@@ -13,6 +13,7 @@ import math
 
 from ..conditioning import check_text_conditioning
 from ..features.preprocess import RESIZE_POLICIES, SIZE_MULTIPLE
+from ..models.fast_encoder import check_engine_record
 from ..taps import TAP_TABLE, TAPS
 from ..timesteps import check_timestep
 from .quantized import check_precision_record
@@ -107,6 +108,7 @@ def check_artifact_fields(info, source: str) -> None:
             raise ValueError(f"{source}: metadata field {field} must be a string of at most {MAX_TEXT} characters")
     if info.text_conditioning is not None:
         check_text_conditioning(info.text_conditioning, f"{source}: metadata text_conditioning")
+    check_engine_record(info.encoder, source)
     if not isinstance(info.extra, dict):
         raise ValueError(f"{source}: metadata field extra must be an object")
     check_precision_record(info.extra, source)

@@ -2,8 +2,9 @@
 
 ``_unet``: the student U-Net alone in diffusers key names (loads strictly into
 ``UNet2DConditionModel``). ``_full``: the aligner state dict with student, heads, mapping,
-``timestep`` (and teacher, VAE). Files we write also carry the U-Net config, the timestep and the
-text conditioning the student was trained with (``conditioning.py``) in the safetensors metadata;
+``timestep`` (and teacher, VAE). Files we write also carry the U-Net config, the timestep, the
+text conditioning the student was trained with (``conditioning.py``) and, for a student adapted to a
+fast encoder (``models.fast_encoder``), that encoder's name and hash in the safetensors metadata;
 the release's own files need the base model to know the architecture, and say nothing of their
 text conditioning (the release trained with captions).
 """
@@ -23,6 +24,7 @@ from ..conditioning import check_text_conditioning
 from ..timesteps import check_timestep
 from .base import BaseModel
 from .config_check import checked_unet, load_into
+from .fast_encoder import check_reference
 from .heads import HEAD_PREFIXES, ProjectionHeads
 from .loading import load_base
 
@@ -37,23 +39,26 @@ class Student:
     """A CleanDIFT student: the fine-tuned U-Net, its timestep, and the heads when the file had them.
 
     ``text_conditioning``: how it was trained ("captions", "none", "distill"), None when the file
-    does not say (the release's files)."""
+    does not say (the release's files). ``encoder``: the fast encoder it was adapted to (``{"name",
+    "hash"}``), None for the base VAE's encoder."""
 
     unet: nn.Module
     timestep: float = DEFAULT_STUDENT_TIMESTEP
     heads: ProjectionHeads | None = None
     source: str = ""
     text_conditioning: str | None = None
+    encoder: dict | None = None
 
 
-def _conditioning_metadata(text_conditioning: str | None) -> dict[str, str]:
-    if text_conditioning is None:
-        return {}
-    return {"text_conditioning": check_text_conditioning(text_conditioning)}
+def _conditioning_metadata(text_conditioning: str | None, encoder: dict | None = None) -> dict[str, str]:
+    meta = {} if text_conditioning is None else {"text_conditioning": check_text_conditioning(text_conditioning)}
+    if encoder is not None:
+        meta["encoder"] = json.dumps(check_reference(encoder, "the student's encoder"))
+    return meta
 
 
 def save_student_unet(path: str | Path, unet: nn.Module, timestep: float = DEFAULT_STUDENT_TIMESTEP,
-                      text_conditioning: str | None = None) -> None:
+                      text_conditioning: str | None = None, encoder: dict | None = None) -> None:
     """The release ``_unet`` format: the student U-Net alone in diffusers key names.
 
     Loads strictly into ``UNet2DConditionModel``; the U-Net config, the timestep and the text
@@ -62,12 +67,12 @@ def save_student_unet(path: str | Path, unet: nn.Module, timestep: float = DEFAU
     """
     write_safetensors(path, unet.state_dict(), metadata={
         "format": "cleandift_unet", "unet_config": unet_config_json(unet), "timestep": str(float(timestep)),
-        **_conditioning_metadata(text_conditioning)})
+        **_conditioning_metadata(text_conditioning, encoder)})
 
 
 def save_student_full(path: str | Path, unet: nn.Module, heads: ProjectionHeads, timestep: float | torch.Tensor,
                       teacher: nn.Module | None = None, vae: nn.Module | None = None,
-                      text_conditioning: str | None = None) -> None:
+                      text_conditioning: str | None = None, encoder: dict | None = None) -> None:
     """The release ``_full`` format: aligner state dict with student, heads, mapping, timestep (and teacher, VAE).
 
     The heads' kind (AdaRMS or FiLM) is in their key names; the metadata repeats it for ``info``."""
@@ -81,7 +86,7 @@ def save_student_full(path: str | Path, unet: nn.Module, heads: ProjectionHeads,
         state.update({VAE_PREFIX + k: v for k, v in vae.state_dict().items()})
     write_safetensors(path, state, metadata={"format": "cleandift_full", "unet_config": unet_config_json(unet),
                                              "head_conditioning": heads.conditioning,
-                                             **_conditioning_metadata(text_conditioning)})
+                                             **_conditioning_metadata(text_conditioning, encoder)})
 
 
 def unet_config_json(unet: nn.Module) -> str:
@@ -125,9 +130,11 @@ def load_student(path: str | Path, base: BaseModel | None = None) -> Student:
             raise ValueError(f"{path}: the timestep in its metadata, {meta['timestep']!r:.40}, is not a number") from None
     check_timestep(timestep, f"{path}: the student timestep")
     text_conditioning = read_text_conditioning(meta, path)
+    encoder = read_student_encoder(meta, path)
     load_into(unet, unet_state, str(path))
     unet.eval().requires_grad_(False)
-    return Student(unet=unet, timestep=timestep, heads=heads, source=str(path), text_conditioning=text_conditioning)
+    return Student(unet=unet, timestep=timestep, heads=heads, source=str(path), text_conditioning=text_conditioning,
+                   encoder=encoder)
 
 
 def read_text_conditioning(meta: dict, path: str | Path) -> str | None:
@@ -135,6 +142,13 @@ def read_text_conditioning(meta: dict, path: str | Path) -> str | None:
     if "text_conditioning" not in meta:
         return None
     return check_text_conditioning(meta["text_conditioning"], f"{path}: its text_conditioning metadata")
+
+
+def read_student_encoder(meta: dict, path: str | Path) -> dict | None:
+    """The fast encoder a student file says it was adapted to (None: the base VAE's encoder)."""
+    if "encoder" not in meta:
+        return None
+    return check_reference(loads_json(meta["encoder"], f"{path}: its encoder metadata"), f"{path}: its encoder")
 
 
 def _student_unet_skeleton(path: Path, meta: dict, base: BaseModel | None, shapes: dict) -> nn.Module:

@@ -170,12 +170,16 @@ class Engine:
             ``taps`` says); ``extract(taps=[...])`` still returns exactly those asked for.
         allow_pickle, latent, seed: Robot-DIFT package folders only (``models.robot_dift``): read ``.bin``
             weights; how a ``"sample"`` package encodes (``latent="sample", seed=N`` or ``latent="mode"``).
+        encoder: student files only: a fast-encoder folder (``cleandift-rt distill-encoder``) that gives the
+            latents in place of the base VAE's encoder (exports carry theirs: ``export_onnx.py --encoder``);
+            ``info["encoder"]`` names the encoder that runs (None: the VAE's).
     """
 
     def __init__(self, path, base=None, device: str | None = None, taps=None, *, size=None, resize: str | None = None,
                  precision: str | None = None, threads: int | None = None, max_batch: int | None = None,
                  cuda_graph: bool = False, prompt: str = "", backend: str | None = None, aggregator=None,
-                 derived=(), allow_pickle: bool = False, latent: str | None = None, seed: int | None = None):
+                 derived=(), allow_pickle: bool = False, latent: str | None = None, seed: int | None = None,
+                 encoder=None):
         self.path = Path(path)
         if not self.path.exists():
             raise FileNotFoundError(f"{self.path} does not exist")
@@ -202,6 +206,10 @@ class Engine:
         if (allow_pickle or latent is not None or seed is not None) and not is_robot_dift_package(self.path):
             raise ValueError(f"allow_pickle=, latent= and seed= apply to Robot-DIFT package folders; {self.path.name} "
                              "is not one (no metadata.json)")
+        if encoder is not None and (kind != "student" or is_robot_dift_package(self.path)):
+            raise ValueError(f"encoder= gives a student file a fast encoder (PyTorch backend); {self.path.name} " + (
+                "has its encoder in the graph: export the student with --encoder DIR" if kind != "student" else
+                "is a Robot-DIFT package, which encodes with its own VAE"))
         # small files, read before the big models load; computed here, in PyTorch, on the backend's taps
         self._derived = DerivedOutputs(derived, aggregator=aggregator)
         extra = {}
@@ -236,7 +244,7 @@ class Engine:
             from .backends.torch import TorchBackend
 
             self.backend = TorchBackend(self.path, base=base, device=device, precision=precision, size=size,
-                                        resize=resize or "stretch", prompt=prompt)
+                                        resize=resize or "stretch", prompt=prompt, encoder=encoder)
         self._configure(self.backend.info, size, resize, taps)
         limits = [m for m in (max_batch, self.backend.max_batch) if m is not None]
         self.max_batch = min(int(m) for m in limits) if limits else None

@@ -40,7 +40,7 @@ _INTS = {"steps": (1, None), "batch_size": (1, 4096), "grad_accum": (1, None), "
 _FLOATS = {"lr": "float>0", "adam_eps": "float>0", "weight_decay": "float>=0", "max_grad_norm": "float>=0"}
 _BOOLS = ("learn_timestep", "bf16", "gradient_checkpointing", "deterministic")
 _TEXTS = ("loss", "text_conditioning", "head_conditioning", "resize")
-_OPTIONAL_TEXTS = ("val_data", "device", "preset")
+_OPTIONAL_TEXTS = ("val_data", "device", "preset", "encoder")
 
 
 @dataclass
@@ -67,6 +67,9 @@ class TrainConfig:
     # model
     head_conditioning: str = DEFAULT_HEAD_CONDITIONING  # "adarms" (the release) or "film" (paper appendix E)
     lora_rank: int = 0  # 0: full fine-tune; >0: LoRA of this rank on attention and feed-forward layers
+    # a fast-encoder folder (cleandift-rt distill-encoder): the student sees its latents of the clean image, the
+    # teacher the VAE's of the noisy one; None: both the VAE's
+    encoder: str | None = None
     bf16: bool = False  # bf16 autocast for U-Nets and heads (weights and optimiser stay fp32)
     gradient_checkpointing: bool = False
     # data

@@ -1,6 +1,7 @@
 """The CleanDIFT objective (SPEC section 5): stratified timesteps, noising, and the per-tap feature loss.
 
-The student sees the clean latent ``x0`` once per image; its taps are shared by the image's I
+The student sees the clean latent ``x0`` once per image (or ``student_x0``, a fast encoder's latent
+of the same clean image: ``models.fast_encoder``); its taps are shared by the image's I
 timesteps (repeated only after the U-Net, before the heads). The teacher sees ``x_t`` at ``t`` and
 stops after the last tap. The public release instead runs the student on the I-times repeated
 batch, which costs I student forwards and backwards for the same loss value.
@@ -80,11 +81,14 @@ def teacher_taps(teacher: nn.Module, x0: torch.Tensor, t: torch.Tensor, cond: to
 def distillation_step(student: nn.Module, teacher: nn.Module, heads: ProjectionHeads, student_timestep: torch.Tensor,
                       x0: torch.Tensor, cond: torch.Tensor, alphas_cumprod: torch.Tensor, per_image: int,
                       generator: torch.Generator | None, loss_kind: str = "cosine", taps=None,
-                      bf16: bool = False, student_cond: torch.Tensor | None = None) -> StepOutput:
+                      bf16: bool = False, student_cond: torch.Tensor | None = None,
+                      student_x0: torch.Tensor | None = None) -> StepOutput:
     """Loss of one micro-batch of clean latents ``x0`` (B x 4 x h x w) with text embeddings ``cond``.
 
     ``cond`` is what the teacher sees; the student sees ``student_cond`` (default: the same), which
-    distilled text conditioning sets to the empty prompt's embeddings (paper appendix B).
+    distilled text conditioning sets to the empty prompt's embeddings (paper appendix B). The teacher
+    noises ``x0``; the student sees ``student_x0`` (default: ``x0``), a fast encoder's latents of the
+    same images, so it learns to undo that encoder's error.
 
     Draws, from ``generator`` in this order, the timesteps and the noise. Rows of the teacher batch
     are image-major: (image 0, t_0), (image 0, t_1), ..., (image 1, t_0), ...
@@ -99,7 +103,8 @@ def distillation_step(student: nn.Module, teacher: nn.Module, heads: ProjectionH
     with autocast(x0.device, bf16):
         target = teacher_taps(teacher, x0_rows, t_rows, cond_rows, alphas_cumprod, noise, taps)
         student_cond = cond if student_cond is None else student_cond
-        feats = unet_taps(student, x0, student_timestep.expand(b), student_cond, taps)  # once per image
+        clean = x0 if student_x0 is None else student_x0
+        feats = unet_taps(student, clean, student_timestep.expand(b), student_cond, taps)  # once per image
         total = x0.new_zeros((), dtype=torch.float32)
         cosine = {}
         for tap in taps:

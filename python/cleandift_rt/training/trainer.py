@@ -7,6 +7,10 @@ Output folder layout::
     OUT/student_unet.safetensors     release '_unet' format (student U-Net, diffusers keys)
     OUT/student_full.safetensors     release '_full' format (student, heads, mapping, timestep, teacher, VAE)
 
+With ``encoder=DIR`` (a fast encoder, ``models.fast_encoder``) the student sees that encoder's latents
+of the clean image and the teacher the VAE's of the noisy one; both student files record the
+encoder's name and hash, and every checkpoint its identity (a resume with another encoder is refused).
+
 Every source of randomness of a step (posterior sample, timesteps, noise) comes from one
 ``torch.Generator`` whose state is checkpointed with the student, heads, timestep, Adam moments and
 the data position, so a resumed run produces the same parameters as an uninterrupted one.
@@ -27,6 +31,7 @@ from torch import nn
 from ..checkpoint import check_state_dict, tensor_fingerprint
 from ..features.preprocess import check_model_size
 from ..models import BaseModel, load_base, save_student_full, save_student_unet
+from ..models.fast_encoder import FastEncoder, check_pairing, encoder_reference, load_fast_encoder
 from ..models.heads import build_heads
 from ..runs.checkpoints import restore_rng, rng_tensors
 from ..runs.loop import ResumableRun, set_deterministic
@@ -108,6 +113,7 @@ class Trainer(ResumableRun):
         self.base_identity = tensor_fingerprint({f"{part}.{k}": v for part, m in parts.items() if m is not None
                                                  for k, v in m.state_dict().items()})
         self.size = check_model_size(config.size or self.base.resolution)[0]  # square, as the release trains
+        self.fast_encoder = self._fast_encoder(config.encoder)
         self.teacher = self.base.unet.eval().requires_grad_(False)
 
         self.read_captions = config.text_conditioning != "none"
@@ -156,6 +162,21 @@ class Trainer(ResumableRun):
             return folder.samples, []
         return folder.split(c.val_images, c.seed)
 
+    def _fast_encoder(self, folder: str | None) -> FastEncoder | None:
+        """The fast encoder whose latents the student sees (None: the VAE's), checked against the base."""
+        if folder is None:
+            return None
+        encoder = load_fast_encoder(folder)
+        for warning in check_pairing(encoder, self.base):
+            self.log(f"warning: {warning}")
+        return encoder.to(self.device).eval().requires_grad_(False)
+
+    def _student_latents(self, pixels: torch.Tensor, x0: torch.Tensor) -> torch.Tensor | None:
+        """The fast encoder's latents of ``pixels`` (None without one: the student sees ``x0``)."""
+        if self.fast_encoder is None:
+            return None
+        return torch.cat([self.fast_encoder(chunk.to(self.device)) for chunk in pixels.split(VAE_CHUNK)]).to(x0.dtype)
+
     def _trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
         named = [(f"student.{n}", p) for n, p in self.student.named_parameters() if p.requires_grad]
         named += [(f"heads.{n}", p) for n, p in self.heads.named_parameters()]
@@ -194,7 +215,7 @@ class Trainer(ResumableRun):
         latents, conds = torch.cat(latents), torch.cat(conds)
         gen = torch.Generator(self.device).manual_seed(self.config.seed + 1)
         noise = torch.randn(latents.shape, generator=gen, device=self.device)
-        return ValidationSet(latents, conds, noise, self._student_text(conds))
+        return ValidationSet(latents, conds, noise, self._student_text(conds), self._student_latents(pixels, latents))
 
     # ------------------------------------------------------------------------------------------
     # checkpoints (what runs.loop adds: format, step, config, the Adam moments)
@@ -214,7 +235,8 @@ class Trainer(ResumableRun):
         return upgrade_saved_config(json.loads(metadata["config"]), str(path))
 
     def identities(self) -> dict[str, str]:
-        return {"base model": self.base_identity}
+        encoder = "the base VAE" if self.fast_encoder is None else self.fast_encoder.identity
+        return {"base model": self.base_identity, "latent encoder": encoder}
 
     def load_checkpoint_state(self, path: Path, state: dict, meta: dict) -> None:
         names = [n for n, _ in self.named_params]
@@ -252,10 +274,11 @@ class Trainer(ResumableRun):
             with torch.no_grad():
                 x0 = torch.cat([self.base.encode_images(chunk.to(self.device), sample=True, generator=self.generator)
                                 for chunk in pixels.split(VAE_CHUNK)])
+                student_x0 = self._student_latents(pixels, x0)
                 cond = self._encode_text(captions)
             out = distillation_step(self.student, self.teacher, self.heads, self.timestep, x0, cond,
                                     self.base.alphas_cumprod, c.timesteps_per_image, self.generator, c.loss,
-                                    bf16=c.bf16, student_cond=self._student_text(cond))
+                                    bf16=c.bf16, student_cond=self._student_text(cond), student_x0=student_x0)
             (out.loss / c.grad_accum).backward()
             loss_sum += float(out.loss.detach())
             for tap, v in out.cosine.items():
@@ -295,6 +318,7 @@ class Trainer(ResumableRun):
         summary = {"steps": self.step, "final_loss": record["loss"] if record else None,
                    "final_cosine": record["cosine"] if record else None, "timestep": float(self.timestep.detach()),
                    "images": len(self.sampler.samples), "skipped": skipped.to_json(),
+                   "encoder": encoder_reference(self.fast_encoder),
                    "files": [str(self.out / UNET_FILE), str(self.out / FULL_FILE)]}
         self.log(f"done: {self.step} steps"
                  + (f", loss {record['loss']:.4f}, mean cosine {record['cosine']:.4f}" if record else "")
@@ -306,8 +330,8 @@ class Trainer(ResumableRun):
         """The student in the release's ``_unet`` and ``_full`` formats (SPEC section 4)."""
         unet = plain_unet(self.student)
         timestep = float(self.timestep.detach())
-        mode = self.config.text_conditioning
-        save_student_unet(self.out / UNET_FILE, unet, timestep, text_conditioning=mode)
+        mode, encoder = self.config.text_conditioning, encoder_reference(self.fast_encoder)
+        save_student_unet(self.out / UNET_FILE, unet, timestep, text_conditioning=mode, encoder=encoder)
         save_student_full(self.out / FULL_FILE, unet, self.heads, timestep, teacher=self.teacher, vae=self.base.vae,
-                          text_conditioning=mode)
+                          text_conditioning=mode, encoder=encoder)
 

@@ -2,7 +2,8 @@
 
 For each fixed timestep (100, 261, 500, 900 by default) and tap: the mean cosine over channels
 between the teacher's features on ``x_t`` and (a) the student's features projected by the head at
-``t`` and (b) the raw student features. Latents are posterior means and the noise is drawn from a
+``t`` and (b) the raw student features. A student adapted to a fast encoder sees that encoder's
+latents (``student_latents``); the teacher always noises the VAE's. Latents are posterior means and the noise is drawn from a
 fixed seed, so numbers from different steps (and runs) are comparable.
 """
 
@@ -24,6 +25,7 @@ class ValidationSet:
     cond: torch.Tensor  # N x 77 x D, the teacher's text
     noise: torch.Tensor  # N x 4 x h x w, fixed
     student_cond: torch.Tensor | None = None  # the student's text when it differs (distilled text conditioning)
+    student_latents: torch.Tensor | None = None  # what the student sees when it differs: a fast encoder's latents
 
 
 def mean_over_taps(per_tap: dict[str, float]) -> float:
@@ -46,9 +48,10 @@ def validate(val: ValidationSet, student: nn.Module, teacher: nn.Module, heads: 
             cond = val.cond[start:start + batch_size]
             student_cond = cond if val.student_cond is None else val.student_cond[start:start + batch_size]
             noise = val.noise[start:start + batch_size]
+            clean = x0 if val.student_latents is None else val.student_latents[start:start + batch_size]
             b = x0.shape[0]
             with autocast(x0.device, bf16):
-                feats = unet_taps(student, x0, student_timestep.expand(b), student_cond, taps)
+                feats = unet_taps(student, clean, student_timestep.expand(b), student_cond, taps)
                 for t in timesteps:
                     t_rows = torch.full((b,), int(t), device=x0.device, dtype=torch.long)
                     target = teacher_taps(teacher, x0, t_rows, cond, alphas_cumprod, noise, taps)

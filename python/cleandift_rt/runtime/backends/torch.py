@@ -1,5 +1,9 @@
 """PyTorch backend: a student ``_unet`` / ``_full`` file or a diffusers folder, run by ``ReferenceExtractor``.
 
+``encoder=DIR``: a fast encoder (``models.fast_encoder``) gives the latents in place of the base VAE's
+encoder; it is checked against the base (latent channels and scale refused when they differ), and a
+student adapted to another encoder than the one it runs with (the VAE's included) is warned about.
+
 This is the reference itself (eager PyTorch, forward stopped after the last requested tap) on the
 pixels and prompt embeddings the Engine prepared and checked (``ReferenceExtractor.features``), with
 a speed option that changes numerics slightly and is therefore opt-in: ``precision="bf16"``
@@ -13,6 +17,7 @@ notes in docs/engine.md), so the layout is left alone.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from pathlib import Path
 
 import torch
@@ -20,6 +25,7 @@ import torch
 from ...formats.artifact import ArtifactInfo, tap_records
 from ...features.extractor import ReferenceExtractor
 from ...models import load_student_and_base
+from ...models.fast_encoder import check_pairing, load_fast_encoder, pairing_warning
 from ...features.preprocess import SIZE_MULTIPLE
 from ...kernels.precision import cpu_precision
 from ...taps import TAPS
@@ -33,7 +39,7 @@ class TorchBackend(Backend):
     name = "pytorch"  # any batch (min_batch 1, max_batch None)
 
     def __init__(self, path: str | Path, base=None, device: str | None = None, precision: str | None = None,
-                 size=None, resize: str = "stretch", prompt: str = ""):
+                 size=None, resize: str = "stretch", prompt: str = "", encoder=None):
         self.path = Path(path)
         precision = precision or "fp32"
         if precision not in PRECISIONS:
@@ -44,7 +50,14 @@ class TorchBackend(Backend):
         if device.type == "cpu":
             precision = cpu_precision(precision, stacklevel=4)
         student, base_model = load_student_and_base(self.path, base)
-        self.ref = ReferenceExtractor(student, base_model, size=size, resize=resize, prompt=prompt, device=device)
+        fast = None if encoder is None else load_fast_encoder(encoder)
+        for message in [] if fast is None else check_pairing(fast, base_model):
+            warnings.warn(message, stacklevel=3)
+        message = pairing_warning(student.encoder, fast, self.path.name)
+        if message:
+            warnings.warn(message, stacklevel=3)
+        self.ref = ReferenceExtractor(student, base_model, size=size, resize=resize, prompt=prompt, device=device,
+                                      encoder=fast)
         self.device, self.precision = device, precision
         self.base_source = str(base_model.source) if base_model.source else None
         self.info = ArtifactInfo(
@@ -55,7 +68,8 @@ class TorchBackend(Backend):
             cross_attention_dim=int(base_model.unet.config.cross_attention_dim),
             prompt_tokens=int(getattr(base_model.tokenizer, "model_max_length", 77) or 77),
             block_out_channels=base_model.block_out_channels, scaling_factor=base_model.scaling_factor,
-            text_conditioning=student.text_conditioning, extra={"precision": precision})
+            text_conditioning=student.text_conditioning, extra={"precision": precision},
+            encoder=None if fast is None else fast.describe())
 
     def describe(self) -> dict:
         return {"backend": self.name, "device": str(self.device), "precision": self.precision,
