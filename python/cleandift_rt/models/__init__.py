@@ -2,8 +2,9 @@
 
 Owns the model configurations (plain data), loading a base model from a diffusers folder or a
 single original-format ``.safetensors`` file, the tiny test model with SD's exact topology, the
-student checkpoint formats of the public release (``_unet``, ``_full``) and the projection-head
-architecture those files carry. It may import only the top-level shared modules (``taps``,
+student checkpoint formats of the public release (``_unet``, ``_full``), the projection-head
+architecture those files carry, and fast encoders (``fast_encoder``: an ``AutoencoderTiny`` in place
+of the VAE encoder, its folder and record). It may import only the top-level shared modules (``taps``,
 ``checkpoint``, ``build_info``); every other stage builds on it.
 """
 
