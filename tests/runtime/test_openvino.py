@@ -198,7 +198,9 @@ def test_bad_backend_and_precision_choices(tiny_onnx, tiny_student_files, tiny_b
     with pytest.raises(ValueError, match="'fp16' is for CUDA"):
         Engine(tiny_onnx["full"], precision="fp16")
     with pytest.raises(ValueError, match="precision must be one of"):
-        Engine(tiny_onnx["full"], precision="int8")
+        Engine(tiny_onnx["full"], precision="int4")
+    with pytest.raises(ValueError, match=r"precision='int8' runs int8 files; tiny_all.onnx is fp32: make one with"):
+        Engine(tiny_onnx["full"], precision="int8")  # tests/export/test_int8.py runs int8 files
     with pytest.raises(ValueError, match="unknown backend 'ort'"):
         Engine(tiny_onnx["full"], backend="ort")
     with pytest.raises(ValueError, match=r"backend 'tensorrt' cannot run tiny_all.onnx .*export/build_engine.py"):
