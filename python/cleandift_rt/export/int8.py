@@ -135,7 +135,7 @@ class Validator:
         else:  # a candidate, as it would be written: int8 weights (OpenVINO's results differ from fp32 weights
             # behind a QuantizeLinear), read as a floating-point graph whose float layers run as the int8 file's
             # will; unchecked; in one weights file when the fp32 graph needed one (above 2 GB)
-            from .onnx_export import set_metadata
+            from .onnx_files import set_metadata
 
             candidate = compressed(model)
             set_metadata(candidate, self.info)
@@ -204,7 +204,7 @@ def write_int8_onnx(fp32_path: str | Path, out: str | Path, options: Int8Options
     """Quantize an exported fp32 graph to an int8 QDQ graph at ``out`` (module docstring); returns its metadata."""
     import onnx
 
-    from .onnx_export import save_onnx, set_metadata
+    from .onnx_files import save_onnx, set_metadata
 
     nncf = import_nncf()
     fp32_path, out = Path(fp32_path), Path(out)

@@ -27,7 +27,6 @@ is a constant, so its embedding MLP folds away. ``encoder=`` (a fast-encoder fol
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 import warnings
 from pathlib import Path
@@ -36,7 +35,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..checkpoint import check_finite_weights, staging_folder, usual_mode
+from ..checkpoint import check_finite_weights, staging_folder
 from ..formats.artifact import (EMBEDS_INPUT, IMAGE_INPUT, SIZE_MULTIPLE, ArtifactInfo, parse_batch, read_onnx_info,
                                 size_fields, tap_records)
 from ..features.capture import unet_taps
@@ -46,10 +45,10 @@ from ..models.fast_encoder import FastEncoder, check_pairing, load_fast_encoder,
 from ..models.robot_dift import export_latent, is_robot_dift_package, load_robot_dift
 from ..features.preprocess import check_policy
 from ..taps import resolve_taps, tap_channels
+from .onnx_files import check_onnx, save_onnx, set_metadata
 from .mixed_precision import PrecisionPolicy, calibration_feeds, convert_to_fp16, measure_ranges
 
 OPSET = 17
-PROTOBUF_LIMIT = 2**31 - 1  # ONNX files above 2 GB must keep their weights in external data
 
 
 class FeatureGraph(nn.Module):
@@ -292,18 +291,6 @@ def _finish_graph(model, embeds: torch.Tensor, info: ArtifactInfo) -> None:
     set_metadata(model, info)
 
 
-def set_metadata(model, info: ArtifactInfo) -> None:
-    """Replace the graph's ``metadata_props`` with ``info`` and describe it in ``doc_string``."""
-    del model.metadata_props[:]
-    for k, v in info.to_props().items():
-        entry = model.metadata_props.add()
-        entry.key, entry.value = k, v
-    precision = info.extra.get("precision", "fp32")
-    derived = "".join(f", then {d['name']} from {', '.join(d['reads']) or 'taps'}" for d in info.derived_outputs)
-    model.doc_string = (f"cleandift-rt feature extractor ({precision}): images (float32 NCHW RGB in [-1, 1]) -> "
-                        f"taps {', '.join(info.tap_names)}{derived}")
-
-
 def _set_output_shape(output, info: ArtifactInfo) -> None:
     name = output.name  # a tap or a derived output
     channels, *spatial = info.output_shape(name, *info.default_size)
@@ -316,50 +303,6 @@ def _set_output_shape(output, info: ArtifactInfo) -> None:
             dim.dim_param = value
         else:
             dim.dim_value = value
-
-
-def save_onnx(model, out: Path, external_data: bool | None = None) -> None:
-    """Save ``model``; weights in ONE ``<name>.data`` file beside it when asked or above 2 GB.
-
-    Written under a temporary name in the same folder, checked, then renamed: an interrupted or
-    failed export never leaves a truncated model at ``out`` (nor deletes a previous good one).
-    """
-    import onnx
-
-    if external_data is None:
-        external_data = model.ByteSize() > PROTOBUF_LIMIT if _fits_protobuf(model) else True
-    data = out.with_name(out.name + ".data")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with staging_folder(out.parent, "save") as tmp:
-        staged, staged_data = Path(tmp) / out.name, Path(tmp) / data.name
-        if external_data:
-            onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data.name, size_threshold=1024)
-        else:
-            onnx.save_model(model, str(staged))
-        check_onnx(staged)
-        usual_mode(staged)  # the graph and its weights get the mode any file we write gets (0644 under umask 022)
-        if staged_data.exists():
-            usual_mode(staged_data)
-            os.replace(staged_data, data)
-        elif data.exists():
-            data.unlink()  # a previous export's weights; this model carries its own
-        os.replace(staged, out)
-
-
-def _fits_protobuf(model) -> bool:
-    # ByteSize itself fails on > 2 GB messages in some protobuf builds: sum the tensors first.
-    total = sum(len(t.raw_data) + 4 * len(t.float_data) for t in model.graph.initializer)
-    return total < PROTOBUF_LIMIT
-
-
-def check_onnx(path: Path) -> None:
-    """``onnx.checker`` and strict shape inference, both from the path (works above 2 GB)."""
-    import onnx
-
-    onnx.checker.check_model(str(path))
-    with staging_folder(path.parent, "shapes") as tmp:
-        onnx.shape_inference.infer_shapes_path(str(path), str(Path(tmp) / "inferred.onnx"), strict_mode=True)
 
 
 def remove_onnx(path: str | Path) -> None:
