@@ -76,7 +76,8 @@ def test_int8_export_meets_its_target_and_records_it(int8_file, int8_engine, fp3
     assert layers["quantized"] > 100 and layers["kept"] == len(layers["kept_names"]) >= layers["image_independent"] > 0
     # the record is what the file does: measured again, on the runtime and precision it names
     assert record["validated_with"]["runtime"].startswith("openvino")
-    measured = {t: float(image_cosines(fp32_features[t], f).min()) for t, f in int8_engine.extract(photos_pixels).items()}
+    features = int8_engine.extract(photos_pixels)
+    measured = {t: float(image_cosines(fp32_features[t], f).min()) for t, f in features.items()}
     assert measured == pytest.approx(record["cosine"], abs=1e-4)
 
 

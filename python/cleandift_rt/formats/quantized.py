@@ -75,7 +75,8 @@ def describe_int8(record: dict) -> list[str]:
     return [f"  int8: {layers['quantized']} of {total} convolutions / matrix products in int8, {layers['kept']} kept "
             f"in floating point",
             f"  int8 accuracy: worst per-tap cosine to fp32 {cosine[worst]:.5f} ({worst}; target "
-            f"{record['target_cosine']:g}) on {validation['images']} validation images ({validation.get('source', '?')})"
+            f"{record['target_cosine']:g}) on {validation['images']} validation images "
+            f"({validation.get('source', '?')})"
             + (f", run on {ran.get('runtime', '?')} with {ran.get('float_layers', '?')} float layers" if ran else ""),
             "  int8 match agreement with fp32: " + ", ".join(f"{t} {v:.4f}" for t, v in agreement.items()),
             f"  int8 calibration: {calibration['images']} images ({calibration.get('source', '?')}), sha256 "

@@ -28,8 +28,9 @@ def int8_choice(path: Path, backend: str | None, device: str | None, precision: 
     a ValueError naming the fix for an int8 request that cannot be honoured."""
     if stored != "int8":
         if precision == "int8":
-            raise ValueError(f"precision='int8' runs int8 files; {path.name} is {stored if path.suffix == '.onnx' else 'not one'}"
-                             f": make one with `{MAKE_INT8.format(name=path.stem)}` (docs/cpu.md)")
+            what = stored if path.suffix == ".onnx" else "not one"
+            raise ValueError(f"precision='int8' runs int8 files; {path.name} is {what}: make one with "
+                             f"`{MAKE_INT8.format(name=path.stem)}` (docs/cpu.md)")
         return None
     if precision not in (None, "int8"):
         fp32 = f" ({fp32_reference}, written beside it)" if fp32_reference else ""
