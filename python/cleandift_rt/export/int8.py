@@ -162,7 +162,8 @@ class Validator:
             return min(self._initial[i] for i in indices), [self._initial[i] for i in indices]
         feats = self.features(model, indices)
         self.evaluations += 1
-        per_image = np.min([image_cosines(self.reference[t][indices], feats[t]) for t in self.info.output_names], axis=0)
+        taps = self.info.output_names
+        per_image = np.min([image_cosines(self.reference[t][indices], feats[t]) for t in taps], axis=0)
         per_image = [float(v) for v in np.nan_to_num(per_image, nan=-1.0)]  # a non-finite map: the worst result
         if model is self.initial and len(indices) == len(self.pixels):
             self._initial = dict(zip(indices, per_image))
@@ -173,13 +174,15 @@ class Validator:
         feats = self.features(model, range(len(self.pixels)))
         comparison = FeatureComparison(self.info.output_names)
         for i in range(len(self.pixels)):
-            comparison.add({t: self.reference[t][i] for t in comparison.taps}, {t: feats[t][i] for t in comparison.taps})
+            comparison.add({t: self.reference[t][i] for t in comparison.taps},
+                           {t: feats[t][i] for t in comparison.taps})
         result = comparison.result()
         return {"cosine": {t: round(r["cosine_min"], 6) for t, r in result.items()},
                 "match_agreement": {t: round(r["match_agreement"], 6) for t, r in result.items()}}
 
 
-def quantization_parameters(nncf, options: Int8Options, ignored: list[str], validation_images: int, external: Path | None):
+def quantization_parameters(nncf, options: Int8Options, ignored: list[str], validation_images: int,
+                            external: Path | None) -> dict:
     """Keyword arguments of ``nncf.quantize_with_accuracy_control`` (besides model, data and metric)."""
     from nncf.onnx.quantization.backend_parameters import BackendParameters
     from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters, AdvancedQuantizationParameters
@@ -251,8 +254,8 @@ def write_int8_onnx(fp32_path: str | Path, out: str | Path, options: Int8Options
     written = out if ok else out.with_name(out.stem + ".unverified.onnx")
     save_onnx(quantized, written, external_data)
     log(f"wrote {written}: {len(int8_layers)} layers int8, {len(kept)} kept in floating point ({len(ignored)} "
-        f"image-independent); worst per-tap cosine to fp32 {measured['cosine'][worst]:.5f} ({worst}, target {target:g}),"
-        f" us6 match agreement {measured['match_agreement'].get('us6', float('nan')):.4f}; "
+        f"image-independent); worst per-tap cosine to fp32 {measured['cosine'][worst]:.5f} ({worst}, target "
+        f"{target:g}), us6 match agreement {measured['match_agreement'].get('us6', float('nan')):.4f}; "
         f"{validator.evaluations} evaluations in {time.perf_counter() - t0:.0f} s")
     if not ok:
         raise Int8TargetMissed(f"accuracy control reached a worst per-tap cosine of {measured['cosine'][worst]:.5f} "
