@@ -89,6 +89,7 @@ def test_stages_without_ray_equal_the_local_extractor(engine, folder, tmp_path):
     assert_close(shards_of(out), want)
 
 
+@pytest.mark.slow  # a long end-to-end run (still run by .ci/run; -m 'not slow' skips it)
 def test_ray_equals_local_resumes_and_lists_unreadable_images(ray_cluster, engine, folder, tmp_path):
     import ray
 
@@ -111,6 +112,7 @@ def test_ray_equals_local_resumes_and_lists_unreadable_images(ray_cluster, engin
     assert [p for p, _ in read_manifest(distributed, "shards").failed.values()] == [str(folder / "broken.jpg")]
 
 
+@pytest.mark.slow  # a long end-to-end run (still run by .ci/run; -m 'not slow' skips it)
 def test_an_actor_that_dies_is_replaced_and_every_image_lands_once(ray_cluster, engine, folder, tmp_path, capsys):
     """Through the command line: ``--ray`` with the engine workers sized by hand."""
     local, out = tmp_path / "local", tmp_path / "out"
@@ -127,6 +129,7 @@ def test_an_actor_that_dies_is_replaced_and_every_image_lands_once(ray_cluster, 
     assert_close(dict(got), shards_of(local))
 
 
+@pytest.mark.slow  # a long end-to-end run (still run by .ci/run; -m 'not slow' skips it)
 def test_memory_stays_bounded_for_an_input_larger_than_the_object_store(ray_cluster, engine, photos, tmp_path):
     from cleandift_rt.distributed import extract
 

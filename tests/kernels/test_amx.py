@@ -276,6 +276,7 @@ def test_bf16_inputs_default_to_the_forced_kernel(emulated):
     check_exact(src.float(), dst.float(), index[..., None], sim[..., None], 1, False)
 
 
+@pytest.mark.slow  # a long end-to-end run (still run by .ci/run; -m 'not slow' skips it)
 def test_more_than_2_to_the_31_similarities_on_the_maps_path(emulated):
     """N * M > 2^31 as [1, 1, h, w] maps (C = 1, padded to one 32-deep step): signs decide, the first
     target of the right sign wins; one mutual pass checks both directions."""

@@ -73,6 +73,7 @@ def manifest_keys(out: Path, fmt: str) -> list[str]:
     return keys
 
 
+@pytest.mark.slow  # a long end-to-end run (still run by .ci/run; -m 'not slow' skips it)
 @pytest.mark.parametrize("fmt", sorted(SCHEDULES))
 def test_extract_survives_kills(fmt, tiny_onnx, images, tmp_path):
     engine = tiny_onnx["subset"]

@@ -88,6 +88,7 @@ def data_dir(tmp_path_factory):
     return write_images(tmp_path_factory.mktemp("kill_data"), 3, "json")
 
 
+@pytest.mark.slow  # a long end-to-end run (still run by .ci/run; -m 'not slow' skips it)
 def test_training_survives_ten_kills_bit_identical(tiny_base_dir, data_dir, tmp_path, driver):
     run = driver
     schedule = kill_schedule()
