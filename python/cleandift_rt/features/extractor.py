@@ -116,7 +116,7 @@ class ReferenceExtractor(_TapExtractor):
 
 
 class DiftExtractor(_TapExtractor):
-    """The noisy DIFT baseline (SPEC section 7): base U-Net on ``ensemble`` noised copies at ``t``, averaged."""
+    """The noisy DIFT baseline (docs/method.md, noisy baseline): base U-Net on ``ensemble`` noised copies at ``t``, averaged."""
 
     def __init__(self, base: BaseModel, t: int = 261, ensemble: int = 8, seed: int = 0, size=None,
                  resize: str = "stretch", prompt: str = "", device="cpu", dtype: torch.dtype = torch.float32):

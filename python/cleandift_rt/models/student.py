@@ -1,4 +1,4 @@
-"""CleanDIFT students in both formats of the public release (SPEC section 4).
+"""CleanDIFT students in both formats of the public release (docs/method.md, projection heads).
 
 ``_unet``: the student U-Net alone in diffusers key names (loads strictly into
 ``UNet2DConditionModel``). ``_full``: the aligner state dict with student, heads, mapping,

@@ -55,7 +55,7 @@ class TrainConfig:
     adam_eps: float = 1e-8
     weight_decay: float = 0.0
     max_grad_norm: float = 0.0  # 0 disables clipping
-    # objective (SPEC section 5)
+    # objective (docs/method.md, training)
     timesteps_per_image: int = 3  # I stratified timesteps per image
     loss: str = "cosine"
     taps: list[str] | None = None  # None: all 11 taps

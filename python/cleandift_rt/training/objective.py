@@ -1,4 +1,4 @@
-"""The CleanDIFT objective (SPEC section 5): stratified timesteps, noising, and the per-tap feature loss.
+"""The CleanDIFT objective (docs/method.md, training): stratified timesteps, noising, and the per-tap feature loss.
 
 The student sees the clean latent ``x0`` once per image (or ``student_x0``, a fast encoder's latent
 of the same clean image: ``models.fast_encoder``); its taps are shared by the image's I

@@ -327,7 +327,7 @@ class Trainer(ResumableRun):
         return summary
 
     def save_release_files(self) -> None:
-        """The student in the release's ``_unet`` and ``_full`` formats (SPEC section 4)."""
+        """The student in the release's ``_unet`` and ``_full`` formats (docs/method.md, projection heads)."""
         unet = plain_unet(self.student)
         timestep = float(self.timestep.detach())
         mode, encoder = self.config.text_conditioning, encoder_reference(self.fast_encoder)
