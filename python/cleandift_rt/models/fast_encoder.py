@@ -143,7 +143,7 @@ def check_config(config, source: str) -> dict:
         if isinstance(value, (list, tuple)) and len(value) > 8:
             raise ValueError(f"{source}: config.json {key} has {len(value)} entries (at most 8)")
         for item in items:
-            if isinstance(item, str) and len(item) <= MAX_TEXT or isinstance(item, bool):
+            if item is None or isinstance(item, bool) or isinstance(item, str) and len(item) <= MAX_TEXT:
                 continue
             if not isinstance(item, (int, float)) or not math.isfinite(item) or abs(item) > 1e4:
                 raise ValueError(f"{source}: config.json {key} = {value!r:.60} is not a plausible value")
@@ -164,6 +164,8 @@ def check_config(config, source: str) -> dict:
                          f"[1, {MAX_LATENT_CHANNELS}]")
     for key, default, lowest in (("scaling_factor", 1.0, "a positive"), ("shift_factor", 0.0, "a")):
         value = config.get(key, default)
+        if value is None and key == "shift_factor":  # diffusers reads null as no shift
+            continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (key == "scaling_factor" and value <= 0):
             raise ValueError(f"{source}: config.json {key} {value!r:.40} must be {lowest} number")
     return config
