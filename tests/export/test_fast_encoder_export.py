@@ -99,3 +99,23 @@ def test_compare_is_the_first_check_of_a_fast_encoder(fast, tiny_student_files, 
                     "--images", str(images), "--taps", "us6", "--size", str(SIZE), "--no-progress"]) == 0
     report = capsys.readouterr().out
     assert "us6" in report and "match agree" in report
+
+
+def test_untrusted_encoder_records_are_refused(fast, tiny_student, tmp_path):
+    from cleandift_rt.checkpoint import read_safetensors, read_safetensors_metadata, write_safetensors
+    from cleandift_rt.formats.artifact import ArtifactInfo, read_onnx_info
+    from cleandift_rt.models import load_student
+
+    good = read_onnx_info(fast["onnx"]).to_dict()
+    assert ArtifactInfo.from_dict(good, "x.onnx").encoder == good["encoder"]
+    for change, message in (({"hash": "../../etc"}, "not a hex digest"), ({"kind": "vae"}, "of kind 'vae'"),
+                            ({"parameters": -1}, "parameters -1 must be a positive integer"),
+                            ({"val_latent_error": float("nan")}, "val_latent_error nan")):
+        with pytest.raises(ValueError, match=message):
+            ArtifactInfo.from_dict(dict(good, encoder={**good["encoder"], **change}), "x.onnx")
+    path = tmp_path / "s.safetensors"
+    save_student_unet(path, tiny_student.unet, tiny_student.timestep)
+    meta = {**read_safetensors_metadata(path), "encoder": '{"name": "e", "hash": 7}'}
+    write_safetensors(path, read_safetensors(path), meta)
+    with pytest.raises(ValueError, match="its encoder: the encoder hash 7 is not a hex digest"):
+        load_student(path)
