@@ -269,15 +269,15 @@ def test_cli_reports_errors_in_one_line(tiny_base_dir, tiny_student_files, tmp_p
 def test_weights_go_external_above_the_protobuf_limit_and_saves_are_atomic(tiny_onnx, tmp_path, monkeypatch):
     """The automatic > 2 GB switch (limit lowered so the tiny model crosses it), one .data file,
     and re-saving inline removes the stale weights file; no temporary files are left behind."""
-    from cleandift_rt.export import onnx_export
+    from cleandift_rt.export import onnx_files
 
     model = onnx.load(str(tiny_onnx["full"]))
     out = tmp_path / "m.onnx"
-    monkeypatch.setattr(onnx_export, "PROTOBUF_LIMIT", 1024)
-    onnx_export.save_onnx(model, out)
+    monkeypatch.setattr(onnx_files, "PROTOBUF_LIMIT", 1024)
+    onnx_files.save_onnx(model, out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
     check_onnx(out)
-    monkeypatch.setattr(onnx_export, "PROTOBUF_LIMIT", 2**31 - 1)
-    onnx_export.save_onnx(onnx.load(str(tiny_onnx["full"])), out)
+    monkeypatch.setattr(onnx_files, "PROTOBUF_LIMIT", 2**31 - 1)
+    onnx_files.save_onnx(onnx.load(str(tiny_onnx["full"])), out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
     check_onnx(out)
