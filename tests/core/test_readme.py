@@ -1,9 +1,12 @@
-"""The README opens with exactly the two set-up commands, and CI runs the second one."""
+"""The README opens with exactly the two set-up commands, CI runs the second one, and the docs stand alone."""
 
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,3 +33,40 @@ def test_ci_runs_the_readme_test_command():
     picked = [line[4:] for line in (ROOT / "README.md").read_text().splitlines()
               if re.match(r"^    pip install .*pytest", line)][0]
     assert picked == _setup_commands()[1]
+
+
+# the notes and the specification the project started from are not in the repository: citing them
+# would send a reader to a document they do not have (the facts live in docs/method.md and docs/*.md)
+OUTSIDE_DOCUMENTS = re.compile(r"FIELD-NOTES|SPEC\.md|\bSPEC (?:section|\u00a7)|shared/papers")
+
+
+def _tracked_text_files() -> list[Path]:
+    try:
+        listed = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout")
+    suffixes = {".md", ".py", ".toml", ".txt", ".cpp", ".h", ".cu", ".cuh", ".cfg", ".yaml", ".yml"}
+    return [ROOT / name for name in listed.splitlines() if Path(name).suffix in suffixes and (ROOT / name).is_file()]
+
+
+def test_nothing_cites_documents_outside_the_repository():
+    me = Path(__file__).resolve()
+    hits = [f"{path.relative_to(ROOT)}:{number}: {line.strip()[:100]}"
+            for path in _tracked_text_files() if path != me
+            for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1)
+            if OUTSIDE_DOCUMENTS.search(line)]
+    assert not hits, "cite the repository's own docs instead:\n" + "\n".join(hits)
+
+
+def test_documentation_links_resolve():
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    broken = []
+    for page in pages:
+        text = page.read_text()
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):  # markdown links
+            if not re.match(r"[a-z]+://|mailto:", target) and not (page.parent / target).exists():
+                broken.append(f"{page.relative_to(ROOT)} -> {target}")
+        for target in set(re.findall(r"(?<![\w/.])(docs/[\w-]+\.md)", text)):  # "docs/x.md" named in text
+            if not (ROOT / target).exists():
+                broken.append(f"{page.relative_to(ROOT)} names {target}")
+    assert not broken, "\n".join(broken)

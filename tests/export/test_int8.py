@@ -175,3 +175,10 @@ def test_int8_without_nncf_names_the_extra(monkeypatch, tmp_path, capsys):
     status = export(["--student", str(tmp_path / "s.safetensors"), "--base", str(tmp_path), "--out",
                      str(tmp_path / "x.onnx"), "--precision", "int8"])
     assert status == 3 and "pip install 'cleandift-rt[int8]'" in capsys.readouterr().err
+
+
+def test_build_plan_refuses_int8_graphs(int8_file, tmp_path):
+    from cleandift_rt.export.trt_build import build_engine
+
+    with pytest.raises(ValueError, match=r"int8 graph for the CPU .*tiny8\.fp32\.onnx\), with --fp16"):
+        build_engine(int8_file, tmp_path / "tiny8.plan")

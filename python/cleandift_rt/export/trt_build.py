@@ -154,6 +154,9 @@ def build_engine(onnx_path, out, *, fp16: bool = False, batch: str | None = None
     if out.suffix != ".plan":
         raise ValueError(f"output {out} must end in .plan (the Engine picks the backend from the suffix)")
     info = read_onnx_info(onnx_path)
+    if info.extra.get("precision") == "int8":  # TensorRT's explicit quantization of it was never built or checked
+        raise ValueError(f"{onnx_path.name} is an int8 graph for the CPU (OpenVINO, ONNX Runtime): build the plan "
+                         f"from the fp32 graph it was quantized from ({info.extra.get('fp32_reference')}), with --fp16")
     batch_range = parse_batch(batch) if batch else (info.batch if info.batch.get("max") else parse_batch(DEFAULT_BATCH))
     profile_shapes(info, batch_range)
     workspace_gb = check_workspace(workspace_gb)
