@@ -142,22 +142,79 @@ def test_a_missed_target_is_refused_and_kept_unverified(int8_file, monkeypatch, 
     assert read_onnx_info(tmp_path / "missed.unverified.onnx").extra["precision"] == "int8"
 
 
+def test_a_match_agreement_target_is_recorded_and_shown(int8_file, monkeypatch, tmp_path, capsys):
+    """--min-agreement's target goes into the record beside what was reached, and `info` shows both
+    (accuracy control replaced by the graph above: this checks the bookkeeping, not NNCF)."""
+    import nncf
+    import onnx
+
+    from cleandift_rt.cli.main import main
+    from cleandift_rt.export.int8 import Int8Options, write_int8_onnx
+
+    monkeypatch.setattr(nncf, "quantize_with_accuracy_control", lambda model, *a, **k: onnx.load(str(int8_file)))
+    out = tmp_path / "agree.onnx"
+    with pytest.warns(UserWarning, match="bundled photos"):
+        write_int8_onnx(int8_file.with_name("tiny8.fp32.onnx"), out, Int8Options(max_drop=MAX_DROP, min_agreement=0.0),
+                        log=lambda *_: None)
+    record = read_onnx_info(out).extra["int8"]
+    assert record["min_agreement"] == 0.0 and record["agreement_tap"] == "us6"
+    assert main(["info", str(out)]) == 0
+    assert f"us6 {record['match_agreement']['us6']:.4f} (target: us6 >= 0)" in capsys.readouterr().out
+
+
 @pytest.mark.skipif(not native_bf16(), reason="the float layers run fp32 here: the fp32 graph alone reaches 1.0")
 def test_a_target_the_float_layers_alone_miss_is_refused_first(int8_file, tmp_path):
     """On a native-bf16 CPU the layers int8 leaves in floating point run bf16 (about 0.998 here): a target above
     that is refused before any quantization, naming --max-drop."""
     from cleandift_rt.export.int8 import Int8Options, write_int8_onnx
 
-    with pytest.warns(UserWarning, match="bundled photos"), pytest.raises(ValueError, match=r"bf16 alone reach "
-                                                                           r"0\.99\d+: allow a larger --max-drop"):
+    with pytest.warns(UserWarning, match="bundled photos"), pytest.raises(ValueError, match=r"bf16 alone miss the "
+                                                                           r"target \(metric 0\.99\d+ < 0\.99999\): "
+                                                                           r"allow a larger --max-drop$"):
         write_int8_onnx(int8_file.with_name("tiny8.fp32.onnx"), tmp_path / "x.onnx", Int8Options(max_drop=1e-5),
                         log=lambda *_: None)
+
+
+def test_match_agreement_joins_the_metric(int8_file, tmp_path):
+    """With --min-agreement the metric NNCF controls is min(worst cosine, target + agreement - min_agreement),
+    agreement the share of each held-out image's us6 pixels whose nearest neighbour in the next image is fp32's;
+    checked against the same quantities measured independently on the int8 file."""
+    import onnx
+
+    from cleandift_rt.export.int8 import Validator
+    from cleandift_rt.features.preprocess import prepare_images
+    from cleandift_rt.runtime.compare import nearest
+
+    fp32 = int8_file.with_name("tiny8.fp32.onnx")
+    info = read_onnx_info(fp32)
+    pixels = prepare_images([np.asarray(load_photo(p)) for p in PHOTOS], tuple(info.default_size),
+                            info.resize).pixels.numpy()
+    target, wanted = 0.8, 0.5
+    validator = Validator(fp32, info, pixels, tmp_path, None, False, target, wanted)
+    metric, values = validator(onnx.load(str(int8_file)), range(len(pixels)))
+    reference = Engine(fp32, backend="openvino", precision="fp32").extract(pixels)
+    features = Engine(int8_file).extract(pixels)
+    cosines = [min(float(image_cosines(reference[t][i : i + 1], features[t][i : i + 1])[0]) for t in TAPS)
+               for i in range(len(pixels))]
+    shares = [float(np.mean(nearest(features["us6"][i], features["us6"][(i + 1) % len(pixels)])
+                            == nearest(reference["us6"][i], reference["us6"][(i + 1) % len(pixels)])))
+              for i in range(len(pixels))]
+    assert values == pytest.approx([min(c, target + s - wanted) for c, s in zip(cosines, shares)], abs=1e-4)
+    assert metric == pytest.approx(min(min(cosines), target + np.mean(shares) - wanted), abs=1e-4)
+    assert validator.shortfall({"cosine": {"us3": 0.9, "us6": 0.95}, "match_agreement": {"us3": 0.2, "us6": 0.6}}) \
+        is None
+    assert "us6 match agreement with fp32 of 0.4000, below --min-agreement 0.5" in validator.shortfall(
+        {"cosine": {"us3": 0.9, "us6": 0.95}, "match_agreement": {"us3": 1.0, "us6": 0.4}})
+    assert "cosine of 0.70000 (us3), below the target 0.8" in validator.shortfall(
+        {"cosine": {"us3": 0.7, "us6": 0.95}, "match_agreement": {"us3": 1.0, "us6": 1.0}})
 
 
 @pytest.mark.parametrize("extra, message", [
     (["--calibration", "{photos}"], "is an option of --precision int8"),
     (["--precision", "int8", "--calibration", "{few}"], "holds 2 image"),
     (["--precision", "int8", "--max-drop", "0"], "--max-drop must be > 0"),
+    (["--precision", "int8", "--min-agreement", "1.5"], "--min-agreement must be"),
+    (["--min-agreement", "0.9"], "--min-agreement is an option of --precision int8"),
 ])
 def test_int8_arguments_are_checked_before_any_model_loads(extra, message, tmp_path, capsys):
     few = tmp_path / "few"

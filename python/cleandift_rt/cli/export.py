@@ -101,11 +101,15 @@ def add_int8_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-drop", type=float, default=0.01, metavar="X",
                    help="the worst per-tap cosine to the fp32 graph on the held-out images must be >= 1 - X; "
                    "accuracy control keeps the layers that cost the most in bf16 / fp32 until it is (default 0.01)")
+    g.add_argument("--min-agreement", type=float, metavar="A",
+                   help="also hold the us6 match agreement with fp32 (the share of held-out pixels whose nearest "
+                   "neighbour in the next held-out image is fp32's) at >= A (default: measured and recorded, not "
+                   "controlled)")
     g.add_argument("--max-iterations", type=positive_int, metavar="N",
                    help="at most N groups of layers put back in floating point (default: as many as it takes)")
 
 
-INT8_FLAGS = ("calibration", "calibration_size", "validation_size", "max_drop", "max_iterations")
+INT8_FLAGS = ("calibration", "calibration_size", "validation_size", "max_drop", "min_agreement", "max_iterations")
 
 
 def int8_options(args):

@@ -4,6 +4,8 @@ An int8 file (``export.int8``) carries in ``extra["int8"]`` what its quantizatio
 so that ``cleandift-rt info`` shows it and nobody has to trust the export's log:
 
 - ``target_cosine``: the worst per-tap cosine to the fp32 graph it had to reach (1 - ``--max-drop``);
+- ``min_agreement``, ``agreement_tap`` (only with ``--min-agreement``): the match agreement with fp32
+  it also had to reach, and on which tap (``"worst"``: the worst tap of a file without us6);
 - ``cosine``: ``{tap: smallest cosine over the held-out images}`` of the file as written, and
   ``match_agreement``: ``{tap: share of pixels whose nearest neighbour in the next image is the
   fp32 graph's}`` (``runtime.compare``), measured on ``validation`` (images, source) with
@@ -46,6 +48,10 @@ def check_precision_record(extra: dict, source: str) -> None:
     if not isinstance(record, dict):
         raise ValueError(f"{what} is missing (an int8 file says what its quantization reached): re-export it")
     check_float(record.get("target_cosine"), f"{what} target_cosine", -1.0, 1.0)
+    if record.get("min_agreement") is not None:
+        check_float(record["min_agreement"], f"{what} min_agreement", 0.0, 1.0)
+        if record.get("agreement_tap") not in (*TAPS, "worst"):
+            raise ValueError(f"{what} agreement_tap must name a tap or 'worst'")
     for key in ("cosine", "match_agreement"):
         values = record.get(key)
         if not isinstance(values, dict) or not values or any(t not in TAPS for t in values):
@@ -78,7 +84,9 @@ def describe_int8(record: dict) -> list[str]:
             f"{record['target_cosine']:g}) on {validation['images']} validation images "
             f"({validation.get('source', '?')})"
             + (f", run on {ran.get('runtime', '?')} with {ran.get('float_layers', '?')} float layers" if ran else ""),
-            "  int8 match agreement with fp32: " + ", ".join(f"{t} {v:.4f}" for t, v in agreement.items()),
+            "  int8 match agreement with fp32: " + ", ".join(f"{t} {v:.4f}" for t, v in agreement.items())
+            + (f" (target: {record['agreement_tap']} >= {record['min_agreement']:g})"
+               if record.get("min_agreement") is not None else ""),
             f"  int8 calibration: {calibration['images']} images ({calibration.get('source', '?')}), sha256 "
             f"{str(calibration.get('sha256', '?'))[:16]}"]
 
