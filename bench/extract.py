@@ -9,7 +9,8 @@ Contenders:
   engine-openvino-fp32 the same .onnx on the Engine's OpenVINO backend, fp32 (explicit f32 hint)
   engine-openvino-bf16 the same in native bf16 (OpenVINO's bf16 hint; fp32 on CPUs without native bf16)
   engine-openvino-int8 the int8 file of that .onnx (export --precision int8: NNCF accuracy control on the bundled
-                       photos, --int8-max-drop / --int8-max-iterations) on OpenVINO, float layers bf16 where native
+                       photos, --int8-max-drop / --int8-max-iterations / --int8-min-agreement) on OpenVINO,
+                       float layers bf16 where native
   engine-ort-int8      the same int8 file on ONNX Runtime's CPU provider
   engine-torch-fp32    cleandift_rt.Engine PyTorch backend (eager, forward stopped after the last tap)
   engine-torch-bf16    the same under CPU bf16 autocast (fp32 on CPUs without native bf16)
@@ -101,16 +102,20 @@ def full_export_dir(model_dir: Path, cache: Path, size: int) -> Path:
     return cache / f"{model_tag(model_dir)}-{size}-full-unet"
 
 
-def ensure_int8(model_dir: Path, cache: Path, size: int, taps, max_drop: float, max_iterations: int | None) -> Path:
-    """The int8 file of ``ensure_onnx``'s graph, as ``export --precision int8`` makes it (bundled photos)."""
+def ensure_int8(model_dir: Path, cache: Path, size: int, taps, args) -> Path:
+    """The int8 file of ``ensure_onnx``'s graph, as ``export --precision int8`` makes it (bundled photos), with
+    the ``--int8-*`` flags of ``args``."""
+    max_drop, max_iterations, min_agreement = args.int8_max_drop, args.int8_max_iterations, args.int8_min_agreement
     fp32 = ensure_onnx(model_dir, cache, size, taps)
-    path = fp32.with_name(f"{fp32.stem}.int8-d{max_drop:g}-i{max_iterations or 'all'}.onnx")
+    agreement = f"-a{min_agreement:g}" if min_agreement is not None else ""
+    path = fp32.with_name(f"{fp32.stem}.int8-d{max_drop:g}-i{max_iterations or 'all'}{agreement}.onnx")
     unverified = path.with_name(path.stem + ".unverified.onnx")  # below its target: timed, and its accuracy shown
     if not path.is_file() and not unverified.is_file():
         from cleandift_rt.export.int8 import Int8Options, Int8TargetMissed, write_int8_onnx
 
         try:
-            write_int8_onnx(fp32, path, Int8Options(max_drop=max_drop, max_iterations=max_iterations),
+            write_int8_onnx(fp32, path, Int8Options(max_drop=max_drop, max_iterations=max_iterations,
+                                                    min_agreement=min_agreement),
                             log=lambda *a: print(*a, file=sys.stderr, flush=True))
         except Int8TargetMissed as exc:
             print(f"int8: {exc}", file=sys.stderr, flush=True)
@@ -175,8 +180,7 @@ def worker(args) -> dict:
     if name == "export":  # in its own process, so that no contender's peak memory includes it
         return {"onnx": str(ensure_onnx(model_dir, cache, args.size, taps, encoder))}
     if name == "export-int8":
-        return {"onnx": str(ensure_int8(model_dir, cache, args.size, taps, args.int8_max_drop,
-                                        args.int8_max_iterations))}
+        return {"onnx": str(ensure_int8(model_dir, cache, args.size, taps, args))}
     if name == "export-full":
         return {"folder": str(export_full(model_dir, full_export_dir(model_dir, cache, args.size), args.size))}
     if name.startswith(("engine-ort", "engine-openvino")):
@@ -184,7 +188,7 @@ def worker(args) -> dict:
 
         backend = "onnxruntime" if name.startswith("engine-ort") else "openvino"
         precision = name.rsplit("-", 1)[1] if name.count("-") == 2 else None  # engine-ort: fp32
-        path = (ensure_int8(model_dir, cache, args.size, taps, args.int8_max_drop, args.int8_max_iterations)
+        path = (ensure_int8(model_dir, cache, args.size, taps, args)
                 if precision == "int8" else ensure_onnx(model_dir, cache, args.size, taps, encoder))
         engine = Engine(path, device="cpu", backend=backend, precision=precision)
         run = lambda x: engine.extract(x)  # noqa: E731
@@ -259,6 +263,7 @@ def run_one(args, contender, size, batch, tap_set) -> dict | None:
            "--repeats", str(args.repeats), "--warmup", str(args.warmup),
            "--int8-max-drop", str(args.int8_max_drop)] + \
         (["--int8-max-iterations", str(args.int8_max_iterations)] if args.int8_max_iterations else []) + \
+        (["--int8-min-agreement", str(args.int8_min_agreement)] if args.int8_min_agreement is not None else []) + \
         (["--accuracy"] if batch == args.batches[0] else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -290,10 +295,11 @@ def summarise(rows: list[dict], native_bf16: bool) -> tuple[list[str], list[dict
             tag = f" (= {r['contender']})" if "-best" in c else f" [{ran}]" if ran else ""
             lines.append(f"  {c:20s} {r['images_per_second']:7.4f} img/s  {r['best_seconds']:7.2f} s/batch  "
                          f"peak {r['peak_rss_mib'] / 1024:5.1f} GiB{tag}")
-        if "engine-best" in group:
+        peers = [p for p in PEERS if p in group]
+        if "engine-best" in group and peers:
             best = group["engine-best"]
             lines.append(f"  engine-best ({best['contender']}) against every peer: " + ", ".join(
-                f"{p} x{group[p]['best_seconds'] / best['best_seconds']:.2f}" for p in PEERS if p in group))
+                f"{p} x{group[p]['best_seconds'] / best['best_seconds']:.2f}" for p in peers))
         for ours, theirs, taps_for, minimum, for_bf16_cpu in TARGETS:
             if taps_for != tap_set or for_bf16_cpu != native_bf16 or ours not in group or theirs not in group:
                 continue
@@ -372,6 +378,8 @@ def main(argv=None) -> int:
                    "0.01: per-tap cosine >= 0.99, the product's default)")
     p.add_argument("--int8-max-iterations", type=int, default=None, help="bound accuracy control's reverts for the "
                    "int8 contenders (default: as many as it takes; each costs an OpenVINO compile of the model)")
+    p.add_argument("--int8-min-agreement", type=float, default=None, help="the int8 contenders' --min-agreement "
+                   "(default: none, as the product's default)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--model-dir", type=Path, default=None, help=argparse.SUPPRESS)
     p.add_argument("--size", type=int, default=None, help=argparse.SUPPRESS)

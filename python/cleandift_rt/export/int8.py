@@ -2,7 +2,8 @@
 
 ``write_int8_onnx`` turns an exported fp32 graph into a QDQ ``.onnx`` (QuantizeLinear /
 DequantizeLinear pairs around the convolutions and matrix products that run in int8) with NNCF's
-``quantize_with_accuracy_control``, driven by **our** metric:
+accuracy-controlled post-training quantization (``accuracy_controlled_quantization``: the steps of
+``nncf.quantize_with_accuracy_control``, made to work on graphs above 2 GB), driven by **our** metric:
 
 - calibration (``calibration.CalibrationSet``) on the user's images, or the bundled photos with a
   warning; held-out images are set aside for validation;
@@ -105,14 +106,77 @@ def quantized_layers(model) -> tuple[list[str], list[str]]:
 
 
 def compressed(model):
-    """A copy of a QDQ graph with its quantized weights stored as int8 (what NNCF writes at the end)."""
+    """A copy of a QDQ graph with its quantized weights stored as int8 (what NNCF writes at the end), every
+    weight in memory (those of a graph ``offloaded`` read back)."""
     import onnx
+    from nncf.onnx.graph.model_metadata import MetadataKey, get_metadata, remove_metadata
     from nncf.onnx.graph.passes import compress_quantize_weights_transformation
+    from onnx.external_data_helper import load_external_data_for_model
 
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
+    folder = get_metadata(copy, MetadataKey.EXTERNAL_DATA_DIR)
+    if folder is not None:
+        load_external_data_for_model(copy, folder)
+        remove_metadata(copy, MetadataKey.EXTERNAL_DATA_DIR)
     compress_quantize_weights_transformation(copy)
     return copy
+
+
+def offloaded(model, folder: Path):
+    """``model`` with its weights moved to a file in ``folder``: a graph NNCF can analyse whatever its size.
+
+    NNCF's graph analysis serialises the ModelProto (ONNX shape inference), which protobuf refuses above
+    2 GB; an SD-size graph holds 3.5 GB of fp32 weights. NNCF reads weights of such a graph from the
+    folder its metadata names, as it does for the fp32 graph's ``.data`` file.
+    """
+    import onnx
+    from nncf.onnx.graph.model_metadata import MetadataKey, set_metadata
+
+    path = folder / f"quantized-{time.monotonic_ns()}.onnx"
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=path.name + ".data", size_threshold=1024)
+    small = onnx.load(str(path), load_external_data=False)
+    set_metadata(small, MetadataKey.EXTERNAL_DATA_DIR, str(folder.resolve()))
+    return small
+
+
+def accuracy_controlled_quantization(nncf, model, calibration, validation, validator, max_drop: float,
+                                     parameters: dict, external: Path | None, folder: Path):
+    """NNCF's accuracy-controlled quantization of the ONNX graph ``model``, for graphs of any size.
+
+    The steps of ``nncf.quantize_with_accuracy_control``: ``nncf.quantize`` without weight compression,
+    the metric of the fp32 and the quantized graph (``Evaluator``), then ``QuantizationAccuracyRestorer``
+    reverting the groups of quantizers that cost the most. Taken one by one because NNCF's own function
+    hands the restorer the quantized graph with its weights loaded, which its graph analysis cannot
+    serialise above 2 GB (NNCF 3.4): here that graph is ``offloaded`` first, and the fp32 graph keeps
+    naming its weights' folder. Returns the graph with every weight in memory, quantized weights in int8.
+    """
+    from nncf.onnx.graph.model_metadata import MetadataKey, set_metadata
+    from nncf.onnx.quantization.backend_parameters import BackendParameters
+    from nncf.quantization.algorithms.accuracy_control.algorithm import QuantizationAccuracyRestorer
+    from nncf.quantization.algorithms.accuracy_control.evaluator import Evaluator
+
+    advanced = dataclasses.replace(parameters["advanced_quantization_parameters"])
+    advanced.backend_params = dict(advanced.backend_params, **{BackendParameters.COMPRESS_WEIGHTS: False})
+    restorer = parameters["advanced_accuracy_restorer_parameters"]
+    quantized = nncf.quantize(model, calibration, preset=parameters["preset"], target_device=parameters["target_device"],
+                              subset_size=parameters["subset_size"], model_type=parameters["model_type"],
+                              ignored_scope=parameters["ignored_scope"], advanced_parameters=advanced)
+    if external is not None:
+        quantized = offloaded(quantized, folder)
+        set_metadata(model, MetadataKey.EXTERNAL_DATA_DIR, str(external.resolve()))  # nncf.quantize removed it
+    evaluator = Evaluator(validator)
+    evaluator.enable_iteration_count()
+    initial = evaluator.collect_metric_results(model, validation, model_name="initial")
+    validation_size = evaluator.num_passed_iterations
+    evaluator.disable_iteration_count()
+    first = evaluator.collect_metric_results(quantized, validation, model_name="quantized")
+    quantized = QuantizationAccuracyRestorer(restorer.ranking_subset_size, restorer.max_num_iterations, max_drop,
+                                             parameters["drop_type"], restorer.num_ranking_workers,
+                                             restorer.restore_mode).apply(model, initial, quantized, first, validation,
+                                                                          validation_size, evaluator)
+    return compressed(quantized)
 
 
 class Validator:
@@ -239,7 +303,7 @@ class Validator:
 
 def quantization_parameters(nncf, options: Int8Options, ignored: list[str], validation_images: int,
                             external: Path | None) -> dict:
-    """Keyword arguments of ``nncf.quantize_with_accuracy_control`` (besides model, data and metric)."""
+    """The parameters of NNCF's accuracy-controlled quantization (besides model, data, metric and drop)."""
     from nncf.onnx.quantization.backend_parameters import BackendParameters
     from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters, AdvancedQuantizationParameters
 
@@ -290,15 +354,16 @@ def write_int8_onnx(fp32_path: str | Path, out: str | Path, options: Int8Options
             raise ValueError(f"the layers int8 leaves in {validator.precision} alone miss the target (metric "
                              f"{initial:.5f} < {target:g}): allow a larger --max-drop"
                              + (" or a smaller --min-agreement" if options.min_agreement is not None else ""))
-        quantized = nncf.quantize_with_accuracy_control(
-            model, nncf.Dataset([{IMAGE_INPUT: images.calibration[i : i + 1]} for i in range(len(images.calibration))]),
-            nncf.Dataset(list(range(len(images.validation)))), validator, max_drop=initial - target,
-            subset_size=len(images.calibration),
-            **quantization_parameters(nncf, options, ignored, len(images.validation), external))
+        parameters = quantization_parameters(nncf, options, ignored, len(images.validation), external)
+        quantized = accuracy_controlled_quantization(
+            nncf, model, nncf.Dataset([{IMAGE_INPUT: images.calibration[i : i + 1]}
+                                       for i in range(len(images.calibration))]),
+            nncf.Dataset(list(range(len(images.validation)))), validator, initial - target,
+            dict(parameters, subset_size=len(images.calibration)), external, folder)
         measured = validator.measure(quantized)
     int8_layers, kept = quantized_layers(quantized)
     worst = min(measured["cosine"], key=measured["cosine"].get)
-    record = {"method": "nncf.quantize_with_accuracy_control", "nncf": nncf.__version__, "target_cosine": target,
+    record = {"method": "nncf accuracy control (quantize, QuantizationAccuracyRestorer)", "nncf": nncf.__version__, "target_cosine": target,
               **({"min_agreement": options.min_agreement, "agreement_tap": validator.agreement_tap or "worst"}
                  if options.min_agreement is not None else {}),
               **measured, "validation": {"images": len(images.validation), "source": images.validation_source},
