@@ -26,15 +26,30 @@ class UserError(Exception):
     """Something the user can fix: printed as one line, exit status 2."""
 
 
-def positive_int(text: str) -> int:
-    """argparse type for counts: argparse then reports a bad value in its usual one-line form."""
+def _whole_number(text: str, low: int, high: int | None, expected: str) -> int:
+    """``text`` as an int in [low, high]; anything else an argparse error in its usual one-line form."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if value < low or (high is not None and value > high):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts."""
+    return _whole_number(text, 1, None, "a whole number >= 1")
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type for counts that may be zero."""
+    return _whole_number(text, 0, None, "a whole number >= 0")
+
+
+def port(text: str) -> int:
+    """argparse type for a TCP port."""
+    return _whole_number(text, 1, 65535, "a port number 1-65535")
 
 
 def square_sizes(argv: list[str]) -> list[str]:

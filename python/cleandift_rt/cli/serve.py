@@ -13,7 +13,7 @@ import os
 import sys
 from typing import NoReturn
 
-from .common import UserError, add_engine_args, open_engine, positive_int
+from .common import UserError, add_engine_args, non_negative_int, open_engine, port, positive_int
 
 SERVE_EXAMPLES = """\
 examples (in a server environment: cleandift-rt serve-env --out .venv-serve):
@@ -30,26 +30,6 @@ examples:
   cleandift-rt export-triton --engine sd21.onnx --out model_repository/ --instance-kind cpu   # OpenVINO
 then: docker run ... nvcr.io/nvidia/tritonserver:YY.MM-py3 tritonserver --model-repository=/models
 (the exact command, and the TensorRT version a plan needs, are in model_repository/cleandift/README.md)"""
-
-
-def port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number 1-65535, got {text!r}") from None
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a port number 1-65535, got {value}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value}")
-    return value
 
 
 def register(sub) -> None:

@@ -133,7 +133,7 @@ def offloaded(model, folder: Path):
     import onnx
     from nncf.onnx.graph.model_metadata import MetadataKey, set_metadata
 
-    path = folder / f"quantized-{time.monotonic_ns()}.onnx"
+    path = folder / "quantized.onnx"  # one per export, in its own staging folder
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=path.name + ".data", size_threshold=1024)
     small = onnx.load(str(path), load_external_data=False)

@@ -291,6 +291,22 @@ def unsafe_location(location: str) -> str | None:
     return None
 
 
+def check_external_data(path: Path) -> list[str]:
+    """The external weight files of an ``.onnx`` graph, each checked to be inside the model's folder, present
+    and long enough (a truncated copy fails here, by name, instead of deep in ONNX Runtime or OpenVINO)."""
+    needed = external_data(path)
+    for name, end in needed.items():
+        why = unsafe_location(name)
+        if why:
+            raise ValueError(f"{path} keeps its weights in {name!r}, {why}")
+        data = path.parent / name
+        if not data.is_file():
+            raise ValueError(f"{path} keeps its weights in {name}, which is missing: copy it beside the .onnx file")
+        if data.stat().st_size < end:
+            raise ValueError(f"{data} is truncated: {data.stat().st_size} bytes, the model needs {end}")
+    return list(needed)
+
+
 def _describe_pytorch(path: Path) -> dict:
     from ..taps import tap_channels
 

@@ -239,15 +239,8 @@ class GateTrainer(ResumableRun):
         pair = self.pool[self._order(epoch)[index]]
         self.model.train()
         clip, sparsity = self._losses(pair)
-        loss = clip + self.config.sparsity * sparsity
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at step {self.step + 1}: lower the learning rate; the "
-                                     "last checkpoint is still valid")
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        self.step += 1
-        return {"step": self.step, "epoch": epoch, "pair": pair.pair_id, "loss": loss.item(), "clip": clip.item(),
+        loss = self.optimizer_step(clip + self.config.sparsity * sparsity)
+        return {"step": self.step, "epoch": epoch, "pair": pair.pair_id, "loss": loss, "clip": clip.item(),
                 "sparsity": sparsity.item(), "seconds": time.perf_counter() - started}
 
     @torch.no_grad()

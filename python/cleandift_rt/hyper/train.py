@@ -280,16 +280,9 @@ class HyperTrainer(ResumableRun):
         started = time.perf_counter()
         item, fa, fb = self._next_pair()
         self.aggregator.train()
-        loss = self._loss(item, fa, fb)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at step {self.step + 1}: lower the learning rate; the "
-                                     "last checkpoint is still valid")
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        self.step += 1
-        self.last["loss"] = loss.item()
-        return {"step": self.step, "loss": loss.item(), "pair": item.pair_id, "seconds": time.perf_counter() - started}
+        loss = self.optimizer_step(self._loss(item, fa, fb))
+        self.last["loss"] = loss
+        return {"step": self.step, "loss": loss, "pair": item.pair_id, "seconds": time.perf_counter() - started}
 
     @torch.no_grad()
     def descriptor(self, path: Path) -> torch.Tensor:

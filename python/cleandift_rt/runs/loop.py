@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -106,6 +107,19 @@ class ResumableRun:
         if not resume and list_checkpoints(self.checkpoint_dir):
             raise ValueError(f"{self.out} already holds {self.kind} checkpoints: pass --resume to continue that run "
                              "or choose another --out")
+
+    def optimizer_step(self, loss: torch.Tensor, advice: str = "lower the learning rate") -> float:
+        """Back-propagate ``loss``, step ``self.optimizer`` and advance ``self.step``; a non-finite loss stops
+        the run before any weight changes, with ``advice``. Returns the loss as a float."""
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise FloatingPointError(f"loss is {value} at step {self.step + 1}: {advice}; the last checkpoint is "
+                                     "still valid")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.step += 1
+        return value
 
     # -- what a subclass supplies ----------------------------------------------------------------
 

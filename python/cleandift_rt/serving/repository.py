@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from ..checks import check_int
-from ..formats.artifact import EMBEDS_INPUT, IMAGE_INPUT, ArtifactInfo, external_data, read_info, unsafe_location
+from ..formats.artifact import EMBEDS_INPUT, IMAGE_INPUT, ArtifactInfo, check_external_data, read_info
 from ..formats.plan import decode_array, read_plan_header
 from .repository_readme import readme
 
@@ -253,14 +253,8 @@ def _write_model(folder: Path, engine: Path, model: TritonModel) -> None:
         (folder / "warmup" / EMBEDS_INPUT).write_bytes(np.ascontiguousarray(embeds).tobytes())
     else:
         _link_or_copy(engine, version / filename)
-        for location in external_data(engine):
-            why = unsafe_location(location)
-            if why:
-                raise ValueError(f"{engine}: external data {location!r}: {why}")
-            source = engine.parent / location
-            if not source.is_file():
-                raise FileNotFoundError(f"{engine} keeps its weights in {source}, which is missing")
-            _link_or_copy(source, version / location)
+        for location in check_external_data(engine):
+            _link_or_copy(engine.parent / location, version / location)
     (folder / "config.pbtxt").write_text(config_text(model))
     (folder / "README.md").write_text(readme(model, engine))
 

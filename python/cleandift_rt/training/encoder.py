@@ -232,15 +232,7 @@ class EncoderDistiller(ResumableRun):
         with torch.no_grad():
             target = torch.cat([self.base.encode_images(chunk) for chunk in crops.split(VAE_CHUNK)])
         pred = self.encoder(crops)
-        loss = F.mse_loss(pred.float(), target.float())
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise FloatingPointError(f"loss is {value} at step {self.step + 1}: lower --lr; the last "
-                                     "checkpoint is still valid")
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        self.step += 1
+        value = self.optimizer_step(F.mse_loss(pred.float(), target.float()), advice="lower --lr")
         with torch.no_grad():
             error = float(((pred.detach() - target) ** 2).sum() / (target ** 2).sum())
         return {"step": self.step, "loss": value, "latent_error": error, "lr": self.lr,

@@ -16,7 +16,7 @@ from typing import Protocol, Sequence, runtime_checkable
 import numpy as np
 import torch
 
-from ...formats.artifact import ArtifactInfo, external_data, unsafe_location
+from ...formats.artifact import ArtifactInfo
 
 
 @runtime_checkable
@@ -43,20 +43,6 @@ def available_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
-
-
-def check_external_data(path: Path) -> None:
-    """Every external weight file of an ``.onnx`` graph is inside the model's folder, exists and is long
-    enough (a truncated copy fails here, by name, instead of deep in ONNX Runtime or OpenVINO)."""
-    for name, end in external_data(path).items():
-        why = unsafe_location(name)
-        if why:
-            raise ValueError(f"{path} keeps its weights in {name!r}, {why}")
-        data = path.parent / name
-        if not data.is_file():
-            raise ValueError(f"{path} keeps its weights in {name}, which is missing: copy it beside the .onnx file")
-        if data.stat().st_size < end:
-            raise ValueError(f"{data} is truncated: {data.stat().st_size} bytes, the model needs {end}")
 
 
 def check_outputs(path: Path, info: ArtifactInfo, outputs) -> None:

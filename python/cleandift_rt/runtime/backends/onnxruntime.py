@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ...formats.artifact import EMBEDS_INPUT, IMAGE_INPUT, ArtifactInfo, read_onnx_info
+from ...formats.artifact import EMBEDS_INPUT, IMAGE_INPUT, ArtifactInfo, check_external_data, read_onnx_info
 from ...formats.quantized import file_precision
-from .common import Backend, available_cpus, check_external_data, check_outputs, host_float32
+from .common import Backend, available_cpus, check_outputs, host_float32
 
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 

@@ -36,10 +36,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ...formats.artifact import EMBEDS_INPUT, IMAGE_INPUT, ArtifactInfo, read_onnx_info
+from ...formats.artifact import EMBEDS_INPUT, IMAGE_INPUT, ArtifactInfo, check_external_data, read_onnx_info
 from ...kernels.precision import cpu_feature_names
 from ..quantized import float_layers
-from .common import Backend, available_cpus, check_external_data, check_outputs, host_float32
+from .common import Backend, available_cpus, check_outputs, host_float32
 
 HINTS = {"fp32": "f32", "bf16": "bf16"}  # our precision names -> OpenVINO's
 COMPUTE_LAYERS = ("Convolution", "MatMul", "FullyConnected", "GroupConvolution", "Deconvolution")
