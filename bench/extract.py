@@ -94,6 +94,19 @@ def ensure_random_sd21(folder: Path) -> Path:
     return folder
 
 
+def ensure_model(model: str, cache: Path) -> Path:
+    """The model folder in ``cache`` for ``model`` ("tiny": the tiny test model; else SD2.1-size random
+    weights), written once."""
+    if model != "tiny":
+        return ensure_random_sd21(cache / "sd21-random")
+    tiny = cache / "tiny"
+    if not (tiny / "model_index.json").is_file():
+        from cleandift_rt.models import write_tiny_base
+
+        write_tiny_base(tiny, seed=0)
+    return tiny
+
+
 def model_tag(model_dir: Path) -> str:
     return "tiny" if Path(model_dir).name == "tiny" else "sd21"
 
@@ -401,13 +414,7 @@ def main(argv=None) -> int:
             args.contenders = [c + f for c in ("engine-ort", "engine-openvino-fp32", "engine-openvino-bf16")
                                for f in ("", fast_encoder.FAST_SUFFIX)]
     args.cache.mkdir(parents=True, exist_ok=True)
-    if args.tiny:
-        from cleandift_rt.models import write_tiny_base
-
-        tiny = args.cache / "tiny"
-        args.model_dir = tiny if (tiny / "model_index.json").is_file() else write_tiny_base(tiny, seed=0)
-    else:
-        args.model_dir = ensure_random_sd21(args.cache / "sd21-random")
+    args.model_dir = ensure_model("tiny" if args.tiny else "sd21", args.cache)
     from tqdm import tqdm
 
     from cleandift_rt.build_info import build_info

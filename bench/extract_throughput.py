@@ -187,17 +187,9 @@ def make_images(folder: Path, n: int) -> Path:
 
 
 def ensure_engine(model: str, cache: Path, taps) -> Path:
-    from extract import ensure_onnx, ensure_random_sd21
+    from extract import ensure_model, ensure_onnx
 
-    if model == "tiny":
-        from cleandift_rt.models import write_tiny_base
-
-        model_dir = cache / "tiny"
-        if not (model_dir / "model_index.json").is_file():
-            write_tiny_base(model_dir, seed=0)
-    else:
-        model_dir = ensure_random_sd21(cache / "sd21-random")
-    return ensure_onnx(model_dir, cache, MODELS[model], taps)
+    return ensure_onnx(ensure_model(model, cache), cache, MODELS[model], taps)
 
 
 def run_contender(args, contender: str, engine: Path, images: Path) -> dict:

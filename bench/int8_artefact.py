@@ -31,7 +31,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from extract import RESULTS, ensure_onnx, ensure_random_sd21  # noqa: E402
+from extract import RESULTS, ensure_model, ensure_onnx  # noqa: E402
 
 PHOTOS_AT = {"tiny": 128}
 
@@ -154,15 +154,8 @@ def main(argv=None) -> int:
         print(json.dumps(quantize(kind, Path(fp32), Path(out))))
         return 0
     args.cache.mkdir(parents=True, exist_ok=True)
-    if args.tiny:
-        from cleandift_rt.models import write_tiny_base
-
-        tiny = args.cache / "tiny"
-        model_dir = tiny if (tiny / "model_index.json").is_file() else write_tiny_base(tiny, seed=0)
-        size = PHOTOS_AT["tiny"]
-    else:
-        model_dir, size = ensure_random_sd21(args.cache / "sd21-random"), args.size
-    fp32 = ensure_onnx(model_dir, args.cache, size, None)
+    size = PHOTOS_AT["tiny"] if args.tiny else args.size
+    fp32 = ensure_onnx(ensure_model("tiny" if args.tiny else "sd21", args.cache), args.cache, size, None)
     quantized = {"qdq": fp32.with_name(fp32.stem + ".qdq.onnx"), "ir": fp32.with_name(fp32.stem + ".ir.xml")}
     runs = {}
     for kind, out in quantized.items():  # each in its own process: its peak memory is its own

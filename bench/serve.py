@@ -43,17 +43,9 @@ TAP = "us6"
 
 def ensure_engine(model: str, cache: Path) -> Path:
     """The model exported once to ONNX with the us6 tap (bench/extract.py's cache)."""
-    from extract import ensure_onnx, ensure_random_sd21
+    from extract import ensure_model, ensure_onnx
 
-    if model == "tiny":
-        from cleandift_rt.models import write_tiny_base
-
-        model_dir = cache / "tiny"
-        if not (model_dir / "model_index.json").is_file():
-            write_tiny_base(model_dir, seed=0)
-    else:
-        model_dir = ensure_random_sd21(cache / "sd21-random")
-    return ensure_onnx(model_dir, cache, MODELS[model], [TAP])
+    return ensure_onnx(ensure_model(model, cache), cache, MODELS[model], [TAP])
 
 
 def bench_images(size: int, count: int = 8) -> list[np.ndarray]:
