@@ -193,14 +193,22 @@ def build_plan(args, prefix: str) -> int:
     from ..export.trt_build import BuildUnavailable, build_engine
     from ..export.verify import VerificationFailed
 
+    return with_statuses(lambda: build_engine(args.onnx, args.out, fp16=args.fp16, batch=args.batch,
+                                              timing_cache=args.timing_cache, workspace_gb=args.workspace,
+                                              verify=args.verify, reference=args.reference,
+                                              min_cosine=args.min_cosine),
+                         prefix, unavailable=BuildUnavailable, unverified=VerificationFailed)
+
+
+def with_statuses(work, prefix: str, *, unavailable: type[Exception], unverified: type[Exception]) -> int:
+    """Run ``work``: 0, or UNAVAILABLE / UNVERIFIED with one line starting with ``prefix`` when it raises
+    ``unavailable`` (a missing tool) or ``unverified`` (a result below its target, kept as unverified)."""
     try:
-        build_engine(args.onnx, args.out, fp16=args.fp16, batch=args.batch, timing_cache=args.timing_cache,
-                     workspace_gb=args.workspace, verify=args.verify, reference=args.reference,
-                     min_cosine=args.min_cosine)
-    except BuildUnavailable as exc:
+        work()
+    except unavailable as exc:
         print(f"{prefix}{exc}", file=sys.stderr)
         return UNAVAILABLE
-    except VerificationFailed as exc:
+    except unverified as exc:
         print(f"{prefix}{exc}", file=sys.stderr)
         return UNVERIFIED
     return 0
@@ -227,15 +235,7 @@ def export_onnx_status(args, prefix: str) -> int:
     """Export; a missing quantizer or an int8 graph below its target is one line and its own status."""
     from ..export.int8 import Int8TargetMissed
 
-    try:
-        run_export_onnx(args)
-    except ImportError as exc:
-        print(f"{prefix}{exc}", file=sys.stderr)
-        return UNAVAILABLE
-    except Int8TargetMissed as exc:
-        print(f"{prefix}{exc}", file=sys.stderr)
-        return UNVERIFIED
-    return 0
+    return with_statuses(lambda: run_export_onnx(args), prefix, unavailable=ImportError, unverified=Int8TargetMissed)
 
 
 def cmd_export_onnx(args) -> int:
